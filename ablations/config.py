@@ -1,0 +1,353 @@
+"""Experiment configuration: strict pydantic models, grid expansion, ``--set`` overrides.
+
+The config knows nothing about TensorFlow. A YAML file names a base experiment and the ``grid`` of axes to
+vary; :meth:`Experiment.arms` expands it into one :class:`Arm` per grid point and seed. Every mistake is
+reported as a :class:`ConfigError` that names the file, the dotted key (and its line), what was wrong and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from zoo.registry import suggest
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says where and why."""
+
+
+class Strict(BaseModel):
+    # extra="forbid": a misspelt key must fail loudly, never be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    """Which TFDS dataset and how to batch it."""
+
+    name: str = "digits"  # any TFDS name; bundled: digits (more with the sequence tasks)
+    data_dir: Optional[str] = None  # TFDS data dir; default $GRADZOO_DATA_DIR, else ~/tensorflow_datasets
+    download: bool = True  # let TFDS download catalog datasets that are not prepared yet
+    train_split: str = "train"
+    val_split: Optional[str] = "test"  # null: no validation
+    batch_size: int = Field(64, gt=0)  # the global batch (split across replicas by the strategy)
+    shuffle_buffer: int = Field(4096, ge=0)
+    max_train_examples: Optional[int] = Field(None, gt=0)  # keep the first N training examples
+
+
+class OptimizerConfig(Strict):
+    """A Keras optimizer and its gradient clipping (clipping is one of the seed's fixes)."""
+
+    name: Literal["sgd", "adam", "adamw", "rmsprop", "adagrad"] = "sgd"
+    learning_rate: float = Field(0.01, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)  # sgd and rmsprop
+    nesterov: bool = False  # sgd
+    weight_decay: Optional[float] = Field(None, ge=0)
+    clipnorm: Optional[float] = Field(None, gt=0)  # per-tensor norm clipping
+    clipvalue: Optional[float] = Field(None, gt=0)  # element-wise clipping
+    global_clipnorm: Optional[float] = Field(None, gt=0)  # Pascanu et al. 2013: g <- theta g / ||g||
+
+    @model_validator(mode="after")
+    def _one_clip(self) -> "OptimizerConfig":
+        if self.clipnorm is not None and self.global_clipnorm is not None:
+            raise ValueError("set at most one of clipnorm and global_clipnorm (Keras allows only one)")
+        return self
+
+
+class TrainConfig(Strict):
+    """How long and how to train each arm."""
+
+    epochs: int = Field(5, gt=0)
+    steps_per_epoch: Optional[int] = Field(None, gt=0)  # null: one pass over the training split
+    optimizer: OptimizerConfig = OptimizerConfig()
+    loss: Literal["auto", "sparse_categorical_crossentropy", "mse"] = "auto"  # auto: from the dataset's task
+    steps_per_execution: int = Field(1, gt=0)  # steps per compiled call (fewer host round trips)
+    jit_compile: bool = False
+
+
+class CaptureConfig(Strict):
+    """What the probe records inside the compiled train step."""
+
+    every: int = Field(1, gt=0)  # capture every N optimizer steps (step 0, N, 2N, ...)
+    params: bool = True  # per-tensor grad/weight/update norms (params.parquet)
+    activations: bool = True  # per-block dL/d(pre-activation) and activation statistics (blocks.parquet)
+    drain_every: int = Field(256, gt=0)  # steps between host reads of the on-device ring buffer
+
+
+class RuntimeConfig(Strict):
+    """Where and how the arm runs."""
+
+    strategy: Literal["default"] = "default"
+    deterministic: bool = True  # tf op determinism: same config + seed -> same statistics on CPU
+
+
+class ModelConfig(BaseModel):
+    """``arch`` plus that builder's keyword options (checked against its signature, see ``ablate zoo``)."""
+
+    model_config = ConfigDict(extra="allow")
+    arch: str = "plain_mlp"
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class ArmConfig(Strict):
+    """One fully resolved arm (what ``arm.yaml`` holds)."""
+
+    experiment: str
+    arm_id: str
+    values: dict[str, Any]  # the grid values that define this arm
+    seed: int
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    capture: CaptureConfig
+    runtime: RuntimeConfig
+
+
+class Arm(BaseModel):
+    """An arm: its id and resolved config."""
+
+    id: str
+    config: ArmConfig
+
+
+class Experiment(Strict):
+    """A YAML experiment: a base config, the axes to vary and the seeds."""
+
+    name: str = Field(pattern=_NAME)  # becomes the run folder name: runs/<name>
+    description: str = ""
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    capture: CaptureConfig = CaptureConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    grid: dict[str, list[Any]] = {}  # dotted key -> values; arms are the cartesian product
+    seeds: list[int] = [0]  # every grid point runs once per seed; an integer n means 0..n-1
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seeds(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            if v <= 0:
+                raise ValueError("an integer number of seeds must be > 0")
+            return list(range(v))
+        return v
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in grid.items():
+            if not values:
+                raise ValueError(f"grid axis '{key}' has no values")
+            if key.split(".")[0] in ("name", "description", "grid", "seeds"):
+                raise ValueError(f"grid axis '{key}' cannot be varied (use seeds for seeds)")
+        return grid
+
+    def base_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"grid", "seeds"})
+
+    def arms(self) -> list[Arm]:
+        """Expands the grid times the seeds into arms (grid order, seeds innermost)."""
+        keys = list(self.grid)
+        shorts = _short_keys(keys)
+        arms: list[Arm] = []
+        seen: set[str] = set()
+        for combo in itertools.product(*(self.grid[k] for k in keys)):
+            for seed in self.seeds:
+                raw = self.base_dict()
+                values = dict(zip(keys, combo))
+                for key, value in values.items():
+                    try:
+                        _set_path(raw, key, copy.deepcopy(value))
+                    except ConfigError as err:
+                        raise ConfigError(f"grid axis '{key}': {err}") from None
+                parts = [f"{shorts[k]}={_slug(v)}" for k, v in values.items()] + [f"seed={seed}"]
+                arm_id = _limit(",".join(parts))
+                if arm_id in seen:  # two values that slug alike: keep ids unique and stable
+                    arm_id = _limit(arm_id + "~" + _digest(json.dumps(values, sort_keys=True, default=str)))
+                seen.add(arm_id)
+                name = raw.pop("name")
+                raw.pop("description")
+                try:
+                    cfg = ArmConfig(experiment=name, arm_id=arm_id, values=values, seed=seed, **raw)
+                except ValidationError as err:
+                    raise ConfigError(_format_errors(err, f"arm {arm_id}", grid_keys=keys)) from None
+                arms.append(Arm(id=arm_id, config=cfg))
+        return arms
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
+    """Reads, overrides and validates a YAML experiment; raises :class:`ConfigError` on any mistake."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: YAML syntax error: {err.problem or err}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys (name, data, model, ...)")
+    lines = _key_lines(text)
+    raw = apply_overrides(raw, overrides)
+    return parse_experiment(raw, source=str(path), lines=lines)
+
+
+def parse_experiment(raw: dict[str, Any], source: str = "<config>", lines: dict[str, int] | None = None) -> Experiment:
+    """Validates a config dict; also expands the arms so every grid value is checked up front."""
+    try:
+        exp = Experiment(**raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source, lines or {})) from None
+    except TypeError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    try:
+        exp.arms()
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return exp
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Applies ``key.path=value`` overrides (values parsed as YAML).
+
+    A key that is also a grid axis pins that axis (``--set model.depth=2`` makes every arm depth 2; a list
+    value replaces the axis); ``grid.<key>=[...]`` sets an axis; ``seeds=1`` runs seed 0 only.
+    """
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set '{item}': expected key.path=value, e.g. train.epochs=1")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"--set '{item}': the value is not valid YAML") from None
+        grid = raw.setdefault("grid", {}) if isinstance(raw.get("grid", {}), dict) else {}
+        if key.startswith("grid."):
+            grid[key[len("grid."):]] = value if isinstance(value, list) else [value]
+        elif key in grid:
+            grid[key] = value if isinstance(value, list) else [value]
+        else:
+            try:
+                _set_path(raw, key, value)
+            except ConfigError as err:
+                raise ConfigError(f"--set '{item}': {err}") from None
+        if not raw.get("grid"):
+            raw.pop("grid", None)
+    return raw
+
+
+def dump_yaml(data: Any) -> str:
+    """YAML text for configs written into run folders (keys in insertion order)."""
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"'{'.'.join(parts[: i + 1])}' is not a section, cannot set '{dotted}'")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _short_keys(keys: list[str]) -> dict[str, str]:
+    last = [k.split(".")[-1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
+
+
+def _slug(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-") or "_"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def _limit(arm_id: str, n: int = 120) -> str:
+    return arm_id if len(arm_id) <= n else arm_id[: n - 9] + "~" + _digest(arm_id)
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Maps dotted keys to their 1-based line in the YAML text (best effort, for error messages)."""
+    out: dict[str, int] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}.{k.value}" if prefix else str(k.value)
+                out[key] = k.start_mark.line + 1
+                walk(v, key)
+
+    try:
+        walk(yaml.compose(text), "")
+    except yaml.YAMLError:
+        pass
+    return out
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str] | None:
+    """Allowed keys of the section at ``loc`` (a path of field names from the Experiment)."""
+    model: Any = Experiment
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return None
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _format_errors(err: ValidationError, source: str, lines: dict[str, int] | None = None,
+                   grid_keys: list[str] | None = None) -> str:
+    msgs = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = ".".join(str(p) for p in loc)
+        line = (lines or {}).get(path)
+        where = f"{source}:{line}" if line else source
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc[:-1]) or []
+            msg = f"unknown key '{path}'.{suggest(str(loc[-1]), allowed)} Allowed keys"
+            msg += f" under '{'.'.join(map(str, loc[:-1]))}'" if len(loc) > 1 else ""
+            msg += f": {', '.join(allowed)}"
+        elif e["type"] == "missing":
+            msg = f"'{path}' is required"
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            msg = f"'{path}': {e['msg']}{shown}"
+        if grid_keys and any(path == k or path.startswith(k + ".") for k in grid_keys):
+            msg += " [value from grid]"
+        msgs.append(f"{where}: {msg}")
+    return "\n".join(msgs)

@@ -1,0 +1,157 @@
+"""Datasets: TFDS builders (bundled ones prepared locally) turned into batched tf.data pipelines.
+
+Every dataset, bundled or from the TFDS catalog, goes through ``tfds.load`` the same way. Bundled builders
+are registered in :data:`BUNDLED` (name -> module that defines the builder); any other name is passed to
+TFDS unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+
+from zoo.registry import Registry
+
+# Bundled builders: importing the module registers the TFDS builder class.
+BUNDLED: Registry[str] = Registry("bundled dataset")
+BUNDLED.register("digits", "ablations.data.digits")
+
+
+class DataError(RuntimeError):
+    """A dataset that cannot be loaded; the message says why and how to fix it."""
+
+
+@dataclasses.dataclass
+class DataInfo:
+    """What the model and the loss need to know about a dataset."""
+
+    name: str
+    input_shape: tuple[int, ...]
+    num_outputs: int
+    task: str  # "classification" | "regression"
+    train_examples: int
+    val_examples: int | None
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Data:
+    train: Any  # tf.data.Dataset of (x, y) batches
+    val: Any | None
+    info: DataInfo
+    steps_per_epoch: int
+
+
+def default_data_dir() -> str:
+    """``$GRADZOO_DATA_DIR``, else TFDS' default (``~/tensorflow_datasets``)."""
+    return os.environ.get("GRADZOO_DATA_DIR") or str(Path("~/tensorflow_datasets").expanduser())
+
+
+def builder(name: str, data_dir: str | None = None, download: bool = True):
+    """Returns the prepared TFDS builder ``name`` (bundled builders are prepared on first use)."""
+    import tensorflow_datasets as tfds
+
+    data_dir = data_dir or default_data_dir()
+    bundled = name.split("/")[0].split(":")[0] in BUNDLED
+    if bundled:
+        importlib.import_module(BUNDLED.get(name.split("/")[0].split(":")[0]))
+    try:
+        b = tfds.builder(name, data_dir=data_dir)
+    except Exception as err:  # DatasetNotFoundError and friends
+        raise DataError(
+            f"dataset '{name}' is not a TFDS dataset ({type(err).__name__}: {err}). Bundled datasets: "
+            f"{', '.join(BUNDLED.names())}; any name from the TFDS catalog also works where it can be prepared."
+        ) from None
+    if not _prepared(b):
+        if not bundled and not download:
+            raise DataError(
+                f"dataset '{name}' is not prepared in {data_dir} and data.download is false. Prepare it "
+                f"(`tfds build {name} --data_dir DIR`, or place the files TFDS asks for in DIR/downloads/manual) "
+                f"and point `data.data_dir` or $GRADZOO_DATA_DIR at DIR, or set data.download: true."
+            )
+        try:
+            b.download_and_prepare()
+        except Exception as err:
+            if bundled:
+                raise
+            raise DataError(
+                f"dataset '{name}' is not prepared in {data_dir} and could not be downloaded "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Prepare it on a machine "
+                f"with network access (`tfds build {name} --data_dir DIR`, or place the files TFDS asks for "
+                f"in DIR/downloads/manual) and point `data.data_dir` or $GRADZOO_DATA_DIR at DIR."
+            ) from None
+    return b
+
+
+def _prepared(b: Any) -> bool:
+    import tensorflow as tf
+
+    return tf.io.gfile.exists(os.path.join(str(b.data_dir), "dataset_info.json"))
+
+
+def _describe(name: str, info: Any) -> DataInfo:
+    import tensorflow_datasets as tfds
+
+    keys = info.supervised_keys
+    if not keys:
+        raise DataError(f"dataset '{name}' has no supervised_keys (input, target); gradzoo needs labelled data")
+    x_feat, y_feat = info.features[keys[0]], info.features[keys[1]]
+    if isinstance(y_feat, tfds.features.ClassLabel):
+        task, num_outputs = "classification", y_feat.num_classes
+    else:
+        task, num_outputs = "regression", int(max(1, int(__import__("numpy").prod(y_feat.shape or (1,)))))
+    return DataInfo(name=name, input_shape=tuple(x_feat.shape), num_outputs=num_outputs, task=task,
+                    train_examples=0, val_examples=None, metadata=dict(info.metadata or {}))
+
+
+def load(cfg: Any, seed: int) -> Data:
+    """Builds the training and validation pipelines for a :class:`~ablations.config.DataConfig`.
+
+    Images are scaled to [0, 1] floats; training data is cached, shuffled with the arm's seed (reshuffled
+    every epoch), batched with a fixed batch size (drop remainder, so every step sees the same batch size)
+    and prefetched.
+    """
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    b = builder(cfg.name, cfg.data_dir, cfg.download)
+    info = _describe(cfg.name, b.info)
+    splits = b.info.splits
+
+    def split_size(split: str) -> int:
+        try:
+            return int(splits[split].num_examples)
+        except Exception:
+            raise DataError(f"dataset '{cfg.name}' has no split '{split}'. Splits: {', '.join(splits)}") from None
+
+    n_train = split_size(cfg.train_split)
+    if cfg.max_train_examples:
+        n_train = min(n_train, cfg.max_train_examples)
+    n_val = split_size(cfg.val_split) if cfg.val_split else None
+    info.train_examples, info.val_examples = n_train, n_val
+    if n_train < cfg.batch_size:
+        raise DataError(f"data.batch_size {cfg.batch_size} is larger than the {n_train} training examples")
+
+    def prep(x: Any, y: Any) -> tuple[Any, Any]:
+        if x.dtype == tf.uint8:
+            x = tf.cast(x, tf.float32) / 255.0
+        return tf.cast(x, tf.float32), y
+
+    load_kw = dict(data_dir=cfg.data_dir or default_data_dir(), as_supervised=True, download=False,
+                   shuffle_files=False)
+    train = tfds.load(cfg.name, split=cfg.train_split, **load_kw)
+    if cfg.max_train_examples:
+        train = train.take(cfg.max_train_examples)
+    train = train.map(prep, num_parallel_calls=tf.data.AUTOTUNE).cache()
+    if cfg.shuffle_buffer:
+        train = train.shuffle(min(cfg.shuffle_buffer, n_train), seed=seed, reshuffle_each_iteration=True)
+    train = train.batch(cfg.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    val = None
+    if cfg.val_split:
+        val = tfds.load(cfg.name, split=cfg.val_split, **load_kw)
+        val = val.map(prep, num_parallel_calls=tf.data.AUTOTUNE).cache().batch(cfg.batch_size)
+        val = val.prefetch(tf.data.AUTOTUNE)
+    return Data(train=train, val=val, info=info, steps_per_epoch=n_train // cfg.batch_size)

@@ -1,0 +1,162 @@
+"""The glue: one function runs one arm (config + folder in, summary out); a loop runs a sweep.
+
+``run_arm`` is the unit the sweep engine schedules; it records NaN/Inf losses as ``diverged`` and
+exceptions as ``failed`` instead of raising, so one bad arm never stops a sweep.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ablations import store
+from ablations.config import Arm, Experiment, dump_yaml
+
+
+def _finite(x: Any) -> float | None:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def run_arm(arm: Arm, arm_dir: Path, *, index: int = 0, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Trains one arm and writes its folder; ``summary.json`` is written last.
+
+    Args:
+        arm: the resolved arm.
+        arm_dir: its folder (created).
+        index: position of the arm in the sweep (keeps report order stable).
+        callbacks: extra Keras callbacks (progress display).
+
+    Returns:
+        The summary dict (also in ``summary.json``): status completed | diverged | failed.
+    """
+    import keras
+    import tensorflow as tf
+
+    import zoo
+    from ablations.data import load
+    from ablations.diagnose import gradient_summary
+    from ablations.probe import ProbedModel
+    from ablations.recorder import DrainCallback, ring_capacity
+    from ablations.training import make_loss, make_optimizer, make_strategy
+
+    cfg = arm.config
+    arm_dir = Path(arm_dir)
+    arm_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("summary.json", "error.txt"):  # an earlier attempt's leftovers must not be read as this one's
+        (arm_dir / stale).unlink(missing_ok=True)
+    store.write_text(arm_dir / "arm.yaml", dump_yaml(cfg.model_dump(mode="json")))
+    summary: dict[str, Any] = {"arm_id": arm.id, "index": index, "experiment": cfg.experiment,
+                               "values": cfg.values, "seed": cfg.seed, "status": "failed", "error": None,
+                               "diverged_at_step": None}
+    start = time.time()
+    try:
+        keras.utils.set_random_seed(cfg.seed)
+        if cfg.runtime.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        data = load(cfg.data, cfg.seed)
+        steps = cfg.train.steps_per_epoch or data.steps_per_epoch
+        strategy = make_strategy(cfg.runtime)
+        with strategy.scope():
+            net = zoo.build(cfg.model.arch, input_shape=data.info.input_shape,
+                            num_outputs=data.info.num_outputs, **cfg.model.options())
+            model = ProbedModel(
+                net, every=cfg.capture.every, params=cfg.capture.params, activations=cfg.capture.activations,
+                capacity=ring_capacity(cfg.capture.every, cfg.capture.drain_every, steps,
+                                       cfg.train.steps_per_execution))
+            loss, metrics = make_loss(cfg.train.loss, data.info.task)
+            model.compile(optimizer=make_optimizer(cfg.train.optimizer), loss=loss, metrics=metrics,
+                          steps_per_execution=cfg.train.steps_per_execution, jit_compile=cfg.train.jit_compile)
+        drain = DrainCallback(cfg.capture.drain_every, steps)
+        train = data.train.repeat() if cfg.train.steps_per_epoch else data.train
+        hist = model.fit(train, epochs=cfg.train.epochs, steps_per_epoch=cfg.train.steps_per_epoch,
+                         validation_data=data.val, callbacks=[drain, *callbacks], verbose=0,
+                         shuffle=False)
+        tables = drain.tables(model)
+        epochs = _epochs_table(hist.history)
+        for name, df in [*tables.items(), ("epochs", epochs)]:
+            store.write_parquet(arm_dir / f"{name}.parquet", df)
+        store.write_model(arm_dir / "final.keras", net)
+        last = {k: _finite(v[-1]) for k, v in hist.history.items() if v}
+        summary.update(
+            status="diverged" if drain.diverged_at is not None else "completed",
+            diverged_at_step=drain.diverged_at,
+            final=last,
+            steps=int(tables["history"]["step"].max()) + 1 if len(tables["history"]) else 0,
+            epochs_run=len(epochs),
+            lost_captures=drain.lost,
+            num_params=int(net.count_params()),
+            dataset=data.info.name,
+            **{k: _finite(v) for k, v in gradient_summary(tables["params"]).items()},
+        )
+    except Exception as err:  # recorded, never raised: the sweep goes on
+        summary["error"] = f"{type(err).__name__}: {err}"
+        store.write_text(arm_dir / "error.txt", traceback.format_exc())
+    summary["wall_time_s"] = round(time.time() - start, 3)
+    store.write_json(arm_dir / "summary.json", summary)
+    return summary
+
+
+def _epochs_table(history: dict[str, list[float]]):
+    import pandas as pd
+
+    n = max((len(v) for v in history.values()), default=0)
+    df = pd.DataFrame({"epoch": range(n)})
+    for k, v in history.items():
+        df[k] = list(v) + [float("nan")] * (n - len(v))
+    return df
+
+
+def arm_is_current(arm: Arm, arm_dir: Path) -> bool:
+    """True when the arm has a finished result for exactly this config (a changed config re-runs it)."""
+    if not store.is_done(arm_dir):
+        return False
+    try:
+        return (arm_dir / "arm.yaml").read_text() == dump_yaml(arm.config.model_dump(mode="json"))
+    except OSError:
+        return False
+
+
+def run_experiment(exp: Experiment, out: Path, *, ui: Any = None,
+                   on_arm: Callable[[Arm, dict[str, Any], bool], None] | None = None) -> list[dict[str, Any]]:
+    """Runs every arm not already done into ``out/<name>`` under the folder lock.
+
+    Args:
+        exp: the validated experiment.
+        out: parent of the run folder.
+        ui: progress display (:class:`ablations.ui.SweepUI`) or ``None``.
+        on_arm: called after each arm with ``(arm, summary, skipped)``.
+
+    Returns:
+        The summaries, in arm order.
+    """
+    root = Path(out) / exp.name
+    store.check_writable(root)
+    arms = exp.arms()
+    summaries = []
+    with store.RunLock(root):
+        exp_yaml = dump_yaml(exp.model_dump(mode="json"))
+        store.write_text(root / "experiment.yaml", exp_yaml)
+        if ui:
+            ui.start(len(arms))
+        for i, arm in enumerate(arms):
+            arm_dir = root / "arms" / arm.id
+            if arm_is_current(arm, arm_dir):
+                summary, skipped = store.read_summary(arm_dir), True
+            else:
+                callbacks = [ui.arm_callback(arm)] if ui else []
+                summary, skipped = run_arm(arm, arm_dir, index=i, callbacks=callbacks), False
+            summaries.append(summary)
+            if ui:
+                ui.arm_done(arm, summary, skipped)
+            if on_arm:
+                on_arm(arm, summary, skipped)
+        if ui:
+            ui.stop()
+    return summaries

@@ -1,0 +1,94 @@
+"""Terminal output with rich: a sweep progress bar, a per-arm bar, a line per arm and a summary table."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+STATUS_STYLE = {"completed": "green", "diverged": "yellow", "failed": "bold red"}
+
+
+def fmt(x: Any, spec: str = ".3g") -> str:
+    """Formats a number for tables ('-' for missing/NaN)."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return format(x, spec) if isinstance(x, (int, float)) else str(x)
+
+
+class SweepUI:
+    """Progress display for a sweep (works on terminals and in logs)."""
+
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console()
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=self.console, transient=False)
+        self.sweep_task = None
+        self.arm_task = None
+
+    def start(self, n_arms: int) -> None:
+        self.progress.start()
+        self.sweep_task = self.progress.add_task("sweep", total=n_arms)
+
+    def arm_callback(self, arm: Any) -> Any:
+        import keras
+
+        ui = self
+
+        class _ArmProgress(keras.callbacks.Callback):
+            async_safe = True  # host-side counter only: never reads device values
+
+            def on_train_begin(self, logs: Any = None) -> None:
+                total = self.params.get("epochs", 1) * (self.params.get("steps") or 0)
+                if ui.arm_task is not None:
+                    ui.progress.remove_task(ui.arm_task)
+                ui.arm_task = ui.progress.add_task(f"  {arm.id}", total=total or None)
+                self._epoch = 0
+
+            def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+                self._epoch = epoch
+
+            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+                steps = self.params.get("steps") or 0
+                ui.progress.update(ui.arm_task, completed=self._epoch * steps + batch + 1)
+
+        return _ArmProgress()
+
+    def arm_done(self, arm: Any, summary: dict[str, Any], skipped: bool) -> None:
+        if self.arm_task is not None:
+            self.progress.remove_task(self.arm_task)
+            self.arm_task = None
+        self.progress.advance(self.sweep_task)
+        status = summary.get("status", "?")
+        final = summary.get("final") or {}
+        style = STATUS_STYLE.get(status, "")
+        if skipped:
+            self.progress.console.print(f"[dim]= {arm.id}: {status} earlier, skipped[/dim]")
+            return
+        extra = summary.get("error") or (f"diverged at step {summary['diverged_at_step']}"
+                                         if status == "diverged" else "")
+        self.progress.console.print(
+            f"[{style}]{status:9}[/{style}] {arm.id}  loss {fmt(final.get('loss'))}  "
+            f"acc {fmt(final.get('accuracy'))}  first/last grad {fmt(summary.get('ratio_final'), '.2e')}  "
+            f"{fmt(summary.get('wall_time_s'), '.1f')}s {extra}")
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def summary_table(summaries: list[dict[str, Any]], title: str = "arms") -> Table:
+    """A rich table of arm results."""
+    t = Table(title=title)
+    for col in ("arm", "status", "loss", "acc", "val loss", "val acc", "first/last grad (init)",
+                "first/last grad (final)", "time s"):
+        t.add_column(col, justify="left" if col in ("arm", "status") else "right")
+    for s in summaries:
+        f = s.get("final") or {}
+        st = s.get("status", "?")
+        t.add_row(s["arm_id"], f"[{STATUS_STYLE.get(st, '')}]{st}[/]", fmt(f.get("loss")), fmt(f.get("accuracy")),
+                  fmt(f.get("val_loss")), fmt(f.get("val_accuracy")), fmt(s.get("ratio_init"), ".2e"),
+                  fmt(s.get("ratio_final"), ".2e"), fmt(s.get("wall_time_s"), ".1f"))
+    return t

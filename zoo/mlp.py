@@ -1,0 +1,152 @@
+"""Fully connected zoo models: plain and residual MLPs.
+
+Glorot & Bengio 2010 (plain deep MLPs, saturation); He et al. 2016 (residual connections).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import layers
+
+from zoo import register
+from zoo.activations import make_activation
+from zoo.blocks import block_name
+from zoo.initializers import make_bias_initializer, make_initializer
+from zoo.norms import make_norm
+
+
+def _dense(units: int, name: str, init: dict, dtype: str) -> layers.Dense:
+    return layers.Dense(
+        units,
+        name=name,
+        kernel_initializer=make_initializer(init["initializer"], **init["initializer_options"]),
+        bias_initializer=make_bias_initializer(init["bias_init_std"]),
+        dtype=dtype,
+    )
+
+
+def _stem(inputs: keras.KerasTensor, width: int | None, init: dict, dtype: str) -> keras.KerasTensor:
+    x = layers.Flatten(name="stem_flatten", dtype=dtype)(inputs)
+    if width is not None:  # residual nets need the skip path at the block width
+        x = _dense(width, "stem_linear", init, dtype)(x)
+    return x
+
+
+def _head(x: keras.KerasTensor, num_outputs: int, init: dict, dtype: str) -> keras.KerasTensor:
+    # Logits: the loss applies the softmax, so the head never saturates by construction.
+    return _dense(num_outputs, "head_linear", init, dtype)(x)
+
+
+def plain_block(x, index: int, depth: int, *, width: int, activation: str, act_opts: dict, norm: str,
+                dropout: float, init: dict, dtype: str):
+    """linear -> [norm] -> act -> [dropout]: one hidden layer of a plain MLP."""
+    name = lambda part: block_name(index, part, depth)  # noqa: E731
+    x = _dense(width, name("linear"), init, dtype)(x)
+    norm_layer = make_norm(norm, name("norm"), dtype)
+    if norm_layer is not None:
+        x = norm_layer(x)
+    x = make_activation(activation, name("act"), dtype, **act_opts)(x)
+    if dropout > 0:
+        drop = layers.AlphaDropout if activation == "selu" else layers.Dropout
+        x = drop(dropout, name=name("dropout"), dtype=dtype)(x)
+    return x
+
+
+def residual_block(x, index: int, depth: int, *, width: int, activation: str, act_opts: dict, norm: str,
+                   dropout: float, init: dict, dtype: str, post_activation: bool):
+    """x + linear2(act(norm(linear(x)))): identity skip, the residual MLP form of He et al. 2016.
+
+    With ``post_activation`` the sum goes through the activation too (the original ResNet ordering);
+    by default the identity path stays clean (He et al. 2016b, "Identity mappings"), which is what keeps
+    gradients flowing for saturating activations.
+    """
+    name = lambda part: block_name(index, part, depth)  # noqa: E731
+    h = _dense(width, name("linear"), init, dtype)(x)
+    norm_layer = make_norm(norm, name("norm"), dtype)
+    if norm_layer is not None:
+        h = norm_layer(h)
+    h = make_activation(activation, name("act"), dtype, **act_opts)(h)
+    if dropout > 0:
+        h = layers.Dropout(dropout, name=name("dropout"), dtype=dtype)(h)
+    h = _dense(width, name("linear2"), init, dtype)(h)
+    x = layers.Add(name=name("add"), dtype=dtype)([x, h])
+    if post_activation:
+        x = make_activation(activation, name("post_act"), dtype, **act_opts)(x)
+    return x
+
+
+def _init(initializer: str, initializer_options: dict | None, bias_init_std: float) -> dict:
+    return {"initializer": initializer, "initializer_options": dict(initializer_options or {}),
+            "bias_init_std": bias_init_std}
+
+
+@register("plain_mlp", family="mlp", paper="Glorot & Bengio 2010, Understanding the difficulty of training deep FF nets")
+def plain_mlp(
+    *,
+    input_shape: tuple[int, ...],
+    num_outputs: int,
+    depth: int = 4,
+    width: int = 64,
+    activation: str = "relu",
+    activation_options: dict[str, Any] | None = None,
+    initializer: str = "glorot_uniform",
+    initializer_options: dict[str, Any] | None = None,
+    bias_init_std: float = 0.0,
+    norm: str = "none",
+    dropout: float = 0.0,
+    dtype: str = "float32",
+) -> keras.Model:
+    """A plain MLP: ``depth`` hidden blocks linear -> [norm] -> act, then a linear head.
+
+    Args:
+        input_shape: shape of one example (flattened by the stem).
+        num_outputs: logits of the head.
+        depth: number of hidden blocks.
+        width: units per hidden block.
+        activation: registered activation name; ``activation_options`` e.g. ``{negative_slope: 0.1}``.
+        initializer: registered kernel initializer; ``initializer_options`` e.g. ``{gain: 1.2}``.
+        bias_init_std: standard deviation of the bias initialisation (sigma_b), 0 = zeros.
+        norm: none | batch | layer | group, applied between linear and activation.
+        dropout: dropout rate after each activation (AlphaDropout with SELU).
+        dtype: float32, or float64 for precise studies at init.
+    """
+    init = _init(initializer, initializer_options, bias_init_std)
+    inputs = keras.Input(shape=tuple(input_shape), name="input", dtype=dtype)
+    x = _stem(inputs, None, init, dtype)
+    for i in range(depth):
+        x = plain_block(x, i, depth, width=width, activation=activation, act_opts=dict(activation_options or {}),
+                        norm=norm, dropout=dropout, init=init, dtype=dtype)
+    return keras.Model(inputs, _head(x, num_outputs, init, dtype), name="plain_mlp")
+
+
+@register("resnet_mlp", family="mlp", paper="He et al. 2016, Deep residual learning for image recognition")
+def resnet_mlp(
+    *,
+    input_shape: tuple[int, ...],
+    num_outputs: int,
+    depth: int = 4,
+    width: int = 64,
+    activation: str = "relu",
+    activation_options: dict[str, Any] | None = None,
+    initializer: str = "glorot_uniform",
+    initializer_options: dict[str, Any] | None = None,
+    bias_init_std: float = 0.0,
+    norm: str = "none",
+    dropout: float = 0.0,
+    post_activation: bool = False,
+    dtype: str = "float32",
+) -> keras.Model:
+    """A residual MLP: a linear stem to ``width``, ``depth`` residual blocks, a linear head.
+
+    Args: as :func:`plain_mlp`, plus ``post_activation`` (activation after the sum, original ResNet order).
+    """
+    init = _init(initializer, initializer_options, bias_init_std)
+    inputs = keras.Input(shape=tuple(input_shape), name="input", dtype=dtype)
+    x = _stem(inputs, width, init, dtype)
+    for i in range(depth):
+        x = residual_block(x, i, depth, width=width, activation=activation,
+                           act_opts=dict(activation_options or {}), norm=norm, dropout=dropout, init=init,
+                           dtype=dtype, post_activation=post_activation)
+    return keras.Model(inputs, _head(x, num_outputs, init, dtype), name="resnet_mlp")
