@@ -269,6 +269,8 @@ def dump_yaml(data: Any) -> str:
 
 
 def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Sets ``raw[a][b][c] = value`` for ``a.b.c``; a mapping value is merged into an existing section, so a
+    grid axis can bundle settings (``model: [{arch: plain_mlp}, {arch: resnet_mlp, branch_scale: 0.5}]``)."""
     node = raw
     parts = dotted.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -278,7 +280,15 @@ def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(nxt, dict):
             raise ConfigError(f"'{'.'.join(parts[: i + 1])}' is not a section, cannot set '{dotted}'")
         node = nxt
-    node[parts[-1]] = value
+    old = node.get(parts[-1])
+    node[parts[-1]] = _merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
 
 
 def _short_keys(keys: list[str]) -> dict[str, str]:
@@ -286,8 +296,15 @@ def _short_keys(keys: list[str]) -> dict[str, str]:
     return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
 
 
+def value_label(value: Any) -> str:
+    """Short text for a grid value: a bundle (mapping) shows its values joined by '+'."""
+    if isinstance(value, dict):
+        return "+".join(value_label(v) for v in value.values())
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
 def _slug(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
+    text = value_label(value)
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-") or "_"
 
 

@@ -169,7 +169,9 @@ def param_statistics(grads: list[tf.Tensor], old: list[tf.Tensor] | None, new: l
     w_src = old if old is not None else new
     w = tf.stack([_sq(x) for x in w_src])
     if old is not None:
-        u = tf.stack([_sq(tf.cast(n, tf.float32) - tf.cast(o, tf.float32)) for n, o in zip(new, old)])
+        # Subtract in the variable's dtype, then cast: casting first would round float64 weights to float32
+        # and swamp a small update with the rounding error of the weights.
+        u = tf.stack([_sq(tf.cast(n, o.dtype) - o) for n, o in zip(new, old)])
     else:
         u = tf.fill(tf.shape(g), float("nan"))
     return tf.sqrt(tf.stack([g, w, u], axis=1))

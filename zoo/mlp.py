@@ -5,6 +5,7 @@ Glorot & Bengio 2010 (plain deep MLPs, saturation); He et al. 2016 (residual con
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import keras
@@ -55,7 +56,7 @@ def plain_block(x, index: int, depth: int, *, width: int, activation: str, act_o
 
 
 def residual_block(x, index: int, depth: int, *, width: int, activation: str, act_opts: dict, norm: str,
-                   dropout: float, init: dict, dtype: str, post_activation: bool):
+                   dropout: float, init: dict, dtype: str, post_activation: bool, branch_scale: float = 1.0):
     """x + linear2(act(norm(linear(x)))): identity skip, the residual MLP form of He et al. 2016.
 
     With ``post_activation`` the sum goes through the activation too (the original ResNet ordering);
@@ -71,6 +72,8 @@ def residual_block(x, index: int, depth: int, *, width: int, activation: str, ac
     if dropout > 0:
         h = layers.Dropout(dropout, name=name("dropout"), dtype=dtype)(h)
     h = _dense(width, name("linear2"), init, dtype)(h)
+    if branch_scale != 1.0:
+        h = layers.Rescaling(branch_scale, name=name("branch_scale"), dtype=dtype)(h)
     x = layers.Add(name=name("add"), dtype=dtype)([x, h])
     if post_activation:
         x = make_activation(activation, name("post_act"), dtype, **act_opts)(x)
@@ -136,17 +139,25 @@ def resnet_mlp(
     norm: str = "none",
     dropout: float = 0.0,
     post_activation: bool = False,
+    branch_scale: float | str = 1.0,
     dtype: str = "float32",
 ) -> keras.Model:
     """A residual MLP: a linear stem to ``width``, ``depth`` residual blocks, a linear head.
 
-    Args: as :func:`plain_mlp`, plus ``post_activation`` (activation after the sum, original ResNet order).
+    Args: as :func:`plain_mlp`, plus ``post_activation`` (activation after the sum, original ResNet order)
+    and ``branch_scale``: a constant multiplying every residual branch. Without normalisation each branch
+    adds its variance to the skip path, so the forward signal grows geometrically with depth;
+    ``"inv_sqrt_depth"`` (1/sqrt(depth), as in Fixup-style analyses, Zhang et al. 2019) keeps it bounded.
     """
+    if branch_scale == "inv_sqrt_depth":
+        branch_scale = 1.0 / math.sqrt(depth)
+    elif isinstance(branch_scale, str):
+        raise ValueError(f"branch_scale must be a number or 'inv_sqrt_depth', got '{branch_scale}'")
     init = _init(initializer, initializer_options, bias_init_std)
     inputs = keras.Input(shape=tuple(input_shape), name="input", dtype=dtype)
     x = _stem(inputs, width, init, dtype)
     for i in range(depth):
         x = residual_block(x, i, depth, width=width, activation=activation,
                            act_opts=dict(activation_options or {}), norm=norm, dropout=dropout, init=init,
-                           dtype=dtype, post_activation=post_activation)
+                           dtype=dtype, post_activation=post_activation, branch_scale=float(branch_scale))
     return keras.Model(inputs, _head(x, num_outputs, init, dtype), name="resnet_mlp")

@@ -1,0 +1,30 @@
+# gradzoo: `make demo` and `make test` work on a fresh machine with Python >= 3.10 (they create .venv).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow bench clean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)  ## train configs/quickstart.yaml and write reports/quickstart/index.html
+	$(BIN)/ablate run configs/quickstart.yaml --out runs --report reports/quickstart
+
+test: $(STAMP)  ## the default suite (< 10 min on 2 cores)
+	$(BIN)/python -m pytest
+
+test-slow: $(STAMP)  ## only the long tests
+	$(BIN)/python -m pytest -m slow
+
+bench: $(STAMP)  ## capture-overhead benchmark
+	@echo "not yet: the capture-overhead benchmark lands with the diagnostics issue"
+
+clean:
+	rm -rf runs reports/*/ .pytest_cache build *.egg-info

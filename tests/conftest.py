@@ -1,0 +1,23 @@
+"""Shared fixtures: one TFDS data dir per test session (the bundled builders are prepared into it once)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A TFDS data dir with the bundled datasets; also exported as $GRADZOO_DATA_DIR."""
+    path = str(tmp_path_factory.mktemp("tfds"))
+    os.environ["GRADZOO_DATA_DIR"] = path
+    return path
+
+
+@pytest.fixture(scope="session")
+def quickstart() -> Path:
+    return ROOT / "configs" / "quickstart.yaml"

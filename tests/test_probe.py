@@ -1,0 +1,481 @@
+"""The probe's statistics against an independent computation.
+
+The reference below never touches Keras layers or the probe: it reads the Dense weights as arrays, runs the
+forward pass with plain TensorFlow ops in float64 under its own ``tf.GradientTape``, takes the cross-entropy
+with a hand-written log-softmax, and derives activation derivatives analytically in NumPy. Training runs are
+replayed step by step with hand-written SGD (and the first Adam step in closed form).
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+import ablations
+import zoo
+from ablations.probe import SATURATION_FRACTION, ProbedModel
+from ablations.recorder import DrainCallback, ring_capacity
+
+INPUT_SHAPE = (8, 8, 1)
+N_OUT = 10
+RTOL = 1e-5
+
+PARAM_COLUMNS = ["step", "epoch", "depth", "block", "layer", "param", "role", "size", "grad_norm", "weight_norm",
+                 "update_norm", "update_ratio"]
+BLOCK_COLUMNS = ["step", "epoch", "depth", "block", "act_grad_norm", "act_mean", "act_std", "act_saturation",
+                 "act_dead"]
+HISTORY_COLUMNS = ["step", "epoch", "loss", "global_grad_norm", "lr"]
+
+
+# ------------------------------------------------------------------------------------------ reference
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+# name -> (forward in tf, derivative in numpy, max derivative)
+ACTIVATIONS = {
+    "sigmoid": (lambda z: 1.0 / (1.0 + tf.exp(-z)), lambda z: _sigmoid(z) * (1.0 - _sigmoid(z)), 0.25),
+    "tanh": (lambda z: (tf.exp(z) - tf.exp(-z)) / (tf.exp(z) + tf.exp(-z)), lambda z: 1.0 - np.tanh(z) ** 2, 1.0),
+    "relu": (lambda z: tf.where(z > 0, z, tf.zeros_like(z)), lambda z: (z > 0).astype(np.float64), 1.0),
+}
+
+
+def dense_weights(model: keras.Model) -> dict[str, list[np.ndarray]]:
+    """{layer name: [kernel, bias]} as float64 copies."""
+    return {layer.name: [np.array(layer.kernel, dtype=np.float64), np.array(layer.bias, dtype=np.float64)]
+            for layer in model.layers if isinstance(layer, keras.layers.Dense)}
+
+
+def reference(arch: str, activation: str, depth: int, weights: dict[str, list[np.ndarray]], x, y) -> dict:
+    """Loss, per-tensor gradients, dL/dz per block and the activations, in float64 without Keras."""
+    act, deriv, max_d = ACTIVATIONS[activation]
+    w = {name: [tf.constant(k), tf.constant(b)] for name, (k, b) in weights.items()}
+    flat = [t for pair in w.values() for t in pair]
+    x = tf.constant(np.asarray(x, np.float64).reshape(len(x), -1))
+    y = np.asarray(y)
+    zs, acts = [], []
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(flat)
+
+        def dense(name, h):
+            k, b = w[name]
+            return tf.matmul(h, k) + b
+
+        h = dense("stem_linear", x) if arch == "resnet_mlp" else x
+        for i in range(depth):
+            z = dense(f"block_{i:03d}_linear", h)
+            a = act(z)
+            zs.append(z)
+            acts.append(a)
+            h = a if arch == "plain_mlp" else h + dense(f"block_{i:03d}_linear2", a)
+        logits = dense("head_linear", h)
+        shifted = logits - tf.reduce_max(logits, axis=1, keepdims=True)
+        log_p = shifted - tf.math.log(tf.reduce_sum(tf.exp(shifted), axis=1, keepdims=True))
+        loss = -tf.reduce_mean(tf.gather(log_p, y, axis=1, batch_dims=1))
+    grads = tape.gradient(loss, w)
+    dz = tape.gradient(loss, zs)
+    zs_np = [z.numpy() for z in zs]
+    derivs = [deriv(z) for z in zs_np]
+    blocks = []
+    for g, a, d in zip(dz, acts, derivs):
+        a = a.numpy()
+        blocks.append(dict(
+            act_grad_norm=np.linalg.norm(g.numpy()),
+            act_mean=a.mean(),
+            act_std=a.std(),
+            act_saturation=np.mean(d < SATURATION_FRACTION * max_d),
+            act_dead=np.mean(np.all(d == 0, axis=0)),
+        ))
+    return dict(
+        loss=float(loss),
+        grads={(name, p): g.numpy() for name, pair in grads.items() for p, g in zip(("kernel", "bias"), pair)},
+        weights={(name, p): v for name, pair in weights.items() for p, v in zip(("kernel", "bias"), pair)},
+        blocks=blocks,
+        z=zs_np,
+        derivs=derivs,
+    )
+
+
+def build(arch, activation, depth=3, width=8, dtype="float64", **kw):
+    keras.utils.set_random_seed(1234)
+    return zoo.build(arch, input_shape=INPUT_SHAPE, num_outputs=N_OUT, depth=depth, width=width,
+                     activation=activation, dtype=dtype, **kw)
+
+
+def batch(n=16, seed=0, scale=1.0):
+    rng = np.random.RandomState(seed)
+    x = (scale * rng.uniform(size=(n, *INPUT_SHAPE))).astype(np.float32)
+    y = rng.randint(0, N_OUT, size=n).astype(np.int64)
+    return x, y
+
+
+def assert_close(got, want, rtol=RTOL, what=""):
+    np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64), rtol=rtol, atol=1e-12,
+                               err_msg=what)
+
+
+def loss_fn():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+# ------------------------------------------------------------------------------------------ measure
+
+MEASURE_CASES = [
+    # arch, activation, depth, dtype, builder options
+    ("plain_mlp", "sigmoid", 4, "float64",
+     dict(initializer="variance_scaling", initializer_options={"scale": 20.0, "distribution": "uniform"},
+          bias_init_std=0.5)),
+    ("resnet_mlp", "tanh", 3, "float64", dict(bias_init_std=0.3)),
+    ("plain_mlp", "tanh", 3, "float32",
+     dict(initializer="variance_scaling", initializer_options={"scale": 6.0}, bias_init_std=0.2)),
+]
+
+
+@pytest.mark.parametrize("arch,activation,depth,dtype,opts", MEASURE_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[3]}" for c in MEASURE_CASES])
+def test_measure_matches_independent_computation(arch, activation, depth, dtype, opts):
+    model = build(arch, activation, depth=depth, width=16 if dtype == "float32" else 8, dtype=dtype, **opts)
+    x, y = batch(16)
+    df = ablations.measure(model, (x, y), loss_fn())
+    ref = reference(arch, activation, depth, dense_weights(model), x, y)
+
+    assert list(df.columns) == ["depth", "block", "layer", "param", "role", "size", "grad_norm", "weight_norm",
+                                "update_norm", "update_ratio", *ablations.probe.BLOCK_STATS]
+    assert len(df) == len(model.trainable_variables) == len(ref["grads"])
+    assert df["update_norm"].isna().all() and df["update_ratio"].isna().all()
+    assert_close(df.attrs["loss"], ref["loss"], what="loss")
+
+    for row in df.itertuples():
+        key = (row.layer, row.param)
+        assert_close(row.grad_norm, np.linalg.norm(ref["grads"][key]), what=f"grad_norm {key}")
+        assert_close(row.weight_norm, np.linalg.norm(ref["weights"][key]), what=f"weight_norm {key}")
+        assert row.size == ref["weights"][key].size
+        role, d = zoo.layer_role(row.layer)
+        assert (row.role, row.depth) == (role, d)
+        if role == "block":
+            assert row.block == row.layer.rsplit("_", 1)[0]
+            for stat, want in ref["blocks"][d].items():
+                assert_close(getattr(row, stat), want, what=f"{stat} of block {d} ({row.layer})")
+        else:
+            assert all(math.isnan(getattr(row, s)) for s in ablations.probe.BLOCK_STATS)
+    # Kernels and biases are both present for every Dense layer.
+    assert set(df["param"]) == {"kernel", "bias"}
+    assert (df["param"] == "bias").sum() == (df["param"] == "kernel").sum()
+
+
+def test_measure_sigmoid_case_is_informative():
+    """Guards the parametrised case above against trivially passing (no saturation, equal gradients)."""
+    arch, activation, depth, dtype, opts = MEASURE_CASES[0]
+    model = build(arch, activation, depth=depth, dtype=dtype, **opts)
+    x, y = batch(16)
+    ref = reference(arch, activation, depth, dense_weights(model), x, y)
+    sats = [b["act_saturation"] for b in ref["blocks"]]
+    assert max(sats) > 0.1 and min(sats) < 0.9
+    df = ablations.measure(model, (x, y), loss_fn())
+    sat = df.drop_duplicates("depth").set_index("depth")["act_saturation"]
+    assert_close([sat[i] for i in range(depth)], sats)
+    # Saturation means the derivative threshold is sigmoid's 0.25 * 0.05.
+    d0 = ref["derivs"][0]
+    assert_close(sat[0], np.mean(d0 < 0.0125))
+
+
+def test_measure_dead_units_are_counted_exactly():
+    depth, width = 2, 8
+    model = build("plain_mlp", "relu", depth=depth, width=width)
+    lin = model.get_layer("block_000_linear")
+    k, b = lin.kernel.numpy(), lin.bias.numpy()
+    k[:, :3] = 0.0  # units 0..2: z = -1 for every input -> dead
+    b[:3] = -1.0
+    k[:, 3] = np.abs(k[:, 3]) + 0.1  # unit 3: positive for every (non-negative) input -> alive everywhere
+    b[3] = 0.5
+    x, y = batch(32)
+    pixel = x.reshape(len(x), -1)[:, 10]
+    top2 = np.sort(pixel)[-2:]
+    k[:, 4] = 0.0  # unit 4: z = x[10] - t, positive for exactly one example: alive, barely
+    k[10, 4] = 1.0
+    b[4] = -top2.mean()
+    lin.set_weights([k, b])
+    ref = reference("plain_mlp", "relu", depth, dense_weights(model), x, y)
+    alive_counts = (ref["z"][0] > 0).sum(axis=0)
+    assert alive_counts[:3].tolist() == [0, 0, 0] and alive_counts[3] == len(x) and alive_counts[4] == 1
+    expected_dead = ref["blocks"][0]["act_dead"]
+    assert 3 / width <= expected_dead <= 6 / width
+    df = ablations.measure(model, (x, y), loss_fn())
+    blocks = df.drop_duplicates("depth").set_index("depth")
+    assert blocks.loc[0, "act_dead"] == expected_dead  # exact: a count of units over width
+    assert blocks.loc[1, "act_dead"] == ref["blocks"][1]["act_dead"]
+    # ReLU saturation = zero derivative (threshold 0.05 * 1): the fraction of non-positive pre-activations.
+    assert blocks.loc[0, "act_saturation"] == pytest.approx(np.mean(ref["z"][0] <= 0), abs=1e-7)
+    # Dead units have zero weight gradient in their kernel columns.
+    row = df[(df.layer == "block_000_linear") & (df.param == "kernel")].iloc[0]
+    g = ref["grads"][("block_000_linear", "kernel")]
+    assert np.all(g[:, :3] == 0)
+    assert_close(row.grad_norm, np.linalg.norm(g))
+    for i in range(depth):
+        assert_close(blocks.loc[i, "act_grad_norm"], ref["blocks"][i]["act_grad_norm"])
+
+
+def test_measure_vanishing_gradient_shows_in_act_grad_norm():
+    """A deep plain sigmoid net: dL/dz shrinks toward the input (Glorot & Bengio 2010)."""
+    depth = 6
+    model = build("plain_mlp", "sigmoid", depth=depth, width=8)
+    x, y = batch(16)
+    df = ablations.measure(model, (x, y), loss_fn())
+    g = df.drop_duplicates("depth").set_index("depth")["act_grad_norm"]
+    norms = [g[i] for i in range(depth)]
+    ref = reference("plain_mlp", "sigmoid", depth, dense_weights(model), x, y)
+    assert_close(norms, [b["act_grad_norm"] for b in ref["blocks"]])
+    assert norms[0] < norms[-1] / 10
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+class WeightRecorder(keras.callbacks.Callback):
+    """Snapshots the net's weights around every train batch (also forces synchronous batch callbacks)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.before, self.after = [], []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.before.append(dense_weights(self.net))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.after.append(dense_weights(self.net))
+
+
+def fit_probed(net, optimizer, x, y, *, every=1, batch_size=16, epochs=1, drain_every=256, record=True,
+               extra_callbacks=()):
+    steps = len(x) // batch_size
+    model = ProbedModel(net, every=every, capacity=16)
+    model.compile(optimizer=optimizer, loss=loss_fn())
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+    drain = DrainCallback(drain_every=drain_every, steps_per_epoch=steps)
+    recorder = WeightRecorder(net)
+    callbacks = [drain, *([recorder] if record else []), *extra_callbacks]
+    model.fit(ds, epochs=epochs, verbose=0, shuffle=False, callbacks=callbacks)
+    return model, drain, recorder
+
+
+def replay_sgd(arch, activation, depth, weights, x, y, lr, steps, batch_size=16):
+    """Hand-written SGD: per step the reference statistics, then w <- w - lr * g."""
+    weights = {k: [a.copy() for a in v] for k, v in weights.items()}
+    out = []
+    for s in range(steps):
+        xb, yb = x[s * batch_size:(s + 1) * batch_size], y[s * batch_size:(s + 1) * batch_size]
+        ref = reference(arch, activation, depth, weights, xb, yb)
+        out.append(ref)
+        for (name, p), g in ref["grads"].items():
+            weights[name][0 if p == "kernel" else 1] = weights[name][0 if p == "kernel" else 1] - lr * g
+    return out, weights
+
+
+SGD_CASES = [("plain_mlp", "sigmoid", "float64"), ("resnet_mlp", "tanh", "float32")]
+
+
+@pytest.mark.parametrize("arch,activation,dtype", SGD_CASES, ids=["-".join(c) for c in SGD_CASES])
+def test_probed_sgd_training_matches_replay(arch, activation, dtype):
+    depth, lr, steps = 3, 0.1, 3
+    net = build(arch, activation, depth=depth, dtype=dtype, bias_init_std=0.0)
+    init = dense_weights(net)
+    x, y = batch(16 * steps, seed=3)
+    model, drain, recorder = fit_probed(net, keras.optimizers.SGD(learning_rate=lr), x, y)
+    refs, final = replay_sgd(arch, activation, depth, init, x, y, lr, steps)
+    tables = drain.tables(model)
+    hist, params, blocks = tables["history"], tables["params"], tables["blocks"]
+    n_params = len(net.trainable_variables)
+
+    assert list(hist.columns) == HISTORY_COLUMNS
+    assert list(params.columns) == PARAM_COLUMNS
+    assert list(blocks.columns) == BLOCK_COLUMNS
+    assert hist["step"].tolist() == [0, 1, 2] and hist["epoch"].tolist() == [0, 0, 0]
+    assert len(params) == steps * n_params and len(blocks) == steps * depth
+    assert drain.diverged_at is None and drain.lost == 0
+    assert int(model.optimizer.iterations.numpy()) == steps
+    # float32 weights round each update: the actual change equals lr * grad only to ~eps * |w| / |u|.
+    update_rtol = RTOL if dtype == "float64" else 2e-3
+
+    for s, ref in enumerate(refs):
+        h = hist[hist.step == s].iloc[0]
+        assert_close(h["loss"], ref["loss"], what=f"loss step {s}")
+        gnorm = math.sqrt(sum(float(np.sum(g ** 2)) for g in ref["grads"].values()))
+        assert_close(h["global_grad_norm"], gnorm, what=f"global_grad_norm step {s}")
+        assert h["lr"] == pytest.approx(lr, rel=1e-7)
+
+        rows = params[params.step == s]
+        assert len(rows) == n_params
+        for row in rows.itertuples():
+            key = (row.layer, row.param)
+            g, w = ref["grads"][key], ref["weights"][key]
+            actual = recorder.after[s][row.layer][0 if row.param == "kernel" else 1] - \
+                recorder.before[s][row.layer][0 if row.param == "kernel" else 1]
+            assert_close(row.grad_norm, np.linalg.norm(g), what=f"grad_norm {key} step {s}")
+            assert_close(row.weight_norm, np.linalg.norm(w), what=f"weight_norm {key} step {s}")
+            assert_close(row.update_norm, np.linalg.norm(actual), what=f"update_norm vs actual {key} step {s}")
+            assert_close(row.update_norm, lr * np.linalg.norm(g), rtol=update_rtol,
+                         what=f"update_norm vs lr*grad {key} step {s}")
+            if np.linalg.norm(w) > 0:
+                assert_close(row.update_ratio, np.linalg.norm(actual) / np.linalg.norm(w))
+            else:
+                assert s == 0 and row.param == "bias" and math.isnan(row.update_ratio)
+
+        brows = blocks[blocks.step == s].set_index("depth")
+        assert brows.index.tolist() == list(range(depth))
+        for i in range(depth):
+            assert brows.loc[i, "block"] == f"block_{i:03d}"
+            for stat, want in ref["blocks"][i].items():
+                assert_close(brows.loc[i, stat], want, what=f"{stat} block {i} step {s}")
+
+    # The trained weights are the replay's (relative to the tensor's norm: float32 entries near 0 round).
+    for name, (k, b) in dense_weights(net).items():
+        for got, want, p in ((k, final[name][0], "kernel"), (b, final[name][1], "bias")):
+            assert np.linalg.norm(got - want) <= RTOL * np.linalg.norm(want), f"final {name} {p}"
+
+
+def test_capture_every_two_records_steps_0_and_2():
+    depth, lr, steps = 2, 0.1, 3
+    net = build("plain_mlp", "tanh", depth=depth, bias_init_std=0.1)
+    init = dense_weights(net)
+    x, y = batch(16 * steps, seed=5)
+    model, drain, _ = fit_probed(net, keras.optimizers.SGD(learning_rate=lr), x, y, every=2, record=False)
+    refs, final = replay_sgd("plain_mlp", "tanh", depth, init, x, y, lr, steps)
+    t = drain.tables(model)
+    assert t["history"]["step"].tolist() == [0, 2]
+    assert sorted(set(t["params"]["step"])) == [0, 2] and sorted(set(t["blocks"]["step"])) == [0, 2]
+    assert int(model.optimizer.iterations.numpy()) == 3  # step 1 still trained
+    for s in (0, 2):
+        h = t["history"][t["history"].step == s].iloc[0]
+        assert_close(h["loss"], refs[s]["loss"])
+        for row in t["params"][t["params"].step == s].itertuples():
+            key = (row.layer, row.param)
+            assert_close(row.grad_norm, np.linalg.norm(refs[s]["grads"][key]), what=f"{key} step {s}")
+            assert_close(row.update_norm, lr * np.linalg.norm(refs[s]["grads"][key]))
+        b = t["blocks"][t["blocks"].step == s].set_index("depth")
+        for i in range(depth):
+            assert_close(b.loc[i, "act_grad_norm"], refs[s]["blocks"][i]["act_grad_norm"])
+    for name, (k, b) in dense_weights(net).items():
+        assert_close(k, final[name][0])
+        assert_close(b, final[name][1])
+
+
+def test_adam_update_norm_is_the_actual_weight_change():
+    depth, lr, steps = 2, 0.01, 3
+    net = build("plain_mlp", "sigmoid", depth=depth, bias_init_std=0.1)
+    init = dense_weights(net)
+    x, y = batch(16 * steps, seed=7)
+    model, drain, recorder = fit_probed(net, keras.optimizers.Adam(learning_rate=lr), x, y)
+    params = drain.tables(model)["params"]
+    assert sorted(set(params["step"])) == [0, 1, 2]
+    ref0 = reference("plain_mlp", "sigmoid", depth, init, x[:16], y[:16])
+    eps, beta_2 = 1e-7, 0.999
+    different = 0
+    for row in params.itertuples():
+        i = 0 if row.param == "kernel" else 1
+        actual = recorder.after[row.step][row.layer][i] - recorder.before[row.step][row.layer][i]
+        assert_close(row.update_norm, np.linalg.norm(actual), what=f"{row.layer}/{row.param} step {row.step}")
+        assert_close(row.weight_norm, np.linalg.norm(recorder.before[row.step][row.layer][i]))
+        if abs(row.update_norm - lr * row.grad_norm) > 0.1 * row.update_norm:
+            different += 1
+        if row.step == 0:
+            # Adam's first step in closed form: lr * g * sqrt(1 - b2) / (sqrt(1 - b2) |g| + eps).
+            g = ref0["grads"][(row.layer, row.param)]
+            c = math.sqrt(1 - beta_2)
+            assert_close(row.grad_norm, np.linalg.norm(g))
+            assert_close(row.update_norm, np.linalg.norm(lr * g * c / (c * np.abs(g) + eps)), rtol=1e-4)
+    assert different == len(params)  # nowhere is Adam's update lr * grad
+
+
+# ------------------------------------------------------------------------------------------ divergence
+#
+# These use the identity ("linear") activation on purpose: inside a tf.function on CPU, TensorFlow fuses
+# MatMul+BiasAdd+Relu into one kernel that maps NaN pre-activations to 0, so a ReLU net fed an inf (or with
+# NaN weights) can keep a finite loss while its gradients are NaN. The probe flags a non-finite *loss*.
+
+
+def _inf_batches(n_batches, bad_batch, batch_size=16):
+    x, y = batch(batch_size * n_batches, seed=11)
+    x[bad_batch * batch_size + 3, 2, 5, 0] = np.inf
+    return x, y
+
+
+def test_non_finite_loss_stops_training_at_the_first_bad_step():
+    net = build("plain_mlp", "linear", depth=2, dtype="float32")
+    x, y = _inf_batches(6, bad_batch=2)
+    # drain_every=1 and a synchronous callback: the flag is read right after the bad step.
+    model, drain, _ = fit_probed(net, keras.optimizers.SGD(learning_rate=0.1), x, y, drain_every=1)
+    assert drain.diverged_at == 2
+    assert model.stop_training is True
+    assert int(model.optimizer.iterations.numpy()) == 3
+    h = drain.tables(model)["history"]
+    assert h["step"].tolist() == [0, 1, 2]
+    assert np.isfinite(h["loss"].iloc[:2]).all() and not np.isfinite(h["loss"].iloc[2])
+
+
+def test_divergence_from_huge_learning_rate_is_caught_at_the_first_non_finite_loss():
+    net = build("plain_mlp", "linear", depth=3, width=16, dtype="float32")
+    x, y = batch(16, seed=2)
+    x, y = np.concatenate([x] * 10), np.concatenate([y] * 10)
+    model, drain, _ = fit_probed(net, keras.optimizers.SGD(learning_rate=1e6), x, y, epochs=1, drain_every=256)
+    assert drain.diverged_at is not None
+    assert model.stop_training is True
+    h = drain.tables(model)["history"]
+    losses = h["loss"].to_numpy()
+    assert h["step"].iloc[-1] == drain.diverged_at
+    assert not np.isfinite(losses[-1]) and np.isfinite(losses[:-1]).all()
+    assert h["step"].tolist() == list(range(drain.diverged_at + 1))
+
+
+def test_rows_after_divergence_are_dropped():
+    depth = 2
+    net = build("plain_mlp", "linear", depth=depth, dtype="float32")
+    x, y = _inf_batches(5, bad_batch=2)
+    # Drained only at the end of the epoch: all 5 steps are captured, then the NaN flag is read.
+    model, drain, _ = fit_probed(net, keras.optimizers.SGD(learning_rate=0.1), x, y, drain_every=256,
+                                 record=False)
+    assert int(model.optimizer.iterations.numpy()) == 5
+    assert np.concatenate(drain.steps).tolist() == [0, 1, 2, 3, 4]
+    assert drain.diverged_at == 2 and model.stop_training is True
+    t = drain.tables(model)
+    assert t["history"]["step"].tolist() == [0, 1, 2]
+    assert sorted(set(t["params"]["step"])) == [0, 1, 2]
+    assert sorted(set(t["blocks"]["step"])) == [0, 1, 2]
+    assert len(t["params"]) == 3 * len(net.trainable_variables) and len(t["blocks"]) == 3 * depth
+    assert list(t["params"].columns) == PARAM_COLUMNS and list(t["blocks"].columns) == BLOCK_COLUMNS
+
+
+def test_stop_after_divergence_in_an_earlier_epoch():
+    """Asynchronous batch callbacks: the flag is read at the epoch end at the latest."""
+    net = build("plain_mlp", "linear", depth=2, dtype="float32")
+    x, y = _inf_batches(2, bad_batch=1)  # every epoch's second batch holds an inf
+    model, drain, _ = fit_probed(net, keras.optimizers.SGD(learning_rate=0.1), x, y, epochs=5, drain_every=256,
+                                 record=False)
+    assert drain.diverged_at == 1
+    assert int(model.optimizer.iterations.numpy()) == 2  # stopped after epoch 0 of 5
+    assert drain.tables(model)["history"]["step"].tolist() == [0, 1]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def test_ring_capacity_holds_a_drain_window():
+    assert ring_capacity(every=1, drain_every=256, steps_per_epoch=22, steps_per_execution=4) == 2 * 26 + 4
+    assert ring_capacity(every=4, drain_every=8, steps_per_epoch=100, steps_per_execution=1) == 2 * 3 + 4
+
+
+def test_max_derivative_of_activation_layers():
+    from zoo.activations import make_activation
+
+    assert ablations.probe.max_derivative(make_activation("sigmoid", "s", "float64")) == pytest.approx(0.25)
+    assert ablations.probe.max_derivative(make_activation("tanh", "t", "float64")) == pytest.approx(1.0)
+    assert ablations.probe.max_derivative(make_activation("relu", "r")) == pytest.approx(1.0)
+    assert ablations.probe.max_derivative(
+        make_activation("leaky_relu", "l", negative_slope=0.3)) == pytest.approx(1.0)
