@@ -297,6 +297,10 @@ class ProbedModel(keras.Model):
             b = block_statistics(spec, pre_grads, act_in, act_out)
         else:
             b = tf.fill([len(spec.blocks), len(BLOCK_STATS)], float("nan"))
+        # A non-finite gradient also means divergence: on CPU, fused MatMul+BiasAdd+Relu kernels map NaN to 0,
+        # so a ReLU net can keep a finite loss while its gradients and weights are already NaN.
+        first = self.ring.first_nonfinite
+        first.assign(tf.where(tf.logical_and(first < 0, tf.logical_not(tf.math.is_finite(gnorm))), step, first))
         lr = tf.cast(self.optimizer.learning_rate, tf.float32)
         self.ring.write(step, tf.stack([loss_val, gnorm, lr]), p, b)
 

@@ -12,7 +12,6 @@ import math
 
 import keras
 import numpy as np
-import pandas as pd
 import pytest
 import tensorflow as tf
 
