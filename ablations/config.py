@@ -31,6 +31,19 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class SequenceTransform(Strict):
+    """Read images as sequences (Le et al. 2015): pixel by pixel (T = H*W) or row by row (T = H)."""
+
+    mode: Literal["pixels", "rows"] = "pixels"
+    permute: Optional[int] = None  # seed of one fixed permutation of the time steps (permuted sequential digits)
+
+
+class TransformConfig(Strict):
+    """Per-example transforms applied after decoding (null: none)."""
+
+    sequence: Optional[SequenceTransform] = None
+
+
 class DataConfig(Strict):
     """Which TFDS dataset and how to batch it."""
 
@@ -42,6 +55,7 @@ class DataConfig(Strict):
     batch_size: int = Field(64, gt=0)  # the global batch (split across replicas by the strategy)
     shuffle_buffer: int = Field(4096, ge=0)
     max_train_examples: Optional[int] = Field(None, gt=0)  # keep the first N training examples
+    transform: TransformConfig = TransformConfig()  # e.g. {sequence: {mode: pixels, permute: 0}}
 
 
 class OptimizerConfig(Strict):
@@ -83,6 +97,19 @@ class CaptureConfig(Strict):
     drain_every: int = Field(256, gt=0)  # steps between host reads of the on-device ring buffer
 
 
+class DiagnoseConfig(Strict):
+    """Verdict thresholds (ablations/diagnose.py documents their sources)."""
+
+    vanishing_ratio: float = Field(1e-3, gt=0)  # first/last block gradient below this: vanishing (AUTOTRAINER)
+    vanishing_floor: float = Field(1e-8, ge=0)  # any block gradient norm below this: vanishing
+    exploding_ratio: float = Field(70.0, gt=1)  # first/last block gradient above this: exploding (AUTOTRAINER)
+    stall_ratio: float = Field(1e-3, gt=0)  # update/weight ratio below this: barely learning
+    saturated_fraction: float = Field(0.8, gt=0, le=1)  # share of saturated activation entries
+    dead_fraction: float = Field(0.4, gt=0, le=1)  # share of units dead for the whole batch
+    plateau_improvement: float = Field(0.01, ge=0)  # relative loss improvement per window below this: plateau
+    window: int = Field(200, gt=0)  # steps judged at the end of training
+
+
 class RuntimeConfig(Strict):
     """Where and how the arm runs."""
 
@@ -114,6 +141,7 @@ class ArmConfig(Strict):
     model: ModelConfig
     train: TrainConfig
     capture: CaptureConfig
+    diagnose: DiagnoseConfig = DiagnoseConfig()
     runtime: RuntimeConfig
 
 
@@ -133,6 +161,7 @@ class Experiment(Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     capture: CaptureConfig = CaptureConfig()
+    diagnose: DiagnoseConfig = DiagnoseConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     grid: dict[str, list[Any]] = {}  # dotted key -> values; arms are the cartesian product
     seeds: list[int] = [0]  # every grid point runs once per seed; an integer n means 0..n-1

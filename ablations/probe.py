@@ -32,7 +32,9 @@ import zoo
 
 # Statistic columns, in buffer order.
 PARAM_STATS = ("grad_norm", "weight_norm", "update_norm")
-BLOCK_STATS = ("act_grad_norm", "act_mean", "act_std", "act_saturation", "act_dead")
+# branch_ratio: ||residual branch|| / ||skip|| at the block's `add` layer; gate_mean: mean of a `gate` layer's
+# output (highway transform gate). NaN for blocks without them.
+BLOCK_STATS = ("act_grad_norm", "act_mean", "act_std", "act_saturation", "act_dead", "branch_ratio", "gate_mean")
 STEP_STATS = ("loss", "global_grad_norm", "lr")
 
 # A unit is saturated where its activation derivative is below this fraction of the activation's maximum
@@ -56,12 +58,22 @@ class ProbeSpec:
 
     params: pd.DataFrame  # one row per trainable tensor: layer, param, role, depth, block, size
     blocks: pd.DataFrame  # one row per tagged block: depth, block
-    tap_model: keras.Model  # inputs -> [output, *pre-activations, *activation inputs, *activation outputs]
-    n_pre: int  # number of pre-activation taps (blocks with a `linear` layer)
+    tap_model: keras.Model  # inputs -> [output, *taps]; taps grouped as in `groups`
+    groups: dict[str, tuple[int, int]]  # tap group -> [start, end) in the taps list (after the output)
     pre_rows: list[int]  # block row of each pre-activation tap
     act_layers: list[keras.layers.Layer]  # activation layers of the blocks that have one
     act_rows: list[int]  # block row of each activation
     act_thresholds: list[float]  # SATURATION_FRACTION * max derivative, per activation
+    res_rows: list[int]  # block row of each residual (skip, branch) pair
+    gate_rows: list[int]  # block row of each gate
+
+    @property
+    def n_pre(self) -> int:
+        return len(self.pre_rows)
+
+    def split(self, taps: list[Any]) -> dict[str, list[Any]]:
+        """Splits the tap outputs into their groups (pre, act_in, act_out, skip, branch, gate)."""
+        return {k: list(taps[a:b]) for k, (a, b) in self.groups.items()}
 
 
 def make_spec(model: keras.Model, activations: bool = True) -> ProbeSpec:
@@ -83,6 +95,7 @@ def make_spec(model: keras.Model, activations: bool = True) -> ProbeSpec:
     blocks = zoo.blocks(model)
     block_df = pd.DataFrame({"depth": [b.index for b in blocks], "block": [b.prefix for b in blocks]})
     pre, pre_rows, act_in, act_out, act_layers, act_rows, thresholds = [], [], [], [], [], [], []
+    skip, branch, res_rows, gate, gate_rows = [], [], [], [], []
     if activations:
         for row, b in enumerate(blocks):
             if b.linear is not None:
@@ -94,9 +107,23 @@ def make_spec(model: keras.Model, activations: bool = True) -> ProbeSpec:
                 act_layers.append(b.act)
                 act_rows.append(row)
                 thresholds.append(SATURATION_FRACTION * max_derivative(b.act))
-    outputs = [model.outputs[0], *pre, *act_in, *act_out]
-    tap_model = keras.Model(model.inputs, outputs, name=f"{model.name}_taps")
-    return ProbeSpec(params, block_df, tap_model, len(pre), pre_rows, act_layers, act_rows, thresholds)
+            add = b.layers.get("add")
+            if add is not None and isinstance(add.input, (list, tuple)) and len(add.input) == 2:
+                skip.append(add.input[0])  # zoo convention: Add()([skip, branch])
+                branch.append(add.input[1])
+                res_rows.append(row)
+            if "gate" in b.layers:
+                gate.append(b.layers["gate"].output)
+                gate_rows.append(row)
+    taps, groups = [], {}
+    for key, group in [("pre", pre), ("act_in", act_in), ("act_out", act_out), ("skip", skip),
+                       ("branch", branch), ("gate", gate)]:
+        groups[key] = (len(taps), len(taps) + len(group))
+        taps.extend(group)
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs  # same structure as the data
+    tap_model = keras.Model(inputs, [model.outputs[0], *taps], name=f"{model.name}_taps")
+    return ProbeSpec(params, block_df, tap_model, groups, pre_rows, act_layers, act_rows, thresholds, res_rows,
+                     gate_rows)
 
 
 def _sq(t: tf.Tensor) -> tf.Tensor:
@@ -117,13 +144,18 @@ def _num_replicas() -> int:
     return 1 if ctx is None else ctx.num_replicas_in_sync
 
 
-def block_statistics(spec: ProbeSpec, pre_grads: list[tf.Tensor], act_inputs: list[tf.Tensor],
-                     act_outputs: list[tf.Tensor]) -> tf.Tensor:
+def block_statistics(spec: ProbeSpec, pre_grads: list[tf.Tensor], taps: dict[str, list[tf.Tensor]]) -> tf.Tensor:
     """Returns a [n_blocks, len(BLOCK_STATS)] float32 tensor (NaN where a block lacks the tensor).
+
+    Args:
+        spec: the probe spec.
+        pre_grads: dL/d(pre-activation) per pre-activation tap.
+        taps: the forward tap tensors by group (:meth:`ProbeSpec.split`).
 
     Sums are formed per replica and all-reduced once, so the values are those of the global batch.
     """
     n_blocks = len(spec.blocks)
+    act_inputs, act_outputs = taps["act_in"], taps["act_out"]
     pieces, unit_counts = [], []
     for g in pre_grads:
         pieces.append(tf.reshape(_sq(g), [1]))
@@ -142,6 +174,11 @@ def block_statistics(spec: ProbeSpec, pre_grads: list[tf.Tensor], act_inputs: li
         pieces.append(tf.reshape(alive, [-1]))
         unit_counts.append(int(np.prod(alive.shape)) if alive.shape.is_fully_defined() else None)
         derivs.append(d)
+    for sk, br in zip(taps["skip"], taps["branch"]):
+        pieces.append(tf.stack([_sq(br), _sq(sk)]))
+    for g in taps["gate"]:
+        g = tf.cast(g, tf.float32)
+        pieces.append(tf.stack([tf.reduce_sum(g), tf.cast(tf.size(g), tf.float32)]))
     if not pieces:
         return tf.fill([n_blocks, len(BLOCK_STATS)], float("nan"))
     sizes = [int(p.shape[0]) for p in pieces]
@@ -160,6 +197,14 @@ def block_statistics(spec: ProbeSpec, pre_grads: list[tf.Tensor], act_inputs: li
         cols[2][row] = tf.sqrt(tf.maximum(ss / n - tf.square(mean), 0.0))
         cols[3][row] = sat / n
         cols[4][row] = tf.reduce_mean(tf.cast(tf.equal(alive, 0.0), tf.float32))
+    off += 2 * len(spec.act_rows)
+    for j, row in enumerate(spec.res_rows):
+        br, sk = tf.unstack(parts[off + j])
+        cols[5][row] = tf.sqrt(br / sk)
+    off += len(spec.res_rows)
+    for j, row in enumerate(spec.gate_rows):
+        total_g, n = tf.unstack(parts[off + j])
+        cols[6][row] = total_g / n
     return tf.stack([tf.stack(c) for c in cols], axis=1) if n_blocks else tf.zeros([0, len(BLOCK_STATS)])
 
 
@@ -259,7 +304,7 @@ class ProbedModel(keras.Model):
             self._loss_tracker.update_state(local_loss, sample_weight=batch)
             scaled_loss = self.optimizer.scale_loss(loss)
         variables = self.trainable_variables
-        pre = taps[: spec.n_pre] if (capture and self.capture_activations) else []
+        pre = spec.split(taps)["pre"] if (capture and self.capture_activations) else []
         grads = tape.gradient(scaled_loss, variables + pre)
         grads, pre_grads = grads[: len(variables)], grads[len(variables):]
         old = [tf.identity(v) for v in variables] if (capture and self.capture_params) else None
@@ -291,10 +336,7 @@ class ProbedModel(keras.Model):
             p = tf.fill([len(spec.params), len(PARAM_STATS)], float("nan"))
             gnorm = tf.sqrt(tf.add_n([_sq(g) for g in grads]))
         if self.capture_activations and len(spec.blocks):
-            n_act = len(spec.act_layers)
-            act_in = taps[spec.n_pre: spec.n_pre + n_act]
-            act_out = taps[spec.n_pre + n_act: spec.n_pre + 2 * n_act]
-            b = block_statistics(spec, pre_grads, act_in, act_out)
+            b = block_statistics(spec, pre_grads, spec.split(taps))
         else:
             b = tf.fill([len(spec.blocks), len(BLOCK_STATS)], float("nan"))
         # A non-finite gradient also means divergence: on CPU, fused MatMul+BiasAdd+Relu kernels map NaN to 0,
@@ -330,14 +372,11 @@ def measure(model: keras.Model, batch: Any, loss: Any, *, training: bool = False
         outs = outs if isinstance(outs, (list, tuple)) else [outs]
         value = loss_fn(y, outs[0])
         value = tf.reduce_mean(value)
-    pre = list(outs[1: 1 + spec.n_pre])
-    grads = tape.gradient(value, variables + pre)
-    n_act = len(spec.act_layers)
-    act_in = list(outs[1 + spec.n_pre: 1 + spec.n_pre + n_act])
-    act_out = list(outs[1 + spec.n_pre + n_act:])
+    taps = spec.split(list(outs[1:]))
+    grads = tape.gradient(value, variables + taps["pre"])
     p = param_statistics([tf.cast(g, tf.float32) if g is not None else tf.zeros(v.shape)
                           for g, v in zip(grads[: len(variables)], variables)], None, variables).numpy()
-    b = block_statistics(spec, [tf.cast(g, tf.float32) for g in grads[len(variables):]], act_in, act_out).numpy()
+    b = block_statistics(spec, [tf.cast(g, tf.float32) for g in grads[len(variables):]], taps).numpy()
     df = spec.params.copy()
     for i, name in enumerate(PARAM_STATS):
         df[name] = p[:, i]

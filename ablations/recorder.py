@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import pandas as pd
 
+from ablations.diagnose import decay_rates
 from ablations.probe import BLOCK_STATS, PARAM_STATS, STEP_STATS, ProbedModel
 
 
@@ -115,4 +116,5 @@ class DrainCallback(keras.callbacks.Callback):
             # Undefined for an all-zero tensor (biases at init): NaN, not inf.
             p["update_ratio"] = (p["update_norm"] / p["weight_norm"]).where(p["weight_norm"] > 0)
         b = long(spec.blocks, blocks, BLOCK_STATS)
+        history["grad_decay_rate"] = history["step"].map(decay_rates(p)).astype(float)
         return {"history": history, "params": p, "blocks": b}

@@ -41,7 +41,7 @@ def run_arm(arm: Arm, arm_dir: Path, *, index: int = 0, callbacks: Sequence[Any]
 
     import zoo
     from ablations.data import load
-    from ablations.diagnose import gradient_summary
+    from ablations.diagnose import gradient_summary, verdicts
     from ablations.probe import ProbedModel
     from ablations.recorder import DrainCallback, ring_capacity
     from ablations.training import make_loss, make_optimizer, make_strategy
@@ -94,6 +94,8 @@ def run_arm(arm: Arm, arm_dir: Path, *, index: int = 0, callbacks: Sequence[Any]
             num_params=int(net.count_params()),
             dataset=data.info.name,
             **{k: _finite(v) for k, v in gradient_summary(tables["params"]).items()},
+            verdicts=verdicts(tables["params"], tables["blocks"], tables["history"],
+                              cfg.diagnose.model_dump()),
         )
     except Exception as err:  # recorded, never raised: the sweep goes on
         summary["error"] = f"{type(err).__name__}: {err}"

@@ -73,7 +73,9 @@ class SweepUI:
         self.progress.console.print(
             f"[{style}]{status:9}[/{style}] {arm.id}  loss {fmt(final.get('loss'))}  "
             f"acc {fmt(final.get('accuracy'))}  first/last grad {fmt(summary.get('ratio_final'), '.2e')}  "
-            f"{fmt(summary.get('wall_time_s'), '.1f')}s {extra}")
+            f"{fmt(summary.get('wall_time_s'), '.1f')}s {extra}", highlight=False)
+        for v in summary.get("verdicts") or []:
+            self.progress.console.print(f"          [yellow]{v['kind']}[/yellow]: {v['message']}", highlight=False)
 
     def stop(self) -> None:
         self.progress.stop()
@@ -83,12 +85,14 @@ def summary_table(summaries: list[dict[str, Any]], title: str = "arms") -> Table
     """A rich table of arm results."""
     t = Table(title=title)
     for col in ("arm", "status", "loss", "acc", "val loss", "val acc", "first/last grad (init)",
-                "first/last grad (final)", "time s"):
+                "first/last grad (final)", "decay rate", "verdicts", "time s"):
         t.add_column(col, justify="left" if col in ("arm", "status") else "right")
     for s in summaries:
         f = s.get("final") or {}
         st = s.get("status", "?")
         t.add_row(s["arm_id"], f"[{STATUS_STYLE.get(st, '')}]{st}[/]", fmt(f.get("loss")), fmt(f.get("accuracy")),
                   fmt(f.get("val_loss")), fmt(f.get("val_accuracy")), fmt(s.get("ratio_init"), ".2e"),
-                  fmt(s.get("ratio_final"), ".2e"), fmt(s.get("wall_time_s"), ".1f"))
+                  fmt(s.get("ratio_final"), ".2e"), fmt(s.get("decay_rate_final"), ".2f"),
+                  ", ".join(sorted({v["kind"] for v in s.get("verdicts") or []})) or "-",
+                  fmt(s.get("wall_time_s"), ".1f"))
     return t

@@ -27,8 +27,8 @@ RTOL = 1e-5
 PARAM_COLUMNS = ["step", "epoch", "depth", "block", "layer", "param", "role", "size", "grad_norm", "weight_norm",
                  "update_norm", "update_ratio"]
 BLOCK_COLUMNS = ["step", "epoch", "depth", "block", "act_grad_norm", "act_mean", "act_std", "act_saturation",
-                 "act_dead"]
-HISTORY_COLUMNS = ["step", "epoch", "loss", "global_grad_norm", "lr"]
+                 "act_dead", "branch_ratio", "gate_mean"]
+HISTORY_COLUMNS = ["step", "epoch", "loss", "global_grad_norm", "lr", "grad_decay_rate"]
 
 
 # ------------------------------------------------------------------------------------------ reference

@@ -1,0 +1,155 @@
+"""Verdicts, the gradient-decay rate, architecture extras and capture under jit / steps_per_execution."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+import zoo
+from ablations import measure
+from ablations.diagnose import block_ranges, decay_rates, verdicts
+from ablations.probe import ProbedModel
+from ablations.recorder import DrainCallback
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _batch(n=64, seed=0):
+    rng = np.random.RandomState(seed)
+    return rng.uniform(size=(n, 8, 8, 1)).astype(np.float32), rng.randint(0, 10, size=n)
+
+
+def _tables_at_init(model, batch):
+    """params/blocks/history tables of one measured batch, shaped like the stored ones (step 0)."""
+    df = measure(model, batch, LOSS)
+    params = df[["depth", "block", "layer", "param", "role", "size", "grad_norm", "weight_norm",
+                 "update_norm", "update_ratio"]].assign(step=0, epoch=0)
+    cols = ["act_grad_norm", "act_mean", "act_std", "act_saturation", "act_dead", "branch_ratio", "gate_mean"]
+    blocks = df[df.role == "block"].groupby("depth", as_index=False)[cols].first().assign(step=0, epoch=0)
+    history = pd.DataFrame({"step": [0], "loss": [df.attrs["loss"]]})
+    return params, blocks, history
+
+
+def _synthetic(grad_by_depth, update_ratio=1e-2, steps=range(10)):
+    rows = []
+    for step in steps:
+        for d, g in enumerate(grad_by_depth):
+            rows.append(dict(step=step, epoch=0, depth=d, block=f"block_{d:03d}", layer=f"block_{d:03d}_linear",
+                             param="kernel", role="block", size=4, grad_norm=g, weight_norm=1.0,
+                             update_norm=update_ratio, update_ratio=update_ratio))
+    return pd.DataFrame(rows)
+
+
+def test_decay_rate_is_the_least_squares_slope() -> None:
+    grads = np.array([1e-6, 3e-5, 2e-4, 5e-3, 1e-2])
+    rates = decay_rates(_synthetic(grads, steps=[0, 5]))
+    want = -np.polyfit(np.arange(5.0), np.log10(grads), 1)[0]
+    assert list(rates.index) == [0, 5]
+    assert rates.iloc[0] == pytest.approx(-want, rel=1e-12)  # shrinking toward the input: positive
+    assert rates.iloc[0] > 0
+
+
+def test_block_ranges() -> None:
+    assert block_ranges([0, 1, 2, 5, 7, 8]) == "blocks 0-2, 5, 7-8"
+    assert block_ranges([3]) == "block 3"
+
+
+def test_deep_sigmoid_plain_is_vanishing_rezero_is_not() -> None:
+    keras.utils.set_random_seed(0)
+    b = _batch()
+    plain = zoo.build("plain_mlp", input_shape=(8, 8, 1), num_outputs=10, depth=20, width=32, activation="sigmoid")
+    v = verdicts(*_tables_at_init(plain, b), at_init=True)
+    vanishing = [x for x in v if x["kind"] == "vanishing"]
+    assert vanishing, v
+    assert 0 in vanishing[0]["blocks"] and "first/last ratio" in vanishing[0]["message"]
+    other = "rezero_mlp" if "rezero_mlp" in zoo.names() else "resnet_mlp"
+    opts = {} if other == "rezero_mlp" else {"branch_scale": "inv_sqrt_depth"}
+    res = zoo.build(other, input_shape=(8, 8, 1), num_outputs=10, depth=20, width=32, activation="sigmoid", **opts)
+    assert not [x for x in verdicts(*_tables_at_init(res, b), at_init=True) if x["kind"] == "vanishing"]
+
+
+def test_exploding_stalled_plateau_and_nonfinite() -> None:
+    grads = [500.0, 100.0, 10.0, 1.0]
+    v = {x["kind"]: x for x in verdicts(_synthetic(grads, update_ratio=1e-5), pd.DataFrame(),
+                                         pd.DataFrame({"step": range(10), "loss": [2.0] * 10}))}
+    assert v["exploding"]["blocks"] == [0, 1]  # 500x and 100x the last block's gradient, > 70
+    assert v["stalled"]["blocks"] == [0, 1, 2, 3] and "< 0.001" in v["stalled"]["message"]
+    assert "plateau" in v
+    nan = _synthetic([1.0, float("nan")])
+    assert [x["kind"] for x in verdicts(nan, pd.DataFrame(), pd.DataFrame())] == ["exploding"]
+    healthy = verdicts(_synthetic([1.0, 1.2, 0.9]), pd.DataFrame(),
+                       pd.DataFrame({"step": range(10), "loss": np.linspace(2, 1, 10)}))
+    assert healthy == []
+
+
+def test_thresholds_are_overridable() -> None:
+    p = _synthetic([1e-2, 1.0])
+    assert [x["kind"] for x in verdicts(p, pd.DataFrame(), pd.DataFrame())] == []
+    assert [x["kind"] for x in verdicts(p, pd.DataFrame(), pd.DataFrame(), {"vanishing_ratio": 0.1})] == ["vanishing"]
+
+
+def test_saturated_and_dead_blocks() -> None:
+    keras.utils.set_random_seed(0)
+    b = _batch()
+    sat = zoo.build("plain_mlp", input_shape=(8, 8, 1), num_outputs=10, depth=3, width=32, activation="sigmoid",
+                    initializer="variance_scaling", initializer_options={"scale": 1e4})
+    kinds = {x["kind"]: x for x in verdicts(*_tables_at_init(sat, b), at_init=True)}
+    assert "saturated" in kinds and 1 in kinds["saturated"]["blocks"]
+    dead = zoo.build("plain_mlp", input_shape=(8, 8, 1), num_outputs=10, depth=2, width=16, activation="relu")
+    layer = dead.get_layer("block_001_linear")
+    layer.bias.assign(-100.0 * np.ones(16, np.float32))  # every unit of block 1 is off for every example
+    kinds = {x["kind"]: x for x in verdicts(*_tables_at_init(dead, b), at_init=True)}
+    assert kinds["dead_units"]["blocks"] == [1] and "100%" in kinds["dead_units"]["message"]
+
+
+def test_branch_ratio_matches_independent_norms() -> None:
+    keras.utils.set_random_seed(3)
+    model = zoo.build("resnet_mlp", input_shape=(8, 8, 1), num_outputs=10, depth=3, width=16, activation="tanh",
+                      branch_scale=0.5)
+    x, y = _batch(32)
+    adds = [model.get_layer(f"block_{i:03d}_add") for i in range(3)]
+    view = keras.Model(model.inputs, [t for a in adds for t in a.input])
+    outs = [o.numpy() for o in view(x)]
+    want = [np.linalg.norm(outs[2 * i + 1]) / np.linalg.norm(outs[2 * i]) for i in range(3)]
+    df = measure(model, (x, y), LOSS)
+    got = df[df.role == "block"].groupby("depth")["branch_ratio"].first().to_numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert df["gate_mean"].isna().all()  # no highway gates in a ResNet
+
+
+def _probe_run(jit: bool, spe: int, every: int):
+    keras.utils.set_random_seed(7)
+    net = zoo.build("resnet_mlp", input_shape=(8, 8, 1), num_outputs=10, depth=2, width=8, activation="tanh")
+    model = ProbedModel(net, every=every, capacity=32)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS, steps_per_execution=spe, jit_compile=jit)
+    x, y = _batch(64)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)  # 8 steps per epoch
+    drain = DrainCallback(drain_every=4, steps_per_epoch=8)
+    model.fit(ds, epochs=2, callbacks=[drain], verbose=0, shuffle=False)
+    return drain.tables(model), drain
+
+
+@pytest.mark.parametrize("jit,spe", [(True, 1), (False, 4)])
+def test_jit_and_steps_per_execution_match_plain_capture(jit: bool, spe: int) -> None:
+    ref, _ = _probe_run(False, 1, 2)
+    got, drain = _probe_run(jit, spe, 2)
+    assert list(got["history"].step) == list(range(0, 16, 2))  # every 2nd step, across epochs
+    assert drain.lost == 0
+    for name in ("params", "blocks"):
+        cols = [c for c in got[name].columns if got[name][c].dtype.kind == "f"]
+        np.testing.assert_allclose(got[name][cols].to_numpy(), ref[name][cols].to_numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_ring_buffer_is_bounded_by_the_drain_interval() -> None:
+    (_, drain) = _probe_run(False, 1, 1)
+    # 16 captures through a 32-slot buffer drained every 4 steps: nothing lost, memory fixed at creation.
+    assert drain.lost == 0 and sum(len(s) for s in drain.steps) == 16
+    from ablations.recorder import ring_capacity
+
+    assert ring_capacity(1, 256, 10_000, 1) == ring_capacity(1, 256, 1_000_000, 1)
+    assert math.isfinite(ring_capacity(16, 256, 22, 16))
