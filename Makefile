@@ -23,8 +23,8 @@ test: $(STAMP)  ## the default suite (< 10 min on 2 cores)
 test-slow: $(STAMP)  ## only the long tests
 	$(BIN)/python -m pytest -m slow
 
-bench: $(STAMP)  ## capture-overhead benchmark
-	@echo "not yet: the capture-overhead benchmark lands with the diagnostics issue"
+bench: $(STAMP)  ## capture-overhead benchmark: median step-time ratio probe / plain fit (table + JSON)
+	$(BIN)/python benchmarks/capture_overhead.py --pairs 5 --json reports/capture_overhead.json
 
 clean:
 	rm -rf runs reports/*/ .pytest_cache build *.egg-info

@@ -144,6 +144,26 @@ def _num_replicas() -> int:
     return 1 if ctx is None else ctx.num_replicas_in_sync
 
 
+def _signature(layer: keras.layers.Layer) -> Any:
+    """Activation layers with equal signatures compute the same function (stateless, same config)."""
+    if layer.weights:
+        return id(layer)  # e.g. PReLU: its own slopes
+    cfg = {k: v for k, v in layer.get_config().items() if k not in ("name", "trainable")}
+    return (type(layer).__name__, repr(sorted(cfg.items(), key=lambda kv: kv[0])))
+
+
+def _groups(tensors: list[tf.Tensor], key=lambda i: None) -> list[list[int]]:
+    """Indices of tensors grouped by (static non-batch shape, dtype, key): each group is stacked once."""
+    out: dict[Any, list[int]] = {}
+    for i, t in enumerate(tensors):
+        out.setdefault((tuple(t.shape[1:]), t.dtype, key(i)), []).append(i)
+    return list(out.values())
+
+
+def _stack(tensors: list[tf.Tensor], idx: list[int]) -> tf.Tensor:
+    return tf.cast(tensors[idx[0]][None] if len(idx) == 1 else tf.stack([tensors[i] for i in idx]), tf.float32)
+
+
 def block_statistics(spec: ProbeSpec, pre_grads: list[tf.Tensor], taps: dict[str, list[tf.Tensor]]) -> tf.Tensor:
     """Returns a [n_blocks, len(BLOCK_STATS)] float32 tensor (NaN where a block lacks the tensor).
 
@@ -152,60 +172,79 @@ def block_statistics(spec: ProbeSpec, pre_grads: list[tf.Tensor], taps: dict[str
         pre_grads: dL/d(pre-activation) per pre-activation tap.
         taps: the forward tap tensors by group (:meth:`ProbeSpec.split`).
 
-    Sums are formed per replica and all-reduced once, so the values are those of the global batch.
+    Blocks whose tensors share a shape (and, for activations, the same function) are stacked and reduced
+    together: a deep net costs a handful of ops, not a handful per block (on CPU the op count, not the
+    arithmetic, dominates). Sums are formed per replica and all-reduced once, so the values are those of
+    the global batch.
     """
     n_blocks = len(spec.blocks)
-    act_inputs, act_outputs = taps["act_in"], taps["act_out"]
-    pieces, unit_counts = [], []
-    for g in pre_grads:
-        pieces.append(tf.reshape(_sq(g), [1]))
-    derivs = []
-    for layer, z, a, thr in zip(spec.act_layers, act_inputs, act_outputs, spec.act_thresholds):
-        z = tf.stop_gradient(z)
+    pieces: list[tf.Tensor] = []  # per-replica sums, all-reduced together
+    finish = []  # (slice sizes, function of the reduced slices -> [(column, rows, values)])
+
+    def add(local: list[tf.Tensor], fn) -> None:
+        pieces.extend(tf.reshape(x, [-1]) for x in local)
+        finish.append(([int(np.prod(x.shape)) for x in local], fn))
+
+    def axes(t: tf.Tensor) -> list[int]:
+        return list(range(1, len(t.shape)))
+
+    for idx in _groups(pre_grads):
+        g = _stack(pre_grads, idx)
+        rows = [spec.pre_rows[i] for i in idx]
+        add([tf.reduce_sum(tf.square(g), axes(g))], lambda r, rows=rows: [(0, rows, tf.sqrt(r[0]))])
+
+    act_in, act_out = taps["act_in"], taps["act_out"]
+    for idx in _groups(act_in, key=lambda i: _signature(spec.act_layers[i])):
+        layer, thr = spec.act_layers[idx[0]], spec.act_thresholds[idx[0]]
+        z = tf.stop_gradient(tf.stack([act_in[i] for i in idx]) if len(idx) > 1 else act_in[idx[0]][None])
         with tf.GradientTape() as tape:
             tape.watch(z)
-            a2 = layer(z)
-        d = tf.abs(tf.cast(tape.gradient(a2, z), tf.float32))
-        a = tf.cast(a, tf.float32)
-        n = tf.cast(tf.size(a), tf.float32)
-        alive = tf.reduce_sum(tf.cast(d > 0, tf.float32), axis=0)  # per unit: examples with nonzero slope
-        pieces.append(tf.stack([tf.reduce_sum(a), tf.reduce_sum(tf.square(a)), n,
-                                tf.reduce_sum(tf.cast(d < thr, tf.float32))]))
-        pieces.append(tf.reshape(alive, [-1]))
-        unit_counts.append(int(np.prod(alive.shape)) if alive.shape.is_fully_defined() else None)
-        derivs.append(d)
-    for sk, br in zip(taps["skip"], taps["branch"]):
-        pieces.append(tf.stack([_sq(br), _sq(sk)]))
-    for g in taps["gate"]:
-        g = tf.cast(g, tf.float32)
-        pieces.append(tf.stack([tf.reduce_sum(g), tf.cast(tf.size(g), tf.float32)]))
-    if not pieces:
+            recomputed = layer(z)
+        d = tf.abs(tf.cast(tape.gradient(recomputed, z), tf.float32))
+        a = _stack(act_out, idx)
+        ax = axes(a)
+        n = tf.fill([len(idx)], tf.cast(tf.size(a) // len(idx), tf.float32))
+        alive = tf.reduce_sum(tf.cast(d > 0, tf.float32), axis=1)  # per unit: examples with a nonzero slope
+        local = [tf.reduce_sum(a, ax), tf.reduce_sum(tf.square(a), ax), n,
+                 tf.reduce_sum(tf.cast(d < thr, tf.float32), ax), alive]
+        rows = [spec.act_rows[i] for i in idx]
+
+        def act_fn(r, rows=rows, k=len(idx)):
+            s, ss, n, sat, alive = r
+            mean = s / n
+            dead = tf.reduce_mean(tf.cast(tf.equal(tf.reshape(alive, [k, -1]), 0.0), tf.float32), axis=1)
+            return [(1, rows, mean), (2, rows, tf.sqrt(tf.maximum(ss / n - tf.square(mean), 0.0))),
+                    (3, rows, sat / n), (4, rows, dead)]
+
+        add(local, act_fn)
+
+    skip, branch = taps["skip"], taps["branch"]
+    for idx in _groups(skip):
+        sk, br = _stack(skip, idx), _stack(branch, idx)
+        rows = [spec.res_rows[i] for i in idx]
+        add([tf.reduce_sum(tf.square(br), axes(br)), tf.reduce_sum(tf.square(sk), axes(sk))],
+            lambda r, rows=rows: [(5, rows, tf.sqrt(r[0] / r[1]))])
+
+    gate = taps["gate"]
+    for idx in _groups(gate):
+        g = _stack(gate, idx)
+        rows = [spec.gate_rows[i] for i in idx]
+        n = tf.fill([len(idx)], tf.cast(tf.size(g) // len(idx), tf.float32))
+        add([tf.reduce_sum(g, axes(g)), n], lambda r, rows=rows: [(6, rows, r[0] / r[1])])
+
+    if not pieces or not n_blocks:
         return tf.fill([n_blocks, len(BLOCK_STATS)], float("nan"))
-    sizes = [int(p.shape[0]) for p in pieces]
     total = _all_reduce_sum(tf.concat(pieces, axis=0))
-    parts = tf.split(total, sizes)
-    cols = [[float("nan")] * n_blocks for _ in BLOCK_STATS]
-    cols = [list(map(tf.constant, c)) for c in cols]
-    for i, row in enumerate(spec.pre_rows):
-        cols[0][row] = tf.sqrt(parts[i][0])
-    off = len(pre_grads)
-    for j, row in enumerate(spec.act_rows):
-        s, ss, n, sat = tf.unstack(parts[off + 2 * j])
-        alive = parts[off + 2 * j + 1]
-        mean = s / n
-        cols[1][row] = mean
-        cols[2][row] = tf.sqrt(tf.maximum(ss / n - tf.square(mean), 0.0))
-        cols[3][row] = sat / n
-        cols[4][row] = tf.reduce_mean(tf.cast(tf.equal(alive, 0.0), tf.float32))
-    off += 2 * len(spec.act_rows)
-    for j, row in enumerate(spec.res_rows):
-        br, sk = tf.unstack(parts[off + j])
-        cols[5][row] = tf.sqrt(br / sk)
-    off += len(spec.res_rows)
-    for j, row in enumerate(spec.gate_rows):
-        total_g, n = tf.unstack(parts[off + j])
-        cols[6][row] = total_g / n
-    return tf.stack([tf.stack(c) for c in cols], axis=1) if n_blocks else tf.zeros([0, len(BLOCK_STATS)])
+    parts = tf.split(total, [s for sizes, _ in finish for s in sizes])
+    indices, values = [], []
+    k = 0
+    for sizes, fn in finish:
+        for col, rows, vals in fn(parts[k: k + len(sizes)]):
+            indices.extend([row, col] for row in rows)
+            values.append(vals)
+        k += len(sizes)
+    return tf.tensor_scatter_nd_update(tf.fill([n_blocks, len(BLOCK_STATS)], float("nan")),
+                                       tf.constant(indices, tf.int32), tf.concat(values, axis=0))
 
 
 def param_statistics(grads: list[tf.Tensor], old: list[tf.Tensor] | None, new: list[Any]) -> tf.Tensor:
@@ -241,13 +280,18 @@ class _Ring:
         # First optimizer step whose loss was NaN/Inf (-1: none yet): checked every step, read at drains.
         self.first_nonfinite = tf.Variable(tf.constant(-1, tf.int64), name="probe_nonfinite", **kw)
 
-    def write(self, step: tf.Tensor, scalars: tf.Tensor, params: tf.Tensor, blocks: tf.Tensor) -> None:
+    def write(self, step: tf.Tensor, scalars: tf.Tensor, params: tf.Tensor, blocks: tf.Tensor,
+              due: tf.Tensor | None = None) -> None:
+        """Appends one capture; with ``due`` (a bool tensor) only when it is true."""
         idx = tf.reshape(self.count % self.capacity, [1, 1])
-        self.steps.scatter_nd_update(idx, tf.reshape(step, [1]))
-        self.scalars.scatter_nd_update(idx, scalars[None])
-        self.params.scatter_nd_update(idx, params[None])
-        self.blocks.scatter_nd_update(idx, blocks[None])
-        self.count.assign_add(1)
+        for var, value in ((self.steps, tf.reshape(step, [1])), (self.scalars, scalars[None]),
+                           (self.params, params[None]), (self.blocks, blocks[None])):
+            if _num_replicas() > 1:  # mirrored variables have no scatter_nd_update (NotImplementedError)
+                new = tf.tensor_scatter_nd_update(var, idx, value)
+                var.assign(new if due is None else tf.where(due, new, var))
+            else:
+                var.scatter_nd_update(idx, value)
+        self.count.assign_add(1 if due is None else tf.cast(due, tf.int64))
 
     def read(self) -> dict[str, np.ndarray]:
         return {k: getattr(self, k).numpy() for k in ("count", "steps", "scalars", "params", "blocks",
@@ -278,13 +322,29 @@ class ProbedModel(keras.Model):
         self.capture_activations = activations
 
     def call(self, inputs: Any, training: bool = False) -> Any:
-        return self.tap_model(inputs, training=training)[0]
+        outs = self.tap_model(inputs, training=training)
+        return outs[0] if isinstance(outs, (list, tuple)) else outs
+
+    def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None) -> None:
+        # Under a tf.distribute strategy Keras pulls one batch from a fresh iterator to build the model, which
+        # advances a reshuffling dataset's seed: the arm would then see other batches than under the default
+        # strategy. Building from the dataset's element spec keeps the data order strategy-independent.
+        adapter = getattr(iterator, "data_adapter", None)
+        if data_batch is None and adapter is not None:
+            spec = adapter.get_tf_dataset().element_spec
+            data_batch = tf.nest.map_structure(lambda s: tf.TensorSpec([None, *s.shape[1:]], s.dtype), spec)
+            iterator = None
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def train_step(self, data: Any) -> dict[str, Any]:
         x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
         step = tf.cast(self.optimizer.iterations, tf.int64)
         if self.every == 1:
             y_pred = self._step(x, y, sample_weight, step, capture=True)
+        elif _num_replicas() > 1:
+            # Under several replicas a tf.cond cannot hold the step's sync points (gradient all-reduce, mirrored
+            # variable writes): capture every step and record only the due ones.
+            y_pred = self._step(x, y, sample_weight, step, capture=True, due=tf.equal(step % self.every, 0))
         else:
             y_pred = tf.cond(
                 tf.equal(step % self.every, 0),
@@ -293,10 +353,12 @@ class ProbedModel(keras.Model):
             )
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
-    def _step(self, x: Any, y: Any, sample_weight: Any, step: tf.Tensor, capture: bool) -> tf.Tensor:
+    def _step(self, x: Any, y: Any, sample_weight: Any, step: tf.Tensor, capture: bool,
+              due: tf.Tensor | None = None) -> tf.Tensor:
         spec = self.spec
         with tf.GradientTape() as tape:
             outs = self.tap_model(x, training=True)
+            outs = outs if isinstance(outs, (list, tuple)) else [outs]  # no taps: Keras returns the bare output
             y_pred, taps = outs[0], list(outs[1:])
             loss = self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
             local_loss = loss_module.unscale_loss_for_distribution(loss)
@@ -308,18 +370,21 @@ class ProbedModel(keras.Model):
         grads = tape.gradient(scaled_loss, variables + pre)
         grads, pre_grads = grads[: len(variables)], grads[len(variables):]
         old = [tf.identity(v) for v in variables] if (capture and self.capture_params) else None
+        # The loss scale that scaled these gradients: apply_gradients may change it (LossScaleOptimizer).
+        scale = getattr(self.optimizer, "dynamic_scale", None)
+        scale = tf.identity(scale) if (capture and scale is not None) else None
         self.optimizer.apply_gradients(zip(grads, variables))
 
         finite = tf.math.is_finite(tf.cast(local_loss, tf.float32))
         first = self.ring.first_nonfinite
         first.assign(tf.where(tf.logical_and(first < 0, tf.logical_not(finite)), step, first))
         if capture:
-            self._capture(step, local_loss, grads, pre_grads, old, taps)
+            self._capture(step, local_loss, grads, pre_grads, old, taps, scale=scale, due=due)
         return y_pred
 
-    def _capture(self, step, local_loss, grads, pre_grads, old, taps) -> None:
+    def _capture(self, step, local_loss, grads, pre_grads, old, taps, scale=None, due=None) -> None:
         spec = self.spec
-        unscale = getattr(self.optimizer, "dynamic_scale", None)  # LossScaleOptimizer (mixed precision)
+        unscale = scale  # LossScaleOptimizer's scale before the update (mixed precision), else None
         fix = (lambda g: tf.cast(g, tf.float32) / tf.cast(unscale, tf.float32)) if unscale is not None else \
             (lambda g: tf.cast(g, tf.float32))
         grads = [fix(g) if g is not None else tf.zeros(v.shape) for g, v in zip(grads, self.trainable_variables)]
@@ -344,7 +409,7 @@ class ProbedModel(keras.Model):
         first = self.ring.first_nonfinite
         first.assign(tf.where(tf.logical_and(first < 0, tf.logical_not(tf.math.is_finite(gnorm))), step, first))
         lr = tf.cast(self.optimizer.learning_rate, tf.float32)
-        self.ring.write(step, tf.stack([loss_val, gnorm, lr]), p, b)
+        self.ring.write(step, tf.stack([loss_val, gnorm, lr]), p, b, due=due)
 
 
 # --------------------------------------------------------------------------------------------- measure

@@ -1,0 +1,189 @@
+"""Capture overhead: plain Keras ``fit`` vs gradzoo's probe, same model, data, optimizer and steps.
+
+Each case trains a plain model and a probed copy (same seed, same initial weights) in interleaved pairs;
+the step-time ratio of every pair is recorded and the median is reported, so machine noise (this is a
+shared 2-core CPU) hits both sides alike. Peak memory: on a GPU the allocator's peak
+(``tf.config.experimental.get_memory_info``); on CPU, where TensorFlow exposes no allocator statistics,
+the extra bytes the probe holds (ring buffer + the pre-update weight copy of a captured step) relative to
+the model's weights and optimizer state, labelled "analytic".
+
+Usage::
+
+    python benchmarks/capture_overhead.py [--pairs 5] [--steps 160] [--json out.json] [--cases mlp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+TARGETS = {"params every 1": 1.05, "full every 1": 1.15, "full every 16": 1.03}
+
+
+@dataclass
+class Case:
+    name: str
+    arch: str
+    model: dict[str, Any]
+    every: int
+    spe: int
+    activations: bool
+
+    @property
+    def target_key(self) -> str:
+        return f"{'full' if self.activations else 'params'} every {self.every}"
+
+
+CASES = [
+    Case("mlp20x256 params every=1 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, False),
+    Case("mlp20x256 full every=1 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, True),
+    Case("mlp20x256 full every=16 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 16, 1, True),
+    Case("mlp20x256 params every=1 spe=16", "plain_mlp", {"depth": 20, "width": 256}, 1, 16, False),
+    Case("mlp20x256 full every=1 spe=16", "plain_mlp", {"depth": 20, "width": 256}, 1, 16, True),
+    Case("mlp20x256 full every=16 spe=16", "plain_mlp", {"depth": 20, "width": 256}, 16, 16, True),
+    Case("resnet20 full every=1 spe=1", "resnet_cnn", {"depth": 20}, 1, 1, True),
+    Case("resnet20 full every=16 spe=16", "resnet_cnn", {"depth": 20}, 16, 16, True),
+]
+
+
+def _dataset(batch: int):
+    import numpy as np
+    import tensorflow as tf
+
+    from ablations.data.digits import load_arrays
+
+    x, y = load_arrays()
+    x = x.astype(np.float32) / 255.0
+    return tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(batch, drop_remainder=True).prefetch(2)
+
+
+def _models(case: Case, seed: int = 0):
+    import keras
+
+    import zoo
+    from ablations.probe import ProbedModel
+    from ablations.recorder import DrainCallback, ring_capacity
+
+    def net():
+        keras.utils.set_random_seed(seed)
+        return zoo.build(case.arch, input_shape=(8, 8, 1), num_outputs=10, **case.model)
+
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    plain = net()
+    plain.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss=loss, steps_per_execution=case.spe)
+    probed = ProbedModel(net(), every=case.every, activations=case.activations,
+                         capacity=ring_capacity(case.every, 256, 10_000, case.spe))
+    probed.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss=loss, steps_per_execution=case.spe)
+    return plain, probed, lambda: [DrainCallback(256, 10_000)]
+
+
+def _timed_fit(model, ds, steps: int, callbacks) -> float:
+    t0 = time.perf_counter()
+    model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=callbacks, shuffle=False)
+    return (time.perf_counter() - t0) / steps
+
+
+def _analytic_memory(plain, probed) -> float:
+    import numpy as np
+
+    def nbytes(variables):
+        return sum(int(np.prod(v.shape)) * v.dtype.size if hasattr(v.dtype, "size") else 4 * int(np.prod(v.shape))
+                   for v in variables)
+
+    base = sum(int(np.prod(v.shape)) * 4 for v in plain.weights) + \
+        sum(int(np.prod(v.shape)) * 4 for v in plain.optimizer.variables)
+    ring = probed.ring
+    extra = sum(int(np.prod(t.shape)) * 4 for t in (ring.scalars, ring.params, ring.blocks)) + ring.steps.shape[0] * 8
+    extra += sum(int(np.prod(v.shape)) * 4 for v in probed.trainable_variables)  # pre-update copy
+    return (base + extra) / base
+
+
+def run_case(case: Case, pairs: int, steps: int, batch: int) -> dict[str, Any]:
+    import tensorflow as tf
+
+    ds = _dataset(batch)
+    plain, probed, cbs = _models(case)
+    steps = max(case.spe, steps // case.spe * case.spe)
+    _timed_fit(plain, ds, steps, [])  # warm-up: tracing and compilation
+    _timed_fit(probed, ds, steps, cbs())
+    gpu = bool(tf.config.list_logical_devices("GPU"))
+    ratios, t_plain, t_probe, mem = [], [], [], []
+    for i in range(pairs):
+        order = [(plain, []), (probed, cbs())] if i % 2 == 0 else [(probed, cbs()), (plain, [])]
+        times = {}
+        for model, cb in order:
+            if gpu:
+                tf.config.experimental.reset_memory_stats("GPU:0")
+            times[model is probed] = _timed_fit(model, ds, steps, cb)
+            if gpu:
+                mem.append((model is probed, tf.config.experimental.get_memory_info("GPU:0")["peak"]))
+        ratios.append(times[True] / times[False])
+        t_plain.append(times[False])
+        t_probe.append(times[True])
+    if gpu:
+        peak = {k: max(v for kk, v in mem if kk == k) for k in (True, False)}
+        mem_ratio, mem_kind = peak[True] / peak[False], "measured"
+    else:
+        mem_ratio, mem_kind = _analytic_memory(plain, probed), "analytic"
+    return {**asdict(case), "pairs": pairs, "steps": steps, "ratio_median": statistics.median(ratios),
+            "ratios": ratios, "ms_per_step_plain": 1e3 * statistics.median(t_plain),
+            "ms_per_step_probed": 1e3 * statistics.median(t_probe), "memory_ratio": mem_ratio,
+            "memory_kind": mem_kind, "target": TARGETS.get(case.target_key)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pairs", type=int, default=5, help="interleaved plain/probe pairs per case (>= 5)")
+    p.add_argument("--steps", type=int, default=160, help="optimizer steps per timed fit")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--cases", default="", help="substring filter on case names, e.g. mlp")
+    p.add_argument("--json", default=None, help="also write the results as JSON to this file ('-' = stdout)")
+    args = p.parse_args(argv)
+
+    import zoo
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=160)
+    results = []
+    for case in CASES:
+        if args.cases and args.cases not in case.name:
+            continue
+        if case.arch not in zoo.names():
+            console.print(f"[yellow]skip[/] {case.name}: model {case.arch} is not in the zoo")
+            continue
+        console.print(f"running {case.name} ...", highlight=False)
+        results.append(run_case(case, args.pairs, args.steps, args.batch))
+    t = Table(title=f"capture overhead: median step-time ratio probe / plain fit over {args.pairs} pairs")
+    for col in ("case", "plain ms/step", "probe ms/step", "ratio (median)", "ratios", "target", "memory ratio"):
+        t.add_column(col, justify="left" if col == "case" else "right")
+    ok = True
+    for r in results:
+        met = r["target"] is None or r["ratio_median"] <= r["target"]
+        ok &= met
+        t.add_row(r["name"], f"{r['ms_per_step_plain']:.2f}", f"{r['ms_per_step_probed']:.2f}",
+                  f"[{'green' if met else 'red'}]{r['ratio_median']:.3f}x[/]",
+                  " ".join(f"{x:.2f}" for x in r["ratios"]),
+                  f"<= {r['target']:.2f}x" if r["target"] else "-",
+                  f"{r['memory_ratio']:.3f}x ({r['memory_kind']})")
+    console.print(t)
+    if args.json:
+        text = json.dumps({"results": results, "all_targets_met": ok}, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
