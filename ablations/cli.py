@@ -28,16 +28,39 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a config value (YAML syntax), e.g. --set train.epochs=1; repeatable")
     run.add_argument("--report", type=Path, default=None, help="report folder (default: reports/<name>)")
     run.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    run.add_argument("--workers", type=int, default=0, metavar="N",
+                     help="train in N local worker processes served by this one (keras-tuner chief); "
+                          "KERASTUNER_* variables join workers from other machines (README: Scaling out)")
 
     val = sub.add_parser("validate", help="parse a config and list its arms; trains nothing")
     val.add_argument("config", type=Path)
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
 
-    rep = sub.add_parser("report", help="write the HTML report of a run folder")
-    rep.add_argument("run_dir", type=Path)
-    rep.add_argument("--out", type=Path, default=None, help="report folder (default: reports/<name>)")
+    rep = sub.add_parser("report", help="write the HTML report of a run folder (several: side by side)")
+    rep.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR",
+                     help="run folder(s), e.g. runs/quickstart; two or more are compared with the same axes")
+    rep.add_argument("--out", type=Path, default=None,
+                     help="report folder (default: reports/<name>, or reports/compare_<a>_vs_<b>)")
 
     sub.add_parser("zoo", help="list the models, their options and defaults")
+
+    tune = sub.add_parser("tune", help="keras-tuner search over the config's `search:` space (resumable)")
+    tune.add_argument("config", type=Path)
+    tune.add_argument("--out", type=Path, default=Path("runs"), help="parent of the run folder (default: runs)")
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    tune.add_argument("--report", type=Path, default=None, help="report folder (default: reports/<name>)")
+    tune.add_argument("--no-report", action="store_true", help="skip the report at the end")
+
+    th = sub.add_parser("theory", help="activation-derivative and attenuation tables, computed with autodiff")
+    th.add_argument("--activations", nargs="+", default=None, metavar="NAME",
+                    help="activations of the derivative table (default: every registered one)")
+    th.add_argument("--d", dest="factors", nargs="+", default=None, metavar="D",
+                    help="attenuation factors: numbers or activation names (= their max derivative); "
+                         "default: sigmoid 0.2")
+    th.add_argument("--depths", nargs="+", type=int, default=None, metavar="L",
+                    help="depths of the attenuation table (default: 1 5 10 15 20 50)")
+    th.add_argument("--csv", type=Path, default=None, metavar="DIR",
+                    help="also write activations.csv and attenuation.csv into DIR")
     return p
 
 
@@ -49,15 +72,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ablations.config import ConfigError
 
     try:
-        return {"run": _run, "validate": _validate, "report": _report, "zoo": _zoo}[args.command](args, console)
+        return {"run": _run, "validate": _validate, "report": _report, "zoo": _zoo,
+                "theory": _theory, "tune": _tune}[args.command](args, console)
     except ConfigError as err:
         console.print(f"[bold red]config error[/]\n{err}", highlight=False)
         return EXIT_USAGE
     except Exception as err:  # known user-facing errors carry their own message
         from ablations.data import DataError
         from ablations.store import StoreError
+        from ablations.strategy import StrategyError
+        from ablations.sweep import SweepError
 
-        if isinstance(err, (StoreError, DataError, FileNotFoundError)):
+        if isinstance(err, (StoreError, DataError, FileNotFoundError, StrategyError, SweepError)):
             console.print(f"[bold red]error:[/] {err}", highlight=False)
             return EXIT_USAGE
         raise
@@ -77,6 +103,41 @@ def _load(args: argparse.Namespace):
     return exp
 
 
+def _tune(args: argparse.Namespace, console: Console) -> int:
+    exp = _load(args)
+    from ablations.config import ConfigError
+    from ablations.tune import run_search, tuning_table
+    from ablations.ui import SweepUI, summary_table
+
+    if exp.search is None:
+        raise ConfigError(f"{args.config}: no `search:` section; `ablate tune` needs one (README: Searching)")
+    import zoo
+
+    for key, entry in exp.search.space.items():  # searched model options are checked like grid values
+        if key.startswith("model."):
+            values = entry.choice if entry.kind == "choice" else entry.bounds
+            for v in values:
+                opts = {**exp.model.options(), key.split(".", 1)[1]: v} if key != "model.arch" else exp.model.options()
+                arch = v if key == "model.arch" else exp.model.arch
+                try:
+                    zoo.check_options(arch, {k: x for k, x in opts.items() if "." not in k})
+                except (zoo.UnknownNameError, zoo.BadOptionError) as err:
+                    raise ConfigError(f"{args.config}: search.space '{key}': {err}") from None
+    t0 = time.time()
+    result = run_search(exp, args.out, ui=SweepUI(console), console=console)
+    for point in result["points"]:
+        console.print(tuning_table(exp, point))
+    if result.get("final"):
+        console.print(summary_table(result["final"], title=f"{exp.name}: every arm at its best values"))
+    console.print(f"best config: [bold]{result['best_yaml']}[/] ({time.time() - t0:.0f} s)", highlight=False)
+    if not args.no_report:
+        from ablations.report.tuning import build_tuning_report
+
+        index = build_tuning_report(args.out / exp.name, args.report)
+        console.print(f"report: [bold]{index}[/]", highlight=False)
+    return EXIT_OK
+
+
 def _validate(args: argparse.Namespace, console: Console) -> int:
     exp = _load(args)
     arms = exp.arms()
@@ -92,9 +153,20 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     from ablations.runner import run_experiment
     from ablations.ui import SweepUI, summary_table
 
+    if args.workers < 0:
+        console.print(f"[bold red]error:[/] --workers must be >= 0 (got {args.workers})", highlight=False)
+        return EXIT_USAGE
     t0 = time.time()
     ui = SweepUI(console)
-    summaries = run_experiment(exp, args.out, ui=ui)
+    summaries = run_experiment(exp, args.out, ui=ui, workers=args.workers)
+    from ablations.sweep import worker_role
+
+    role = worker_role(exp)
+    if role:  # helped a chief, which prints the sweep's table and writes the report
+        failed = [s for s in summaries if s.get("status") == "failed"]
+        console.print(f"{role}: {len(summaries)} arm(s), {len(failed)} failed, {time.time() - t0:.0f} s",
+                      highlight=False)
+        return EXIT_FAILED_ARMS if failed else EXIT_OK
     console.print(summary_table(summaries, title=f"{exp.name}: {len(summaries)} arms in {time.time() - t0:.0f} s"))
     if not args.no_report:
         from ablations.report import build_report
@@ -111,7 +183,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 def _report(args: argparse.Namespace, console: Console) -> int:
     from ablations.report import build_report
 
-    index = build_report(args.run_dir, args.out)
+    index = build_report(args.run_dirs[0] if len(args.run_dirs) == 1 else args.run_dirs, args.out)
     console.print(f"report: [bold]{index}[/]", highlight=False)
     return EXIT_OK
 
@@ -128,6 +200,43 @@ def _zoo(args: argparse.Namespace, console: Console) -> int:
         opts = ", ".join(f"{k}={v[0]!r}" for k, v in zoo.options(name).items())
         t.add_row(name, zoo.family(name), opts, zoo.paper(name))
     console.print(t)
+    return EXIT_OK
+
+
+def _theory(args: argparse.Namespace, console: Console) -> int:
+    import math
+
+    from rich.table import Table
+
+    from ablations import theory
+    from zoo.registry import UnknownNameError
+
+    try:
+        acts = theory.activation_table(args.activations)
+        att = theory.attenuation_table(args.factors or theory.DEFAULT_FACTORS, args.depths or theory.DEFAULT_DEPTHS)
+    except (UnknownNameError, ValueError) as err:
+        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        return EXIT_USAGE
+    fmt = lambda v: "inf" if v == math.inf else "-inf" if v == -math.inf else f"{v:.4g}"  # noqa: E731
+    t = Table(title=f"activation derivatives (autodiff on z in [-{theory.Z_MAX:g}, {theory.Z_MAX:g}])")
+    for col in ("activation", "max |d|", "at z", "d range", "z < 0 side", "z > 0 side", "|d| >= 5% max on z in"):
+        t.add_column(col)
+    for r in acts.itertuples(index=False):
+        t.add_row(r.activation, fmt(r.max_derivative), fmt(r.argmax_z),
+                  f"[{fmt(r.derivative_min)}, {fmt(r.derivative_max)}]", r.negative_side, r.positive_side,
+                  f"[{fmt(r.live_from)}, {fmt(r.live_to)}]")
+    console.print(t)
+    a = Table(title="gradient attenuation d^L through L layers (|derivative| <= d, unit weights)")
+    for col in att.columns:
+        a.add_column(str(col), justify="right")
+    for row in att.itertuples(index=False):
+        a.add_row(str(row[0]), *(f"{v:.3g}" for v in row[1:]))
+    console.print(a)
+    if args.csv:
+        args.csv.mkdir(parents=True, exist_ok=True)
+        acts.to_csv(args.csv / "activations.csv", index=False)
+        att.to_csv(args.csv / "attenuation.csv", index=False)
+        console.print(f"tables: [bold]{args.csv}[/]", highlight=False)
     return EXIT_OK
 
 

@@ -8,13 +8,14 @@ what is allowed.
 
 from __future__ import annotations
 
+import builtins
 import copy
 import hashlib
 import itertools
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -58,6 +59,28 @@ class DataConfig(Strict):
     transform: TransformConfig = TransformConfig()  # e.g. {sequence: {mode: pixels, permute: 0}}
 
 
+class ScheduleConfig(Strict):
+    """A learning-rate schedule over the optimizer steps (``schedule: cosine`` is short for ``{name: cosine}``)."""
+
+    name: Literal["constant", "step", "cosine"] = "constant"
+    # Linear warm-up from learning_rate / warmup_steps to learning_rate over the first steps (Goyal et al. 2017);
+    # the schedule proper starts after it. With `constant` this is plain linear warm-up.
+    warmup_steps: int = Field(0, ge=0)
+    # step: multiply the rate by gamma at each milestone, given as fractions of the run's steps
+    # (He et al. 2016 divide by 10 at 50% and 75% of training).
+    milestones: list[float] = [0.5, 0.75]
+    gamma: float = Field(0.1, gt=0, le=1)
+    # cosine: decay to min_fraction * learning_rate by the end of the run (Loshchilov & Hutter 2017).
+    min_fraction: float = Field(0.0, ge=0, le=1)
+
+    @field_validator("milestones")
+    @classmethod
+    def _milestones(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 < m < 1.0 for m in v) or v != sorted(v):
+            raise ValueError(f"milestones must be increasing fractions of the run in (0, 1), got {v}")
+        return v
+
+
 class OptimizerConfig(Strict):
     """A Keras optimizer and its gradient clipping (clipping is one of the seed's fixes)."""
 
@@ -69,6 +92,12 @@ class OptimizerConfig(Strict):
     clipnorm: Optional[float] = Field(None, gt=0)  # per-tensor norm clipping
     clipvalue: Optional[float] = Field(None, gt=0)  # element-wise clipping
     global_clipnorm: Optional[float] = Field(None, gt=0)  # Pascanu et al. 2013: g <- theta g / ||g||
+    schedule: ScheduleConfig = ScheduleConfig()  # constant | step | cosine, optional linear warm-up
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _schedule_name(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _one_clip(self) -> "OptimizerConfig":
@@ -113,8 +142,27 @@ class DiagnoseConfig(Strict):
 class RuntimeConfig(Strict):
     """Where and how the arm runs."""
 
-    strategy: Literal["default"] = "default"
+    # auto: TPU if one resolves, else mirrored over several GPUs, else default. See ablations/strategy.py.
+    strategy: Literal["auto", "default", "one_device", "mirrored", "multi_worker", "tpu"] = "default"
+    device: Optional[str] = None  # one_device: e.g. /gpu:0 (default: first GPU, else the CPU)
+    devices: Optional[list[str]] = None  # mirrored: e.g. [/gpu:0, /gpu:1] (default: all GPUs, else all CPUs)
+    # Split the CPU into N logical devices (mirrored on CPU, for testing); fixed per process, set at start.
+    logical_cpus: Optional[int] = Field(None, ge=1, le=64)
+    tpu: Optional[str] = None  # tpu/auto: TPU name or grpc:// address (default: $TPU_NAME, or the TPU VM)
+    # Keras dtype policy; mixed_float16 adds loss scaling (statistics are unscaled).
+    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
     deterministic: bool = True  # tf op determinism: same config + seed -> same statistics on CPU
+    # Also write TensorBoard event files into each arm folder (arms/<id>/tb): `tensorboard --logdir runs/<name>`.
+    tensorboard: bool = False
+
+    @model_validator(mode="after")
+    def _device_options(self) -> "RuntimeConfig":
+        if self.device is not None and self.strategy != "one_device":
+            raise ValueError(f"runtime.device is for strategy one_device (strategy is {self.strategy}); "
+                             f"mirrored takes runtime.devices")
+        if self.devices is not None and self.strategy != "mirrored":
+            raise ValueError(f"runtime.devices is for strategy mirrored (strategy is {self.strategy})")
+        return self
 
 
 class ModelConfig(BaseModel):
@@ -152,6 +200,101 @@ class Arm(BaseModel):
     config: ArmConfig
 
 
+class SpaceEntry(Strict):
+    """One searched value: exactly one of ``uniform``, ``log_uniform``, ``int`` (with ``step``), ``choice``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    uniform: Optional[list[float]] = None  # [low, high]
+    log_uniform: Optional[list[float]] = None  # [low, high], both > 0 (sampled uniformly in log space)
+    int_: Optional[list[builtins.int]] = Field(None, alias="int")  # [low, high] inclusive
+    step: Optional[float] = None  # grid step for `int`/`uniform`
+    choice: Optional[list[Any]] = None  # a list of values
+
+    @model_validator(mode="after")
+    def _one(self) -> "SpaceEntry":
+        kinds = [k for k in ("uniform", "log_uniform", "int_", "choice") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of uniform, log_uniform, int, choice (e.g. {log_uniform: [1e-4, 1]})")
+        kind = kinds[0].rstrip("_")
+        if kind == "choice":
+            if not self.choice:
+                raise ValueError("choice needs at least one value")
+            return self
+        rng = getattr(self, "int_" if kind == "int" else kind)
+        if len(rng) != 2:
+            raise ValueError(f"{kind} needs [low, high], got {rng}")
+        low, high = rng
+        if low >= high:
+            raise ValueError(f"{kind}: low {low} must be < high {high}")
+        if kind == "log_uniform" and low <= 0:
+            raise ValueError(f"log_uniform needs low > 0 (got {low}): a log range cannot include 0")
+        if self.step is not None and self.step <= 0:
+            raise ValueError(f"step must be > 0, got {self.step}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("uniform", "log_uniform", "int_", "choice") if getattr(self, k) is not None).rstrip("_")
+
+    @property
+    def bounds(self) -> list[Any]:
+        return getattr(self, "int_" if self.kind == "int" else self.kind)
+
+
+# Objectives a search can optimise: Keras epoch metrics (last epoch) and the probe's summary statistics.
+OBJECTIVES = {"val_loss": "min", "loss": "min", "val_accuracy": "max", "accuracy": "max",
+              "grad_decay_rate": "min", "ratio_final": "max"}
+
+
+class ObjectiveConfig(Strict):
+    name: str
+    direction: Literal["min", "max"]
+
+
+class PruneConfig(Strict):
+    """Stop a trial early on a detected pathology (recorded as status `pruned` with the reason)."""
+
+    vanishing_at_init: bool = True  # vanishing verdict on the first captured steps
+    non_finite: bool = True  # NaN/Inf loss or gradient (a diverged trial scores the worst value)
+    check_steps: int = Field(5, gt=0)  # captured steps judged for `vanishing_at_init`
+
+
+class SearchConfig(Strict):
+    """A keras-tuner search over the experiment (``ablate tune``)."""
+
+    tuner: Literal["random", "bayesian", "hyperband", "grid"] = "random"
+    objective: Union[str, ObjectiveConfig] = "val_loss"  # a name from OBJECTIVES, or {name, direction}
+    max_trials: int = Field(10, gt=0)
+    executions_per_trial: int = Field(1, gt=0)
+    space: dict[str, SpaceEntry]  # dotted key -> range or choice
+    per_arm: bool = False  # tune separately for every grid point, then run its seeds with the best values
+    prune: PruneConfig = PruneConfig()
+    seed: int = 0  # the oracle's seed
+
+    @field_validator("objective")
+    @classmethod
+    def _objective(cls, v: Any) -> Any:
+        name = v if isinstance(v, str) else v.name
+        if name not in OBJECTIVES:
+            raise ValueError(f"objective '{name}' is not recorded.{suggest(name, list(OBJECTIVES))} "
+                             f"Recorded objectives: {', '.join(OBJECTIVES)}")
+        return v
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, v: dict[str, SpaceEntry]) -> dict[str, SpaceEntry]:
+        if not v:
+            raise ValueError("search.space is empty: name at least one key to search")
+        return v
+
+    def objective_spec(self) -> tuple[str, str]:
+        """``(name, direction)``."""
+        if isinstance(self.objective, str):
+            return self.objective, OBJECTIVES[self.objective]
+        return self.objective.name, self.objective.direction
+
+
 class Experiment(Strict):
     """A YAML experiment: a base config, the axes to vary and the seeds."""
 
@@ -165,6 +308,7 @@ class Experiment(Strict):
     runtime: RuntimeConfig = RuntimeConfig()
     grid: dict[str, list[Any]] = {}  # dotted key -> values; arms are the cartesian product
     seeds: list[int] = [0]  # every grid point runs once per seed; an integer n means 0..n-1
+    search: Optional[SearchConfig] = None  # keras-tuner search for `ablate tune`
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -186,7 +330,7 @@ class Experiment(Strict):
         return grid
 
     def base_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude={"grid", "seeds"})
+        return self.model_dump(mode="json", exclude={"grid", "seeds", "search"})
 
     def arms(self) -> list[Arm]:
         """Expands the grid times the seeds into arms (grid order, seeds innermost)."""
@@ -255,7 +399,28 @@ def parse_experiment(raw: dict[str, Any], source: str = "<config>", lines: dict[
         exp.arms()
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
+    if exp.search is not None:
+        _check_space(exp, source)
     return exp
+
+
+def _check_space(exp: Experiment, source: str) -> None:
+    """Every searched key must be a real config key taking the searched values (checked with the bounds)."""
+    for key, entry in exp.search.space.items():
+        if key.split(".")[0] in ("name", "description", "grid", "seeds", "search"):
+            raise ConfigError(f"{source}: search.space '{key}' cannot be searched")
+        samples = entry.choice if entry.kind == "choice" else entry.bounds
+        for value in samples:
+            raw = exp.base_dict()
+            try:
+                _set_path(raw, key, copy.deepcopy(value))
+            except ConfigError as err:
+                raise ConfigError(f"{source}: search.space '{key}': {err}") from None
+            raw.pop("name"), raw.pop("description")
+            try:
+                ArmConfig(experiment=exp.name, arm_id="check", values={}, seed=0, **raw)
+            except ValidationError as err:
+                raise ConfigError(_format_errors(err, f"{source}: search.space '{key}' = {value!r}")) from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:

@@ -38,11 +38,12 @@ DEFAULTS: dict[str, float] = {
 
 
 def block_kernels(params: pd.DataFrame) -> pd.DataFrame:
-    """Rows of each block's first linear kernel (the per-block weight-gradient series)."""
+    """Rows of each block's first linear kernel, or its recurrent layer's input kernel (the per-block
+    weight-gradient series)."""
     if params.empty:
         return params
     return params[(params["role"] == "block") & (params["param"] == "kernel")
-                  & (params["layer"] == params["block"] + "_linear")]
+                  & ((params["layer"] == params["block"] + "_linear") | (params["layer"] == params["block"] + "_rnn"))]
 
 
 def decay_rates(params: pd.DataFrame) -> pd.Series:

@@ -89,8 +89,13 @@ def make_spec(model: keras.Model, activations: bool = True) -> ProbeSpec:
         parsed = zoo.parse_layer_name(layer_name)
         block = layer_name[: -len(parsed[1]) - 1] if parsed else layer_name
         rows.append(dict(depth=depth, block=block, layer=layer_name, param=v.name, role=role,
-                         size=int(np.prod(v.shape))))
-    params = pd.DataFrame(rows, columns=["depth", "block", "layer", "param", "role", "size"])
+                         size=int(np.prod(v.shape)), path=v.path))
+    params = pd.DataFrame(rows, columns=["depth", "block", "layer", "param", "role", "size", "path"])
+    # Layers with several tensors of one name (attention: query/key/value/output kernels) keep the path
+    # below the layer, e.g. "query/kernel", so every row names one tensor.
+    dup = params.duplicated(["layer", "param"], keep=False)
+    params.loc[dup, "param"] = params.loc[dup, "path"].str.split("/", n=1).str[1]
+    params = params.drop(columns="path")
 
     blocks = zoo.blocks(model)
     block_df = pd.DataFrame({"depth": [b.index for b in blocks], "block": [b.prefix for b in blocks]})
@@ -267,7 +272,7 @@ class _Ring:
     Kept out of Keras' tracking (a plain object) so it never enters the saved model.
     """
 
-    def __init__(self, capacity: int, n_params: int, n_blocks: int):
+    def __init__(self, capacity: int, n_params: int, n_blocks: int, time_shape: tuple[int, int] | None = None):
         agg = tf.VariableAggregation.ONLY_FIRST_REPLICA  # replicas hold identical (all-reduced) values
         sync = tf.VariableSynchronization.ON_WRITE
         kw = dict(trainable=False, aggregation=agg, synchronization=sync)
@@ -277,15 +282,20 @@ class _Ring:
         self.scalars = tf.Variable(tf.zeros([capacity, len(STEP_STATS)]), name="probe_scalars", **kw)
         self.params = tf.Variable(tf.zeros([capacity, n_params, len(PARAM_STATS)]), name="probe_params", **kw)
         self.blocks = tf.Variable(tf.zeros([capacity, n_blocks, len(BLOCK_STATS)]), name="probe_blocks", **kw)
+        # Through-time gradient norms [layers, T] of recurrent models (time_grads.parquet).
+        self.time = tf.Variable(tf.zeros([capacity, *time_shape]), name="probe_time", **kw) if time_shape else None
         # First optimizer step whose loss was NaN/Inf (-1: none yet): checked every step, read at drains.
         self.first_nonfinite = tf.Variable(tf.constant(-1, tf.int64), name="probe_nonfinite", **kw)
 
     def write(self, step: tf.Tensor, scalars: tf.Tensor, params: tf.Tensor, blocks: tf.Tensor,
-              due: tf.Tensor | None = None) -> None:
+              due: tf.Tensor | None = None, time: tf.Tensor | None = None) -> None:
         """Appends one capture; with ``due`` (a bool tensor) only when it is true."""
         idx = tf.reshape(self.count % self.capacity, [1, 1])
-        for var, value in ((self.steps, tf.reshape(step, [1])), (self.scalars, scalars[None]),
-                           (self.params, params[None]), (self.blocks, blocks[None])):
+        pairs = [(self.steps, tf.reshape(step, [1])), (self.scalars, scalars[None]), (self.params, params[None]),
+                 (self.blocks, blocks[None])]
+        if self.time is not None and time is not None:
+            pairs.append((self.time, time[None]))
+        for var, value in pairs:
             if _num_replicas() > 1:  # mirrored variables have no scatter_nd_update (NotImplementedError)
                 new = tf.tensor_scatter_nd_update(var, idx, value)
                 var.assign(new if due is None else tf.where(due, new, var))
@@ -294,8 +304,11 @@ class _Ring:
         self.count.assign_add(1 if due is None else tf.cast(due, tf.int64))
 
     def read(self) -> dict[str, np.ndarray]:
-        return {k: getattr(self, k).numpy() for k in ("count", "steps", "scalars", "params", "blocks",
-                                                         "first_nonfinite")}
+        out = {k: getattr(self, k).numpy() for k in ("count", "steps", "scalars", "params", "blocks",
+                                                        "first_nonfinite")}
+        if self.time is not None:
+            out["time"] = self.time.numpy()
+        return out
 
 
 class ProbedModel(keras.Model):
@@ -307,16 +320,26 @@ class ProbedModel(keras.Model):
         capacity: ring buffer slots (captures held on device between drains).
         params: capture per-tensor statistics.
         activations: capture per-block statistics.
+        time: for recurrent models, capture ||dL/dh_t|| of every recurrent layer and step t (one extra
+            forward/backward pass through a weight-sharing view, on captured steps only; see
+            :mod:`ablations.timegrad`).
     """
 
     def __init__(self, net: keras.Model, *, every: int = 1, capacity: int = 64, params: bool = True,
-                 activations: bool = True, **kwargs: Any):
+                 activations: bool = True, time: bool = True, **kwargs: Any):
         super().__init__(name=f"probed_{net.name}", **kwargs)
         spec = make_spec(net, activations=activations)
         self.tap_model = spec.tap_model
         object.__setattr__(self, "net", net)
         object.__setattr__(self, "spec", spec)
-        object.__setattr__(self, "ring", _Ring(capacity, len(spec.params), len(spec.blocks)))
+        probe = None
+        if time and any((zoo.parse_layer_name(l.name) or (0, ""))[1] == "rnn" for l in net.layers):
+            from ablations.timegrad import time_probe_view
+
+            probe = time_probe_view(net)  # shares the cells' variables; kept out of Keras' tracking
+        object.__setattr__(self, "time_probe", probe)
+        time_shape = (len(probe.names), max(probe.lengths)) if probe else None
+        object.__setattr__(self, "ring", _Ring(capacity, len(spec.params), len(spec.blocks), time_shape))
         self.every = int(every)
         self.capture_params = params
         self.capture_activations = activations
@@ -351,7 +374,17 @@ class ProbedModel(keras.Model):
                 lambda: self._step(x, y, sample_weight, step, capture=True),
                 lambda: self._step(x, y, sample_weight, step, capture=False),
             )
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return self._worker_logs(self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
+
+    def test_step(self, data: Any) -> dict[str, Any]:
+        return self._worker_logs(super().test_step(data))
+
+    def _worker_logs(self, logs: dict[str, Any]) -> dict[str, Any]:
+        # Keras 3 averages logs over workers with strategy.reduce(MEAN, v, axis=0), which fails on scalars under
+        # MultiWorkerMirroredStrategy (tensorflow/tensorflow#72388): give them that axis.
+        if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return {k: tf.reshape(v, [1]) for k, v in logs.items()}
+        return logs
 
     def _step(self, x: Any, y: Any, sample_weight: Any, step: tf.Tensor, capture: bool,
               due: tf.Tensor | None = None) -> tf.Tensor:
@@ -370,6 +403,8 @@ class ProbedModel(keras.Model):
         grads = tape.gradient(scaled_loss, variables + pre)
         grads, pre_grads = grads[: len(variables)], grads[len(variables):]
         old = [tf.identity(v) for v in variables] if (capture and self.capture_params) else None
+        # Through time, before the update: the same weights as every other statistic of this step.
+        time_norms = self._time_norms(x, y, sample_weight) if (capture and self.time_probe is not None) else None
         # The loss scale that scaled these gradients: apply_gradients may change it (LossScaleOptimizer).
         scale = getattr(self.optimizer, "dynamic_scale", None)
         scale = tf.identity(scale) if (capture and scale is not None) else None
@@ -379,10 +414,26 @@ class ProbedModel(keras.Model):
         first = self.ring.first_nonfinite
         first.assign(tf.where(tf.logical_and(first < 0, tf.logical_not(finite)), step, first))
         if capture:
-            self._capture(step, local_loss, grads, pre_grads, old, taps, scale=scale, due=due)
+            self._capture(step, local_loss, grads, pre_grads, old, taps, scale=scale, due=due, time=time_norms)
         return y_pred
 
-    def _capture(self, step, local_loss, grads, pre_grads, old, taps, scale=None, due=None) -> None:
+    def _time_norms(self, x: Any, y: Any, sample_weight: Any) -> tf.Tensor:
+        """[layers, T] global-batch ||dL/dh_t|| through the zero-eps view (NaN-padded to the longest T)."""
+        probe = self.time_probe
+        eps = probe.zeros(tf.shape(x)[0])
+        with tf.GradientTape() as tape:
+            tape.watch(eps)
+            pred = probe.view([x, *eps], training=True)
+            loss = self._compute_loss(x=x, y=y, y_pred=pred, sample_weight=sample_weight, training=True)
+        grads = tape.gradient(loss, eps)
+        t_max = max(probe.lengths)
+        rows = []
+        for g, t in zip(grads, probe.lengths):
+            sq = tf.reduce_sum(tf.square(tf.cast(g, tf.float32)), axis=[0, 2])
+            rows.append(tf.pad(sq, [[0, t_max - t]], constant_values=float("nan")) if t < t_max else sq)
+        return tf.sqrt(_all_reduce_sum(tf.stack(rows)))
+
+    def _capture(self, step, local_loss, grads, pre_grads, old, taps, scale=None, due=None, time=None) -> None:
         spec = self.spec
         unscale = scale  # LossScaleOptimizer's scale before the update (mixed precision), else None
         fix = (lambda g: tf.cast(g, tf.float32) / tf.cast(unscale, tf.float32)) if unscale is not None else \
@@ -409,7 +460,7 @@ class ProbedModel(keras.Model):
         first = self.ring.first_nonfinite
         first.assign(tf.where(tf.logical_and(first < 0, tf.logical_not(tf.math.is_finite(gnorm))), step, first))
         lr = tf.cast(self.optimizer.learning_rate, tf.float32)
-        self.ring.write(step, tf.stack([loss_val, gnorm, lr]), p, b, due=due)
+        self.ring.write(step, tf.stack([loss_val, gnorm, lr]), p, b, due=due, time=time)
 
 
 # --------------------------------------------------------------------------------------------- measure

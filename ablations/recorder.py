@@ -46,6 +46,7 @@ class DrainCallback(keras.callbacks.Callback):
         self.scalars: list[np.ndarray] = []
         self.param_rows: list[np.ndarray] = []
         self.block_rows: list[np.ndarray] = []
+        self.time_rows: list[np.ndarray] = []
         self.diverged_at: int | None = None
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
@@ -78,6 +79,8 @@ class DrainCallback(keras.callbacks.Callback):
                 self.scalars.append(buf["scalars"][idx])
                 self.param_rows.append(buf["params"][idx])
                 self.block_rows.append(buf["blocks"][idx])
+                if "time" in buf:
+                    self.time_rows.append(buf["time"][idx])
                 self._drained = count
             bad = int(buf["first_nonfinite"])
             if bad >= 0 and self.diverged_at is None:
@@ -117,4 +120,22 @@ class DrainCallback(keras.callbacks.Callback):
             p["update_ratio"] = (p["update_norm"] / p["weight_norm"]).where(p["weight_norm"] > 0)
         b = long(spec.blocks, blocks, BLOCK_STATS)
         history["grad_decay_rate"] = history["step"].map(decay_rates(p)).astype(float)
-        return {"history": history, "params": p, "blocks": b}
+        out = {"history": history, "params": p, "blocks": b}
+        probe = getattr(model, "time_probe", None)
+        if probe is not None and self.time_rows:
+            out["time_grads"] = _time_table(probe, steps, epoch, np.concatenate(self.time_rows)[keep])
+        return out
+
+
+def _time_table(probe: Any, steps: np.ndarray, epoch: np.ndarray, norms: np.ndarray) -> pd.DataFrame:
+    """``time_grads.parquet``: one row per (captured step, recurrent layer, t) with ||dL/dh_t||."""
+    import zoo
+
+    n, n_layers, t_max = norms.shape
+    df = pd.DataFrame({
+        "step": np.repeat(steps, n_layers * t_max), "epoch": np.repeat(epoch, n_layers * t_max),
+        "layer": np.tile(np.repeat(probe.names, t_max), n),
+        "depth": np.tile(np.repeat([zoo.parse_layer_name(x)[0] for x in probe.names], t_max), n),
+        "t": np.tile(np.arange(t_max), n * n_layers), "act_grad_norm": norms.reshape(-1)})
+    return df[np.isfinite(df["act_grad_norm"]) | (df["t"] < np.repeat(
+        np.tile([probe.lengths[i] for i in range(n_layers)], n), t_max))].reset_index(drop=True)

@@ -12,6 +12,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import pandas as pd
+
 from ablations import store
 from ablations.config import Arm, Experiment, dump_yaml
 
@@ -40,10 +42,11 @@ def run_arm(arm: Arm, arm_dir: Path, *, index: int = 0, callbacks: Sequence[Any]
     import tensorflow as tf
 
     import zoo
-    from ablations.data import load
+    from ablations.data import builder, load
     from ablations.diagnose import gradient_summary, verdicts
     from ablations.probe import ProbedModel
     from ablations.recorder import DrainCallback, ring_capacity
+    from ablations.strategy import apply_precision, configure_devices, shard_data
     from ablations.training import make_loss, make_optimizer, make_strategy
 
     cfg = arm.config
@@ -56,37 +59,61 @@ def run_arm(arm: Arm, arm_dir: Path, *, index: int = 0, callbacks: Sequence[Any]
                                "values": cfg.values, "seed": cfg.seed, "status": "failed", "error": None,
                                "diverged_at_step": None}
     start = time.time()
+    policy = keras.mixed_precision.global_policy()  # restored after the arm (runtime.precision)
     try:
+        configure_devices(cfg.runtime)  # no-op unless runtime.logical_cpus; errors clearly if TF started
+        keras.mixed_precision.set_global_policy(cfg.runtime.precision)
+        # Prepare the dataset before seeding: TFDS draws from Python's RNG when it prepares one, which would
+        # give the first arm of a fresh data dir other initial weights than a rerun of the same arm.
+        builder(cfg.data.name, cfg.data.data_dir, cfg.data.download)
         keras.utils.set_random_seed(cfg.seed)
         if cfg.runtime.deterministic:
             tf.config.experimental.enable_op_determinism()
         data = load(cfg.data, cfg.seed)
         steps = cfg.train.steps_per_epoch or data.steps_per_epoch
         strategy = make_strategy(cfg.runtime)
+        data.train, data.val = shard_data(strategy, data.train), shard_data(strategy, data.val)
         with strategy.scope():
             net = zoo.build(cfg.model.arch, input_shape=data.info.input_shape,
                             num_outputs=data.info.num_outputs, **cfg.model.options())
+            net = apply_precision(net, cfg.runtime.precision)  # float32: unchanged
+            if cfg.model.options().get("initializer") == "lsuv":  # data-driven init needs a training batch
+                from zoo import lsuv
+
+                lsuv.apply(net, next(iter(data.train))[0], **(cfg.model.options().get("initializer_options") or {}))
             model = ProbedModel(
                 net, every=cfg.capture.every, params=cfg.capture.params, activations=cfg.capture.activations,
                 capacity=ring_capacity(cfg.capture.every, cfg.capture.drain_every, steps,
                                        cfg.train.steps_per_execution))
             loss, metrics = make_loss(cfg.train.loss, data.info.task)
-            model.compile(optimizer=make_optimizer(cfg.train.optimizer), loss=loss, metrics=metrics,
+            optimizer = make_optimizer(cfg.train.optimizer, total_steps=steps * cfg.train.epochs)
+            model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
                           steps_per_execution=cfg.train.steps_per_execution, jit_compile=cfg.train.jit_compile)
         drain = DrainCallback(cfg.capture.drain_every, steps)
+        object.__setattr__(model, "drain_callback", drain)  # lets other callbacks (pruning) read the tables
         train = data.train.repeat() if cfg.train.steps_per_epoch else data.train
+        gates_init = _gates(net, data.train)
         hist = model.fit(train, epochs=cfg.train.epochs, steps_per_epoch=cfg.train.steps_per_epoch,
                          validation_data=data.val, callbacks=[drain, *callbacks], verbose=0,
                          shuffle=False)
         tables = drain.tables(model)
+        if gates_init is not None:  # LSTM/GRU gate means and saturation, at init and at the end
+            tables["gates"] = pd.concat([gates_init.assign(when="init"), _gates(net, data.train).assign(when="end")],
+                                        ignore_index=True)
         epochs = _epochs_table(hist.history)
         for name, df in [*tables.items(), ("epochs", epochs)]:
             store.write_parquet(arm_dir / f"{name}.parquet", df)
+        if cfg.runtime.tensorboard:  # event files from the tables just written (+ final weight histograms)
+            from ablations.tensorboard import write_events
+
+            write_events(arm_dir, {**tables, "epochs": epochs}, net)
         store.write_model(arm_dir / "final.keras", net)
         last = {k: _finite(v[-1]) for k, v in hist.history.items() if v}
+        stop_reason = getattr(model, "stop_reason", None)  # set by a pruning callback (ablate tune)
         summary.update(
-            status="diverged" if drain.diverged_at is not None else "completed",
+            status="diverged" if drain.diverged_at is not None else ("pruned" if stop_reason else "completed"),
             diverged_at_step=drain.diverged_at,
+            pruned_reason=stop_reason,
             final=last,
             steps=int(tables["history"]["step"].max()) + 1 if len(tables["history"]) else 0,
             epochs_run=len(epochs),
@@ -100,9 +127,21 @@ def run_arm(arm: Arm, arm_dir: Path, *, index: int = 0, callbacks: Sequence[Any]
     except Exception as err:  # recorded, never raised: the sweep goes on
         summary["error"] = f"{type(err).__name__}: {err}"
         store.write_text(arm_dir / "error.txt", traceback.format_exc())
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
     summary["wall_time_s"] = round(time.time() - start, 3)
     store.write_json(arm_dir / "summary.json", summary)
     return summary
+
+
+def _gates(net: Any, train: Any) -> Any:
+    """Gate statistics of the model's LSTM/GRU layers on one training batch, or None without such layers."""
+    if not any(type(getattr(layer, "cell", None)).__name__ in ("LSTMCell", "GRUCell") for layer in net.layers):
+        return None
+    from ablations.timegrad import gate_statistics
+
+    x, _ = next(iter(train))
+    return gate_statistics(net, x)
 
 
 def _epochs_table(history: dict[str, list[float]]):
@@ -125,40 +164,21 @@ def arm_is_current(arm: Arm, arm_dir: Path) -> bool:
         return False
 
 
-def run_experiment(exp: Experiment, out: Path, *, ui: Any = None,
+def run_experiment(exp: Experiment, out: Path, *, ui: Any = None, workers: int = 0,
                    on_arm: Callable[[Arm, dict[str, Any], bool], None] | None = None) -> list[dict[str, Any]]:
-    """Runs every arm not already done into ``out/<name>`` under the folder lock.
+    """Runs every arm not already done into ``out/<name>`` under the folder lock (see :mod:`ablations.sweep`).
 
     Args:
         exp: the validated experiment.
         out: parent of the run folder.
         ui: progress display (:class:`ablations.ui.SweepUI`) or ``None``.
+        workers: local worker processes (0: train in this process); ``KERASTUNER_*`` variables make this
+            process a chief or a worker.
         on_arm: called after each arm with ``(arm, summary, skipped)``.
 
     Returns:
-        The summaries, in arm order.
+        The summaries, in arm order, as the run folder holds them.
     """
-    root = Path(out) / exp.name
-    store.check_writable(root)
-    arms = exp.arms()
-    summaries = []
-    with store.RunLock(root):
-        exp_yaml = dump_yaml(exp.model_dump(mode="json"))
-        store.write_text(root / "experiment.yaml", exp_yaml)
-        if ui:
-            ui.start(len(arms))
-        for i, arm in enumerate(arms):
-            arm_dir = root / "arms" / arm.id
-            if arm_is_current(arm, arm_dir):
-                summary, skipped = store.read_summary(arm_dir), True
-            else:
-                callbacks = [ui.arm_callback(arm)] if ui else []
-                summary, skipped = run_arm(arm, arm_dir, index=i, callbacks=callbacks), False
-            summaries.append(summary)
-            if ui:
-                ui.arm_done(arm, summary, skipped)
-            if on_arm:
-                on_arm(arm, summary, skipped)
-        if ui:
-            ui.stop()
-    return summaries
+    from ablations.sweep import run_sweep
+
+    return run_sweep(exp, out, ui=ui, workers=workers, on_arm=on_arm)

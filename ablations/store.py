@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-DONE_STATUSES = ("completed", "diverged")  # results; "failed" arms are retried on resume
+DONE_STATUSES = ("completed", "diverged", "pruned")  # results; "failed" arms are retried on resume
 
 
 class StoreError(RuntimeError):

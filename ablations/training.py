@@ -8,9 +8,68 @@ import keras
 import tensorflow as tf
 
 
-def make_optimizer(cfg: Any) -> keras.optimizers.Optimizer:
-    """A Keras optimizer from :class:`~ablations.config.OptimizerConfig` (clipping included)."""
-    kw: dict[str, Any] = {"learning_rate": cfg.learning_rate}
+@keras.saving.register_keras_serializable(package="gradzoo")
+class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up to ``peak`` over ``warmup_steps`` steps, then ``after`` (a schedule or a constant).
+
+    Step ``s < warmup_steps`` gets ``peak * (s + 1) / warmup_steps`` (never 0); step ``s`` after the warm-up
+    gets ``after(s - warmup_steps)``, so the schedule proper starts from its own step 0.
+    """
+
+    def __init__(self, after: Any, peak: float, warmup_steps: int):
+        self.after, self.peak, self.warmup_steps = after, float(peak), int(warmup_steps)
+
+    def __call__(self, step: Any) -> Any:
+        step = tf.cast(step, tf.float32)
+        warm = self.peak * (step + 1.0) / float(self.warmup_steps)
+        rest = self.after(step - self.warmup_steps) if callable(self.after) else tf.constant(self.after, tf.float32)
+        return tf.where(step < self.warmup_steps, warm, tf.cast(rest, tf.float32))
+
+    def get_config(self) -> dict[str, Any]:
+        after = keras.saving.serialize_keras_object(self.after) if callable(self.after) else self.after
+        return {"after": after, "peak": self.peak, "warmup_steps": self.warmup_steps}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "LinearWarmup":
+        after = config["after"]
+        after = keras.saving.deserialize_keras_object(after) if isinstance(after, dict) else after
+        return cls(after, config["peak"], config["warmup_steps"])
+
+
+def make_schedule(cfg: Any, learning_rate: float, total_steps: int | None) -> Any:
+    """The learning rate (a float or a Keras ``LearningRateSchedule``) of a :class:`ScheduleConfig`.
+
+    Args:
+        cfg: the schedule section.
+        learning_rate: the peak rate.
+        total_steps: optimizer steps of the whole run (``step`` milestones and ``cosine`` need it).
+    """
+    schedules = keras.optimizers.schedules
+    if cfg.name != "constant" and not total_steps:
+        raise ValueError(f"learning-rate schedule '{cfg.name}' needs the run's total number of steps")
+    span = max(int(total_steps or 0) - cfg.warmup_steps, 1)  # steps the schedule proper covers
+    if cfg.name == "constant":
+        rate: Any = learning_rate
+    elif cfg.name == "step":
+        # PiecewiseConstantDecay keeps values[0] while step <= boundary: step round(m * span) is the first
+        # step at the reduced rate.
+        bounds = [max(int(round(m * span)) - 1, 0) for m in cfg.milestones]
+        rate = schedules.PiecewiseConstantDecay(bounds, [learning_rate * cfg.gamma**k for k in range(len(bounds) + 1)])
+    elif cfg.name == "cosine":
+        rate = schedules.CosineDecay(learning_rate, decay_steps=span, alpha=cfg.min_fraction)
+    else:
+        raise ValueError(f"unknown learning-rate schedule '{cfg.name}'; known: constant, step, cosine")
+    return LinearWarmup(rate, learning_rate, cfg.warmup_steps) if cfg.warmup_steps else rate
+
+
+def make_optimizer(cfg: Any, total_steps: int | None = None) -> keras.optimizers.Optimizer:
+    """A Keras optimizer from :class:`~ablations.config.OptimizerConfig` (clipping and schedule included).
+
+    ``total_steps`` (epochs x steps per epoch) places the schedule's milestones and cosine decay.
+    """
+    schedule = getattr(cfg, "schedule", None)
+    lr = make_schedule(schedule, cfg.learning_rate, total_steps) if schedule is not None else cfg.learning_rate
+    kw: dict[str, Any] = {"learning_rate": lr}
     for k in ("clipnorm", "clipvalue", "global_clipnorm", "weight_decay"):
         if getattr(cfg, k) is not None:
             kw[k] = getattr(cfg, k)
@@ -38,5 +97,7 @@ def make_loss(name: str, task: str) -> tuple[keras.losses.Loss, list[Any]]:
 
 
 def make_strategy(cfg: Any) -> tf.distribute.Strategy:
-    """The tf.distribute strategy for :class:`~ablations.config.RuntimeConfig` (``default`` for now)."""
-    return tf.distribute.get_strategy()
+    """The tf.distribute strategy for :class:`~ablations.config.RuntimeConfig`; see :mod:`ablations.strategy`."""
+    from ablations.strategy import make_strategy as _make
+
+    return _make(cfg)

@@ -9,7 +9,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-STATUS_STYLE = {"completed": "green", "diverged": "yellow", "failed": "bold red"}
+STATUS_STYLE = {"completed": "green", "diverged": "yellow", "pruned": "magenta", "failed": "bold red"}
+
+
+def styled(status: str) -> str:
+    """Rich markup for a status (plain text for an unknown one: an empty style tag is a markup error)."""
+    style = STATUS_STYLE.get(status)
+    return f"[{style}]{status}[/{style}]" if style else status
 
 
 def fmt(x: Any, spec: str = ".3g") -> str:
@@ -71,7 +77,7 @@ class SweepUI:
         extra = summary.get("error") or (f"diverged at step {summary['diverged_at_step']}"
                                          if status == "diverged" else "")
         self.progress.console.print(
-            f"[{style}]{status:9}[/{style}] {arm.id}  loss {fmt(final.get('loss'))}  "
+            f"{styled(status)}{' ' * max(1, 10 - len(status))}{arm.id}  loss {fmt(final.get('loss'))}  "
             f"acc {fmt(final.get('accuracy'))}  first/last grad {fmt(summary.get('ratio_final'), '.2e')}  "
             f"{fmt(summary.get('wall_time_s'), '.1f')}s {extra}", highlight=False)
         for v in summary.get("verdicts") or []:
@@ -90,7 +96,7 @@ def summary_table(summaries: list[dict[str, Any]], title: str = "arms") -> Table
     for s in summaries:
         f = s.get("final") or {}
         st = s.get("status", "?")
-        t.add_row(s["arm_id"], f"[{STATUS_STYLE.get(st, '')}]{st}[/]", fmt(f.get("loss")), fmt(f.get("accuracy")),
+        t.add_row(s["arm_id"], styled(st), fmt(f.get("loss")), fmt(f.get("accuracy")),
                   fmt(f.get("val_loss")), fmt(f.get("val_accuracy")), fmt(s.get("ratio_init"), ".2e"),
                   fmt(s.get("ratio_final"), ".2e"), fmt(s.get("decay_rate_final"), ".2f"),
                   ", ".join(sorted({v["kind"] for v in s.get("verdicts") or []})) or "-",

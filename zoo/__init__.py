@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import sys
 from typing import TYPE_CHECKING, Any, Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off the terminal
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
 MODELS: Registry[Callable[..., "keras.Model"]] = Registry("model")
 
 # Builder modules, imported on first use so that `import zoo` (and the config layer) stays free of TensorFlow.
-_BUILDER_MODULES = ("zoo.mlp",)
+_BUILDER_MODULES = ("zoo.mlp", "zoo.cnn", "zoo.highway", "zoo.densenet", "zoo.stochastic_depth", "zoo.rezero",
+                    "zoo.rnn", "zoo.transformer")
 _loaded = False
 
 
@@ -84,6 +86,13 @@ def build(name: str, **kwargs: Any) -> keras.Model:
     """Builds the registered model ``name``; unknown names or options fail with the known ones listed."""
     builder = _load().get(name)
     check_options(name, {k: v for k, v in kwargs.items() if k not in DATA_ARGS})
+    depth = kwargs.get("depth")
+    if isinstance(depth, int) and depth > 0:
+        # Keras walks a functional graph recursively, one Python frame per layer on the longest path, so a
+        # 1000-block net (4-5 layers a block) exceeds the default limit of 1000. Python >= 3.11 keeps
+        # Python-to-Python calls off the C stack, so a higher limit is safe there (3.10 may need a larger
+        # thread stack for depths in the thousands).
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), 16 * depth + 2000))
     return builder(**kwargs)
 
 

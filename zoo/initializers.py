@@ -37,6 +37,13 @@ def _variance_scaling(
     return keras.initializers.VarianceScaling(scale=scale, mode=mode, distribution=distribution)
 
 
+@INITIALIZERS.register("lsuv")
+def _lsuv(gain: float = 1.0, **_: Any) -> keras.initializers.Initializer:
+    # Mishkin & Matas 2016 start from orthonormal kernels; the data-driven rescaling (options `tol`,
+    # `max_iter`) needs a batch, so the runner applies it after the build: see zoo.lsuv.
+    return keras.initializers.Orthogonal(gain=gain)
+
+
 def make_initializer(kind: str, **options: Any) -> keras.initializers.Initializer:
     """Builds the kernel initializer ``kind`` (options: ``gain``, ``scale``, ``mode``, ``distribution``)."""
     return INITIALIZERS.get(kind)(**options)

@@ -14,6 +14,7 @@ from keras import layers
 from zoo import register
 from zoo.activations import make_activation
 from zoo.blocks import block_name
+from zoo.common import NORM_POSITIONS, check_choice
 from zoo.initializers import make_bias_initializer, make_initializer
 from zoo.norms import make_norm
 
@@ -41,14 +42,16 @@ def _head(x: keras.KerasTensor, num_outputs: int, init: dict, dtype: str) -> ker
 
 
 def plain_block(x, index: int, depth: int, *, width: int, activation: str, act_opts: dict, norm: str,
-                dropout: float, init: dict, dtype: str):
+                dropout: float, init: dict, dtype: str, norm_groups: int = 8, norm_position: str = "pre_act"):
     """linear -> [norm] -> act -> [dropout]: one hidden layer of a plain MLP."""
     name = lambda part: block_name(index, part, depth)  # noqa: E731
     x = _dense(width, name("linear"), init, dtype)(x)
-    norm_layer = make_norm(norm, name("norm"), dtype)
-    if norm_layer is not None:
+    norm_layer = make_norm(norm, name("norm"), dtype, groups=norm_groups)
+    if norm_layer is not None and norm_position == "pre_act":
         x = norm_layer(x)
     x = make_activation(activation, name("act"), dtype, **act_opts)(x)
+    if norm_layer is not None and norm_position == "post_act":
+        x = norm_layer(x)
     if dropout > 0:
         drop = layers.AlphaDropout if activation == "selu" else layers.Dropout
         x = drop(dropout, name=name("dropout"), dtype=dtype)(x)
@@ -56,7 +59,8 @@ def plain_block(x, index: int, depth: int, *, width: int, activation: str, act_o
 
 
 def residual_block(x, index: int, depth: int, *, width: int, activation: str, act_opts: dict, norm: str,
-                   dropout: float, init: dict, dtype: str, post_activation: bool, branch_scale: float = 1.0):
+                   dropout: float, init: dict, dtype: str, post_activation: bool, branch_scale: float = 1.0,
+                   norm_groups: int = 8, norm_position: str = "pre_act"):
     """x + linear2(act(norm(linear(x)))): identity skip, the residual MLP form of He et al. 2016.
 
     With ``post_activation`` the sum goes through the activation too (the original ResNet ordering);
@@ -65,10 +69,12 @@ def residual_block(x, index: int, depth: int, *, width: int, activation: str, ac
     """
     name = lambda part: block_name(index, part, depth)  # noqa: E731
     h = _dense(width, name("linear"), init, dtype)(x)
-    norm_layer = make_norm(norm, name("norm"), dtype)
-    if norm_layer is not None:
+    norm_layer = make_norm(norm, name("norm"), dtype, groups=norm_groups)
+    if norm_layer is not None and norm_position == "pre_act":
         h = norm_layer(h)
     h = make_activation(activation, name("act"), dtype, **act_opts)(h)
+    if norm_layer is not None and norm_position == "post_act":
+        h = norm_layer(h)
     if dropout > 0:
         h = layers.Dropout(dropout, name=name("dropout"), dtype=dtype)(h)
     h = _dense(width, name("linear2"), init, dtype)(h)
@@ -98,6 +104,8 @@ def plain_mlp(
     initializer_options: dict[str, Any] | None = None,
     bias_init_std: float = 0.0,
     norm: str = "none",
+    norm_groups: int = 8,
+    norm_position: str = "pre_act",
     dropout: float = 0.0,
     dtype: str = "float32",
 ) -> keras.Model:
@@ -111,16 +119,19 @@ def plain_mlp(
         activation: registered activation name; ``activation_options`` e.g. ``{negative_slope: 0.1}``.
         initializer: registered kernel initializer; ``initializer_options`` e.g. ``{gain: 1.2}``.
         bias_init_std: standard deviation of the bias initialisation (sigma_b), 0 = zeros.
-        norm: none | batch | layer | group, applied between linear and activation.
+        norm: none | batch | layer | group (``norm_groups`` groups), applied between linear and activation
+            (``norm_position: pre_act``, Ioffe & Szegedy 2015) or after the activation (``post_act``).
         dropout: dropout rate after each activation (AlphaDropout with SELU).
         dtype: float32, or float64 for precise studies at init.
     """
+    check_choice("norm_position", norm_position, NORM_POSITIONS)
     init = _init(initializer, initializer_options, bias_init_std)
     inputs = keras.Input(shape=tuple(input_shape), name="input", dtype=dtype)
     x = _stem(inputs, None, init, dtype)
     for i in range(depth):
         x = plain_block(x, i, depth, width=width, activation=activation, act_opts=dict(activation_options or {}),
-                        norm=norm, dropout=dropout, init=init, dtype=dtype)
+                        norm=norm, dropout=dropout, init=init, dtype=dtype, norm_groups=norm_groups,
+                        norm_position=norm_position)
     return keras.Model(inputs, _head(x, num_outputs, init, dtype), name="plain_mlp")
 
 
@@ -137,6 +148,8 @@ def resnet_mlp(
     initializer_options: dict[str, Any] | None = None,
     bias_init_std: float = 0.0,
     norm: str = "none",
+    norm_groups: int = 8,
+    norm_position: str = "pre_act",
     dropout: float = 0.0,
     post_activation: bool = False,
     branch_scale: float | str = 1.0,
@@ -153,11 +166,13 @@ def resnet_mlp(
         branch_scale = 1.0 / math.sqrt(depth)
     elif isinstance(branch_scale, str):
         raise ValueError(f"branch_scale must be a number or 'inv_sqrt_depth', got '{branch_scale}'")
+    check_choice("norm_position", norm_position, NORM_POSITIONS)
     init = _init(initializer, initializer_options, bias_init_std)
     inputs = keras.Input(shape=tuple(input_shape), name="input", dtype=dtype)
     x = _stem(inputs, width, init, dtype)
     for i in range(depth):
         x = residual_block(x, i, depth, width=width, activation=activation,
                            act_opts=dict(activation_options or {}), norm=norm, dropout=dropout, init=init,
-                           dtype=dtype, post_activation=post_activation, branch_scale=float(branch_scale))
+                           dtype=dtype, post_activation=post_activation, branch_scale=float(branch_scale),
+                           norm_groups=norm_groups, norm_position=norm_position)
     return keras.Model(inputs, _head(x, num_outputs, init, dtype), name="resnet_mlp")

@@ -18,6 +18,8 @@ from zoo.registry import Registry
 # Bundled builders: importing the module registers the TFDS builder class.
 BUNDLED: Registry[str] = Registry("bundled dataset")
 BUNDLED.register("digits", "ablations.data.digits")
+BUNDLED.register("adding_problem", "ablations.data.adding")  # configs T50 ... T1000: "adding_problem/T100"
+BUNDLED.register("copy_memory", "ablations.data.copy_memory")  # configs T10 ... T500: "copy_memory/T100"
 
 
 class DataError(RuntimeError):
@@ -62,7 +64,8 @@ def builder(name: str, data_dir: str | None = None, download: bool = True):
         b = tfds.builder(name, data_dir=data_dir)
     except Exception as err:  # DatasetNotFoundError and friends
         raise DataError(
-            f"dataset '{name}' is not a TFDS dataset ({type(err).__name__}: {err}). Bundled datasets: "
+            f"dataset '{name}' is not a TFDS dataset ({type(err).__name__}: {str(err).splitlines()[0]}). "
+            f"Bundled datasets: "
             f"{', '.join(BUNDLED.names())}; any name from the TFDS catalog also works where it can be prepared."
         ) from None
     if not _prepared(b):
@@ -99,7 +102,10 @@ def _describe(name: str, info: Any) -> DataInfo:
     if not keys:
         raise DataError(f"dataset '{name}' has no supervised_keys (input, target); gradzoo needs labelled data")
     x_feat, y_feat = info.features[keys[0]], info.features[keys[1]]
-    if isinstance(y_feat, tfds.features.ClassLabel):
+    if isinstance(y_feat, tfds.features.Sequence) and isinstance(y_feat.feature, tfds.features.ClassLabel):
+        # A label per time step (copy task): per-token classification, the model outputs [B, T, classes].
+        task, num_outputs = "classification", y_feat.feature.num_classes
+    elif isinstance(y_feat, tfds.features.ClassLabel):
         task, num_outputs = "classification", y_feat.num_classes
     else:
         task, num_outputs = "regression", int(max(1, int(__import__("numpy").prod(y_feat.shape or (1,)))))
@@ -119,6 +125,18 @@ def load(cfg: Any, seed: int) -> Data:
 
     b = builder(cfg.name, cfg.data_dir, cfg.download)
     info = _describe(cfg.name, b.info)
+    seq = getattr(getattr(cfg, "transform", None), "sequence", None)
+    to_sequence = None
+    if seq is not None:  # images read as sequences (pixel by pixel or row by row), optionally permuted
+        from ablations.data.sequence import make_transform, sequence_shape
+
+        try:
+            if not isinstance(b.info.features[b.info.supervised_keys[0]], tfds.features.Image):
+                raise ValueError("applies to image datasets only (its input is not a tfds Image feature)")
+            to_sequence = make_transform(info.input_shape, seq.mode, seq.permute)
+            info.input_shape = sequence_shape(info.input_shape, seq.mode)
+        except ValueError as err:
+            raise DataError(f"dataset '{cfg.name}': data.transform.sequence: {err}") from None
     splits = b.info.splits
 
     def split_size(split: str) -> int:
@@ -138,7 +156,10 @@ def load(cfg: Any, seed: int) -> Data:
     def prep(x: Any, y: Any) -> tuple[Any, Any]:
         if x.dtype == tf.uint8:
             x = tf.cast(x, tf.float32) / 255.0
-        return tf.cast(x, tf.float32), y
+        elif x.dtype.is_integer:  # token ids (copy task): the model's embedding/one-hot stem reads them
+            return tf.cast(x, tf.int32), y
+        x = tf.cast(x, tf.float32)
+        return (to_sequence(x) if to_sequence is not None else x), y
 
     load_kw = dict(data_dir=cfg.data_dir or default_data_dir(), as_supervised=True, download=False,
                    shuffle_files=False)

@@ -1,16 +1,23 @@
-"""``ablate report``: a static HTML page (Jinja2, autoescaped) of Seaborn figures from a run folder."""
+"""``ablate report``: a self-contained static HTML report (Jinja2, autoescaped) of Seaborn figures.
+
+``build_report(run_dir, out)`` writes ``out/index.html`` (overview table, figures grouped by section, the
+config), one drill-down page per arm under ``out/arms/<arm>/index.html``, and every figure as PNG plus the
+plotted data as CSV. Several run folders give a side-by-side comparison (an extra ``run`` axis shown as
+facet columns, shared y axes). The pages load nothing from the network and open from disk.
+"""
 
 from __future__ import annotations
 
-import html
 import math
+import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+from urllib.parse import quote
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from ablations.report.data import RunData, load_run
+from ablations.report.data import RunData, load_run, merge_runs, short_names
 
 
 def _fmt(x: Any, spec: str = ".3g") -> str:
@@ -19,49 +26,100 @@ def _fmt(x: Any, spec: str = ".3g") -> str:
     return format(x, spec) if isinstance(x, (int, float)) and not isinstance(x, bool) else str(x)
 
 
+def _ci(c: dict[str, Any] | None, spec: str = ".3g") -> str:
+    """``mean ± half-width`` of a :func:`ablations.report.stats.mean_ci` dict."""
+    if not c or c.get("mean") is None:
+        return "–"
+    return _fmt(c["mean"], spec) + (f" ± {_fmt(c['half'], '.2g')}" if c.get("half") is not None else "")
+
+
 def _env() -> Environment:
     env = Environment(loader=PackageLoader("ablations.report", "templates"),
                       autoescape=select_autoescape(["html"], default=True))
     env.filters["num"] = _fmt
+    env.filters["ci"] = _ci
     return env
 
 
-def build_report(run_dir: Path, out: Path | None = None) -> Path:
-    """Renders the report of ``run_dir`` into ``out`` (default ``reports/<experiment>``).
+def _slugs(arm_ids: list[str]) -> dict[str, str]:
+    """Folder names for arm pages: the arm id with URL-unsafe characters replaced, made unique."""
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for a in arm_ids:
+        s = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", a).strip("._") or "arm"
+        base, i = s, 2
+        while s in used:
+            s, i = f"{base}_{i}", i + 1
+        used.add(s)
+        out[a] = s
+    return out
+
+
+def _default_out(run: RunData) -> Path:
+    if len(run.sources) > 1:
+        return Path("reports") / ("compare_" + "_vs_".join(re.sub(r"[^A-Za-z0-9._-]+", "_", p.name) for p in run.sources))
+    return Path("reports") / run.name
+
+
+def build_report(run_dir: Path | Sequence[Path], out: Path | None = None, workers: int | None = None) -> Path:
+    """Renders the report of one run folder, or the comparison of several, into ``out``.
+
+    Args:
+        run_dir: a run folder (``runs/<experiment>``) or a list of them (compared side by side).
+        out: report folder (default ``reports/<experiment>``, or ``reports/compare_<a>_vs_<b>``).
+        workers: drawing processes (default: one per core from 12 arms on, see
+            :func:`ablations.report.render.default_workers`).
 
     Returns:
         The path of ``index.html``.
     """
-    from ablations.report.figures import make_figures
+    from ablations.report.arm import arm_views
+    from ablations.report.plotting import plan_for
+    from ablations.report.render import draw_all
+    from ablations.report.stats import arm_rows, point_rows
 
     t0 = time.time()
-    run = load_run(Path(run_dir))
-    out = Path(out) if out else Path("reports") / run.name
+    dirs = [Path(run_dir)] if isinstance(run_dir, (str, Path)) else [Path(d) for d in run_dir]
+    if not dirs:
+        raise ValueError("build_report needs at least one run folder")
+    run = merge_runs([load_run(d) for d in dirs])
+    out = Path(out) if out else _default_out(run)
     out.mkdir(parents=True, exist_ok=True)
-    figures = make_figures(run, out)
-    rows = [_row(s) for s in run.summaries]
-    page = _env().get_template("index.html").render(
+    plan = plan_for(run)
+    slugs = _slugs([s["arm_id"] for s in run.summaries])
+    pages = {a: f"arms/{quote(s)}/index.html" for a, s in slugs.items()}
+    rows = arm_rows(run, plan.labels, pages)
+    views = arm_views(run, plan)
+    folders = [out / "arms" / slugs[v.arm_id] for v in views]
+    figures, per_arm, problems = draw_all(run, plan, out, views, folders, workers)
+    env = _env()
+    arm_tpl = env.get_template("arm.html")
+    for i, (view, row, folder, (figs, arm_problems)) in enumerate(zip(views, rows, folders, per_arm)):
+        problems.extend(f"{view.arm_id}: {p}" for p in arm_problems)
+        prev_row, next_row = (rows[i - 1] if i else None), (rows[i + 1] if i + 1 < len(rows) else None)
+        (folder / "index.html").write_text(arm_tpl.render(
+            name=run.name, row=row, summary=view.summary, figures=figs, error=view.error, problems=arm_problems,
+            config=_arm_yaml(run, view.arm_id), prev=prev_row, next=next_row, home="../../index.html",
+            up="../../"))
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    sections = list(dict.fromkeys(f.section for f in figures))
+    page = env.get_template("index.html").render(
         run=run, name=run.name, description=run.experiment.get("description", ""), rows=rows,
-        figures=figures, axes=run.axes, counts=_counts(run), render_s=time.time() - t0)
+        points=point_rows(run, rows), figures=figures, sections=sections, axes=run.axes, counts=counts,
+        problems=problems, sources=run.sources, plan=plan, render_s=time.time() - t0, home="index.html", up="",
+        tensorboard=[d for d in dirs if next(d.glob("arms/*/tb"), None)], axis_names=short_names(run.axes))
     index = out / "index.html"
     index.write_text(page)
     return index
 
 
-def _counts(run: RunData) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for s in run.summaries:
-        out[s.get("status", "?")] = out.get(s.get("status", "?"), 0) + 1
-    return out
+def _arm_yaml(run: RunData, arm_id: str) -> str:
+    import yaml
+
+    cfg = run.arm_config(arm_id)
+    return yaml.safe_dump(cfg, sort_keys=False) if cfg else ""
 
 
-def _row(s: dict[str, Any]) -> dict[str, Any]:
-    f = s.get("final") or {}
-    note = s.get("error") or (f"diverged at step {s['diverged_at_step']}" if s.get("status") == "diverged" else "")
-    return {"arm": s["arm_id"], "status": s.get("status", "?"), "loss": f.get("loss"),
-            "accuracy": f.get("accuracy"), "val_loss": f.get("val_loss"), "val_accuracy": f.get("val_accuracy"),
-            "ratio_init": s.get("ratio_init"), "ratio_final": s.get("ratio_final"),
-            "time": s.get("wall_time_s"), "note": note}
-
-
-__all__ = ["build_report", "load_run"]
+__all__ = ["build_report", "load_run", "merge_runs"]

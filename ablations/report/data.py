@@ -1,4 +1,10 @@
-"""Loads a run folder into DataFrames for the report (the report reads files only, never a live model)."""
+"""Loads run folders into DataFrames for the report (the report reads files only, never a live model).
+
+One :class:`RunData` holds a whole run: the summaries (one dict per arm, in sweep order), every arm's tables
+concatenated in long format with ``arm_id``, ``seed`` and the arm's grid values as extra columns, and the
+list of grid ``axes`` that actually vary. :func:`merge_runs` stacks several runs into one RunData with an
+extra ``run`` axis, so a comparison report is drawn by exactly the same figure code.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +18,13 @@ import yaml
 
 from ablations import store
 
+TABLES = ("history", "epochs", "params", "blocks", "time_grads")  # time_grads: recurrent layers only
+RUN_AXIS = "run"  # the extra axis of a comparison of several runs
+
 
 @dataclasses.dataclass
 class RunData:
-    """Everything a report needs from one run folder."""
+    """Everything a report needs from one run folder (or from several merged by :func:`merge_runs`)."""
 
     root: Path
     experiment: dict[str, Any]
@@ -26,10 +35,25 @@ class RunData:
     params: pd.DataFrame
     blocks: pd.DataFrame
     axes: list[str]  # grid keys that take more than one value (seeds excluded)
+    time_grads: pd.DataFrame = dataclasses.field(default_factory=pd.DataFrame)  # step, layer, t, act_grad_norm
+    arm_configs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # arm_id -> arm.yaml
+    errors: dict[str, str] = dataclasses.field(default_factory=dict)  # arm_id -> error.txt of failed arms
+    sources: list[Path] = dataclasses.field(default_factory=list)  # run folders (several for a comparison)
 
     @property
     def name(self) -> str:
         return self.experiment.get("name", self.root.name)
+
+    def table(self, name: str) -> pd.DataFrame:
+        return getattr(self, name)
+
+    def arm_config(self, arm_id: str) -> dict[str, Any]:
+        return self.arm_configs.get(arm_id, {})
+
+    def activation(self, arm_id: str) -> str | None:
+        """The arm's activation name (from its resolved config), e.g. for theory overlays."""
+        act = (self.arm_config(arm_id).get("model") or {}).get("activation")
+        return act if isinstance(act, str) else None
 
 
 def _short(key: str, keys: list[str]) -> str:
@@ -37,9 +61,16 @@ def _short(key: str, keys: list[str]) -> str:
     return last if sum(k.split(".")[-1] == last for k in keys) == 1 else key
 
 
+def _varying(grid: dict[str, list[Any]]) -> list[str]:
+    return [k for k, v in grid.items() if len({json.dumps(x, sort_keys=True) for x in v}) > 1]
+
+
 def load_run(root: Path) -> RunData:
-    """Reads ``experiment.yaml``, every arm's summary and tables; adds short axis columns (``depth`` ->
-    ``model_depth`` style names are avoided: a grid key ``model.depth`` becomes column ``model.depth``)."""
+    """Reads ``experiment.yaml``, every arm's summary, config and tables of the run folder ``root``.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a run folder.
+    """
     root = Path(root)
     exp_file = root / "experiment.yaml"
     if not exp_file.exists():
@@ -47,14 +78,66 @@ def load_run(root: Path) -> RunData:
     text = exp_file.read_text()
     exp = yaml.safe_load(text) or {}
     summaries = sorted(store.load_summaries(root), key=lambda s: s.get("index", 0))
-    grid = exp.get("grid") or {}
-    axes = [k for k, v in grid.items() if len({json.dumps(x, sort_keys=True) for x in v}) > 1]
-    tables = {t: store.load_table(root, t) for t in ("history", "epochs", "params", "blocks")}
+    tables = {t: store.load_table(root, t) for t in TABLES}
+    configs, errors = {}, {}
+    for arm_dir in sorted((root / "arms").glob("*")):
+        summary = store.read_summary(arm_dir)
+        if summary is None:
+            continue
+        try:
+            configs[summary["arm_id"]] = yaml.safe_load((arm_dir / "arm.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            configs[summary["arm_id"]] = {}
+        if summary.get("status") == "failed" and (arm_dir / "error.txt").exists():
+            errors[summary["arm_id"]] = (arm_dir / "error.txt").read_text()
     order = {s["arm_id"]: i for i, s in enumerate(summaries)}
-    for t, df in tables.items():
+    for df in tables.values():
         if not df.empty:
             df["arm_order"] = df["arm_id"].map(order)
-    return RunData(root=root, experiment=exp, experiment_yaml=text, summaries=summaries, axes=axes, **tables)
+    return RunData(root=root, experiment=exp, experiment_yaml=text, summaries=summaries,
+                   axes=_varying(exp.get("grid") or {}), arm_configs=configs, errors=errors, sources=[root],
+                   **tables)
+
+
+def merge_runs(runs: list[RunData]) -> RunData:
+    """Stacks several runs into one with an extra ``run`` axis (arm ids become ``<run>/<arm_id>``).
+
+    Arms keep their sweep order within each run; runs keep the order given.
+    """
+    if len(runs) == 1:
+        return runs[0]
+    names: list[str] = []
+    for r in runs:  # two runs of the same experiment name (e.g. two --out folders) stay distinct
+        n, i = r.name, 2
+        while n in names:
+            n, i = f"{r.name}#{i}", i + 1
+        names.append(n)
+    summaries, configs, errors, frames = [], {}, {}, {t: [] for t in TABLES}
+    for name, r in zip(names, runs):
+        rename = {s["arm_id"]: f"{name}/{s['arm_id']}" for s in r.summaries}
+        for s in r.summaries:
+            summaries.append({**s, "arm_id": rename[s["arm_id"]], "index": len(summaries),
+                              "values": {RUN_AXIS: name, **(s.get("values") or {})}})
+        configs.update({rename[k]: v for k, v in r.arm_configs.items() if k in rename})
+        errors.update({rename[k]: v for k, v in r.errors.items() if k in rename})
+        for t in TABLES:
+            df = r.table(t)
+            if not df.empty:
+                frames[t].append(df.assign(arm_id=df["arm_id"].map(rename), **{RUN_AXIS: name}))
+    order = {s["arm_id"]: i for i, s in enumerate(summaries)}
+    tables = {}
+    for t, parts in frames.items():
+        df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+        if not df.empty:
+            df["arm_order"] = df["arm_id"].map(order)
+        tables[t] = df
+    axes = [RUN_AXIS] + list(dict.fromkeys(a for r in runs for a in r.axes))
+    title = " vs ".join(names)
+    yaml_text = "\n".join(f"# ---- {name} ({r.root})\n{r.experiment_yaml}" for name, r in zip(names, runs))
+    descriptions = [f"{name}: {r.experiment.get('description', '')}".strip() for name, r in zip(names, runs)]
+    return RunData(root=runs[0].root, experiment={"name": title, "description": "\n".join(descriptions)},
+                   experiment_yaml=yaml_text, summaries=summaries, axes=axes, arm_configs=configs,
+                   errors=errors, sources=[r.root for r in runs], **tables)
 
 
 def short_names(keys: list[str]) -> dict[str, str]:

@@ -1,0 +1,277 @@
+"""Shared plotting machinery: how arms map onto colours and facets, seed bands, saving PNG + CSV.
+
+Layout rule (every run-level figure follows it, so arms look the same everywhere):
+
+* the x axis is the block's depth position, the step or the epoch;
+* a grid axis named ``*.depth`` (the network depth) becomes the facet **rows**, since networks of different
+  depth have different x ranges;
+* the other varying axes combine into the **hue** (one colour per grid point, in sweep order); when that
+  would give more than :data:`MAX_HUES` colours, the axis with the fewest values moves to the facet
+  **columns** (in a comparison of runs, the ``run`` axis always does: runs side by side, same y axis);
+* seeds are aggregated: the line is the mean over seeds (geometric mean on log axes) and the band spans
+  the lowest to the highest seed. Aggregates are computed with one pandas ``groupby`` rather than
+  Seaborn's per-point bootstrap, which kept a 50-arm report from rendering in under a minute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
+
+from ablations.report.data import RUN_AXIS, RunData, short_names  # noqa: E402
+
+PALETTE = "colorblind"  # colour-blind-safe (seaborn's 10-colour variant of Wong 2011 / Okabe-Ito)
+SEQUENTIAL = "viridis"  # perceptually uniform and colour-blind-safe, for heatmaps and "step" colours
+MAX_HUES = 6  # more lines than this per panel stop being readable
+DPI = 90
+DASHES = ["-", "--", ":", "-."]
+WHENS = ["init", "middle", "end"]
+BAND_NOTE = "line: mean over seeds (geometric mean on log axes); band: lowest to highest seed"
+
+
+@dataclasses.dataclass
+class Figure:
+    """A written figure: file names relative to the report folder, title, caption and page section."""
+
+    key: str
+    title: str
+    png: str
+    csv: str
+    caption: str
+    section: str = "Gradient flow"
+
+
+@dataclasses.dataclass
+class Plan:
+    """How arms map onto plot aesthetics (see the module docstring for the rule)."""
+
+    hue: str  # column holding each arm's hue label ("arm")
+    hue_order: list[str]
+    palette: dict[str, Any]
+    row: str | None  # column for facet rows (the network depth axis)
+    row_order: list[Any]
+    col: str | None  # grid axis shown as facet columns, or None
+    col_order: list[str]  # labels in column "col"
+    labels: dict[str, str]  # arm_id -> hue label
+    cols: dict[str, str]  # arm_id -> column label ("" without a column axis)
+    short: dict[str, str]  # arm_id -> its values on every varying axis but seeds, without names (panel titles)
+    hue_title: str = "arm"
+
+
+def value_text(v: Any) -> str:
+    from ablations.config import value_label
+
+    return "–" if v is None else value_label(v)
+
+
+def _n_values(run: RunData, axis: str) -> int:
+    return len({value_text(s.get("values", {}).get(axis)) for s in run.summaries})
+
+
+def plan_for(run: RunData) -> Plan:
+    """Chooses rows, columns and hue from the axes that vary; adds ``arm`` and ``col`` label columns to
+    every table of ``run`` (in place)."""
+    axes = run.axes
+    names = short_names(axes)
+    depth_axis = next((a for a in axes if a.endswith(".depth") or a == "depth"), None)
+    others = [a for a in axes if a != depth_axis]
+    col_axis = None
+    if RUN_AXIS in others:
+        col_axis = RUN_AXIS
+    elif len(others) >= 2 and math.prod(_n_values(run, a) for a in others) > MAX_HUES:
+        col_axis = min(reversed(others), key=lambda a: _n_values(run, a))
+    hue_axes = [a for a in others if a != col_axis]
+
+    def label(s: dict[str, Any], keys: list[str]) -> str:
+        return " / ".join(f"{names[a]}={value_text(s.get('values', {}).get(a))}" for a in keys)
+
+    labels = {s["arm_id"]: label(s, hue_axes) if hue_axes else "all arms" for s in run.summaries}
+    cols = {s["arm_id"]: label(s, [col_axis]) if col_axis else "" for s in run.summaries}
+    for t in ("history", "epochs", "params", "blocks", "time_grads"):
+        df = run.table(t)
+        if not df.empty:
+            df["arm"] = df["arm_id"].map(labels)
+            df["col"] = df["arm_id"].map(cols)
+    hue_order = list(dict.fromkeys(labels[s["arm_id"]] for s in run.summaries))
+    colours = sns.color_palette(PALETTE, max(len(hue_order), 1))
+    row_order = sorted({s["values"].get(depth_axis) for s in run.summaries if s["values"].get(depth_axis) is not None}) \
+        if depth_axis else []
+    return Plan(hue="arm", hue_order=hue_order, palette=dict(zip(hue_order, colours)), row=depth_axis,
+                row_order=row_order, col=col_axis,
+                col_order=list(dict.fromkeys(cols[s["arm_id"]] for s in run.summaries)) if col_axis else [],
+                labels=labels, cols=cols,
+                short={s["arm_id"]: " · ".join(value_text(s.get("values", {}).get(a)) for a in axes) or "all arms"
+                       for s in run.summaries},
+                hue_title=" / ".join(names[a] for a in hue_axes) or "arm")
+
+
+# --------------------------------------------------------------------------------------------- data helpers
+
+
+def finite(df: pd.DataFrame, col: str, positive: bool = False) -> pd.DataFrame:
+    """Rows where ``col`` is finite (and > 0 when it goes on a log axis)."""
+    if df.empty or col not in df:
+        return df.iloc[0:0]
+    ok = np.isfinite(df[col].to_numpy(float))
+    if positive:
+        ok &= df[col].to_numpy(float) > 0
+    return df[ok]
+
+
+def wants_log(values: Any) -> bool:
+    """Log axis when positive data span more than two decades."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    return len(v) > 1 and v.max() / v.min() > 100
+
+
+def moments(df: pd.DataFrame) -> pd.DataFrame:
+    """Keeps the first, middle and last captured step of each arm, labelled init / middle / end."""
+    if df.empty:
+        return df.assign(when=pd.Series(dtype=str))
+    steps = df.groupby("arm_id")["step"].unique().map(np.sort)
+    picks = {arm: {s[0]: "init", s[len(s) // 2]: "middle", s[-1]: "end"} for arm, s in steps.items() if len(s)}
+    when = [picks[a].get(st) for a, st in zip(df["arm_id"], df["step"])]
+    out = df.assign(when=when)
+    out = out[out["when"].notna()]
+    if (steps.map(len) < 3).any():  # a run with fewer than 3 captured steps: one step may carry 2 labels
+        parts = [out]
+        for arm, s in steps.items():
+            if 0 < len(s) < 3:
+                g = df[df["arm_id"] == arm]
+                for w, st in (("init", s[0]), ("middle", s[len(s) // 2]), ("end", s[-1])):
+                    if picks[arm].get(st) != w:
+                        parts.append(g[g["step"] == st].assign(when=w))
+        out = pd.concat(parts, ignore_index=True)
+    return out
+
+
+def downsample_steps(df: pd.DataFrame, max_points: int = 300) -> pd.DataFrame:
+    """Bins steps so no arm has more than ``max_points`` x values (long runs stay light to draw)."""
+    if df.empty:
+        return df
+    span = int(df["step"].max()) + 1
+    width = max(1, math.ceil(span / max_points))
+    if width == 1:
+        return df
+    return df.assign(step=(df["step"] // width) * width)
+
+
+def with_panels(df: pd.DataFrame, plan: Plan, inner: str | None, inner_order: Sequence[str]) -> tuple[str | None, list[str]]:
+    """Adds a ``panel`` column combining an inner facet (e.g. ``when``) with the plan's column axis."""
+    if inner is None and plan.col is None:
+        return None, []
+    if plan.col is None:
+        df["panel"] = df[inner].astype(str)
+        return "panel", list(inner_order)
+    if inner is None:
+        df["panel"] = df["col"]
+        return "panel", list(plan.col_order)
+    df["panel"] = df[inner].astype(str) + " · " + df["col"]
+    return "panel", [f"{i} · {c}" for c in plan.col_order for i in inner_order]
+
+
+def band(df: pd.DataFrame, x: str, y: str, by: list[str], log: bool) -> pd.DataFrame:
+    """Aggregates seeds: mean (geometric on log axes), min and max of ``y`` per line and x value."""
+    by = [b for b in dict.fromkeys(by) if b is not None]
+    v = np.log10(df[y].to_numpy(float)) if log else df[y].to_numpy(float)
+    g = df.assign(_v=v).groupby(by + [x], sort=False, observed=True, dropna=False)["_v"]
+    agg = g.agg(["mean", "min", "max", "count"]).reset_index()
+    if log:
+        for c in ("mean", "min", "max"):
+            agg[c] = 10.0 ** agg[c]
+    return agg.rename(columns={"mean": y, "min": f"{y}_lo", "max": f"{y}_hi", "count": "seeds"})
+
+
+# --------------------------------------------------------------------------------------------- drawing
+
+
+def _draw(data: pd.DataFrame, *, x: str, y: str, color: Any, style: str | None = None,
+          style_order: Sequence[str] = (), marker: str | None = "o", **_: Any) -> None:
+    ax = plt.gca()
+    groups = data.groupby(style, sort=False) if style else [(None, data)]
+    for key, d in groups:
+        d = d.sort_values(x)
+        ls = DASHES[list(style_order).index(key) % len(DASHES)] if style else "-"
+        if (d["seeds"] > 1).any():
+            ax.fill_between(d[x], d[f"{y}_lo"], d[f"{y}_hi"], color=color, alpha=0.2, lw=0)
+        ax.plot(d[x], d[y], color=color, ls=ls, lw=1.6, marker=marker if len(d) <= 40 else None, ms=3.5)
+
+
+class _Grid(sns.FacetGrid):
+    """A FacetGrid without its automatic ``tight_layout`` passes.
+
+    Seaborn re-lays out the figure when it is created and again after every ``map``; each pass measures
+    every tick label of every panel, which made up half the drawing time of a 50-arm report. ``facet_lines``
+    sets fixed gaps instead and ``save`` crops the margins.
+    """
+
+    def tight_layout(self, *args: Any, **kwargs: Any) -> "_Grid":
+        return self
+
+
+def facet_lines(agg: pd.DataFrame, plan: Plan, x: str, y: str, *, row: str | None = "plan", col: str | None = None,
+                col_order: Sequence[Any] | None = None, log: bool = False, style: str | None = None,
+                style_order: Sequence[str] = (), marker: str | None = "o", sharey: bool | str = True,
+                height: float = 2.6, aspect: float = 1.35, extra_legend: dict[str, Any] | None = None) -> sns.FacetGrid:
+    """One line (with its seed band) per hue label in a grid of panels; returns the FacetGrid."""
+    row = plan.row if row == "plan" else row
+    row_order = (plan.row_order or None) if row == plan.row else (sorted(agg[row].unique()) if row else None)
+    hue_order = [h for h in plan.hue_order if h in set(agg[plan.hue])]
+    g = _Grid(agg, row=row, col=col, hue=plan.hue, hue_order=hue_order, palette=plan.palette,
+              row_order=row_order, col_order=list(col_order) if col_order else None, height=height,
+              aspect=aspect, sharex=False, sharey=sharey, margin_titles=True, despine=True)
+    g.map_dataframe(_draw, x=x, y=y, style=style, style_order=style_order, marker=marker)
+    if log:
+        g.set(yscale="log")
+    if x in ("depth", "epoch", "lag"):  # whole blocks, epochs, time steps
+        for ax in g.axes.flat:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    legend = {h: Line2D([], [], color=plan.palette[h], lw=2) for h in hue_order}
+    if style:
+        legend.update({str(s): Line2D([], [], color="0.3", ls=DASHES[i % len(DASHES)]) for i, s in enumerate(style_order)})
+    legend.update(extra_legend or {})
+    # A figure legend right of the panels, kept in the PNG by save()'s tight bounding box. (FacetGrid.add_legend
+    # draws the whole figure twice to resize it: a third of a 50-arm report's run-level drawing time.)
+    g.figure.legend(list(legend.values()), list(legend), title=plan.hue_title, loc="center left",
+                    bbox_to_anchor=(1.0, 0.5), frameon=False)
+    g.set_titles(row_template="{row_var} = {row_name}", col_template="{col_name}")
+    # Fixed gaps in inches (room for tick labels; outer margins are cropped by save()'s tight bounding box).
+    w = height * aspect
+    g.figure.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.98, hspace=0.45 / (height - 0.45),
+                             wspace=(0.2 if sharey is True else 0.75) / w)
+    return g
+
+
+def save(fig: Any, out: Path, key: str, data: pd.DataFrame, title: str, caption: str,
+         section: str = "Gradient flow", prefix: str = "") -> Figure:
+    """Writes ``<key>.png`` (with ``title`` on top) and the plotted data as ``<key>.csv``."""
+    fig = fig.figure if hasattr(fig, "figure") else fig
+    for ax in fig.axes:  # minor ticks of long log axes are unlabelled, yet cost much of the drawing time
+        lo, hi = ax.get_ylim()
+        if ax.get_yscale() == "log" and lo > 0 and hi / lo > 1e3:
+            ax.yaxis.set_minor_locator(NullLocator())
+    fig.suptitle(title, y=1 + 0.4 / fig.get_size_inches()[1], fontsize=12)  # 0.4 in above the panels' titles
+    fig.savefig(out / f"{key}.png", dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    data.to_csv(out / f"{key}.csv", index=False)
+    return Figure(key=key, title=title, png=f"{prefix}{key}.png", csv=f"{prefix}{key}.csv", caption=caption,
+                  section=section)
+
+
+def keep_cols(df: pd.DataFrame, plan: Plan, *cols: str) -> pd.DataFrame:
+    """The columns worth putting in a CSV (ids, the facet columns, the plotted values)."""
+    want = ["arm_id", "seed", "arm"] + ([plan.row] if plan.row else []) + ([plan.col] if plan.col else []) + list(cols)
+    return df[[c for c in dict.fromkeys(want) if c in df.columns]]

@@ -1,0 +1,125 @@
+"""Numbers for the report's tables: per-arm rows, and grid points aggregated over seeds with 95% CIs."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from ablations.diagnose import block_kernels, decay_rates
+from ablations.report.data import RunData
+
+METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+def decay_rate(params_at_step: pd.DataFrame) -> float:
+    """Least-squares slope of log10(block kernel-gradient norm) against block depth, for one step's rows.
+
+    Decades per block; positive when the gradient shrinks toward the input. NaN with fewer than 2 blocks.
+    """
+    rates = decay_rates(params_at_step)
+    return float(rates.iloc[0]) if len(rates) else math.nan
+
+
+def arm_decay(run: RunData) -> pd.DataFrame:
+    """Decay rate of every arm at its first (``decay_init``) and last (``decay_end``) captured step."""
+    k = block_kernels(run.params)
+    if k.empty:
+        return pd.DataFrame(columns=["arm_id", "decay_init", "decay_end"])
+    first = k.groupby("arm_id")["step"].transform("min")
+    last = k.groupby("arm_id")["step"].transform("max")
+    k = k[(k["step"] == first) | (k["step"] == last)]
+    rows = []
+    for arm, g in k.groupby("arm_id", sort=False):
+        rates = decay_rates(g)
+        rows.append({"arm_id": arm, "decay_init": float(rates.iloc[0]) if len(rates) else math.nan,
+                     "decay_end": float(rates.iloc[-1]) if len(rates) else math.nan})
+    return pd.DataFrame(rows)
+
+
+def mean_ci(values: Iterable[Any], level: float = 0.95) -> dict[str, float | int | None]:
+    """Mean and Student-t confidence interval over the finite values (seeds); None where undefined."""
+    v = np.array([x for x in values if x is not None], dtype=float)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return {"mean": None, "lo": None, "hi": None, "half": None, "n": 0}
+    m = float(v.mean())
+    if len(v) < 2:
+        return {"mean": m, "lo": None, "hi": None, "half": None, "n": 1}
+    from scipy import stats
+
+    half = float(stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return {"mean": m, "lo": m - half, "hi": m + half, "half": half, "n": int(len(v))}
+
+
+def _note(s: dict[str, Any]) -> str:
+    if s.get("status") == "diverged":
+        return f"diverged at step {s.get('diverged_at_step')}"
+    return s.get("error") or ""
+
+
+def arm_rows(run: RunData, labels: dict[str, str], pages: dict[str, str]) -> list[dict[str, Any]]:
+    """One row per arm (seed): status, final metrics, decay rates, verdicts, note, link to its page."""
+    decay = arm_decay(run).set_index("arm_id")
+    rows = []
+    for s in run.summaries:
+        f = s.get("final") or {}
+        arm = s["arm_id"]
+        rows.append({
+            "arm": arm, "label": labels.get(arm, ""), "seed": s.get("seed"), "status": s.get("status", "?"),
+            "page": pages.get(arm), **{m: f.get(m) for m in METRICS},
+            "decay_init": decay["decay_init"].get(arm) if arm in decay.index else None,
+            "decay_end": decay["decay_end"].get(arm) if arm in decay.index else None,
+            "ratio_init": s.get("ratio_init"), "ratio_final": s.get("ratio_final"),
+            "verdicts": list(s.get("verdicts") or []), "time": s.get("wall_time_s"), "note": _note(s)})
+    return rows
+
+
+def point_rows(run: RunData, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Arms that differ only in their seed, aggregated: mean and 95% CI of metrics and decay rates."""
+    groups: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    for s, r in zip(run.summaries, rows):
+        groups.setdefault(json.dumps(s.get("values") or {}, sort_keys=True, default=str), []).append((s, r))
+    out = []
+    for members in groups.values():
+        s0, r0 = members[0]
+        arms = [r for _, r in members]
+        statuses: dict[str, int] = {}
+        for r in arms:
+            statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+        verdicts: dict[str, list[str]] = {}
+        for r in arms:
+            for v in r["verdicts"]:
+                verdicts.setdefault(v.get("kind", "?"), []).append(f"seed {r['seed']}: {v.get('message', '')}")
+        out.append({
+            "values": s0.get("values") or {}, "label": _point_label(s0.get("values") or {}),
+            "axis_values": [_value(s0.get("values", {}).get(a)) for a in run.axes],
+            "statuses": statuses, "worst": _worst(statuses), "seeds": [(r["seed"], r["page"], r["status"]) for r in arms],
+            **{m: mean_ci(r[m] for r in arms) for m in (*METRICS, "decay_init", "decay_end")},
+            "verdicts": [{"kind": k, "count": len(v), "messages": v} for k, v in verdicts.items()],
+            "n": len(arms)})
+    return out
+
+
+def _worst(statuses: dict[str, int]) -> str:
+    for s in ("failed", "diverged", "completed"):
+        if s in statuses:
+            return s
+    return next(iter(statuses), "?")
+
+
+def _point_label(values: dict[str, Any]) -> str:
+    from ablations.config import value_label
+    from ablations.report.data import short_names
+
+    names = short_names(list(values))
+    return ", ".join(f"{names[k]}={value_label(v)}" for k, v in values.items()) or "(no grid)"
+
+
+def _value(v: Any) -> str:
+    from ablations.report.plotting import value_text
+
+    return value_text(v)

@@ -1,0 +1,493 @@
+"""The sweep engine: every arm is a keras-tuner trial, run by :func:`ablations.runner.run_arm`.
+
+One engine for one process, many local processes and many machines:
+
+* in-process (``ablate run CONFIG``): a keras-tuner oracle hands this process the pending arms one by one;
+* chief + workers (``ablate run CONFIG --workers N``, or the ``KERASTUNER_*`` variables): the chief holds the
+  run-folder lock and serves the oracle over gRPC (keras-tuner's own service); each worker asks it for the
+  next arm, trains it into the shared run folder and reports back. Workers never take the lock.
+
+The run folder is the source of truth (ARCHITECTURE.md section 3): keras-tuner's files live in
+``runs/<exp>/.tuner/`` and are recreated on every start, so a sweep killed at any moment resumes from what
+the run folder holds (an arm is done when its ``summary.json`` says completed/diverged for the same config).
+
+Started by hand on other machines (the run folder on a shared file system)::
+
+    # chief (holds the lock, serves the oracle; add --workers N to also train here)
+    KERASTUNER_TUNER_ID=chief KERASTUNER_ORACLE_IP=0.0.0.0 KERASTUNER_ORACLE_PORT=8470 \\
+        ablate run CONFIG --out /shared/runs
+    # each worker, any number, any time
+    KERASTUNER_TUNER_ID=worker-$(hostname) KERASTUNER_ORACLE_IP=<chief host> KERASTUNER_ORACLE_PORT=8470 \\
+        ablate run CONFIG --out /shared/runs
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ablations import store
+from ablations.config import Arm, Experiment, dump_yaml
+
+TUNER_DIR = ".tuner"  # keras-tuner's project files and local worker logs, inside the run folder
+MULTI_WORKER_DIR = ".multi_worker"  # outputs of non-chief multi_worker processes (the chief's go to arms/)
+STATUS_CODE = {"completed": 0, "diverged": 1, "failed": 2}
+
+
+class SweepError(RuntimeError):
+    """The sweep cannot run as asked (bad worker setup, config differs from the chief's)."""
+
+
+def config_digest(exp: Experiment) -> str:
+    """A short hash of the resolved experiment: chief and workers must agree on it."""
+    return hashlib.sha1(dump_yaml(exp.model_dump(mode="json")).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------- keras-tuner
+
+
+def _kt():
+    import keras_tuner as kt
+
+    return kt
+
+
+def make_oracle(arms: list[Arm], digest: str, project_dir: Path | None = None) -> Any:
+    """A GridSearch oracle over the pending arms (one Choice hyperparameter: the arm id).
+
+    Args:
+        arms: the arms still to run.
+        digest: :func:`config_digest` of the experiment, a fixed hyperparameter workers check.
+        project_dir: where the oracle saves its state (a tuner sets it otherwise).
+    """
+    kt = _kt()
+
+    class ArmOracle(kt.oracles.GridSearchOracle):
+        """GridSearch that hands out every not-yet-started arm in order to whichever worker asks.
+
+        Stock GridSearch derives each new combination from a *finished* trial, so with one hyperparameter
+        it keeps at most about one worker busy; arms are independent, so any idle worker may take the next.
+        """
+
+        def populate_space(self, trial_id: str) -> dict[str, Any]:
+            started = {t.hyperparameters.values.get("arm") for t in self.trials.values()}
+            arm_hp = next(h for h in self.hyperparameters.space if h.name == "arm")
+            for arm_id in arm_hp.values:
+                if arm_id not in started:
+                    return {"status": kt.engine.trial.TrialStatus.RUNNING,
+                            "values": {"arm": arm_id, "config": digest}}
+            if self.ongoing_trials:
+                return {"status": kt.engine.trial.TrialStatus.IDLE, "values": None}
+            return {"status": kt.engine.trial.TrialStatus.STOPPED, "values": None}
+
+    hp = kt.HyperParameters()
+    hp.Choice("arm", [a.id for a in arms], ordered=False)
+    hp.Fixed("config", digest)
+    oracle = ArmOracle(objective=kt.Objective("loss", "min"), max_trials=len(arms), hyperparameters=hp,
+                       tune_new_entries=False, allow_new_entries=False,
+                       max_consecutive_failed_trials=len(arms) + 1)  # a failed arm never stops the sweep
+    oracle.verbose = 0  # the sweep UI reports arms
+    if project_dir is not None:
+        oracle._set_project_dir(str(project_dir.parent), project_dir.name)
+    return oracle
+
+
+def make_tuner(oracle: Any, arms: list[Arm], root: Path, *, out_root: Path | None = None, ui: Any = None,
+               on_arm: Callable[[Arm, dict[str, Any], bool], None] | None = None, digest: str = "",
+               project: str = "oracle", tuner_dir: Path | None = None) -> Any:
+    """A keras-tuner tuner whose ``run_trial`` is :func:`ablations.runner.run_arm`.
+
+    Args:
+        oracle: the oracle (a local one; keras-tuner swaps in a gRPC client on workers).
+        arms: all arms of the experiment, in order (trials name them by id).
+        root: the run folder (decides what is done).
+        out_root: where this process writes arm folders (default ``root``; non-chief multi_worker
+            processes write elsewhere).
+        ui, on_arm: progress display and per-arm callback.
+        digest: :func:`config_digest` of this process's experiment (checked against the chief's).
+        project: keras-tuner project name (recreated at each start: the run folder decides).
+        tuner_dir: keras-tuner's folder (default ``root/.tuner``).
+    """
+    kt = _kt()
+    from ablations.runner import arm_is_current, run_arm
+
+    class ArmTuner(kt.engine.base_tuner.BaseTuner):
+        """Trial = arm: ``run_trial`` trains the arm named by the trial's ``arm`` hyperparameter."""
+
+        def __init__(self) -> None:
+            super().__init__(oracle=oracle, directory=str(tuner_dir or root / TUNER_DIR), project_name=project,
+                             overwrite=True)
+            self.by_id = {a.id: (i, a) for i, a in enumerate(arms)}
+            self.results: list[dict[str, Any]] = []
+
+        def arm_for_trial(self, trial: Any) -> tuple[int, Arm]:
+            values = trial.hyperparameters.values
+            if digest and values.get("config") not in (None, digest):
+                raise kt.errors.FatalError(
+                    f"this worker's config differs from the chief's (digest {digest} vs {values.get('config')}); "
+                    f"start workers with the same CONFIG and --set options as the chief")
+            if values.get("arm") not in self.by_id:
+                raise kt.errors.FatalError(f"the chief asked for arm {values.get('arm')!r}, which this worker's "
+                                           f"config does not have; start workers with the chief's CONFIG")
+            return self.by_id[values["arm"]]
+
+        def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> dict[str, float]:
+            index, arm = self.arm_for_trial(trial)
+            summary, skipped = run_one(arm, index, root, out_root or root, ui, arm_is_current, run_arm)
+            self.results.append(summary)
+            if ui and (out_root or root) == root:
+                ui.arm_done(arm, summary, skipped)
+            if on_arm:
+                on_arm(arm, summary, skipped)
+            loss = (summary.get("final") or {}).get("loss")
+            return {"loss": float(loss) if loss is not None else float("inf"),
+                    "status_code": float(STATUS_CODE.get(summary.get("status"), 2))}
+
+        def search(self, *args: Any, **kwargs: Any) -> None:
+            # keras-tuner's loop re-asks at once when the oracle is IDLE (all arms taken, some still running):
+            # over gRPC that is a busy loop, so wait a little instead.
+            if not self._is_worker():
+                self.oracle.verbose = 0
+            idle = kt.engine.trial.TrialStatus.IDLE
+            while True:
+                trial = self.oracle.create_trial(self.tuner_id)
+                if trial.status == kt.engine.trial.TrialStatus.STOPPED:
+                    break
+                if trial.status == idle:
+                    time.sleep(0.5)
+                    continue
+                self.on_trial_begin(trial)
+                self._try_run_and_update_trial(trial)
+                self.on_trial_end(trial)
+
+        def save_model(self, trial_id: str, model: Any, step: int = 0) -> None:
+            pass  # the arm's folder holds final.keras
+
+    return ArmTuner()
+
+
+def run_one(arm: Arm, index: int, root: Path, out_root: Path, ui: Any, arm_is_current: Callable,
+            run_arm: Callable) -> tuple[dict[str, Any], bool]:
+    """Runs one arm unless the run folder already has its result; returns ``(summary, skipped)``."""
+    arm_dir = root / "arms" / arm.id
+    if arm_is_current(arm, arm_dir):  # done earlier, or by another worker
+        return store.read_summary(arm_dir), True
+    out_dir = out_root / "arms" / arm.id
+    for tmp in list(out_dir.glob(".*.tmp*")):  # a killed attempt's partial writes, never read
+        tmp.unlink(missing_ok=True)
+    callbacks = [ui.arm_callback(arm)] if ui and out_root == root else []
+    return run_arm(arm, out_dir, index=index, callbacks=callbacks), False
+
+
+# ----------------------------------------------------------------------------------------------- modes
+
+
+def run_sweep(exp: Experiment, out: Path, *, ui: Any = None, workers: int = 0,
+              on_arm: Callable[[Arm, dict[str, Any], bool], None] | None = None) -> list[dict[str, Any]]:
+    """Runs every pending arm of ``exp`` into ``out/<name>``; returns the summaries in arm order.
+
+    The mode follows the ``KERASTUNER_*`` variables: none set (and ``workers == 0``) runs in this process;
+    ``workers > 0`` or ``KERASTUNER_TUNER_ID=chief...`` serves the oracle and starts ``workers`` local
+    worker processes; any other ``KERASTUNER_TUNER_ID`` joins the chief as a worker (no lock).
+    """
+    from ablations.strategy import configure_devices
+
+    root = Path(out) / exp.name
+    arms = exp.arms()
+    _configure_process(arms, configure_devices)
+    tuner_id = os.environ.get("KERASTUNER_TUNER_ID", "")
+    distributed = bool(os.environ.get("KERASTUNER_ORACLE_IP"))
+    multi_worker = any(a.config.runtime.strategy == "multi_worker" for a in arms)
+    if multi_worker and (workers or distributed):
+        raise SweepError("runtime.strategy multi_worker runs every arm on all $TF_CONFIG workers together; "
+                         "it cannot be combined with --workers or KERASTUNER_* (start one `ablate run` per "
+                         "TF_CONFIG worker instead)")
+    if distributed and "chief" not in tuner_id:
+        if workers:
+            raise SweepError(f"--workers is for the chief; this process is worker {tuner_id!r} "
+                             f"(KERASTUNER_TUNER_ID without 'chief')")
+        return join_chief(exp, root, arms, ui=ui, on_arm=on_arm)
+    if multi_worker:
+        from ablations.strategy import is_chief, parse_tf_config
+
+        cfg = parse_tf_config()
+        if not is_chief(cfg):
+            scratch = root / MULTI_WORKER_DIR / f"{cfg['task']['type']}-{cfg['task']['index']}"
+            return _run_local(exp, root, arms, ui=None, on_arm=on_arm, out_root=scratch, lock=False)
+    if workers or distributed:
+        return serve_chief(exp, root, arms, workers=workers, ui=ui, on_arm=on_arm)
+    return _run_local(exp, root, arms, ui=ui, on_arm=on_arm)
+
+
+def worker_role(exp: Experiment) -> str | None:
+    """This process's name when it only helps another (a keras-tuner worker, a non-chief multi_worker
+    process): it then neither prints the sweep's table nor writes the report. ``None`` for the main process."""
+    tuner_id = os.environ.get("KERASTUNER_TUNER_ID", "")
+    if os.environ.get("KERASTUNER_ORACLE_IP") and "chief" not in tuner_id:
+        return f"worker {tuner_id}"
+    if any(a.config.runtime.strategy == "multi_worker" for a in exp.arms()):
+        from ablations.strategy import is_chief, parse_tf_config
+
+        cfg = parse_tf_config()
+        if not is_chief(cfg):
+            return f"multi_worker {cfg['task']['type']}-{cfg['task']['index']}"
+    return None
+
+
+def _configure_process(arms: list[Arm], configure_devices: Callable) -> None:
+    counts = {a.config.runtime.logical_cpus for a in arms}
+    if len(counts) > 1:
+        raise SweepError(f"runtime.logical_cpus differs between arms ({sorted(map(str, counts))}); it is fixed "
+                         f"per process, so every arm must use the same value")
+    configure_devices(arms[0].config.runtime)
+
+
+def _pending(arms: list[Arm], root: Path) -> list[Arm]:
+    from ablations.runner import arm_is_current
+
+    return [a for a in arms if not arm_is_current(a, root / "arms" / a.id)]
+
+
+def _collect(arms: list[Arm], root: Path, extra: dict[str, dict[str, Any]] | None = None,
+             first: Path | None = None) -> list[dict[str, Any]]:
+    """Summaries in arm order, read from the run folder (the source of truth; ``first`` is read before it)."""
+    out = []
+    for i, a in enumerate(arms):
+        s = (first and store.read_summary(first / "arms" / a.id)) or store.read_summary(root / "arms" / a.id) \
+            or (extra or {}).get(a.id)
+        out.append(s or {"arm_id": a.id, "index": i, "values": a.config.values, "seed": a.config.seed,
+                         "status": "failed", "error": "no result (interrupted); rerun to train it"})
+    return out
+
+
+def _start(exp: Experiment, root: Path, arms: list[Arm], ui: Any, pending: list[Arm]) -> None:
+    store.write_text(root / "experiment.yaml", dump_yaml(exp.model_dump(mode="json")))
+    if ui:
+        ui.start(len(arms))
+        for a in arms:
+            if a not in pending:
+                ui.arm_done(a, store.read_summary(root / "arms" / a.id), True)
+
+
+def _run_local(exp: Experiment, root: Path, arms: list[Arm], *, ui: Any, on_arm: Any,
+               out_root: Path | None = None, lock: bool = True) -> list[dict[str, Any]]:
+    """All pending arms in this process, through the same oracle + tuner as the distributed modes."""
+    store.check_writable(root)
+    with store.RunLock(root) if lock else contextlib.nullcontext():
+        pending = _pending(arms, root)
+        if lock:
+            _start(exp, root, arms, ui, pending)
+        for a in arms:
+            if a not in pending and on_arm:
+                on_arm(a, store.read_summary(root / "arms" / a.id), True)
+        if pending:
+            # A non-chief multi_worker process decides "done" from the chief's folder and writes to scratch.
+            tuner = make_tuner(make_oracle(pending, config_digest(exp)), arms, root, out_root=out_root, ui=ui,
+                               on_arm=on_arm, tuner_dir=(out_root / TUNER_DIR) if out_root else None)
+            tuner.search()
+        if ui and lock:
+            ui.stop()
+    return _collect(arms, root, first=out_root)
+
+
+# ------------------------------------------------------------------------------------------ chief/worker
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _serve(oracle: Any, ip: str, port: int) -> Any:
+    import grpc
+    from concurrent import futures
+
+    from keras_tuner.src import protos
+    from keras_tuner.src.distribute.oracle_chief import OracleServicer
+
+    # keras-tuner's own servicer; its start_server() is not used because it polls only every 20 s.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    protos.get_service_grpc().add_OracleServicer_to_server(OracleServicer(oracle), server)
+    if server.add_insecure_port(f"{ip}:{port}") == 0:
+        raise SweepError(f"the chief cannot listen on {ip}:{port} (port in use or address not local); set "
+                         f"KERASTUNER_ORACLE_PORT to a free port")
+    server.start()
+    return server
+
+
+def _gpu_ids() -> list[str]:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g for g in visible.split(",") if g.strip() not in ("", "-1")]
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.SubprocessError):
+            return []
+        return [str(i) for i in range(sum(line.startswith("GPU") for line in out.splitlines()))]
+    return []
+
+
+def _death_signal() -> Callable[[], None] | None:
+    """A pre-exec hook that kills a local worker when the chief dies (Linux), so no orphan waits for it."""
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl  # loaded here: nothing to import after fork
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def worker_env(i: int, n: int, ip: str, port: int, gpus: list[str]) -> dict[str, str]:
+    """Environment of local worker ``i`` of ``n``: its tuner id, the chief's address, its devices or threads."""
+    env = dict(os.environ, KERASTUNER_TUNER_ID=f"worker-{i}", KERASTUNER_ORACLE_IP=ip,
+               KERASTUNER_ORACLE_PORT=str(port))
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[i::n] or [gpus[i % len(gpus)]])
+    else:  # split the CPU: n processes each with all cores would oversubscribe it
+        threads = str(max(1, (os.cpu_count() or 1) // n))
+        env.update(TF_NUM_INTRAOP_THREADS=threads, TF_NUM_INTEROP_THREADS=threads, OMP_NUM_THREADS=threads)
+    return env
+
+
+def serve_chief(exp: Experiment, root: Path, arms: list[Arm], *, workers: int, ui: Any, on_arm: Any,
+                poll_s: float = 0.2) -> list[dict[str, Any]]:
+    """Chief: holds the lock, serves the oracle, starts ``workers`` local workers, reports arms as they end."""
+    store.check_writable(root)
+    ip = os.environ.get("KERASTUNER_ORACLE_IP", "127.0.0.1")
+    port = int(os.environ.get("KERASTUNER_ORACLE_PORT") or free_port(ip if ip != "0.0.0.0" else ""))
+    with store.RunLock(root):
+        pending = _pending(arms, root)
+        _start(exp, root, arms, ui, pending)
+        for a in arms:
+            if a not in pending and on_arm:
+                on_arm(a, store.read_summary(root / "arms" / a.id), True)
+        extra: dict[str, dict[str, Any]] = {}
+        if pending:
+            shutil.rmtree(root / TUNER_DIR / "oracle", ignore_errors=True)  # the run folder decides
+            oracle = make_oracle(pending, config_digest(exp), root / TUNER_DIR / "oracle")
+            # Workers first (forking before gRPC starts its threads); they wait until the chief answers.
+            procs = _spawn_workers(root, workers, "127.0.0.1" if ip == "0.0.0.0" else ip, port)
+            try:
+                server = _serve(oracle, ip, port)
+            except BaseException:
+                _stop(procs, wait_s=0)
+                raise
+            try:
+                # Started with --workers alone, no other worker can join: stop when the local ones are gone.
+                only_local = not os.environ.get("KERASTUNER_ORACLE_IP")
+                extra = _watch(oracle, arms, pending, root, procs, ui, on_arm, poll_s, only_local)
+            finally:
+                _stop(procs)
+                server.stop(grace=1)
+        if ui:
+            ui.stop()
+    return _collect(arms, root, extra)
+
+
+def _spawn_workers(root: Path, n: int, ip: str, port: int) -> dict[str, subprocess.Popen]:
+    logs = root / TUNER_DIR
+    logs.mkdir(parents=True, exist_ok=True)
+    gpus = _gpu_ids()
+    hook = _death_signal()
+    procs = {}
+    for i in range(n):
+        cmd = [sys.executable, "-m", "ablations", "run", str(root / "experiment.yaml"), "--out",
+               str(root.parent), "--no-report"]
+        log = open(logs / f"worker-{i}.log", "w")
+        procs[f"worker-{i}"] = subprocess.Popen(cmd, env=worker_env(i, n, ip, port, gpus), stdout=log,
+                                                stderr=subprocess.STDOUT, preexec_fn=hook)
+        log.close()
+    return procs
+
+
+def _watch(oracle: Any, arms: list[Arm], pending: list[Arm], root: Path, procs: dict[str, subprocess.Popen],
+           ui: Any, on_arm: Any, poll_s: float, only_local: bool) -> dict[str, dict[str, Any]]:
+    """Reports arms as their trials end; fails the trial of a local worker that died; returns lost arms."""
+    kt = _kt()
+    by_id = {a.id: a for a in arms}
+    todo = {a.id for a in pending}
+    lost: dict[str, dict[str, Any]] = {}
+    seen = 0
+    while todo:
+        for tid in list(oracle.end_order[seen:]):
+            seen += 1
+            trial = oracle.trials[tid]
+            arm_id = trial.hyperparameters.values.get("arm")
+            if arm_id not in todo:
+                continue
+            todo.discard(arm_id)
+            summary = store.read_summary(root / "arms" / arm_id)
+            if summary is None or trial.status == kt.engine.trial.TrialStatus.FAILED:
+                summary = lost[arm_id] = {"arm_id": arm_id, "values": by_id[arm_id].config.values,
+                                          "seed": by_id[arm_id].config.seed, "status": "failed",
+                                          "error": trial.message or "the worker reported no summary.json "
+                                          "(is the run folder shared with the worker?)"}
+            if ui:
+                ui.arm_done(by_id[arm_id], summary, False)
+            if on_arm:
+                on_arm(by_id[arm_id], summary, False)
+        for tuner_id, proc in procs.items():
+            if proc.poll() is not None and tuner_id in oracle.ongoing_trials:
+                trial = oracle.ongoing_trials[tuner_id]
+                trial.status = kt.engine.trial.TrialStatus.FAILED
+                trial.message = (f"{tuner_id} exited (code {proc.returncode}) while training this arm; see "
+                                 f"{root / TUNER_DIR / (tuner_id + '.log')}; rerun to train it again")
+                oracle.end_trial(trial)
+        if only_local and procs and all(p.poll() is not None for p in procs.values()) and todo and \
+                len(oracle.end_order) == seen and not oracle.ongoing_trials:
+            for arm_id in sorted(todo):  # no local worker left and no other worker can join
+                lost[arm_id] = {"arm_id": arm_id, "values": by_id[arm_id].config.values,
+                                "seed": by_id[arm_id].config.seed, "status": "failed",
+                                "error": f"all local workers exited before this arm ran; see {root / TUNER_DIR}"}
+            break
+        time.sleep(poll_s)
+    return lost
+
+
+def _stop(procs: dict[str, subprocess.Popen], wait_s: float = 15) -> None:
+    deadline = time.time() + wait_s
+    for proc in procs.values():
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def join_chief(exp: Experiment, root: Path, arms: list[Arm], *, ui: Any, on_arm: Any) -> list[dict[str, Any]]:
+    """Worker: takes arms from the chief until none are left; writes into the (shared) run folder, no lock."""
+    digest = config_digest(exp)
+    tuner_id = os.environ["KERASTUNER_TUNER_ID"]
+    # Workers get their own keras-tuner project folder: the chief's is recreated at each start.
+    tuner = make_tuner(make_oracle(arms, digest), arms, root, ui=None, on_arm=_printer(ui, on_arm),
+                       digest=digest, project=f"worker_{tuner_id}")
+    chief = tuner.oracle.get_space()  # blocks until the chief answers
+    if chief.values.get("config") != digest:
+        raise SweepError(f"this worker's config differs from the chief's (digest {digest} vs "
+                         f"{chief.values.get('config')}); start workers with the chief's CONFIG and --set options")
+    tuner.search()
+    return tuner.results
+
+
+def _printer(ui: Any, on_arm: Any) -> Callable[[Arm, dict[str, Any], bool], None]:
+    def show(arm: Arm, summary: dict[str, Any], skipped: bool) -> None:
+        if ui:
+            ui.console.print(f"{summary.get('status', '?'):9} {arm.id} {summary.get('error') or ''}",
+                             highlight=False)
+        if on_arm:
+            on_arm(arm, summary, skipped)
+
+    return show

@@ -1,0 +1,118 @@
+"""TensorBoard event files for an arm (``runtime.tensorboard: true``), written from its stored tables.
+
+The statistics already exist as DataFrames when an arm finishes, so they are written once afterwards rather
+than from a callback during training: the event files hold exactly the numbers of the Parquet tables (one
+source of truth), and capture costs nothing extra. ``tensorboard --logdir runs/<experiment>`` then shows
+every arm as a run (``arms/<arm_id>/tb``).
+
+Tags (step = optimizer step unless noted):
+
+* ``train/loss``, ``train/global_grad_norm``, ``train/lr`` from ``history.parquet``;
+* ``epoch/<metric>`` (step = epoch) from ``epochs.parquet``, e.g. ``epoch/val_accuracy``;
+* ``grad_norm/<layer>/<param>`` and ``update_ratio/<layer>/<param>`` for every trainable tensor;
+* ``preact_grad_norm/<block>``, ``act_saturation/<block>``, ``act_dead/<block>`` per block;
+* histograms: ``block_kernels/log10_grad_norm`` (the spread of block kernel-gradient norms across depth at
+  each captured step) and ``weights/<variable>`` (the final weights, at the last step) when a model is given.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+LOGDIR = "tb"
+HISTORY_TAGS = {"loss": "train/loss", "global_grad_norm": "train/global_grad_norm", "lr": "train/lr"}
+BLOCK_TAGS = {"act_grad_norm": "preact_grad_norm", "act_saturation": "act_saturation", "act_dead": "act_dead"}
+
+
+class _Events:
+    """Summary values grouped by step, written as one event per step.
+
+    Uses TensorBoard's own protobuf helpers and event-file writer (no TensorFlow ops): one eager
+    ``tf.summary.scalar`` call per value took 14 s for a depth-16 arm of 110 steps, this takes well under 1 s.
+    """
+
+    def __init__(self) -> None:
+        self.by_step: dict[int, list[Any]] = {}
+
+    def add(self, step: int, summary: Any) -> None:
+        self.by_step.setdefault(int(step), []).extend(summary.value)
+
+    def scalars(self, rows: pd.DataFrame, step: str, value: str, tag: str) -> None:
+        from tensorboard.plugins.scalar.summary import scalar_pb
+
+        for s, v in zip(rows[step].to_numpy(), rows[value].to_numpy(dtype=float)):
+            if math.isfinite(v):  # NaN/Inf (a diverged step) would break TensorBoard's axis scaling
+                self.add(s, scalar_pb(tag, np.float32(v)))
+
+    def write(self, logdir: Path) -> None:
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        logdir.mkdir(parents=True, exist_ok=True)
+        writer = EventFileWriter(str(logdir))
+        for step in sorted(self.by_step):
+            writer.add_event(event_pb2.Event(wall_time=time.time(), step=step,
+                                             summary=summary_pb2.Summary(value=self.by_step[step])))
+        writer.close()
+
+
+def write_events(arm_dir: Path, tables: dict[str, pd.DataFrame], model: Any = None, *,
+                 histograms: bool = True) -> Path:
+    """Writes the arm's statistics as TensorBoard events into ``arm_dir/tb``.
+
+    Args:
+        arm_dir: the arm folder.
+        tables: ``history``, ``epochs``, ``params``, ``blocks`` DataFrames (as stored; missing ones skipped).
+        model: the trained Keras model, for histograms of its final weights (optional).
+        histograms: also write histograms.
+
+    Returns:
+        The event-file folder.
+    """
+    from tensorboard.plugins.histogram.summary import histogram_pb
+
+    from ablations.diagnose import block_kernels
+
+    ev = _Events()
+    history = tables.get("history", pd.DataFrame())
+    epochs = tables.get("epochs", pd.DataFrame())
+    params = tables.get("params", pd.DataFrame())
+    blocks = tables.get("blocks", pd.DataFrame())
+    for col, tag in HISTORY_TAGS.items():
+        if col in history:
+            ev.scalars(history, "step", col, tag)
+    for col in epochs.columns:
+        if col != "epoch" and pd.api.types.is_numeric_dtype(epochs[col]):
+            ev.scalars(epochs, "epoch", col, f"epoch/{col}")
+    if not params.empty:
+        for (layer, param), g in params.groupby(["layer", "param"], sort=False):
+            ev.scalars(g, "step", "grad_norm", f"grad_norm/{layer}/{param}")
+            ev.scalars(g, "step", "update_ratio", f"update_ratio/{layer}/{param}")
+    if not blocks.empty:
+        for block, g in blocks.groupby("block", sort=False):
+            for col, name in BLOCK_TAGS.items():
+                if col in g:
+                    ev.scalars(g, "step", col, f"{name}/{block}")
+    if histograms:
+        k = block_kernels(params)
+        for step, g in (k.groupby("step") if not k.empty else []):
+            v = g["grad_norm"].to_numpy(dtype=float)
+            v = v[np.isfinite(v) & (v > 0)]
+            if len(v):
+                ev.add(step, histogram_pb("block_kernels/log10_grad_norm", np.log10(v)))
+        if model is not None:
+            last = int(history["step"].max()) if "step" in history and len(history) else 0
+            for var in model.trainable_variables:
+                w = np.asarray(var.numpy(), dtype=float).ravel()
+                w = w[np.isfinite(w)]  # a diverged arm's weights may be NaN/Inf
+                if len(w):
+                    ev.add(last, histogram_pb(f"weights/{var.path}", w))
+    logdir = Path(arm_dir) / LOGDIR
+    ev.write(logdir)
+    return logdir

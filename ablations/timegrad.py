@@ -1,0 +1,292 @@
+"""Gradients through time and gate statistics for the zoo's recurrent models.
+
+Pascanu, Mikolov & Bengio 2013 (gradients through time vanish or explode with the recurrent Jacobians);
+Hochreiter & Schmidhuber 1997; Gers et al. 2000 (forget gate).
+
+**Through-time gradients.** For every recurrent layer ``l`` (``block_<l>_rnn``) and every step ``t`` we want
+the total derivative dL/dh_t: through the output at t *and* through every later state. The trick: a view of
+the model in which each recurrent layer runs ``keras.layers.RNN(ProbeCell(cell))``; the probe cell calls the
+*same* cell object (same variables) and adds an extra input ``eps_t`` to the new state, h_t' = h_t + eps_t,
+which is both the step's output and the state carried to t + 1. Feeding eps = 0 leaves the forward pass
+unchanged, and dL/d eps_t = dL/dh_t exactly (tests/test_rnn.py checks it against an explicitly unrolled
+loop). The fused ``keras.layers.LSTM`` (cuDNN on GPU) cannot be probed; the view always runs the cell.
+
+    probe = time_probe_view(model)                  # once per model; shares the model's weights
+    fn = make_time_grad_fn(probe, loss)              # a tf.function
+    loss_value, norms = fn(x, y)                     # norms: [n_layers, T] float32
+
+``norms[l, t]`` is the batch-global ||dL/dh_t||: sqrt of the sum over the batch and the units of
+(dL/dh_t)^2, for the batch-mean loss (the same loss the probe differentiates). To store it as
+``time_grads.parquet`` use :func:`time_grads_frame` (columns ``step, layer, t, act_grad_norm``).
+
+**Gate statistics.** :func:`gate_statistics` runs the recurrent layers on a batch (inference mode) and returns,
+per layer and gate (LSTM: input, forget, output; GRU: update, reset), the mean gate value and the fraction of
+entries (examples x steps x units) below 0.05 and above 0.95 (saturated shut / open).
+
+Only chain-shaped models (each layer feeding the next, as every zoo recurrent model is) and unidirectional
+layers are supported; anything else fails with a clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+import zoo
+
+SATURATED_LOW, SATURATED_HIGH = 0.05, 0.95
+GATE_NAMES = {"LSTMCell": ("input", "forget", "output"), "GRUCell": ("update", "reset")}
+
+
+def _is_recurrent_block(layer: keras.layers.Layer) -> bool:
+    parsed = zoo.parse_layer_name(layer.name)
+    return parsed is not None and parsed[1] == "rnn"
+
+
+def _check_chain(model: keras.Model) -> list[keras.layers.Layer]:
+    """Returns the model's layers after the input, checking that each one feeds the next."""
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ValueError("through-time probing needs a model with one input and one output")
+    layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
+    prev = model.inputs[0]
+    for layer in layers:
+        if layer.input is not prev:  # node 0: the model's own call (views add later nodes to shared layers)
+            raise ValueError(f"through-time probing supports chain models (each layer feeds the next, as the "
+                             f"zoo's recurrent models do); layer '{layer.name}' breaks the chain")
+        prev = layer.output
+    rec = [l for l in layers if _is_recurrent_block(l)]
+    if not rec:
+        raise ValueError("the model has no recurrent layer named block_<i>_rnn")
+    for layer in rec:
+        if isinstance(layer, keras.layers.Bidirectional) or not isinstance(layer, keras.layers.RNN):
+            raise ValueError(f"layer '{layer.name}' is {type(layer).__name__}: through-time probing supports "
+                             "unidirectional keras.layers.RNN subclasses (SimpleRNN, LSTM, GRU); "
+                             "set bidirectional: false")
+    return layers
+
+
+class _WrappedCell(keras.layers.Layer):
+    """Base of the wrapper cells: calls an already built cell; the input is [x_t, extra_t] concatenated."""
+
+    def __init__(self, cell: keras.layers.Layer, in_dim: int, **kwargs: Any):
+        super().__init__(dtype=cell.dtype_policy, **kwargs)
+        self.cell, self.in_dim = cell, int(in_dim)
+        self.units = cell.units
+        self.state_size = cell.state_size
+
+    def build(self, input_shape: Any) -> None:
+        if not self.cell.built:
+            self.cell.build((input_shape[0], self.in_dim))
+        self.built = True
+
+    def _step(self, inputs: Any, states: Any, training: bool) -> tuple[Any, Any, list[Any]]:
+        x = inputs[..., : self.in_dim]
+        h, new_states = self.cell(x, states, training=training)
+        new_states = list(new_states) if isinstance(new_states, (list, tuple)) else [new_states]
+        return x, h, new_states
+
+
+class ProbeCell(_WrappedCell):
+    """Runs ``cell`` and adds ``eps_t`` (the last ``units`` input features) to h_t, output and state alike."""
+
+    @property
+    def output_size(self) -> int:
+        return self.units
+
+    def call(self, inputs: Any, states: Any, training: bool = False) -> tuple[Any, list[Any]]:
+        _, h, new_states = self._step(inputs, states, training)
+        h = h + inputs[..., self.in_dim:]
+        return h, [h, *new_states[1:]]
+
+
+class GateCell(_WrappedCell):
+    """Runs ``cell`` and outputs [h_t, gate_1, ..., gate_G] concatenated (inference mode, no dropout)."""
+
+    @property
+    def output_size(self) -> int:
+        return self.units * (1 + len(GATE_NAMES[type(self.cell).__name__]))
+
+    def call(self, inputs: Any, states: Any, training: bool = False) -> tuple[Any, list[Any]]:
+        x, h, new_states = self._step(inputs, states, False)
+        h_prev = states[0] if isinstance(states, (list, tuple)) else states
+        return keras.ops.concatenate([h, *cell_gates(self.cell, x, h_prev)], axis=-1), new_states
+
+
+def cell_gates(cell: keras.layers.Layer, x: Any, h_prev: Any) -> list[Any]:
+    """The gate activations of one step of a Keras LSTMCell (i, f, o) or GRUCell (z, r), without dropout."""
+    ops, n, act = keras.ops, cell.units, cell.recurrent_activation
+    name = type(cell).__name__
+    if name == "LSTMCell":
+        z = ops.matmul(x, cell.kernel) + ops.matmul(h_prev, cell.recurrent_kernel)
+        if cell.use_bias:
+            z = z + cell.bias
+        return [act(z[:, :n]), act(z[:, n:2 * n]), act(z[:, 3 * n:])]
+    if name == "GRUCell":
+        xz = ops.matmul(x, cell.kernel[:, : 2 * n])
+        hz = ops.matmul(h_prev, cell.recurrent_kernel[:, : 2 * n])
+        if cell.use_bias:
+            if cell.reset_after:
+                xz, hz = xz + cell.bias[0, : 2 * n], hz + cell.bias[1, : 2 * n]
+            else:
+                xz = xz + cell.bias[: 2 * n]
+        s = xz + hz
+        return [act(s[:, :n]), act(s[:, n:])]
+    raise ValueError(f"gate statistics need an LSTM or GRU cell, got {name}")
+
+
+class _WrappedRNN(keras.layers.RNN):
+    """An RNN over a wrapper cell that prepares/clears the *inner* cell's dropout masks, as Keras does."""
+
+    def _maybe_config_dropout_masks(self, cell: Any, input_sequence: Any, input_state: Any) -> None:
+        if isinstance(cell, _WrappedCell):
+            cell, input_sequence = cell.cell, input_sequence[..., : cell.in_dim]
+        super()._maybe_config_dropout_masks(cell, input_sequence, input_state)
+
+    def _maybe_reset_dropout_masks(self, cell: Any) -> None:
+        super()._maybe_reset_dropout_masks(cell.cell if isinstance(cell, _WrappedCell) else cell)
+
+
+@dataclasses.dataclass
+class TimeProbe:
+    """A weight-sharing view of a recurrent model with one zero "eps" input per recurrent layer.
+
+    Attributes:
+        view: ``keras.Model([x, eps_0, ..., eps_{L-1}]) -> output``; eps_l has shape [B, T_l, units_l].
+        names: the recurrent layers' names (``block_<i>_rnn``), in depth order.
+        units: units of each recurrent layer.
+        lengths: T of each recurrent layer's input sequence.
+    """
+
+    view: keras.Model
+    names: list[str]
+    units: list[int]
+    lengths: list[int]
+
+    def zeros(self, batch_size: Any, dtype: Any = None) -> list[tf.Tensor]:
+        """The zero eps inputs for a batch."""
+        dtype = dtype or self.view.inputs[1].dtype
+        return [tf.zeros([batch_size, t, u], dtype) for t, u in zip(self.lengths, self.units)]
+
+
+def time_probe_view(model: keras.Model) -> TimeProbe:
+    """Builds the through-time probe view of a zoo recurrent model (shares its layers and variables)."""
+    layers = _check_chain(model)
+    x_in = keras.Input(shape=model.inputs[0].shape[1:], dtype=model.inputs[0].dtype, name="input")
+    x, eps_inputs, names, units, lengths = x_in, [], [], [], []
+    for layer in layers:
+        if not _is_recurrent_block(layer):
+            x = layer(x)
+            continue
+        cell, length = layer.cell, int(x.shape[1])
+        eps = keras.Input(shape=(length, cell.units), dtype=layer.compute_dtype, name=f"eps_{len(names)}")
+        joined = keras.layers.Concatenate(axis=-1, name=f"{layer.name}_probe_join", dtype=layer.dtype_policy)(
+            [x, eps])
+        rnn = _WrappedRNN(ProbeCell(cell, int(x.shape[-1])), return_sequences=layer.return_sequences,
+                          go_backwards=layer.go_backwards, name=f"{layer.name}_probe", dtype=layer.dtype_policy)
+        x = rnn(joined)
+        eps_inputs.append(eps)
+        names.append(layer.name)
+        units.append(int(cell.units))
+        lengths.append(length)
+    view = keras.Model([x_in, *eps_inputs], x, name=f"{model.name}_time_probe")
+    return TimeProbe(view, names, units, lengths)
+
+
+def time_grads(probe: TimeProbe, x: Any, y: Any, loss_fn: Callable[[Any, Any], Any],
+               training: bool = False) -> tuple[tf.Tensor, list[tf.Tensor]]:
+    """Returns (batch-mean loss, [dL/dh for each layer: [B, T, units]]) for one batch."""
+    x = tf.convert_to_tensor(x, dtype=probe.view.inputs[0].dtype)
+    eps = probe.zeros(tf.shape(x)[0])
+    with tf.GradientTape() as tape:
+        tape.watch(eps)
+        y_pred = probe.view([x, *eps], training=training)
+        loss = tf.reduce_mean(loss_fn(y, y_pred))
+    return loss, tape.gradient(loss, eps)
+
+
+def time_grad_norms(probe: TimeProbe, x: Any, y: Any, loss_fn: Callable[[Any, Any], Any],
+                    training: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+    """Returns (loss, norms [n_layers, T] float32): batch-global ||dL/dh_t|| of every recurrent layer."""
+    loss, grads = time_grads(probe, x, y, loss_fn, training)
+    norms = [tf.sqrt(tf.reduce_sum(tf.square(tf.cast(g, tf.float32)), axis=[0, 2])) for g in grads]
+    return loss, tf.stack(norms)
+
+
+def make_time_grad_fn(probe: TimeProbe, loss_fn: Callable[[Any, Any], Any], training: bool = False,
+                      jit_compile: bool = False) -> Callable[[Any, Any], tuple[tf.Tensor, tf.Tensor]]:
+    """A compiled ``fn(x, y) -> (loss, norms [n_layers, T])`` (see :func:`time_grad_norms`)."""
+    return tf.function(lambda x, y: time_grad_norms(probe, x, y, loss_fn, training), jit_compile=jit_compile)
+
+
+def time_grads_frame(norms: Any, names: list[str], step: int = 0) -> pd.DataFrame:
+    """Long table of one capture: ``step, layer, depth, t, act_grad_norm`` (the ``time_grads.parquet`` rows)."""
+    norms = np.asarray(norms)
+    n_layers, length = norms.shape
+    return pd.DataFrame({
+        "step": np.full(n_layers * length, step, np.int64),
+        "layer": np.repeat(names, length),
+        "depth": np.repeat([zoo.parse_layer_name(n)[0] for n in names], length),
+        "t": np.tile(np.arange(length), n_layers),
+        "act_grad_norm": norms.reshape(-1),
+    })
+
+
+# ----------------------------------------------------------------------------------------- gate statistics
+
+
+def gate_values(model: keras.Model, x: Any) -> dict[str, dict[str, tf.Tensor]]:
+    """``{layer name: {gate name: [B, T, units] activations}}`` for every LSTM/GRU layer, inference mode."""
+    layers = _check_chain(model)
+    last_rec = max(i for i, l in enumerate(layers) if _is_recurrent_block(l))
+    out: dict[str, dict[str, tf.Tensor]] = {}
+    h = tf.convert_to_tensor(x)
+    for layer in layers[: last_rec + 1]:
+        if not _is_recurrent_block(layer):
+            h = layer(h, training=False)
+            continue
+        cell = layer.cell
+        names = GATE_NAMES.get(type(cell).__name__)
+        if names is None:  # a SimpleRNN layer in the stack: no gates, pass its sequence on
+            seq = _WrappedRNN(_PassCell(cell, int(h.shape[-1])), return_sequences=True, dtype=layer.dtype_policy)
+            h = seq(h)
+            continue
+        rnn = _WrappedRNN(GateCell(cell, int(h.shape[-1])), return_sequences=True, dtype=layer.dtype_policy)
+        full = rnn(h, training=False)
+        n = cell.units
+        out[layer.name] = {g: full[..., n * (k + 1): n * (k + 2)] for k, g in enumerate(names)}
+        h = full[..., :n]
+    return out
+
+
+class _PassCell(_WrappedCell):
+    """Runs the cell unchanged (a wrapper only so every layer of the stack returns its whole sequence)."""
+
+    @property
+    def output_size(self) -> int:
+        return self.units
+
+    def call(self, inputs: Any, states: Any, training: bool = False) -> tuple[Any, list[Any]]:
+        _, h, new_states = self._step(inputs, states, False)
+        return h, new_states
+
+
+def gate_statistics(model: keras.Model, x: Any) -> pd.DataFrame:
+    """Per recurrent layer and gate: ``layer, depth, gate, mean, frac_low, frac_high`` on the batch ``x``.
+
+    ``frac_low``/``frac_high`` are the fractions of entries below 0.05 / above 0.95 (a gate saturated shut /
+    open, where its sigmoid derivative is under 0.05). Empty for models without LSTM/GRU layers.
+    """
+    rows = []
+    for name, gates in gate_values(model, x).items():
+        for gate, v in gates.items():
+            v = tf.cast(v, tf.float32)
+            rows.append(dict(layer=name, depth=zoo.parse_layer_name(name)[0], gate=gate,
+                             mean=float(tf.reduce_mean(v)),
+                             frac_low=float(tf.reduce_mean(tf.cast(v < SATURATED_LOW, tf.float32))),
+                             frac_high=float(tf.reduce_mean(tf.cast(v > SATURATED_HIGH, tf.float32)))))
+    return pd.DataFrame(rows, columns=["layer", "depth", "gate", "mean", "frac_low", "frac_high"])

@@ -1,0 +1,263 @@
+"""The report of a tiny real run: figures with their data, links, arm pages, escaping, comparison, TensorBoard.
+
+The run (built once per session by :func:`tiny_report`, also used by ``test_browser.py``): plain MLPs of depth 2
+and width 8 on 256 digits, 1 epoch, sigmoid and ReLU x 2 seeds, plus one arm that diverges (linear, learning
+rate 1e6) and one that fails (an unknown model option).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+XSS = 'Tiny run <script>document.documentElement.dataset.pwned = "1"; alert(1)</script> & more'
+RUN_FIGURES = {"decay_rate", "grad_vs_depth", "preact_grad_vs_depth", "sigmoid_theory", "grad_heatmaps",
+               "update_ratio_vs_depth", "saturation_vs_depth", "dead_units_vs_depth", "loss_curves", "epoch_curves"}
+ARM_FIGURES = {"gradients", "heatmaps", "updates_activations", "training"}
+_CACHE: dict[str, Path] = {}
+
+
+def tiny_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(run folder, report folder) of the tiny run, trained and rendered once per test session."""
+    if "root" not in _CACHE:
+        from ablations.config import parse_experiment
+        from ablations.report import build_report
+        from ablations.runner import run_arm, run_experiment
+
+        out = tmp_path_factory.mktemp("report_runs")
+        raw = {"name": "tiny", "description": XSS,
+               "data": {"name": "digits", "max_train_examples": 256, "batch_size": 64},
+               "model": {"arch": "plain_mlp", "depth": 2, "width": 8},
+               "train": {"epochs": 1, "optimizer": {"name": "sgd", "learning_rate": 0.1}},
+               "runtime": {"tensorboard": True},
+               "grid": {"model.activation": ["sigmoid", "relu"]}, "seeds": [0, 1]}
+        run_experiment(parse_experiment(raw), out)
+        root = out / "tiny"
+        extra = [  # one arm that diverges and one that fails, in the same run folder
+            {**raw, "train": {"epochs": 1, "optimizer": {"name": "sgd", "learning_rate": 1e6}},
+             "grid": {"model.activation": ["linear"]}, "seeds": [0]},
+            {**raw, "model": {**raw["model"], "no_such_option": 1}, "grid": {"model.activation": ["tanh"]},
+             "seeds": [0]},
+        ]
+        for i, r in enumerate(extra):
+            arm = parse_experiment(r).arms()[0]
+            run_arm(arm, root / "arms" / arm.id, index=4 + i)
+        rep = tmp_path_factory.mktemp("report") / "tiny"
+        build_report(root, rep, workers=1)
+        _CACHE.update(root=root, rep=rep)
+    return _CACHE["root"], _CACHE["rep"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tfds_dir: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return tiny_report(tmp_path_factory)
+
+
+def _summaries(root: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(root.glob("arms/*/summary.json"))]
+
+
+def _links(html: str) -> list[str]:
+    return [u for u in re.findall(r'(?:src|href)="([^"]+)"', html) if not u.startswith(("#", "http", "mailto:"))]
+
+
+def test_the_run_has_a_diverged_and_a_failed_arm(tiny) -> None:
+    root, _ = tiny
+    status = {s["arm_id"]: s["status"] for s in _summaries(root)}
+    assert sorted(status.values()) == ["completed"] * 4 + ["diverged", "failed"], status
+
+
+def test_every_figure_has_png_and_csv(tiny) -> None:
+    _, rep = tiny
+    html = (rep / "index.html").read_text()
+    pngs = re.findall(r'<img src="([^"]+\.png)"', html)
+    assert RUN_FIGURES <= {p[:-4] for p in pngs}
+    for png in pngs:
+        assert (rep / png).stat().st_size > 5000
+        csv = pd.read_csv(rep / png.replace(".png", ".csv"))
+        assert len(csv) > 0 and f'href="{png[:-4]}.csv"' in html
+    assert '<p class="warn">' not in html, re.findall(r'<p class="warn">(.*?)</p>', html)
+
+
+def test_links_point_to_existing_files(tiny) -> None:
+    _, rep = tiny
+    pages = [rep / "index.html", *sorted(rep.glob("arms/*/index.html"))]
+    assert len(pages) == 1 + 6
+    for page in pages:
+        for link in _links(page.read_text()):
+            assert (page.parent / unquote(link)).exists(), f"{page}: broken link {link}"
+
+
+def test_arm_pages_link_back_and_show_their_figures(tiny) -> None:
+    root, rep = tiny
+    index = (rep / "index.html").read_text()
+    for s in _summaries(root):
+        links = [u for u in _links(index) if u.startswith("arms/") and (rep / unquote(u)).exists()]
+        page = next(rep / unquote(u) for u in links if (rep / unquote(u)).read_text().count(f"<h1>{s['arm_id']}</h1>"))
+        html = page.read_text()
+        assert 'href="../../index.html"' in html
+        figs = {p[:-4] for p in re.findall(r'<img src="([^"]+\.png)"', html)}
+        if s["status"] == "failed":
+            assert figs == set() and "no_such_option" in html and "Traceback" in html
+        else:
+            assert ARM_FIGURES <= figs, (s["arm_id"], figs)
+        if s["status"] == "diverged":
+            assert f"diverged at step {s['diverged_at_step']}" in html
+
+
+def test_diverged_and_failed_arms_are_in_the_tables(tiny) -> None:
+    root, rep = tiny
+    html = (rep / "index.html").read_text()
+    for s in _summaries(root):
+        assert s["arm_id"] in html
+    assert '<td class="l status diverged">diverged</td>' in html and '<td class="l status failed">failed</td>' in html
+    assert "1 diverged" in html and "1 failed" in html
+    for s in _summaries(root):  # the lead's verdicts, where the run wrote them
+        for v in s.get("verdicts") or []:
+            assert f">{v['kind']}</span>" in html
+
+
+def test_description_is_escaped(tiny) -> None:
+    _, rep = tiny
+    html = (rep / "index.html").read_text()
+    assert "&lt;script&gt;document.documentElement.dataset.pwned" in html
+    assert "<script>document" not in html and "alert(1)</script>" not in html
+    assert "&amp; more" in html
+
+
+def test_decay_rate_and_its_ci_match_numpy(tiny) -> None:
+    """The overview's decay rate: least-squares slope of log10(kernel grad norm) vs depth, mean +- t CI."""
+    from scipy import stats
+
+    root, rep = tiny
+    rates = {}
+    for s in _summaries(root):
+        if s["status"] != "completed":
+            continue
+        p = pd.read_parquet(root / "arms" / s["arm_id"] / "params.parquet")
+        k = p[(p.role == "block") & (p.param == "kernel") & (p.step == p.step.min())].sort_values("depth")
+        x, y = k.depth.to_numpy(float), np.log10(k.grad_norm.to_numpy())
+        rates[s["arm_id"]] = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
+    csv = pd.read_csv(rep / "decay_rate.csv")
+    init = csv[csv.when == "init"].set_index("arm_id")["decay"]
+    for arm, r in rates.items():
+        assert init[arm] == pytest.approx(r, rel=1e-6)
+    sig = [r for a, r in rates.items() if "activation=sigmoid" in a]
+    half = stats.t.ppf(0.975, 1) * np.std(sig, ddof=1) / math.sqrt(2)
+    html = (rep / "index.html").read_text()
+    assert f"{np.mean(sig):.2f} ± {half:.2g}" in html
+    assert max(sig) > 0.2  # sigmoid loses a factor > 10^0.2 per block at init (0.25 per layer in theory)
+
+
+def test_figure_csv_holds_the_stored_numbers(tiny) -> None:
+    root, rep = tiny
+    csv = pd.read_csv(rep / "grad_vs_depth.csv")
+    arm = "activation=relu,seed=1"
+    p = pd.read_parquet(root / "arms" / arm / "params.parquet")
+    k = p[(p.role == "block") & (p.param == "kernel")]
+    for when, step in (("init", k.step.min()), ("end", k.step.max())):
+        got = csv[(csv.arm_id == arm) & (csv.when == when)].sort_values("depth")
+        want = k[k.step == step].sort_values("depth")
+        np.testing.assert_allclose(got.grad_norm.to_numpy(), want.grad_norm.to_numpy(), rtol=1e-6)
+        assert set(got.step) == {step}
+
+
+def test_sigmoid_theory_line_is_a_quarter_per_block(tiny) -> None:
+    _, rep = tiny
+    csv = pd.read_csv(rep / "sigmoid_theory.csv")
+    theory = csv[csv.arm_id.str.startswith("theory")]
+    assert theory.quantity.nunique() == 2  # one line per panel: weight and pre-activation gradient
+    for _, line in theory.groupby("quantity"):
+        depth = int(line.network_depth.iloc[0])
+        assert depth == 2
+        np.testing.assert_allclose(line.sort_values("depth").relative, 0.25 ** (depth - 1 - np.arange(depth)))
+    measured = csv[~csv.arm_id.str.startswith("theory")]
+    assert (measured[measured.depth == measured.depth.max()].relative == 1).all()
+
+
+def test_tensorboard_events_hold_the_parquet_values(tiny) -> None:
+    import tensorflow as tf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, rep = tiny
+    assert f"tensorboard --logdir {root}" in (rep / "index.html").read_text()
+    arm = root / "arms" / "activation=sigmoid,seed=0"
+    ea = EventAccumulator(str(arm / "tb"), size_guidance={"tensors": 0})
+    ea.Reload()
+    tags = set(ea.Tags()["tensors"])
+    assert {"train/loss", "epoch/val_accuracy", "grad_norm/block_000_linear/kernel", "preact_grad_norm/block_001",
+            "block_kernels/log10_grad_norm"} <= tags
+    assert any(t.startswith("weights/") for t in tags)
+
+    def series(tag: str) -> dict[int, float]:
+        return {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in ea.Tensors(tag)}
+
+    h = pd.read_parquet(arm / "history.parquet")
+    loss = series("train/loss")
+    assert sorted(loss) == list(h.step)
+    np.testing.assert_allclose([loss[s] for s in h.step], h.loss, rtol=1e-6)
+    p = pd.read_parquet(arm / "params.parquet")
+    k = p[(p.layer == "block_000_linear") & (p.param == "kernel")]
+    g = series("grad_norm/block_000_linear/kernel")
+    np.testing.assert_allclose([g[s] for s in k.step], k.grad_norm, rtol=1e-6)
+    e = pd.read_parquet(arm / "epochs.parquet")
+    assert series("epoch/val_accuracy")[0] == pytest.approx(e.val_accuracy.iloc[0], rel=1e-6)
+
+
+def test_comparison_of_two_runs_side_by_side(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs in one report (also drawn by 2 worker processes), and a recurrent-style time-lag figure."""
+    from ablations.cli import main
+
+    root, _ = tiny
+    other = tmp_path / "tiny_b"
+    shutil.copytree(root, other, ignore=shutil.ignore_patterns("tb", "*.keras"))
+    exp = yaml.safe_load((other / "experiment.yaml").read_text())
+    (other / "experiment.yaml").write_text(yaml.safe_dump({**exp, "name": "tiny_b"}))
+    for arm in (other / "arms").iterdir():  # synthetic dL/dh_t halving per time step, 3 steps, 5 time steps
+        if (arm / "history.parquet").exists():
+            t = np.arange(5)
+            pd.DataFrame([{"step": s, "layer": "rnn", "t": i, "act_grad_norm": 0.5 ** (4 - i)}
+                          for s in range(3) for i in t]).to_parquet(arm / "time_grads.parquet")
+    rep = tmp_path / "compare"
+    monkeypatch.setenv("GRADZOO_REPORT_WORKERS", "2")
+    assert main(["report", str(root), str(other), "--out", str(rep)]) == 0
+    html = (rep / "index.html").read_text()
+    assert "tiny vs tiny_b" in html and '<p class="warn">' not in html
+    assert len(list(rep.glob("arms/*/index.html"))) == 12
+    csv = pd.read_csv(rep / "grad_vs_depth.csv")
+    assert set(csv.run) == {"tiny", "tiny_b"}
+    a = csv[csv.run == "tiny"].drop(columns=["arm_id", "run"]).reset_index(drop=True)
+    b = csv[csv.run == "tiny_b"].drop(columns=["arm_id", "run"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)  # same data, both columns of panels
+    lag = pd.read_csv(rep / "grad_vs_time_lag.csv")
+    assert set(lag.run) == {"tiny_b"}
+    np.testing.assert_allclose(lag.act_grad_norm, 0.5 ** lag.lag)
+    assert any((p.parent / "time_lag.png").exists() for p in rep.glob("arms/tiny_b*/index.html"))
+
+
+def test_plan_moves_an_axis_to_columns_when_colours_run_out() -> None:
+    from ablations.report.data import RunData
+    from ablations.report.plotting import MAX_HUES, plan_for
+
+    grid = {"model.depth": [2, 4], "model.activation": ["a", "b", "c", "d"], "model.width": [8, 16]}
+    summaries = [{"arm_id": f"{d}{a}{w}", "values": {"model.depth": d, "model.activation": a, "model.width": w}}
+                 for d in grid["model.depth"] for a in grid["model.activation"] for w in grid["model.width"]]
+    empty = pd.DataFrame()
+    run = RunData(root=Path("."), experiment={"grid": grid}, experiment_yaml="", summaries=summaries,
+                  history=empty, epochs=empty, params=empty, blocks=empty, axes=list(grid))
+    plan = plan_for(run)
+    assert plan.row == "model.depth" and plan.row_order == [2, 4]
+    assert plan.col == "model.width" and plan.col_order == ["width=8", "width=16"]
+    assert plan.hue_order == ["activation=a", "activation=b", "activation=c", "activation=d"]
+    assert len(plan.hue_order) <= MAX_HUES
+    run.axes = ["model.depth", "model.activation"]
+    assert plan_for(run).col is None

@@ -1,0 +1,178 @@
+"""Never lose a result: SIGKILL mid-arm then rerun, the lock, atomic writes, determinism."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ablations import store
+from ablations.cli import main
+from ablations.config import parse_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLES = ("history", "params", "blocks", "epochs")
+
+
+def three_arms() -> dict:
+    # Each arm trains for a few seconds, so the kill lands inside an arm.
+    return {"name": "kill", "model": {"arch": "plain_mlp", "depth": 4, "width": 32},
+            "data": {"batch_size": 32, "val_split": None},
+            "train": {"epochs": 2, "steps_per_epoch": 30, "optimizer": {"name": "sgd", "learning_rate": 0.05}},
+            "grid": {"model.activation": ["relu", "tanh", "sigmoid"]}}
+
+
+def _wait(cond, timeout: float, what: str, proc: subprocess.Popen) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"the sweep exited ({proc.returncode}) before {what}: {proc.stdout.read()[-3000:]}")
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_sigkill_mid_arm_then_rerun_completes_without_redoing(tfds_dir: str, tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "kill.yaml"
+    cfg.write_text(json.dumps(three_arms()))
+    out = tmp_path / "runs"
+    root = out / "kill"
+    ids = [a.id for a in parse_experiment(three_arms()).arms()]
+    first, second = root / "arms" / ids[0], root / "arms" / ids[1]
+    import keras_tuner  # noqa: F401  imported now, so the in-process `ablate run` below answers at once
+
+    import ablations.runner  # noqa: F401
+    import zoo
+
+    zoo.names()
+    proc = subprocess.Popen([sys.executable, "-m", "ablations", "run", str(cfg), "--out", str(out), "--no-report"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        _wait(lambda: (first / "summary.json").exists() and (second / "arm.yaml").exists(), 180,
+              "the second arm started", proc)
+        assert not (second / "summary.json").exists()
+        # While it runs, a second `ablate run` on the same folder is refused and changes nothing.
+        assert main(["run", str(cfg), "--out", str(out), "--no-report"]) == 2
+        assert "in use by another `ablate run`" in capsys.readouterr().out
+        os.killpg(proc.pid, signal.SIGKILL)  # mid-arm, no chance to clean up
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert store.read_summary(second) is None  # the interrupted arm is not complete...
+    assert [s["arm_id"] for s in store.load_summaries(root)] == [ids[0]]  # ...and nothing reads it as such
+    done_before = {p.name: p.stat().st_mtime_ns for p in first.iterdir()}
+
+    assert main(["run", str(cfg), "--out", str(out), "--no-report"]) == 0  # the lock died with the process
+    assert {p.name: p.stat().st_mtime_ns for p in first.iterdir()} == done_before  # never redone
+    for arm_id in ids:
+        arm = root / "arms" / arm_id
+        assert store.read_summary(arm)["status"] == "completed"
+        names = {p.name for p in arm.iterdir()}
+        assert {f"{t}.parquet" for t in TABLES} | {"arm.yaml", "summary.json", "final.keras"} <= names
+        assert not [n for n in names if ".tmp" in n], names
+        assert len(pd.read_parquet(arm / "history.parquet")) == 60
+    # The restarted arm equals an uninterrupted run of it.
+    from ablations.runner import run_arm
+
+    run_arm(parse_experiment(three_arms()).arms()[1], tmp_path / "fresh")
+    for t in ("history", "params", "blocks"):
+        pd.testing.assert_frame_equal(pd.read_parquet(second / f"{t}.parquet"),
+                                      pd.read_parquet(tmp_path / "fresh" / f"{t}.parquet"))
+
+
+def test_same_config_and_seed_give_identical_tables(tfds_dir: str, tmp_path: Path) -> None:
+    from ablations.runner import run_arm
+
+    exp = parse_experiment({"name": "det", "model": {"arch": "resnet_mlp", "depth": 2, "width": 16},
+                            "train": {"epochs": 1, "steps_per_epoch": 8}, "capture": {"every": 3}})
+    arm = exp.arms()[0]
+    for d in ("a", "b"):
+        assert run_arm(arm, tmp_path / d)["status"] == "completed"
+    for t in ("params", "blocks", "history"):
+        a, b = pd.read_parquet(tmp_path / "a" / f"{t}.parquet"), pd.read_parquet(tmp_path / "b" / f"{t}.parquet")
+        assert len(a) > 0
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+
+def test_a_crash_during_a_write_leaves_no_file_to_misread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Boom(Exception):
+        pass
+
+    df = pd.DataFrame({"x": [1.0, 2.0]})
+
+    def half_write(self, path, *a, **k):
+        Path(path).write_bytes(b"PAR1 half")
+        raise Boom
+
+    with monkeypatch.context() as m:
+        m.setattr(pd.DataFrame, "to_parquet", half_write)
+        with pytest.raises(Boom):
+            store.write_parquet(tmp_path / "params.parquet", df)
+    assert list(tmp_path.iterdir()) == []  # neither the target nor the temp file
+    store.write_parquet(tmp_path / "params.parquet", df)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "params.parquet"), df)
+
+
+def test_leftover_temp_files_of_a_killed_arm_are_removed_before_it_reruns(tfds_dir: str, tmp_path: Path) -> None:
+    from ablations.runner import arm_is_current, run_arm
+    from ablations.sweep import run_one
+
+    exp = parse_experiment({"name": "t", "model": {"depth": 1, "width": 8}, "train": {"epochs": 1, "steps_per_epoch": 2}})
+    arm = exp.arms()[0]
+    arm_dir = tmp_path / "arms" / arm.id
+    arm_dir.mkdir(parents=True)
+    (arm_dir / ".params.parquet.abc123.tmp").write_bytes(b"half")
+    (arm_dir / ".final.999.tmp.keras").write_bytes(b"half")
+    summary, skipped = run_one(arm, 0, tmp_path, tmp_path, None, arm_is_current, run_arm)
+    assert summary["status"] == "completed" and not skipped
+    assert not [p for p in arm_dir.iterdir() if ".tmp" in p.name]
+
+
+@pytest.mark.slow
+def test_a_killed_worker_loses_only_its_arm_and_a_rerun_trains_it(tfds_dir: str, tmp_path: Path, capsys) -> None:
+    """chief + 2 local workers; SIGKILL one worker mid-arm: the sweep goes on, that arm is reported failed
+    (exit 1), and a rerun trains only it."""
+    cfg = tmp_path / "kill.yaml"
+    cfg.write_text(json.dumps(three_arms()))
+    out = tmp_path / "runs"
+    root = out / "kill"
+    chief = subprocess.Popen([sys.executable, "-m", "ablations", "run", str(cfg), "--out", str(out), "--no-report",
+                              "--workers", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    try:
+        def ongoing() -> dict:  # keras-tuner's saved oracle state: tuner id -> trial it is running
+            try:
+                return json.loads((root / ".tuner" / "oracle" / "oracle.json").read_text())["ongoing_trials"]
+            except (OSError, ValueError, KeyError):
+                return {}
+
+        _wait(lambda: len(ongoing()) == 2, 240, "both workers took an arm", chief)
+        victim = sorted(ongoing())[0]
+        for pid in Path(f"/proc/{chief.pid}/task/{chief.pid}/children").read_text().split():
+            if f"KERASTUNER_TUNER_ID={victim}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                os.kill(int(pid), signal.SIGKILL)  # mid-arm: that arm is lost, the other goes on
+        chief_out = chief.communicate(timeout=300)[0]
+    finally:
+        if chief.poll() is None:
+            os.killpg(chief.pid, signal.SIGKILL)
+            chief.wait()
+    assert chief.returncode == 1, chief_out[-3000:]
+    failed = [s for s in store.load_summaries(root) if s["status"] != "completed"]
+    assert failed == []  # the killed arm left no summary: nothing half-done is read as a result
+    done = {d.name for d in (root / "arms").iterdir() if store.is_done(d)}
+    assert len(done) == 2 and "exited (code -9)" in chief_out and "1 arm(s) failed" in chief_out
+    before = {d: (d / "summary.json").stat().st_mtime_ns for d in (root / "arms").iterdir() if d.name in done}
+    assert main(["run", str(cfg), "--out", str(out), "--no-report"]) == 0
+    assert {d: (d / "summary.json").stat().st_mtime_ns for d in before} == before
+    assert all(store.is_done(d) for d in (root / "arms").iterdir())

@@ -1,0 +1,198 @@
+"""Strategies and mixed precision: equivalence with the default strategy, clear errors, unscaled statistics.
+
+Tests that need logical CPU devices or several TensorFlow processes run in subprocesses (logical devices and
+collectives can only be configured before TensorFlow starts); each is bounded by a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ablations.config import ConfigError, RuntimeConfig, parse_experiment
+from ablations.strategy import StrategyError, parse_tf_config
+
+ROOT = Path(__file__).resolve().parents[1]
+NUMERIC = {"history": ["loss", "global_grad_norm"],
+           "params": ["grad_norm", "weight_norm", "update_norm", "update_ratio"],
+           "blocks": ["act_grad_norm", "act_mean", "act_std", "act_saturation", "act_dead"]}
+
+
+def tiny(runtime: dict, **train) -> dict:
+    """A small arm: tanh MLP on digits, 6 steps, capture every 2nd step (exercises the non-captured path)."""
+    return {"name": "s", "model": {"arch": "plain_mlp", "depth": 3, "width": 16, "activation": "tanh"},
+            "data": {"batch_size": 32},
+            "train": {"epochs": 2, "steps_per_epoch": 3, "optimizer": {"name": "sgd", "learning_rate": 0.1,
+                                                                       "momentum": 0.9}, **train},
+            "capture": {"every": 2}, "runtime": runtime}
+
+
+def run_py(code: str, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_mirrored_on_two_logical_cpus_matches_default(tfds_dir: str, tmp_path: Path) -> None:
+    """Same losses and statistics (rel. error < 1e-5) with 2 replicas as with the default strategy."""
+    code = f"""
+        import json, sys
+        from pathlib import Path
+        from ablations.config import parse_experiment
+        from ablations.strategy import configure_devices, make_strategy
+        cfgs = {{s: parse_experiment(c) for s, c in json.loads(sys.argv[1]).items()}}
+        configure_devices(cfgs["mirrored"].runtime)  # before any TensorFlow op
+        from ablations.runner import run_arm
+        assert make_strategy(cfgs["mirrored"].runtime).num_replicas_in_sync == 2
+        for name, exp in cfgs.items():
+            s = run_arm(exp.arms()[0], Path({str(tmp_path)!r}) / name)
+            assert s["status"] == "completed", s
+    """
+    cfgs = {"default": tiny({"strategy": "default", "logical_cpus": 2}),
+            "mirrored": tiny({"strategy": "mirrored", "logical_cpus": 2, "devices": ["/cpu:0", "/cpu:1"]})}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), json.dumps(cfgs)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for table, cols in NUMERIC.items():
+        a = pd.read_parquet(tmp_path / "default" / f"{table}.parquet")
+        b = pd.read_parquet(tmp_path / "mirrored" / f"{table}.parquet")
+        assert len(a) == len(b) > 0
+        assert list(a["step"]) == list(b["step"]) and set(a["step"]) == {0, 2, 4}
+        np.testing.assert_allclose(b[cols].to_numpy(float), a[cols].to_numpy(float), rtol=1e-5, atol=1e-7,
+                                   err_msg=table)
+
+
+def test_tf_config_errors_say_what_was_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(StrategyError, match="needs \\$TF_CONFIG, found it unset"):
+        parse_tf_config()
+    with pytest.raises(StrategyError, match="not valid JSON.*found: '\\{cluster: oops'"):
+        parse_tf_config("{cluster: oops")
+    with pytest.raises(StrategyError, match="no 'worker' or 'chief' list; found roles \\['ps'\\]"):
+        parse_tf_config(json.dumps({"cluster": {"ps": ["h:1"]}, "task": {"type": "ps", "index": 0}}))
+    with pytest.raises(StrategyError, match="'host:port' strings; found \\['localhost'\\]"):
+        parse_tf_config(json.dumps({"cluster": {"worker": ["localhost"]}, "task": {"type": "worker", "index": 0}}))
+    with pytest.raises(StrategyError, match="no task .*found task=None"):
+        parse_tf_config(json.dumps({"cluster": {"worker": ["h:1"]}}))
+    with pytest.raises(StrategyError, match="index 2 is out of range: cluster\\['worker'\\] has 2 address"):
+        parse_tf_config(json.dumps({"cluster": {"worker": ["h:1", "h:2"]}, "task": {"type": "worker", "index": 2}}))
+    ok = parse_tf_config(json.dumps({"cluster": {"worker": ["h:1", "h:2"]}, "task": {"type": "worker", "index": 1}}))
+    assert ok["task"]["index"] == 1
+
+
+def test_multi_worker_with_bad_tf_config_fails_the_arm_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ablations.strategy import make_strategy
+
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": []}, "task": {"type": "worker", "index": 0}}')
+    with pytest.raises(StrategyError, match="index 0 is out of range: cluster\\['worker'\\] has 0"):
+        make_strategy(RuntimeConfig(strategy="multi_worker"))
+
+
+def test_unavailable_tpu_and_devices_are_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tensorflow as tf
+
+    from ablations.strategy import make_strategy
+
+    monkeypatch.delenv("TPU_NAME", raising=False)
+    with pytest.raises(StrategyError) as err:
+        make_strategy(RuntimeConfig(strategy="tpu"))
+    msg = str(err.value)
+    assert "no TPU could be started" in msg and "runtime.tpu=None" in msg and "CPU:0" in msg
+    assert "TensorFlow said:" in msg
+    with pytest.raises(StrategyError, match="runtime.device '/gpu:7' is not available; found: .*CPU:0"):
+        make_strategy(RuntimeConfig(strategy="one_device", device="/gpu:7"))
+    if not tf.config.list_logical_devices("GPU"):  # auto: no TPU hint, no GPUs -> the default strategy
+        assert make_strategy(RuntimeConfig(strategy="auto")) is tf.distribute.get_strategy()
+    one = make_strategy(RuntimeConfig(strategy="one_device", device="cpu:0"))
+    assert one.extended.worker_devices[0].endswith("CPU:0")
+
+
+def test_logical_cpus_after_tensorflow_started_is_a_clear_error() -> None:
+    import tensorflow as tf
+
+    from ablations.strategy import configure_devices
+
+    tf.constant(1.0) + 1.0  # TensorFlow is now initialised in this process
+    have = len(tf.config.list_logical_devices("CPU"))
+    configure_devices(RuntimeConfig(logical_cpus=have))  # what is already there is fine
+    with pytest.raises(StrategyError, match=f"logical_cpus: {have + 3} was requested.*already initialised"):
+        configure_devices(RuntimeConfig(logical_cpus=have + 3))
+
+
+def test_runtime_config_is_strict() -> None:
+    with pytest.raises(ConfigError, match="runtime.strategy.*'auto', 'default', 'one_device', 'mirrored'"):
+        parse_experiment({"name": "x", "runtime": {"strategy": "gpu"}})
+    with pytest.raises(ConfigError, match="runtime.precision.*'float32', 'mixed_float16' or 'mixed_bfloat16'"):
+        parse_experiment({"name": "x", "runtime": {"precision": "fp16"}})
+    with pytest.raises(ConfigError, match="runtime.devices is for strategy mirrored"):
+        parse_experiment({"name": "x", "runtime": {"devices": ["/gpu:0"]}})
+    with pytest.raises(ConfigError, match="unknown key 'runtime.device_count'"):
+        parse_experiment({"name": "x", "runtime": {"device_count": 2}})
+
+
+def test_mixed_float16_statistics_are_unscaled(tfds_dir: str, tmp_path: Path) -> None:
+    """Loss-scaled gradients are divided by the loss scale before statistics: norms match float32 (1e-2)."""
+    import keras
+
+    from ablations.runner import run_arm
+
+    out = {}
+    for precision in ("float32", "mixed_float16"):
+        arm = parse_experiment(tiny({"precision": precision}, epochs=1)).arms()[0]
+        summary = run_arm(arm, tmp_path / precision)
+        assert summary["status"] == "completed", summary
+        out[precision] = pd.read_parquet(tmp_path / precision / "params.parquet")
+        assert keras.mixed_precision.global_policy().name == "float32"  # restored after the arm
+    net = keras.saving.load_model(tmp_path / "mixed_float16" / "final.keras")
+    assert net.get_layer("block_000_linear").dtype_policy.name == "mixed_float16"  # really ran in float16
+    a, b = out["float32"], out["mixed_float16"]
+    step0 = (a.step == 0) & (a.grad_norm > 0)
+    # Without unscaling the mixed norms would be 2**15 times larger (Keras' initial loss scale).
+    np.testing.assert_allclose(b.grad_norm[step0], a.grad_norm[step0], rtol=1e-2)
+    np.testing.assert_allclose(b.update_norm[step0], a.update_norm[step0], rtol=1e-2)
+
+
+@pytest.mark.slow
+def test_multi_worker_two_processes_on_loopback(tfds_dir: str, tmp_path: Path) -> None:
+    """MultiWorkerMirroredStrategy, 2 local processes: the arm finishes and both hold identical weights."""
+    import keras
+
+    from ablations.sweep import free_port
+
+    cfg = tmp_path / "mw.yaml"
+    cfg.write_text(json.dumps(tiny({"strategy": "multi_worker"})))
+    ports = [free_port(), free_port()]
+    while ports[1] == ports[0]:
+        ports[1] = free_port()
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    try:
+        for i in range(2):
+            env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})}
+            procs.append(subprocess.Popen([sys.executable, "-m", "ablations", "run", str(cfg), "--out",
+                                           str(tmp_path / "runs"), "--no-report"], cwd=ROOT, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        logs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    root = tmp_path / "runs" / "s"
+    chief = root / "arms" / "seed=0"
+    other = root / ".multi_worker" / "worker-1" / "arms" / "seed=0"
+    assert json.loads((chief / "summary.json").read_text())["status"] == "completed"
+    assert not (root / "arms" / ".multi_worker").exists()
+    w0 = keras.saving.load_model(chief / "final.keras").get_weights()
+    w1 = keras.saving.load_model(other / "final.keras").get_weights()
+    for x, y in zip(w0, w1):
+        np.testing.assert_array_equal(x, y)
+    assert len(pd.read_parquet(chief / "params.parquet")) > 0

@@ -1,0 +1,115 @@
+"""`ablate tune`: searches complete and resume, best.yaml runs, per-arm tuning, pruning, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ablations import store
+from ablations.config import ConfigError, load_experiment, parse_experiment
+from ablations.tune import read_trials, run_search
+
+BASE = {
+    "name": "t",
+    "model": {"arch": "plain_mlp", "depth": 2, "width": 8, "activation": "relu"},
+    "train": {"epochs": 1, "optimizer": {"name": "sgd", "learning_rate": 0.05}},
+    "data": {"max_train_examples": 256, "batch_size": 64},
+}
+
+
+def _exp(**search):
+    raw = json.loads(json.dumps(BASE))
+    raw["search"] = {"tuner": "random", "objective": "val_loss", "max_trials": 3,
+                     "space": {"train.optimizer.learning_rate": {"log_uniform": [1e-3, 0.5]}}, **search}
+    return raw
+
+
+def test_random_search_completes_resumes_and_writes_best_yaml(tfds_dir: str, tmp_path: Path) -> None:
+    exp = parse_experiment(_exp())
+    result = run_search(exp, tmp_path)
+    sroot = tmp_path / "t" / "search"
+    trials = read_trials(sroot)
+    assert len(trials) == 3 and all(t["status"] == "completed" for t in trials)
+    for t in trials:  # every trial is an arm folder with its layer statistics
+        arm = sroot / "arms" / t["arms"][0]
+        assert store.read_summary(arm)["status"] == "completed"
+        assert (arm / "params.parquet").exists() and (arm / "blocks.parquet").exists()
+    best = min(trials, key=lambda t: t["val_loss"])
+    assert result["points"][0]["best"]["trial"] == best["trial"]
+    best_exp = load_experiment(result["best_yaml"])  # validates, and is runnable by `ablate run`
+    assert best_exp.search is None
+    assert best_exp.train.optimizer.learning_rate == pytest.approx(best["values"]["train.optimizer.learning_rate"])
+
+    before = {p: p.stat().st_mtime_ns for p in sroot.glob("arms/*/summary.json")}
+    run_search(exp, tmp_path)  # resume: nothing is trained again
+    assert {p: p.stat().st_mtime_ns for p in sroot.glob("arms/*/summary.json")} == before
+    assert len(read_trials(sroot)) == 3
+
+
+def test_pruning_stops_a_vanishing_trial_early(tfds_dir: str, tmp_path: Path) -> None:
+    raw = _exp(max_trials=1, space={"model.activation": {"choice": ["sigmoid"]}},
+               prune={"vanishing_at_init": True, "check_steps": 2})
+    raw["model"].update(depth=14, width=16)
+    raw["train"]["epochs"] = 3
+    run_search(parse_experiment(raw), tmp_path)
+    (trial,) = read_trials(tmp_path / "t" / "search")
+    assert trial["status"] == "pruned" and "vanishing at init" in trial["reason"]
+    summary = store.read_summary(tmp_path / "t" / "search" / "arms" / trial["arms"][0])
+    assert summary["status"] == "pruned" and summary["steps"] < 3 * (256 // 64)  # stopped early
+    assert "first/last ratio" in summary["pruned_reason"]
+
+
+def test_per_arm_tuning_runs_every_grid_point_with_its_best_values(tfds_dir: str, tmp_path: Path) -> None:
+    raw = _exp(max_trials=2, per_arm=True)
+    raw["grid"] = {"model.activation": ["relu", "tanh"]}
+    raw["seeds"] = [0, 1]
+    result = run_search(parse_experiment(raw), tmp_path)
+    assert [p["label"] for p in result["points"]] == ["activation=relu", "activation=tanh"]
+    final = {s["arm_id"]: s for s in result["final"]}
+    assert sorted(final) == ["activation=relu,seed=0", "activation=relu,seed=1", "activation=tanh,seed=0",
+                             "activation=tanh,seed=1"]
+    for point in result["points"]:
+        lr = point["best"]["values"]["train.optimizer.learning_rate"]
+        for seed in (0, 1):
+            arm = tmp_path / "t" / "final" / "arms" / f"{point['label']},seed={seed}"
+            cfg = yaml.safe_load((arm / "arm.yaml").read_text())
+            assert cfg["train"]["optimizer"]["learning_rate"] == pytest.approx(lr)
+    bests = yaml.safe_load((tmp_path / "t" / "best.yaml").read_text())
+    assert len(bests) == 2
+
+
+@pytest.mark.parametrize("space,objective,needle", [
+    ({"train.optimizer.learnin_rate": {"log_uniform": [1e-3, 1]}}, "val_loss", "Did you mean 'learning_rate'"),
+    ({"train.optimizer.learning_rate": {"uniform": [0.5, 0.1]}}, "val_loss", "low 0.5 must be < high 0.1"),
+    ({"train.optimizer.learning_rate": {"log_uniform": [0, 1]}}, "val_loss", "cannot include 0"),
+    ({"train.epochs": {"int": [0, 3]}}, "val_loss", "'train.epochs': Input should be greater than 0"),
+    ({"train.optimizer.learning_rate": {"log_uniform": [1e-3, 1]}}, "val_acc", "objective 'val_acc' is not recorded"),
+    ({}, "val_loss", "search.space is empty"),
+])
+def test_bad_search_input_fails_before_training(space, objective, needle) -> None:
+    raw = _exp(objective=objective, space=space)
+    with pytest.raises(ConfigError, match="") as err:
+        parse_experiment(raw)
+    assert needle in str(err.value)
+
+
+def test_tune_without_search_section_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    from ablations.cli import main
+
+    cfg = tmp_path / "n.yaml"
+    cfg.write_text("name: n\nmodel: {depth: 1, width: 8}\n")
+    assert main(["tune", str(cfg), "--out", str(tmp_path)]) == 2
+    assert "no `search:` section" in capsys.readouterr().out
+
+
+def test_unknown_model_option_in_space_is_refused(tmp_path: Path, capsys) -> None:
+    from ablations.cli import main
+
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("name: m\nmodel: {depth: 1, width: 8}\n"
+                   "search: {space: {model.dpeth: {int: [1, 4]}}}\n")
+    assert main(["tune", str(cfg), "--out", str(tmp_path)]) == 2
+    assert "dpeth" in capsys.readouterr().out
