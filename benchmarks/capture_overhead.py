@@ -2,7 +2,8 @@
 
 Each case trains a plain model and a probed copy (same seed, same initial weights) in interleaved pairs;
 the step-time ratio of every pair is recorded and the median is reported, so machine noise (this is a
-shared 2-core CPU) hits both sides alike. Peak memory: on a GPU the allocator's peak
+shared 2-core CPU) hits both sides alike. The CPU time of the process (all threads) per step is reported
+too: on a loaded machine it is a steadier measure of the work than wall time. Peak memory: on a GPU the allocator's peak
 (``tf.config.experimental.get_memory_info``); on CPU, where TensorFlow exposes no allocator statistics,
 the extra bytes the probe holds (ring buffer + the pre-update weight copy of a captured step) relative to
 the model's weights and optimizer state, labelled "analytic".
@@ -49,8 +50,9 @@ CASES = [
     Case("mlp20x256 params every=1 spe=16", "plain_mlp", {"depth": 20, "width": 256}, 1, 16, False),
     Case("mlp20x256 full every=1 spe=16", "plain_mlp", {"depth": 20, "width": 256}, 1, 16, True),
     Case("mlp20x256 full every=16 spe=16", "plain_mlp", {"depth": 20, "width": 256}, 16, 16, True),
-    Case("resnet20 full every=1 spe=1", "resnet_cnn", {"depth": 20}, 1, 1, True),
-    Case("resnet20 full every=16 spe=16", "resnet_cnn", {"depth": 20}, 16, 16, True),
+    # resnet_cnn counts residual blocks: ResNet-20 (6n+2 layers, n = 3 per stage) is depth 9.
+    Case("resnet20 full every=1 spe=1", "resnet_cnn", {"depth": 9}, 1, 1, True),
+    Case("resnet20 full every=16 spe=16", "resnet_cnn", {"depth": 9}, 16, 16, True),
 ]
 
 
@@ -85,10 +87,11 @@ def _models(case: Case, seed: int = 0):
     return plain, probed, lambda: [DrainCallback(256, 10_000)]
 
 
-def _timed_fit(model, ds, steps: int, callbacks) -> float:
-    t0 = time.perf_counter()
+def _timed_fit(model, ds, steps: int, callbacks) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) per step."""
+    t0, c0 = time.perf_counter(), time.process_time()
     model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=callbacks, shuffle=False)
-    return (time.perf_counter() - t0) / steps
+    return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
 
 
 def _analytic_memory(plain, probed) -> float:
@@ -115,17 +118,18 @@ def run_case(case: Case, pairs: int, steps: int, batch: int) -> dict[str, Any]:
     _timed_fit(plain, ds, steps, [])  # warm-up: tracing and compilation
     _timed_fit(probed, ds, steps, cbs())
     gpu = bool(tf.config.list_logical_devices("GPU"))
-    ratios, t_plain, t_probe, mem = [], [], [], []
+    ratios, cpu_ratios, t_plain, t_probe, mem = [], [], [], [], []
     for i in range(pairs):
         order = [(plain, []), (probed, cbs())] if i % 2 == 0 else [(probed, cbs()), (plain, [])]
-        times = {}
+        times, cpu = {}, {}
         for model, cb in order:
             if gpu:
                 tf.config.experimental.reset_memory_stats("GPU:0")
-            times[model is probed] = _timed_fit(model, ds, steps, cb)
+            times[model is probed], cpu[model is probed] = _timed_fit(model, ds, steps, cb)
             if gpu:
                 mem.append((model is probed, tf.config.experimental.get_memory_info("GPU:0")["peak"]))
         ratios.append(times[True] / times[False])
+        cpu_ratios.append(cpu[True] / cpu[False])
         t_plain.append(times[False])
         t_probe.append(times[True])
     if gpu:
@@ -134,7 +138,8 @@ def run_case(case: Case, pairs: int, steps: int, batch: int) -> dict[str, Any]:
     else:
         mem_ratio, mem_kind = _analytic_memory(plain, probed), "analytic"
     return {**asdict(case), "pairs": pairs, "steps": steps, "ratio_median": statistics.median(ratios),
-            "ratios": ratios, "ms_per_step_plain": 1e3 * statistics.median(t_plain),
+            "ratios": ratios, "cpu_ratio_median": statistics.median(cpu_ratios), "cpu_ratios": cpu_ratios,
+            "ms_per_step_plain": 1e3 * statistics.median(t_plain),
             "ms_per_step_probed": 1e3 * statistics.median(t_probe), "memory_ratio": mem_ratio,
             "memory_kind": mem_kind, "target": TARGETS.get(case.target_key)}
 
@@ -163,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"running {case.name} ...", highlight=False)
         results.append(run_case(case, args.pairs, args.steps, args.batch))
     t = Table(title=f"capture overhead: median step-time ratio probe / plain fit over {args.pairs} pairs")
-    for col in ("case", "plain ms/step", "probe ms/step", "ratio (median)", "ratios", "target", "memory ratio"):
+    for col in ("case", "plain ms/step", "probe ms/step", "wall ratio (median)", "wall ratios", "CPU-time ratio",
+                "target", "memory ratio"):
         t.add_column(col, justify="left" if col == "case" else "right")
     ok = True
     for r in results:
@@ -172,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         t.add_row(r["name"], f"{r['ms_per_step_plain']:.2f}", f"{r['ms_per_step_probed']:.2f}",
                   f"[{'green' if met else 'red'}]{r['ratio_median']:.3f}x[/]",
                   " ".join(f"{x:.2f}" for x in r["ratios"]),
+                  f"{r['cpu_ratio_median']:.3f}x ({' '.join(f'{x:.2f}' for x in r['cpu_ratios'])})",
                   f"<= {r['target']:.2f}x" if r["target"] else "-",
                   f"{r['memory_ratio']:.3f}x ({r['memory_kind']})")
     console.print(t)

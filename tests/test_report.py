@@ -223,6 +223,8 @@ def test_comparison_of_two_runs_side_by_side(tiny, tmp_path: Path, monkeypatch: 
     exp = yaml.safe_load((other / "experiment.yaml").read_text())
     (other / "experiment.yaml").write_text(yaml.safe_dump({**exp, "name": "tiny_b"}))
     for arm in (other / "arms").iterdir():  # synthetic dL/dh_t halving per time step, 3 steps, 5 time steps
+        summary = json.loads((arm / "summary.json").read_text())
+        (arm / "summary.json").write_text(json.dumps({**summary, "baseline_loss": 2.3}))  # drawn when present
         if (arm / "history.parquet").exists():
             t = np.arange(5)
             pd.DataFrame([{"step": s, "layer": "rnn", "t": i, "act_grad_norm": 0.5 ** (4 - i)}
@@ -261,3 +263,31 @@ def test_plan_moves_an_axis_to_columns_when_colours_run_out() -> None:
     assert len(plan.hue_order) <= MAX_HUES
     run.axes = ["model.depth", "model.activation"]
     assert plan_for(run).col is None
+
+
+def test_comparison_fills_an_axis_the_other_run_pinned() -> None:
+    """Run A varies depth and a bundled model axis; run B pinned both: B's arms get their own settings."""
+    from ablations.report.data import RunData, merge_runs
+    from ablations.report.plotting import plan_for
+
+    def run(name: str, values: list[dict], configs: dict[str, dict], axes: list[str]) -> RunData:
+        summaries = [{"arm_id": f"a{i}", "seed": 0, "values": v} for i, v in enumerate(values)]
+        blocks = pd.DataFrame([{"arm_id": f"a{i}", "seed": 0, "step": 0, "depth": 0, **{k: (json.dumps(x) if
+                               isinstance(x, dict) else x) for k, x in v.items()}} for i, v in enumerate(values)])
+        return RunData(root=Path(name), experiment={"name": name}, experiment_yaml="", summaries=summaries,
+                       history=pd.DataFrame(), epochs=pd.DataFrame(), params=pd.DataFrame(), blocks=blocks,
+                       axes=axes, arm_configs={f"a{i}": c for i, c in enumerate(configs)})
+
+    a = run("A", [{"model": {"arch": "plain_mlp"}, "model.depth": 4},
+                  {"model": {"arch": "resnet_mlp", "branch_scale": 0.5}, "model.depth": 8}],
+            [{"model": {"arch": "plain_mlp", "depth": 4}}, {"model": {"arch": "resnet_mlp", "depth": 8,
+                                                                      "branch_scale": 0.5}}], ["model", "model.depth"])
+    b = run("B", [{}], [{"model": {"arch": "resnet_mlp", "depth": 8, "branch_scale": 0.5, "width": 3}}], [])
+    merged = merge_runs([a, b])
+    assert merged.axes == ["run", "model", "model.depth"]
+    assert merged.summaries[2]["values"] == {"run": "B", "model": {"arch": "resnet_mlp", "branch_scale": 0.5},
+                                             "model.depth": 8}
+    assert list(merged.blocks["model.depth"]) == [4, 8, 8]
+    plan = plan_for(merged)
+    assert plan.labels["B/a0"] == plan.labels["A/a1"] == "model=resnet_mlp+0.5"  # same colour in both runs
+    assert plan.col == "run" and plan.row == "model.depth" and plan.rows["B/a0"] == 8

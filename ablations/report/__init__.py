@@ -57,7 +57,8 @@ def _slugs(arm_ids: list[str]) -> dict[str, str]:
 
 def _default_out(run: RunData) -> Path:
     if len(run.sources) > 1:
-        return Path("reports") / ("compare_" + "_vs_".join(re.sub(r"[^A-Za-z0-9._-]+", "_", p.name) for p in run.sources))
+        names = (re.sub(r"[^A-Za-z0-9._-]+", "_", p.name) for p in run.sources)
+        return Path("reports") / ("compare_" + "_vs_".join(names))
     return Path("reports") / run.name
 
 

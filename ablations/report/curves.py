@@ -6,17 +6,30 @@ Same signature as every figure function: ``fn(run, plan, out) -> Figure | None``
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from ablations.report.data import RunData
-from ablations.report.plotting import (BAND_NOTE, Figure, Plan, band, downsample_steps, facet_lines, finite,
-                                       keep_cols, save, wants_log, with_panels)
+from ablations.report.plotting import (BAND_NOTE, ROW_LABEL, Figure, Plan, band, baseline_lines, downsample_steps,
+                                       facet_lines, finite, keep_cols, save, wants_log, with_panels)
 
 
 def _depth_as_columns(plan: Plan) -> tuple[str | None, str | None]:
     """Curves share the x axis (steps/epochs), so network depth goes to columns and any column axis to rows."""
-    return (plan.col, plan.row) if plan.col else (None, plan.row)
+    return ("col", plan.row) if plan.col else (None, plan.row)
+
+
+def _add_legend_entries(g: Any, entries: dict[str, Any]) -> None:
+    """Appends entries (e.g. the trivial-predictor line) to the figure legend made by facet_lines."""
+    if not entries or not g.figure.legends:
+        return
+    old = g.figure.legends[-1]
+    handles = old.legend_handles + list(entries.values())
+    labels = [t.get_text() for t in old.get_texts()] + list(entries)
+    title = old.get_title().get_text()
+    old.remove()
+    g.figure.legend(handles, labels, title=title, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
 
 
 def loss_curves(run: RunData, plan: Plan, out: Path) -> Figure | None:
@@ -31,8 +44,9 @@ def loss_curves(run: RunData, plan: Plan, out: Path) -> Figure | None:
     col_order = plan.row_order if col == plan.row else None
     g = facet_lines(agg, plan, "step", "loss", row=row, col=col, col_order=col_order, log=log, marker=None,
                     height=2.8, aspect=1.3)
-    g.set_titles(row_template="{row_var} = {row_name}",
-                 col_template="{col_var} = {col_name}" if col == plan.row else "{col_name}")
+    g.set_titles(row_template="{row_name}" if row in (ROW_LABEL, "col") else "{row_var} = {row_name}",
+                 col_template="{col_var} = {col_name}" if col == plan.row and plan.row_is_depth else "{col_name}")
+    _add_legend_entries(g, baseline_lines(run, g, data, row, col))
     g.set_axis_labels("optimizer step", "training loss (batch mean)")
     binned = " Steps are binned for long runs." if data["step"].nunique() < h["step"].nunique() else ""
     return save(g, out, "loss_curves", keep_cols(h, plan, "step", "epoch", "loss"), "Training loss per step",
@@ -42,7 +56,8 @@ def loss_curves(run: RunData, plan: Plan, out: Path) -> Figure | None:
 
 def _epoch_long(e: pd.DataFrame) -> pd.DataFrame:
     """epochs.parquet (loss, accuracy, val_loss, val_accuracy, ...) -> rows of (epoch, metric, split, value)."""
-    metrics = [c for c in e.columns if not c.startswith("val_") and (c in ("loss", "accuracy") or f"val_{c}" in e.columns)]
+    metrics = [c for c in e.columns
+               if not c.startswith("val_") and (c in ("loss", "accuracy") or f"val_{c}" in e.columns)]
     parts = []
     for m in metrics:
         for split, colname in (("train", m), ("validation", f"val_{m}")):
@@ -73,6 +88,7 @@ def epoch_curves(run: RunData, plan: Plan, out: Path) -> Figure | None:
             ax.set_yscale("log")
     for ax in g.axes[-1, :]:
         ax.set_xlabel("epoch")
+    _add_legend_entries(g, baseline_lines(run, g, data, plan.row, col, only=lambda d: (d["metric"] == "loss").all()))
     return save(g, out, "epoch_curves", keep_cols(data, plan, "epoch", "metric", "split", "value"),
                 "Loss and accuracy per epoch",
                 "Keras epoch-end metrics: solid lines on the training split (running mean over the epoch), dashed "

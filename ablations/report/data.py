@@ -125,19 +125,61 @@ def merge_runs(runs: list[RunData]) -> RunData:
             if not df.empty:
                 frames[t].append(df.assign(arm_id=df["arm_id"].map(rename), **{RUN_AXIS: name}))
     order = {s["arm_id"]: i for i, s in enumerate(summaries)}
+    axes = [RUN_AXIS] + list(dict.fromkeys(a for r in runs for a in r.axes))
+    filled = _fill_axes(summaries, configs, axes[1:])
     tables = {}
     for t, parts in frames.items():
         df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
         if not df.empty:
             df["arm_order"] = df["arm_id"].map(order)
+            for axis, values in filled.items():  # same columns as store.load_table writes
+                fill = df["arm_id"].map(values)
+                df[axis] = fill.where(fill.notna(), df[axis]) if axis in df else fill
         tables[t] = df
-    axes = [RUN_AXIS] + list(dict.fromkeys(a for r in runs for a in r.axes))
     title = " vs ".join(names)
     yaml_text = "\n".join(f"# ---- {name} ({r.root})\n{r.experiment_yaml}" for name, r in zip(names, runs))
     descriptions = [f"{name}: {r.experiment.get('description', '')}".strip() for name, r in zip(names, runs)]
     return RunData(root=runs[0].root, experiment={"name": title, "description": "\n".join(descriptions)},
                    experiment_yaml=yaml_text, summaries=summaries, axes=axes, arm_configs=configs,
                    errors=errors, sources=[r.root for r in runs], **tables)
+
+
+def _lookup(cfg: dict[str, Any], dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    return node
+
+
+def _fill_axes(summaries: list[dict[str, Any]], configs: dict[str, dict[str, Any]],
+               axes: list[str]) -> dict[str, dict[str, Any]]:
+    """Gives every arm a value on every axis of a comparison: a run that did not vary an axis gets its
+    arm's resolved setting (``model.depth`` pinned at 8 in one run becomes depth=8), so both runs share
+    rows, columns and colours. A bundled axis (mapping values) takes the same keys from the arm's section.
+    Fills ``values`` in place; returns ``{axis: {arm_id: table value}}`` for the arms filled."""
+    filled: dict[str, dict[str, Any]] = {}
+    for axis in axes:
+        known = [s["values"][axis] for s in summaries if axis in s["values"]]
+        keys = list(dict.fromkeys(k for v in known if isinstance(v, dict) for k in v))
+        for s in summaries:
+            if axis in s["values"]:
+                continue
+            cfg = configs.get(s["arm_id"], {})
+            try:
+                if keys:
+                    section = _lookup(cfg, axis)
+                    value: Any = {k: section[k] for k in keys if k in section}
+                    if not value:
+                        continue
+                else:
+                    value = _lookup(cfg, axis)
+            except KeyError:
+                continue
+            s["values"][axis] = value
+            filled.setdefault(axis, {})[s["arm_id"]] = json.dumps(value) if isinstance(value, (dict, list)) else value
+    return filled
 
 
 def short_names(keys: list[str]) -> dict[str, str]:

@@ -17,7 +17,8 @@ from matplotlib.lines import Line2D
 from ablations.diagnose import block_kernels
 from ablations.report.data import RunData
 from ablations.report.plotting import (BAND_NOTE, SEQUENTIAL, WHENS, Figure, Plan, band, downsample_steps,
-                                       facet_lines, finite, keep_cols, moments, save, wants_log, with_panels)
+                                       facet_lines, finite, keep_cols, moments, panels, save, wants_log,
+                                       with_panels)
 from ablations.report.stats import arm_decay
 
 STALL_RATIO = 1e-3  # update/weight ratio below which a layer is barely learning (LITERATURE.md 15)
@@ -37,7 +38,10 @@ def _vs_depth(run: RunData, plan: Plan, out: Path, data: pd.DataFrame, y: str, k
     data = moments(data)
     col, col_order = with_panels(data, plan, "when", WHENS)
     agg = band(data, "depth", y, [plan.hue, plan.row, col], log)
-    g = facet_lines(agg, plan, "depth", y, col=col, col_order=col_order, log=log)
+    extra = None
+    if hline is not None:
+        extra = {f"ratio {hline:.0e}".replace("e-0", "e-"): Line2D([], [], color="0.35", ls="--", lw=1)}
+    g = facet_lines(agg, plan, "depth", y, col=col, col_order=col_order, log=log, extra_legend=extra)
     for ax in g.axes.flat:
         if hline is not None:
             ax.axhline(hline, color="0.35", ls="--", lw=1)
@@ -68,7 +72,8 @@ def update_ratio_vs_depth(run: RunData, plan: Plan, out: Path) -> Figure | None:
     return _vs_depth(run, plan, out, block_kernels(run.params), "update_ratio", "update_ratio_vs_depth",
                      "||ΔW|| / ||W|| (ratio)", "Update-to-weight ratio by depth",
                      "Norm of the update the optimizer applied over the weight norm, per block kernel. Below the "
-                     "dashed 1e-3 line a layer is barely learning.", log=True, hline=STALL_RATIO)
+                     "dashed 1e-3 line a layer is barely learning; a missing point is an update that changed "
+                     "nothing at all (below float32 resolution).", log=True, hline=STALL_RATIO)
 
 
 def saturation_vs_depth(run: RunData, plan: Plan, out: Path) -> Figure | None:
@@ -119,12 +124,7 @@ def sigmoid_theory(run: RunData, plan: Plan, out: Path) -> Figure | None:
     g = facet_lines(agg, plan, "depth", "relative", col=col, col_order=col_order, log=True,
                     extra_legend={"sigmoid bound 0.25^(L-1-i)": Line2D([], [], color="black", ls="--", lw=1.2)})
     theory = []
-    for key, ax in g.axes_dict.items():
-        keys = key if isinstance(key, tuple) else (key,)
-        facets = [f for f in (plan.row, col) if f]
-        sel = data
-        for f, v in zip(facets, keys):
-            sel = sel[sel[f] == v]
+    for ax, sel in panels(g, data, plan.row, col):
         if sel.empty:
             continue
         depth = int(sel["depth"].max()) + 1
@@ -150,7 +150,7 @@ def gradient_heatmaps(run: RunData, plan: Plan, out: Path) -> Figure | None:
         return None
     first_seed = {}
     for s in run.summaries:  # one arm per grid point: the first seed, in sweep order
-        key = (plan.labels[s["arm_id"]], str(s.get("values", {}).get(plan.row)), plan.cols[s["arm_id"]])
+        key = (plan.labels[s["arm_id"]], str(plan.rows[s["arm_id"]]), plan.cols[s["arm_id"]])
         first_seed.setdefault(key, s["arm_id"])
     arms = [a for a in first_seed.values() if (k["arm_id"] == a).any()]
     shown, omitted = arms[:MAX_HEATMAPS], len(arms) - MAX_HEATMAPS
@@ -197,7 +197,7 @@ def decay_rate_summary(run: RunData, plan: Plan, out: Path) -> Figure | None:
     if d.empty:
         return None
     meta = pd.DataFrame([{"arm_id": s["arm_id"], "seed": s.get("seed"), "arm": plan.labels[s["arm_id"]],
-                          **({plan.row: s["values"].get(plan.row)} if plan.row else {}),
+                          **({plan.row: plan.rows[s["arm_id"]]} if plan.row else {}),
                           "col": plan.cols[s["arm_id"]]} for s in run.summaries])
     long = d.melt(id_vars="arm_id", value_vars=["decay_init", "decay_end"], var_name="when", value_name="decay")
     long["when"] = long["when"].map({"decay_init": "init", "decay_end": "end"})
@@ -205,14 +205,15 @@ def decay_rate_summary(run: RunData, plan: Plan, out: Path) -> Figure | None:
     if data.empty:
         return None
     col, col_order = with_panels(data, plan, "when", ["init", "end"])
-    x = plan.row if plan.row else "arm"
+    x = plan.row if plan.row_is_depth else "arm"
     labels = [h for h in plan.hue_order if h in set(data["arm"])]
     if x == "arm":  # no network-depth axis: one position per grid point
         data["x"] = data["arm"].map({h: i for i, h in enumerate(labels)})
     else:
         data["x"] = data[plan.row]
-    agg = band(data, "x", "decay", [plan.hue, col], log=False)
-    g = facet_lines(agg, plan, "x", "decay", row=None, col=col, col_order=col_order, height=2.8, aspect=1.3)
+    row = None if plan.row_is_depth else plan.row  # network depth is the x axis here
+    agg = band(data, "x", "decay", [plan.hue, col, row], log=False)
+    g = facet_lines(agg, plan, "x", "decay", row=row, col=col, col_order=col_order, height=2.8, aspect=1.3)
     for ax in g.axes.flat:
         ax.axhline(0, color="0.35", lw=0.8)
         if x == "arm":

@@ -7,7 +7,8 @@ Layout rule (every run-level figure follows it, so arms look the same everywhere
   depth have different x ranges;
 * the other varying axes combine into the **hue** (one colour per grid point, in sweep order); when that
   would give more than :data:`MAX_HUES` colours, the axis with the fewest values moves to the facet
-  **columns** (in a comparison of runs, the ``run`` axis always does: runs side by side, same y axis);
+  **columns** (in a comparison of runs, the ``run`` axis always does: runs side by side, same y axis), and
+  if there is no depth axis and colours still run out, the next fewest-valued axis takes the **rows**;
 * seeds are aggregated: the line is the mean over seeds (geometric mean on log axes) and the band spans
   the lowest to the highest seed. Aggregates are computed with one pandas ``groupby`` rather than
   Seaborn's per-point bootstrap, which kept a 50-arm report from rendering in under a minute.
@@ -35,6 +36,7 @@ from ablations.report.data import RUN_AXIS, RunData, short_names  # noqa: E402
 PALETTE = "colorblind"  # colour-blind-safe (seaborn's 10-colour variant of Wong 2011 / Okabe-Ito)
 SEQUENTIAL = "viridis"  # perceptually uniform and colour-blind-safe, for heatmaps and "step" colours
 MAX_HUES = 6  # more lines than this per panel stop being readable
+ROW_LABEL = "row"  # label column of a non-depth axis shown as facet rows
 DPI = 90
 DASHES = ["-", "--", ":", "-."]
 WHENS = ["init", "middle", "end"]
@@ -60,14 +62,19 @@ class Plan:
     hue: str  # column holding each arm's hue label ("arm")
     hue_order: list[str]
     palette: dict[str, Any]
-    row: str | None  # column for facet rows (the network depth axis)
+    row: str | None  # column for facet rows: the network-depth axis, or ROW_LABEL (see plan_for)
     row_order: list[Any]
     col: str | None  # grid axis shown as facet columns, or None
     col_order: list[str]  # labels in column "col"
     labels: dict[str, str]  # arm_id -> hue label
     cols: dict[str, str]  # arm_id -> column label ("" without a column axis)
     short: dict[str, str]  # arm_id -> its values on every varying axis but seeds, without names (panel titles)
+    rows: dict[str, Any]  # arm_id -> its value in column ``row`` (None without rows)
     hue_title: str = "arm"
+
+    @property
+    def row_is_depth(self) -> bool:
+        return self.row is not None and self.row != ROW_LABEL
 
 
 def value_text(v: Any) -> str:
@@ -81,8 +88,8 @@ def _n_values(run: RunData, axis: str) -> int:
 
 
 def plan_for(run: RunData) -> Plan:
-    """Chooses rows, columns and hue from the axes that vary; adds ``arm`` and ``col`` label columns to
-    every table of ``run`` (in place)."""
+    """Chooses rows, columns and hue from the axes that vary; adds ``arm`` and ``col`` (and ``row`` when a
+    non-depth axis takes the rows) label columns to every table of ``run`` (in place)."""
     axes = run.axes
     names = short_names(axes)
     depth_axis = next((a for a in axes if a.endswith(".depth") or a == "depth"), None)
@@ -93,23 +100,33 @@ def plan_for(run: RunData) -> Plan:
     elif len(others) >= 2 and math.prod(_n_values(run, a) for a in others) > MAX_HUES:
         col_axis = min(reversed(others), key=lambda a: _n_values(run, a))
     hue_axes = [a for a in others if a != col_axis]
+    row_axis = None  # without a depth axis, rows are free for a second axis when colours still run out
+    if depth_axis is None and len(hue_axes) >= 2 and math.prod(_n_values(run, a) for a in hue_axes) > MAX_HUES:
+        row_axis = min(reversed(hue_axes), key=lambda a: _n_values(run, a))
+        hue_axes.remove(row_axis)
 
     def label(s: dict[str, Any], keys: list[str]) -> str:
         return " / ".join(f"{names[a]}={value_text(s.get('values', {}).get(a))}" for a in keys)
 
     labels = {s["arm_id"]: label(s, hue_axes) if hue_axes else "all arms" for s in run.summaries}
     cols = {s["arm_id"]: label(s, [col_axis]) if col_axis else "" for s in run.summaries}
+    if depth_axis:
+        rows = {s["arm_id"]: s["values"].get(depth_axis) for s in run.summaries}
+        row_order = sorted({v for v in rows.values() if v is not None})
+    else:
+        rows = {s["arm_id"]: label(s, [row_axis]) if row_axis else None for s in run.summaries}
+        row_order = list(dict.fromkeys(rows.values())) if row_axis else []
     for t in ("history", "epochs", "params", "blocks", "time_grads"):
         df = run.table(t)
         if not df.empty:
             df["arm"] = df["arm_id"].map(labels)
             df["col"] = df["arm_id"].map(cols)
+            if row_axis:
+                df[ROW_LABEL] = df["arm_id"].map(rows)
     hue_order = list(dict.fromkeys(labels[s["arm_id"]] for s in run.summaries))
     colours = sns.color_palette(PALETTE, max(len(hue_order), 1))
-    row_order = sorted({s["values"].get(depth_axis) for s in run.summaries if s["values"].get(depth_axis) is not None}) \
-        if depth_axis else []
-    return Plan(hue="arm", hue_order=hue_order, palette=dict(zip(hue_order, colours)), row=depth_axis,
-                row_order=row_order, col=col_axis,
+    return Plan(hue="arm", hue_order=hue_order, palette=dict(zip(hue_order, colours)),
+                row=depth_axis or (ROW_LABEL if row_axis else None), row_order=row_order, col=col_axis, rows=rows,
                 col_order=list(dict.fromkeys(cols[s["arm_id"]] for s in run.summaries)) if col_axis else [],
                 labels=labels, cols=cols,
                 short={s["arm_id"]: " · ".join(value_text(s.get("values", {}).get(a)) for a in axes) or "all arms"
@@ -169,7 +186,8 @@ def downsample_steps(df: pd.DataFrame, max_points: int = 300) -> pd.DataFrame:
     return df.assign(step=(df["step"] // width) * width)
 
 
-def with_panels(df: pd.DataFrame, plan: Plan, inner: str | None, inner_order: Sequence[str]) -> tuple[str | None, list[str]]:
+def with_panels(df: pd.DataFrame, plan: Plan, inner: str | None,
+                inner_order: Sequence[str]) -> tuple[str | None, list[str]]:
     """Adds a ``panel`` column combining an inner facet (e.g. ``when``) with the plan's column axis."""
     if inner is None and plan.col is None:
         return None, []
@@ -228,7 +246,8 @@ def facet_lines(agg: pd.DataFrame, plan: Plan, x: str, y: str, *, row: str | Non
                 height: float = 2.6, aspect: float = 1.35, extra_legend: dict[str, Any] | None = None) -> sns.FacetGrid:
     """One line (with its seed band) per hue label in a grid of panels; returns the FacetGrid."""
     row = plan.row if row == "plan" else row
-    row_order = (plan.row_order or None) if row == plan.row else (sorted(agg[row].unique()) if row else None)
+    row_order = ((plan.row_order or None) if row == plan.row else plan.col_order if row == "col"
+                 else sorted(agg[row].unique()) if row else None)
     hue_order = [h for h in plan.hue_order if h in set(agg[plan.hue])]
     g = _Grid(agg, row=row, col=col, hue=plan.hue, hue_order=hue_order, palette=plan.palette,
               row_order=row_order, col_order=list(col_order) if col_order else None, height=height,
@@ -241,18 +260,48 @@ def facet_lines(agg: pd.DataFrame, plan: Plan, x: str, y: str, *, row: str | Non
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     legend = {h: Line2D([], [], color=plan.palette[h], lw=2) for h in hue_order}
     if style:
-        legend.update({str(s): Line2D([], [], color="0.3", ls=DASHES[i % len(DASHES)]) for i, s in enumerate(style_order)})
+        legend.update({str(s): Line2D([], [], color="0.3", ls=DASHES[i % len(DASHES)])
+                       for i, s in enumerate(style_order)})
     legend.update(extra_legend or {})
     # A figure legend right of the panels, kept in the PNG by save()'s tight bounding box. (FacetGrid.add_legend
     # draws the whole figure twice to resize it: a third of a 50-arm report's run-level drawing time.)
     g.figure.legend(list(legend.values()), list(legend), title=plan.hue_title, loc="center left",
                     bbox_to_anchor=(1.0, 0.5), frameon=False)
-    g.set_titles(row_template="{row_var} = {row_name}", col_template="{col_name}")
+    g.set_titles(row_template="{row_name}" if row == ROW_LABEL else "{row_var} = {row_name}", col_template="{col_name}")
     # Fixed gaps in inches (room for tick labels; outer margins are cropped by save()'s tight bounding box).
     w = height * aspect
     g.figure.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.98, hspace=0.45 / (height - 0.45),
                              wspace=(0.2 if sharey is True else 0.75) / w)
     return g
+
+
+def panels(g: sns.FacetGrid, data: pd.DataFrame, row: str | None, col: str | None):
+    """Yields ``(ax, rows of data drawn in it)`` for every panel of a FacetGrid made with ``row``/``col``."""
+    facets = [f for f in (row, col) if f]
+    for key, ax in g.axes_dict.items():
+        sel = data
+        for f, v in zip(facets, key if isinstance(key, tuple) else (key,)):
+            sel = sel[sel[f] == v]
+        yield ax, sel
+
+
+def baseline_lines(run: RunData, g: sns.FacetGrid, data: pd.DataFrame, row: str | None, col: str | None,
+                   only: Any = None) -> dict[str, Any]:
+    """Draws the trivial predictor's loss (``baseline_loss`` in an arm's summary, e.g. MSE 1/6 on the adding
+    problem) as a dotted line in each panel whose arms share one; returns the legend entry (or nothing)."""
+    base = {s["arm_id"]: s["baseline_loss"] for s in run.summaries
+            if isinstance(s.get("baseline_loss"), (int, float))}
+    if not base:
+        return {}
+    drawn = False
+    for ax, sel in panels(g, data, row, col):
+        if only is not None and not only(sel):
+            continue
+        values = {base[a] for a in sel["arm_id"].unique() if a in base}
+        if len(values) == 1:
+            ax.axhline(values.pop(), color="0.2", ls=":", lw=1.3)
+            drawn = True
+    return {"trivial predictor": Line2D([], [], color="0.2", ls=":", lw=1.3)} if drawn else {}
 
 
 def save(fig: Any, out: Path, key: str, data: pd.DataFrame, title: str, caption: str,

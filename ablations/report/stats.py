@@ -97,7 +97,8 @@ def point_rows(run: RunData, rows: list[dict[str, Any]]) -> list[dict[str, Any]]
         out.append({
             "values": s0.get("values") or {}, "label": _point_label(s0.get("values") or {}),
             "axis_values": [_value(s0.get("values", {}).get(a)) for a in run.axes],
-            "statuses": statuses, "worst": _worst(statuses), "seeds": [(r["seed"], r["page"], r["status"]) for r in arms],
+            "statuses": statuses, "worst": _worst(statuses),
+            "seeds": [(r["seed"], r["page"], r["status"]) for r in arms],
             **{m: mean_ci(r[m] for r in arms) for m in (*METRICS, "decay_init", "decay_end")},
             "verdicts": [{"kind": k, "count": len(v), "messages": v} for k, v in verdicts.items()],
             "n": len(arms)})

@@ -133,6 +133,8 @@ def build_tuning_report(run_dir: Path, out: Path | None = None) -> Path:
     sections = []
     for sroot in _searches(root):
         df = _trials(sroot)
+        if name not in df.columns:  # every trial pruned or failed: no objective recorded
+            df[name] = np.nan
         tag = "" if sroot.name == "search" else f"{sroot.name}_".replace(",", "_").replace("=", "-")
         figs = _objective_figs(df, name, direction, search.get("space", {}), out, tag)
         flow = _flow_fig(sroot, df, name, direction, out, tag)
