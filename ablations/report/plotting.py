@@ -312,7 +312,7 @@ def save(fig: Any, out: Path, key: str, data: pd.DataFrame, title: str, caption:
         lo, hi = ax.get_ylim()
         if ax.get_yscale() == "log" and lo > 0 and hi / lo > 1e3:
             ax.yaxis.set_minor_locator(NullLocator())
-    fig.suptitle(title, y=1 + 0.4 / fig.get_size_inches()[1], fontsize=12)  # 0.4 in above the panels' titles
+    fig.suptitle(title, y=1 + 0.5 / fig.get_size_inches()[1], fontsize=12)  # 0.5 in above the panels' titles
     fig.savefig(out / f"{key}.png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     data.to_csv(out / f"{key}.csv", index=False)
