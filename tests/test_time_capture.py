@@ -65,3 +65,11 @@ def test_recurrent_arm_writes_time_grads(tfds_dir: str, tmp_path: Path) -> None:
     assert sorted(gates.gate.unique()) == ["forget", "input", "output"]
     assert sorted(gates.when.unique()) == ["end", "init"]
     assert ((gates["mean"] > 0) & (gates["mean"] < 1)).all()
+    from ablations.report import build_report
+
+    index = build_report(tmp_path / "rnn", tmp_path / "report")
+    html = index.read_text()
+    for key in ("grad_vs_time_lag", "gate_saturation"):  # the sequence figures of the report
+        assert f"{key}.png" in html and (tmp_path / "report" / f"{key}.png").exists()
+    gates_csv = pd.read_csv(tmp_path / "report" / "gate_saturation.csv")
+    assert set(gates_csv["when"]) == {"init", "end"}

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import seaborn as sns
 
 from ablations.report import arm as arm_figs
-from ablations.report import curves, gradflow
+from ablations.report import curves, gradflow, sequence
 from ablations.report.data import RunData
 from ablations.report.plotting import PALETTE, Figure, Plan, plan_for
 
@@ -40,6 +40,8 @@ FIGURES: list[Callable[[RunData, Plan, Path], Figure | None]] = [
     gradflow.saturation_vs_depth,
     gradflow.dead_vs_depth,
     gradflow.time_lag,
+    sequence.gate_saturation,
+    sequence.transformer_sublayers,
     curves.loss_curves,
     curves.epoch_curves,
 ]
