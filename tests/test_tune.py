@@ -113,3 +113,38 @@ def test_unknown_model_option_in_space_is_refused(tmp_path: Path, capsys) -> Non
                    "search: {space: {model.dpeth: {int: [1, 4]}}}\n")
     assert main(["tune", str(cfg), "--out", str(tmp_path)]) == 2
     assert "dpeth" in capsys.readouterr().out
+
+
+def test_search_killed_mid_trial_resumes_without_redoing_trials(tfds_dir: str, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    raw = _exp(max_trials=4)
+    raw["train"]["epochs"] = 3
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "ablations", "tune", str(cfg), "--out", str(tmp_path / "runs"), "--no-report"]
+    env = dict(os.environ, GRADZOO_DATA_DIR=tfds_dir)
+    sroot = tmp_path / "runs" / "t" / "search"
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 240
+            while len(read_trials(sroot)) < 2 and time.time() < deadline and proc.poll() is None:
+                time.sleep(0.2)
+            assert len(read_trials(sroot)) >= 2, (tmp_path / "first.log").read_text()[-2000:]
+        finally:
+            proc.kill()  # SIGKILL, mid-search
+            proc.wait()
+    finished = {t["trial"]: t for t in read_trials(sroot)}
+    before = {p: p.stat().st_mtime_ns for p in sroot.glob("arms/*/summary.json")
+              if any(p.parent.name in t["arms"] for t in finished.values())}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    trials = read_trials(sroot)
+    assert len(trials) == 4 and all(t["status"] == "completed" for t in trials)
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # finished trials were not trained again
+    for tid, t in finished.items():
+        assert next(x for x in trials if x["trial"] == tid)["values"] == t["values"]
