@@ -114,15 +114,16 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
     import zoo
 
     for key, entry in exp.search.space.items():  # searched model options are checked like grid values
-        if key.startswith("model."):
-            values = entry.choice if entry.kind == "choice" else entry.bounds
-            for v in values:
-                opts = {**exp.model.options(), key.split(".", 1)[1]: v} if key != "model.arch" else exp.model.options()
-                arch = v if key == "model.arch" else exp.model.arch
-                try:
-                    zoo.check_options(arch, {k: x for k, x in opts.items() if "." not in k})
-                except (zoo.UnknownNameError, zoo.BadOptionError) as err:
-                    raise ConfigError(f"{args.config}: search.space '{key}': {err}") from None
+        if not key.startswith("model."):
+            continue
+        option = key.split(".")[1]  # model.initializer_options.gain checks the option initializer_options
+        for v in entry.choice if entry.kind == "choice" else entry.bounds:
+            arch = v if option == "arch" else exp.model.arch
+            opts = exp.model.options() if option == "arch" else {**exp.model.options(), option: v}
+            try:
+                zoo.check_options(arch, opts)
+            except (zoo.UnknownNameError, zoo.BadOptionError) as err:
+                raise ConfigError(f"{args.config}: search.space '{key}': {err}") from None
     t0 = time.time()
     result = run_search(exp, args.out, ui=SweepUI(console), console=console)
     for point in result["points"]:

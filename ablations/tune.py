@@ -195,11 +195,16 @@ def best_experiment(exp: Experiment, values: dict[str, Any], point: dict[str, An
     return raw
 
 
+def _point_label(arm_id: str) -> str:
+    """The grid point of an arm: its id without the seed (``all`` without a grid)."""
+    return ",".join(p for p in arm_id.split(",") if not p.startswith("seed=")) or "all"
+
+
 def _grid_points(exp: Experiment) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     """``(label, grid values, base arm dict)`` per grid point (first seed), or one point without a grid."""
     points, seen = [], set()
     for arm in exp.arms():
-        label = ",".join(p for p in arm.id.split(",") if not p.startswith("seed=")) or "all"
+        label = _point_label(arm.id)
         if label in seen:
             continue
         seen.add(label)
@@ -272,14 +277,13 @@ def _run_final(exp: Experiment, root: Path, results: list[dict[str, Any]], ui: A
 
     final_root = root / "final"
     summaries = []
-    arms = [a for a in exp.arms()]
+    arms = exp.arms()
     best_by_label = {r["label"]: r["best"] for r in results}
     store.write_text(final_root / "experiment.yaml", dump_yaml(exp.model_dump(mode="json", exclude={"search"})))
     if ui:
         ui.start(len(arms))
     for i, arm in enumerate(arms):
-        label = ",".join(p for p in arm.id.split(",") if not p.startswith("seed=")) or "all"
-        best = best_by_label.get(label)
+        best = best_by_label.get(_point_label(arm.id))
         if best is None:
             continue
         raw = arm.config.model_dump(mode="json")
