@@ -121,7 +121,10 @@ class CaptureConfig(Strict):
     """What the probe records inside the compiled train step."""
 
     every: int = Field(1, gt=0)  # capture every N optimizer steps (step 0, N, 2N, ...)
-    params: bool = True  # per-tensor grad/weight/update norms (params.parquet)
+    params: bool = True  # per-tensor gradient norms (params.parquet)
+    # Per-tensor weight and applied-update norms (update_ratio): two more passes over the weights and a
+    # pre-update copy on captured steps; off leaves those columns NaN. Needs params.
+    updates: bool = True
     activations: bool = True  # per-block dL/d(pre-activation) and activation statistics (blocks.parquet)
     drain_every: int = Field(256, gt=0)  # steps between host reads of the on-device ring buffer
 

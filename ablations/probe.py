@@ -33,8 +33,10 @@ import zoo
 # Statistic columns, in buffer order.
 PARAM_STATS = ("grad_norm", "weight_norm", "update_norm")
 # branch_ratio: ||residual branch|| / ||skip|| at the block's `add` layer; gate_mean: mean of a `gate` layer's
-# output (highway transform gate). NaN for blocks without them.
-BLOCK_STATS = ("act_grad_norm", "act_mean", "act_std", "act_saturation", "act_dead", "branch_ratio", "gate_mean")
+# output (highway transform gate); alpha: a ReZero block's residual weight; active: the fraction of the batch
+# for which a stochastic-depth block's branch was on (0 or 1 in batch mode). NaN for blocks without them.
+BLOCK_STATS = ("act_grad_norm", "act_mean", "act_std", "act_saturation", "act_dead", "branch_ratio", "gate_mean",
+               "alpha", "active")
 STEP_STATS = ("loss", "global_grad_norm", "lr")
 
 # A unit is saturated where its activation derivative is below this fraction of the activation's maximum
@@ -43,8 +45,16 @@ SATURATION_FRACTION = 0.05
 
 
 def max_derivative(act_layer: keras.layers.Layer) -> float:
-    """Largest derivative of an element-wise activation layer, found numerically on [-20, 20]."""
-    z = tf.constant(np.linspace(-20.0, 20.0, 40001), dtype=act_layer.compute_dtype)
+    """Largest derivative of an element-wise activation layer, found numerically on [-20, 20].
+
+    Layers with weights (PReLU: one slope per unit) take their input's shape: every unit sees the range.
+    """
+    z = np.linspace(-20.0, 20.0, 40001)
+    if act_layer.weights:
+        features = tuple(act_layer.input.shape[1:])
+        n = int(np.clip(4_000_000 // max(1, int(np.prod(features))), 101, 40001))
+        z = np.broadcast_to(np.linspace(-20.0, 20.0, n).reshape(n, *([1] * len(features))), (n, *features))
+    z = tf.constant(z, dtype=act_layer.compute_dtype)
     with tf.GradientTape() as tape:
         tape.watch(z)
         a = act_layer(z)
@@ -66,13 +76,16 @@ class ProbeSpec:
     act_thresholds: list[float]  # SATURATION_FRACTION * max derivative, per activation
     res_rows: list[int]  # block row of each residual (skip, branch) pair
     gate_rows: list[int]  # block row of each gate
+    # Scalar weights read as block statistics: column -> [(block row, variable)] (ReZero alpha, the
+    # stochastic-depth layer's `active`, which its forward pass writes).
+    scalars: dict[str, list[tuple[int, Any]]] = dataclasses.field(default_factory=dict)
 
     @property
     def n_pre(self) -> int:
         return len(self.pre_rows)
 
     def split(self, taps: list[Any]) -> dict[str, list[Any]]:
-        """Splits the tap outputs into their groups (pre, act_in, act_out, skip, branch, gate)."""
+        """Splits the tap outputs into their groups (pre, act_in, skip, branch, gate)."""
         return {k: list(taps[a:b]) for k, (a, b) in self.groups.items()}
 
 
@@ -99,8 +112,9 @@ def make_spec(model: keras.Model, activations: bool = True) -> ProbeSpec:
 
     blocks = zoo.blocks(model)
     block_df = pd.DataFrame({"depth": [b.index for b in blocks], "block": [b.prefix for b in blocks]})
-    pre, pre_rows, act_in, act_out, act_layers, act_rows, thresholds = [], [], [], [], [], [], []
+    pre, pre_rows, act_in, act_layers, act_rows, thresholds = [], [], [], [], [], []
     skip, branch, res_rows, gate, gate_rows = [], [], [], [], []
+    scalars: dict[str, list[tuple[int, Any]]] = {}
     if activations:
         for row, b in enumerate(blocks):
             if b.linear is not None:
@@ -108,7 +122,6 @@ def make_spec(model: keras.Model, activations: bool = True) -> ProbeSpec:
                 pre_rows.append(row)
             if b.act is not None:
                 act_in.append(b.act.input)
-                act_out.append(b.act.output)
                 act_layers.append(b.act)
                 act_rows.append(row)
                 thresholds.append(SATURATION_FRACTION * max_derivative(b.act))
@@ -120,20 +133,68 @@ def make_spec(model: keras.Model, activations: bool = True) -> ProbeSpec:
             if "gate" in b.layers:
                 gate.append(b.layers["gate"].output)
                 gate_rows.append(row)
+            for layer in b.layers.values():
+                for w in layer.weights:
+                    if w.name in ("alpha", "active") and tuple(w.shape) == ():
+                        scalars.setdefault(w.name, []).append((row, w))
     taps, groups = [], {}
-    for key, group in [("pre", pre), ("act_in", act_in), ("act_out", act_out), ("skip", skip),
+    for key, group in [("pre", pre), ("act_in", act_in), ("skip", skip),
                        ("branch", branch), ("gate", gate)]:
         groups[key] = (len(taps), len(taps) + len(group))
         taps.extend(group)
     inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs  # same structure as the data
     tap_model = keras.Model(inputs, [model.outputs[0], *taps], name=f"{model.name}_taps")
     return ProbeSpec(params, block_df, tap_model, groups, pre_rows, act_layers, act_rows, thresholds, res_rows,
-                     gate_rows)
+                     gate_rows, scalars)
 
 
-def _sq(t: tf.Tensor) -> tf.Tensor:
-    t = tf.cast(t, tf.float32)
-    return tf.reduce_sum(tf.square(t))
+def _half_sq(t: tf.Tensor) -> tf.Tensor:
+    """sum(t**2) / 2 in one kernel (L2Loss), in float32 (float64 tensors are reduced in float64 first).
+
+    One op per tensor, no squared copy: on CPU these reductions are bound by memory traffic and op count, and
+    a single L2Loss beats Square + Sum and a stacked reduction (benchmarks/README: capture overhead).
+    """
+    if t.dtype == tf.float64:
+        return tf.cast(tf.nn.l2_loss(t), tf.float32)
+    return tf.nn.l2_loss(tf.cast(t, tf.float32))
+
+
+def _sq_sums(tensors: list[tf.Tensor]) -> tf.Tensor:
+    """[len(tensors)] float32 sums of squares (additive over replicas), two extra ops in all."""
+    return 2.0 * tf.stack([_half_sq(t) for t in tensors])
+
+
+# A float32 sum of squares below this has lost digits to underflow: entries below ~1e-19 square to subnormals
+# or zero, exactly where a deep plain net's first-layer gradients sit.
+TINY_SQ = 1e-30
+
+
+def _norms(tensors: list[tf.Tensor]) -> tf.Tensor:
+    """[len(tensors)] float32 L2 norms that stay exact for vanishing tensors (down to float32's ~1e-38).
+
+    The fast path is one L2Loss per tensor. When any sum of squares is tiny, all tensors are recomputed as
+    ``max|t| * ||t / max|t|||`` (two more passes), so a gradient of 1e-25 reads 1e-25, not 0. Healthy training
+    never takes that branch; all-zero tensors (dead layers) take it on every captured step.
+    """
+    sq = _sq_sums(tensors)
+    tiny = sq < TINY_SQ
+
+    def rescaled() -> tf.Tensor:
+        out = []
+        for t in tensors:
+            m = tf.reduce_max(tf.abs(t))
+            u = t / tf.where(m > 0, m, tf.ones_like(m))  # scaled in the tensor's own dtype (float64 stays)
+            out.append(tf.cast(m, tf.float32) * tf.sqrt(2.0 * _half_sq(u)))
+        return tf.where(tiny, tf.stack(out), tf.sqrt(sq))
+
+    return tf.cond(tf.reduce_any(tiny), rescaled, lambda: tf.sqrt(sq))
+
+
+def _global_norm(norms: tf.Tensor) -> tf.Tensor:
+    """L2 norm of a vector of norms, scaled by its max so tiny entries do not underflow when squared."""
+    m = tf.reduce_max(norms)
+    m = tf.where(m > 0, m, tf.ones_like(m))
+    return m * tf.sqrt(tf.reduce_sum(tf.square(norms / m)))
 
 
 def _all_reduce_sum(values: Any) -> Any:
@@ -165,10 +226,6 @@ def _groups(tensors: list[tf.Tensor], key=lambda i: None) -> list[list[int]]:
     return list(out.values())
 
 
-def _stack(tensors: list[tf.Tensor], idx: list[int]) -> tf.Tensor:
-    return tf.cast(tensors[idx[0]][None] if len(idx) == 1 else tf.stack([tensors[i] for i in idx]), tf.float32)
-
-
 def block_statistics(spec: ProbeSpec, pre_grads: list[tf.Tensor], taps: dict[str, list[tf.Tensor]]) -> tf.Tensor:
     """Returns a [n_blocks, len(BLOCK_STATS)] float32 tensor (NaN where a block lacks the tensor).
 
@@ -177,7 +234,8 @@ def block_statistics(spec: ProbeSpec, pre_grads: list[tf.Tensor], taps: dict[str
         pre_grads: dL/d(pre-activation) per pre-activation tap.
         taps: the forward tap tensors by group (:meth:`ProbeSpec.split`).
 
-    Blocks whose tensors share a shape (and, for activations, the same function) are stacked and reduced
+    Norms are one L2Loss per tensor. Activation statistics need several element-wise passes (derivative,
+    thresholds, counts), so blocks whose activations share a shape and function are stacked and reduced
     together: a deep net costs a handful of ops, not a handful per block (on CPU the op count, not the
     arithmetic, dominates). Sums are formed per replica and all-reduced once, so the values are those of
     the global batch.
@@ -190,24 +248,26 @@ def block_statistics(spec: ProbeSpec, pre_grads: list[tf.Tensor], taps: dict[str
         pieces.extend(tf.reshape(x, [-1]) for x in local)
         finish.append(([int(np.prod(x.shape)) for x in local], fn))
 
-    def axes(t: tf.Tensor) -> list[int]:
-        return list(range(1, len(t.shape)))
+    if pre_grads:
+        if _num_replicas() == 1:  # norms pass through the (identity) reduction, rescued from underflow
+            add([_norms(pre_grads)], lambda r: [(0, spec.pre_rows, r[0])])
+        else:  # sums of squares add over replicas
+            add([_sq_sums(pre_grads)], lambda r: [(0, spec.pre_rows, tf.sqrt(r[0]))])
 
-    for idx in _groups(pre_grads):
-        g = _stack(pre_grads, idx)
-        rows = [spec.pre_rows[i] for i in idx]
-        add([tf.reduce_sum(tf.square(g), axes(g))], lambda r, rows=rows: [(0, rows, tf.sqrt(r[0]))])
-
-    act_in, act_out = taps["act_in"], taps["act_out"]
+    act_in = taps["act_in"]
     for idx in _groups(act_in, key=lambda i: _signature(spec.act_layers[i])):
         layer, thr = spec.act_layers[idx[0]], spec.act_thresholds[idx[0]]
-        z = tf.stop_gradient(tf.stack([act_in[i] for i in idx]) if len(idx) > 1 else act_in[idx[0]][None])
+        # One layer call on the stacked inputs; a layer alone in its group (PReLU: own weights and an input
+        # spec that rejects a leading stack axis) is called on its own input.
+        z = tf.stop_gradient(tf.stack([act_in[i] for i in idx]) if len(idx) > 1 else act_in[idx[0]])
         with tf.GradientTape() as tape:
             tape.watch(z)
-            recomputed = layer(z)
-        d = tf.abs(tf.cast(tape.gradient(recomputed, z), tf.float32))
-        a = _stack(act_out, idx)
-        ax = axes(a)
+            a = layer(z)  # the block's activation output, recomputed: no second stacked copy of the taps
+        d = tf.abs(tf.cast(tape.gradient(a, z), tf.float32))
+        a = tf.cast(a, tf.float32)
+        if len(idx) == 1:
+            a, d = a[None], d[None]
+        ax = list(range(1, len(a.shape)))
         n = tf.fill([len(idx)], tf.cast(tf.size(a) // len(idx), tf.float32))
         alive = tf.reduce_sum(tf.cast(d > 0, tf.float32), axis=1)  # per unit: examples with a nonzero slope
         local = [tf.reduce_sum(a, ax), tf.reduce_sum(tf.square(a), ax), n,
@@ -223,19 +283,22 @@ def block_statistics(spec: ProbeSpec, pre_grads: list[tf.Tensor], taps: dict[str
 
         add(local, act_fn)
 
-    skip, branch = taps["skip"], taps["branch"]
-    for idx in _groups(skip):
-        sk, br = _stack(skip, idx), _stack(branch, idx)
-        rows = [spec.res_rows[i] for i in idx]
-        add([tf.reduce_sum(tf.square(br), axes(br)), tf.reduce_sum(tf.square(sk), axes(sk))],
-            lambda r, rows=rows: [(5, rows, tf.sqrt(r[0] / r[1]))])
+    if taps["skip"]:
+        k = len(taps["skip"])
+        add([_sq_sums(taps["branch"] + taps["skip"])],
+            lambda r, k=k: [(5, spec.res_rows, tf.sqrt(r[0][:k] / r[0][k:]))])
 
     gate = taps["gate"]
-    for idx in _groups(gate):
-        g = _stack(gate, idx)
-        rows = [spec.gate_rows[i] for i in idx]
-        n = tf.fill([len(idx)], tf.cast(tf.size(g) // len(idx), tf.float32))
-        add([tf.reduce_sum(g, axes(g)), n], lambda r, rows=rows: [(6, rows, r[0] / r[1])])
+    if gate:
+        add([tf.stack([tf.reduce_sum(tf.cast(g, tf.float32)) for g in gate]),
+             tf.stack([tf.cast(tf.size(g), tf.float32) for g in gate])],
+            lambda r: [(6, spec.gate_rows, r[0] / r[1])])
+
+    n_rep = _num_replicas()
+    for name, pairs in spec.scalars.items():
+        # Replicas hold the same alpha; each draws its own stochastic-depth mask: the mean over replicas.
+        add([tf.stack([tf.cast(tf.convert_to_tensor(v), tf.float32) for _, v in pairs])],
+            lambda r, col=BLOCK_STATS.index(name), rows=[row for row, _ in pairs]: [(col, rows, r[0] / n_rep)])
 
     if not pieces or not n_blocks:
         return tf.fill([n_blocks, len(BLOCK_STATS)], float("nan"))
@@ -252,18 +315,29 @@ def block_statistics(spec: ProbeSpec, pre_grads: list[tf.Tensor], taps: dict[str
                                        tf.constant(indices, tf.int32), tf.concat(values, axis=0))
 
 
-def param_statistics(grads: list[tf.Tensor], old: list[tf.Tensor] | None, new: list[Any]) -> tf.Tensor:
-    """Returns a [n_params, 3] float32 tensor: grad, weight (before the update) and update norms."""
-    g = tf.stack([_sq(x) for x in grads])
+def param_statistics(grads: list[tf.Tensor], old: list[tf.Tensor] | None = None,
+                     new: list[Any] | None = None) -> tf.Tensor:
+    """Returns a [n_params, 3] float32 tensor: grad, weight (before the update) and update norms.
+
+    Args:
+        grads: the gradients (float32).
+        old: the weights before the update (None: weight norms from ``new``, update norms NaN).
+        new: the weights after the update (None with ``old`` None: weight and update norms NaN).
+    """
+    n = len(grads)
+    tensors = list(grads)
     w_src = old if old is not None else new
-    w = tf.stack([_sq(x) for x in w_src])
-    if old is not None:
+    if w_src is not None:
+        tensors += list(w_src)
+    if old is not None and new is not None:
         # Subtract in the variable's dtype, then cast: casting first would round float64 weights to float32
         # and swamp a small update with the rounding error of the weights.
-        u = tf.stack([_sq(tf.cast(n, o.dtype) - o) for n, o in zip(new, old)])
-    else:
-        u = tf.fill(tf.shape(g), float("nan"))
-    return tf.sqrt(tf.stack([g, w, u], axis=1))
+        tensors += [tf.cast(v, o.dtype) - o for v, o in zip(new, old)]
+    norms = tf.reshape(_norms(tensors), [-1, n])
+    missing = len(PARAM_STATS) - norms.shape[0]
+    if missing:
+        norms = tf.concat([norms, tf.fill([missing, n], float("nan"))], axis=0)
+    return tf.transpose(norms)
 
 
 class _Ring:
@@ -318,7 +392,9 @@ class ProbedModel(keras.Model):
         net: the functional model to train (saved as ``final.keras``; the wrapper is never saved).
         every: capture every ``every`` optimizer steps.
         capacity: ring buffer slots (captures held on device between drains).
-        params: capture per-tensor statistics.
+        params: capture per-tensor gradient norms.
+        updates: capture per-tensor weight and applied-update norms (needs a pre-update copy of the weights
+            on captured steps: two more passes over the weights).
         activations: capture per-block statistics.
         time: for recurrent models, capture ||dL/dh_t|| of every recurrent layer and step t (one extra
             forward/backward pass through a weight-sharing view, on captured steps only; see
@@ -326,7 +402,7 @@ class ProbedModel(keras.Model):
     """
 
     def __init__(self, net: keras.Model, *, every: int = 1, capacity: int = 64, params: bool = True,
-                 activations: bool = True, time: bool = True, **kwargs: Any):
+                 updates: bool = True, activations: bool = True, time: bool = True, **kwargs: Any):
         super().__init__(name=f"probed_{net.name}", **kwargs)
         spec = make_spec(net, activations=activations)
         self.tap_model = spec.tap_model
@@ -342,6 +418,7 @@ class ProbedModel(keras.Model):
         object.__setattr__(self, "ring", _Ring(capacity, len(spec.params), len(spec.blocks), time_shape))
         self.every = int(every)
         self.capture_params = params
+        self.capture_updates = params and updates
         self.capture_activations = activations
 
     def call(self, inputs: Any, training: bool = False) -> Any:
@@ -399,22 +476,28 @@ class ProbedModel(keras.Model):
             self._loss_tracker.update_state(local_loss, sample_weight=batch)
             scaled_loss = self.optimizer.scale_loss(loss)
         variables = self.trainable_variables
-        pre = spec.split(taps)["pre"] if (capture and self.capture_activations) else []
+        split = spec.split(taps) if (capture and self.capture_activations) else None
+        pre = split["pre"] if split else []
         grads = tape.gradient(scaled_loss, variables + pre)
         grads, pre_grads = grads[: len(variables)], grads[len(variables):]
-        old = [tf.identity(v) for v in variables] if (capture and self.capture_params) else None
+        # Reads, not copies: a resource variable updated in place while a read of it is alive is copied
+        # first (copy-on-write), so these keep the pre-update values at the cost of that one copy.
+        old = [tf.convert_to_tensor(v) for v in variables] if (capture and self.capture_updates) else None
         # Through time, before the update: the same weights as every other statistic of this step.
         time_norms = self._time_norms(x, y, sample_weight) if (capture and self.time_probe is not None) else None
         # The loss scale that scaled these gradients: apply_gradients may change it (LossScaleOptimizer).
         scale = getattr(self.optimizer, "dynamic_scale", None)
         scale = tf.identity(scale) if (capture and scale is not None) else None
+        # Block statistics before the update too: an activation with weights (PReLU) is recomputed for its
+        # derivative, and must be the one the forward pass used.
+        blocks = self._block_stats(pre_grads, split, scale) if capture else None
         self.optimizer.apply_gradients(zip(grads, variables))
 
         finite = tf.math.is_finite(tf.cast(local_loss, tf.float32))
         first = self.ring.first_nonfinite
         first.assign(tf.where(tf.logical_and(first < 0, tf.logical_not(finite)), step, first))
         if capture:
-            self._capture(step, local_loss, grads, pre_grads, old, taps, scale=scale, due=due, time=time_norms)
+            self._capture(step, local_loss, grads, old, blocks, scale=scale, due=due, time=time_norms)
         return y_pred
 
     def _time_norms(self, x: Any, y: Any, sample_weight: Any) -> tf.Tensor:
@@ -433,34 +516,43 @@ class ProbedModel(keras.Model):
             rows.append(tf.pad(sq, [[0, t_max - t]], constant_values=float("nan")) if t < t_max else sq)
         return tf.sqrt(_all_reduce_sum(tf.stack(rows)))
 
-    def _capture(self, step, local_loss, grads, pre_grads, old, taps, scale=None, due=None, time=None) -> None:
+    @staticmethod
+    def _unscaler(scale: tf.Tensor | None) -> Callable[[tf.Tensor], tf.Tensor]:
+        """float32 cast, dividing by LossScaleOptimizer's scale (mixed precision) when there is one."""
+        if scale is None:
+            return lambda g: tf.cast(g, tf.float32)
+        return lambda g: tf.cast(g, tf.float32) / tf.cast(scale, tf.float32)
+
+    def _block_stats(self, pre_grads: list[tf.Tensor], split: dict[str, list[Any]] | None,
+                     scale: tf.Tensor | None) -> tf.Tensor:
         spec = self.spec
-        unscale = scale  # LossScaleOptimizer's scale before the update (mixed precision), else None
-        fix = (lambda g: tf.cast(g, tf.float32) / tf.cast(unscale, tf.float32)) if unscale is not None else \
-            (lambda g: tf.cast(g, tf.float32))
+        if split is None or not len(spec.blocks):
+            return tf.fill([len(spec.blocks), len(BLOCK_STATS)], float("nan"))
+        fix = self._unscaler(scale)
+        return block_statistics(spec, [fix(g) for g in pre_grads], split)
+
+    def _capture(self, step, local_loss, grads, old, blocks, scale=None, due=None, time=None) -> None:
+        spec = self.spec
+        fix = self._unscaler(scale)
         grads = [fix(g) if g is not None else tf.zeros(v.shape) for g, v in zip(grads, self.trainable_variables)]
-        pre_grads = [fix(g) for g in pre_grads]
         # Global-batch gradient: the per-replica losses are already divided by the replica count, so the
         # SUM of the replicas' gradients is the gradient of the global mean loss.
         grads = _all_reduce_sum(grads)
         n_rep = _num_replicas()
         loss_val = _all_reduce_sum(tf.cast(local_loss, tf.float32)) / n_rep
         if self.capture_params:
-            p = param_statistics(grads, old, self.trainable_variables)
-            gnorm = tf.sqrt(tf.reduce_sum(tf.square(p[:, 0])))
+            new = self.trainable_variables if old is not None else None
+            p = param_statistics(grads, old, new)
+            gnorm = _global_norm(p[:, 0])
         else:
             p = tf.fill([len(spec.params), len(PARAM_STATS)], float("nan"))
-            gnorm = tf.sqrt(tf.add_n([_sq(g) for g in grads]))
-        if self.capture_activations and len(spec.blocks):
-            b = block_statistics(spec, pre_grads, spec.split(taps))
-        else:
-            b = tf.fill([len(spec.blocks), len(BLOCK_STATS)], float("nan"))
+            gnorm = tf.sqrt(tf.reduce_sum(_sq_sums(grads)))
         # A non-finite gradient also means divergence: on CPU, fused MatMul+BiasAdd+Relu kernels map NaN to 0,
         # so a ReLU net can keep a finite loss while its gradients and weights are already NaN.
         first = self.ring.first_nonfinite
         first.assign(tf.where(tf.logical_and(first < 0, tf.logical_not(tf.math.is_finite(gnorm))), step, first))
         lr = tf.cast(self.optimizer.learning_rate, tf.float32)
-        self.ring.write(step, tf.stack([loss_val, gnorm, lr]), p, b, due=due, time=time)
+        self.ring.write(step, tf.stack([loss_val, gnorm, lr]), p, blocks, due=due, time=time)
 
 
 # --------------------------------------------------------------------------------------------- measure
@@ -491,7 +583,7 @@ def measure(model: keras.Model, batch: Any, loss: Any, *, training: bool = False
     taps = spec.split(list(outs[1:]))
     grads = tape.gradient(value, variables + taps["pre"])
     p = param_statistics([tf.cast(g, tf.float32) if g is not None else tf.zeros(v.shape)
-                          for g, v in zip(grads[: len(variables)], variables)], None, variables).numpy()
+                          for g, v in zip(grads[: len(variables)], variables)], new=variables).numpy()
     b = block_statistics(spec, [tf.cast(g, tf.float32) for g in grads[len(variables):]], taps).numpy()
     df = spec.params.copy()
     for i, name in enumerate(PARAM_STATS):

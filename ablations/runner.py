@@ -82,7 +82,8 @@ def run_arm(arm: Arm, arm_dir: Path, *, index: int = 0, callbacks: Sequence[Any]
 
                 lsuv.apply(net, next(iter(data.train))[0], **(cfg.model.options().get("initializer_options") or {}))
             model = ProbedModel(
-                net, every=cfg.capture.every, params=cfg.capture.params, activations=cfg.capture.activations,
+                net, every=cfg.capture.every, params=cfg.capture.params,
+                updates=cfg.capture.updates, activations=cfg.capture.activations,
                 capacity=ring_capacity(cfg.capture.every, cfg.capture.drain_every, steps,
                                        cfg.train.steps_per_execution))
             loss, metrics = make_loss(cfg.train.loss, data.info.task)

@@ -27,7 +27,7 @@ RTOL = 1e-5
 PARAM_COLUMNS = ["step", "epoch", "depth", "block", "layer", "param", "role", "size", "grad_norm", "weight_norm",
                  "update_norm", "update_ratio"]
 BLOCK_COLUMNS = ["step", "epoch", "depth", "block", "act_grad_norm", "act_mean", "act_std", "act_saturation",
-                 "act_dead", "branch_ratio", "gate_mean"]
+                 "act_dead", "branch_ratio", "gate_mean", "alpha", "active"]
 HISTORY_COLUMNS = ["step", "epoch", "loss", "global_grad_norm", "lr", "grad_decay_rate"]
 
 
@@ -167,6 +167,28 @@ def test_measure_matches_independent_computation(arch, activation, depth, dtype,
     # Kernels and biases are both present for every Dense layer.
     assert set(df["param"]) == {"kernel", "bias"}
     assert (df["param"] == "bias").sum() == (df["param"] == "kernel").sum()
+
+
+def test_vanishing_norms_do_not_underflow_to_zero():
+    # A 40-block plain sigmoid MLP in float32: first-block gradients near 1e-25, whose squares underflow
+    # float32. The recorded norms must still match the float64 reference.
+    depth = 40
+    model = build("plain_mlp", "sigmoid", depth=depth, width=8, dtype="float32")
+    x, y = batch(16)
+    ref = reference("plain_mlp", "sigmoid", depth, dense_weights(model), x, y)
+    first = np.linalg.norm(ref["grads"][("block_000_linear", "kernel")])
+    assert 0 < first < 1e-19  # the regime the test is about
+    df = ablations.measure(model, (x, y), loss_fn())
+    for row in df.itertuples():  # relative error only: an absolute tolerance would accept 0
+        np.testing.assert_allclose(row.grad_norm, np.linalg.norm(ref["grads"][(row.layer, row.param)]),
+                                   rtol=1e-4, atol=0, err_msg=f"grad_norm {row.layer}/{row.param}")
+    blocks = df.drop_duplicates("depth").set_index("depth")
+    for d in (0, 1, depth - 1):
+        np.testing.assert_allclose(blocks.loc[d, "act_grad_norm"], ref["blocks"][d]["act_grad_norm"], rtol=1e-4,
+                                   atol=0, err_msg=f"act_grad_norm block {d}")
+    tiny = [1e-30 * np.arange(1.0, 7.0).reshape(2, 3), np.zeros(4), 1e-3 * np.ones(5)]
+    got = ablations.probe.param_statistics([tf.constant(t, tf.float32) for t in tiny]).numpy()[:, 0]
+    np.testing.assert_allclose(got, [np.linalg.norm(t) for t in tiny], rtol=1e-6)
 
 
 def test_measure_sigmoid_case_is_informative():
@@ -364,6 +386,106 @@ def test_capture_every_two_records_steps_0_and_2():
     for name, (k, b) in dense_weights(net).items():
         assert_close(k, final[name][0])
         assert_close(b, final[name][1])
+
+
+@pytest.mark.parametrize("params,updates,activations", [(True, False, False), (False, True, True)])
+def test_capture_groups_that_are_off_stay_nan(params, updates, activations):
+    depth, lr = 2, 0.1
+    net = build("plain_mlp", "tanh", depth=depth, bias_init_std=0.1)
+    init = dense_weights(net)
+    x, y = batch(16, seed=7)
+    model = ProbedModel(net, capacity=4, params=params, updates=updates, activations=activations)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=lr), loss=loss_fn())
+    drain = DrainCallback(drain_every=256, steps_per_epoch=1)
+    model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), verbose=0, callbacks=[drain])
+    ref = reference("plain_mlp", "tanh", depth, init, x, y)
+    t = drain.tables(model)
+    gnorm = math.sqrt(sum(float(np.sum(g ** 2)) for g in ref["grads"].values()))
+    assert_close(t["history"]["global_grad_norm"].iloc[0], gnorm)  # every group needs it for the verdicts
+    p = t["params"]
+    if params:  # gradient norms alone: one pass over the gradients, no copy of the weights
+        for row in p.itertuples():
+            assert_close(row.grad_norm, np.linalg.norm(ref["grads"][(row.layer, row.param)]))
+        assert p[["weight_norm", "update_norm", "update_ratio"]].isna().all().all()
+    else:  # `updates` needs `params`
+        assert p[["grad_norm", "weight_norm", "update_norm"]].isna().all().all()
+        assert not model.capture_updates
+    b = t["blocks"].set_index("depth")
+    if activations:
+        for i in range(depth):
+            assert_close(b.loc[i, "act_grad_norm"], ref["blocks"][i]["act_grad_norm"])
+    else:
+        assert b.drop(columns=["step", "epoch", "block"]).isna().all().all()
+
+
+def test_prelu_statistics_are_those_of_the_forward_pass_not_the_updated_slopes():
+    # PReLU's slope is a weight: its derivative is recomputed from the block input, which must use the slope
+    # the forward pass used, not the one the optimizer has just changed (a large learning rate moves it).
+    net = build("plain_mlp", "prelu", depth=2, dtype="float32", bias_init_std=0.1)
+    x, y = batch(32, seed=8)
+    before = ablations.measure(net, (x, y), loss_fn(), training=True).drop_duplicates("depth").set_index("depth")
+    alpha0 = [np.array(l.alpha) for l in net.layers if isinstance(l, keras.layers.PReLU)]
+    model = ProbedModel(net, capacity=4)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=5.0), loss=loss_fn())
+    drain = DrainCallback(drain_every=256, steps_per_epoch=1)
+    model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(32), verbose=0, callbacks=[drain])
+    alpha1 = [np.array(l.alpha) for l in net.layers if isinstance(l, keras.layers.PReLU)]
+    assert max(np.abs(a - b).max() for a, b in zip(alpha0, alpha1)) > 1e-2  # the slopes did move
+    b = drain.tables(model)["blocks"].set_index("depth")
+    for i in range(2):
+        for stat in ("act_mean", "act_std", "act_saturation", "act_dead"):
+            assert_close(b.loc[i, stat], before.loc[i, stat], rtol=1e-5, what=f"{stat} block {i}")
+
+
+def test_rezero_alpha_is_recorded_before_its_update():
+    net = zoo.build("rezero_mlp", input_shape=INPUT_SHAPE, num_outputs=N_OUT, depth=3, width=8, alpha_init=0.3)
+    x, y = batch(16, seed=9)
+    model, drain, _ = fit_probed(net, keras.optimizers.SGD(learning_rate=0.5), x, y, record=False)
+    t = drain.tables(model)
+    b = t["blocks"].set_index("depth")
+    assert b["alpha"].tolist() == pytest.approx([0.3] * 3, rel=1e-6)  # step 0: the initial value
+    assert b["active"].isna().all() and b["gate_mean"].isna().all()
+    alphas = {l.name: float(np.asarray(l.alpha)) for l in net.layers if l.name.endswith("_rezero")}
+    p = t["params"].set_index("layer")
+    for name, final in alphas.items():
+        assert abs(final - 0.3) > 1e-4  # it trained
+        assert_close(p.loc[name, "update_norm"], abs(final - 0.3), rtol=1e-4, what=name)
+
+
+class ActiveRecorder(keras.callbacks.Callback):
+    """Reads every stochastic-depth layer's `active` weight after each batch (the probe reads it in-graph)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.layers = [l for l in net.layers if isinstance(l, zoo.layers.StochasticDepth)]
+        self.rows = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.rows.append([float(np.asarray(l.active)) for l in self.layers])
+
+
+@pytest.mark.parametrize("mode", ["batch", "sample"])
+def test_stochastic_depth_active_fraction_matches_the_layers(mode):
+    import zoo.layers  # noqa: F401 - StochasticDepth
+
+    depth, steps = 4, 12
+    net = zoo.build("stochastic_depth_mlp", input_shape=INPUT_SHAPE, num_outputs=N_OUT, depth=depth, width=8,
+                    survival_prob=0.5, mode=mode)
+    x, y = batch(16 * steps, seed=10)
+    seen = ActiveRecorder(net)
+    model, drain, _ = fit_probed(net, keras.optimizers.SGD(learning_rate=0.01), x, y, record=False,
+                                 extra_callbacks=[seen])
+    b = drain.tables(model)["blocks"]
+    got = b.pivot(index="step", columns="depth", values="active").to_numpy()
+    want = np.array(seen.rows)
+    assert got.shape == (steps, depth)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-7)
+    if mode == "batch":
+        assert set(np.unique(got)) <= {0.0, 1.0}
+    else:
+        assert np.allclose(got * 16, np.round(got * 16))  # a count of the 16 examples
+    assert 0 < got[:, -1].mean() < 1  # the last block (p = 0.5) is sometimes off
+    assert b["alpha"].isna().all()
 
 
 def test_adam_update_norm_is_the_actual_weight_change():

@@ -291,3 +291,31 @@ def test_comparison_fills_an_axis_the_other_run_pinned() -> None:
     plan = plan_for(merged)
     assert plan.labels["B/a0"] == plan.labels["A/a1"] == "model=resnet_mlp+0.5"  # same colour in both runs
     assert plan.col == "run" and plan.row == "model.depth" and plan.rows["B/a0"] == 8
+
+
+def test_architecture_extras_are_plotted_from_the_stored_blocks(tfds_dir: str, tmp_path: Path) -> None:
+    """Residual branch ratio, highway gate, ReZero alpha and stochastic-depth survival get their figures."""
+    from ablations.config import parse_experiment
+    from ablations.report import build_report
+    from ablations.runner import run_experiment
+
+    raw = {"name": "extras", "data": {"name": "digits", "max_train_examples": 256, "batch_size": 32},
+           "model": {"depth": 3, "width": 8},
+           "train": {"epochs": 1, "optimizer": {"name": "sgd", "learning_rate": 0.05}},
+           "grid": {"model": [{"arch": "resnet_mlp"}, {"arch": "highway_mlp"}, {"arch": "rezero_mlp"},
+                              {"arch": "stochastic_depth_mlp", "survival_prob": 0.5}]}, "seeds": [0]}
+    run_experiment(parse_experiment(raw), tmp_path)
+    rep = tmp_path / "report"
+    build_report(tmp_path / "extras", rep, workers=1)
+    html = (rep / "index.html").read_text()
+    for key in ("branch_ratio_vs_depth", "gate_vs_depth", "rezero_alpha_vs_depth", "survival_vs_depth"):
+        assert f'<img src="{key}.png"' in html, key
+    arm = next(p for p in (tmp_path / "extras" / "arms").iterdir() if "stochastic" in p.name)
+    b = pd.read_parquet(arm / "blocks.parquet")
+    csv = pd.read_csv(rep / "survival_vs_depth.csv")
+    got = csv[(csv.when == "end")].sort_values("depth")
+    want = b.groupby("depth")["active"].mean()  # the running mean at the last captured step
+    np.testing.assert_allclose(got.survival.to_numpy(), want.to_numpy(), rtol=1e-6)
+    assert 0 < want.iloc[-1] < 1 and want.iloc[0] > want.iloc[-1] - 0.5
+    alpha = pd.read_csv(rep / "rezero_alpha_vs_depth.csv")
+    assert (alpha[alpha.when == "init"].alpha == 0).all()  # ReZero starts every block as the identity

@@ -94,6 +94,52 @@ def dead_vs_depth(run: RunData, plan: Plan, out: Path) -> Figure | None:
                      "batch (dead ReLUs pass no gradient at all).", log=False, ylim=(-0.03, 1.03))
 
 
+def branch_ratio_vs_depth(run: RunData, plan: Plan, out: Path) -> Figure | None:
+    if run.blocks.empty or "branch_ratio" not in run.blocks:
+        return None
+    return _vs_depth(run, plan, out, run.blocks, "branch_ratio", "branch_ratio_vs_depth",
+                     "||branch|| / ||skip|| (ratio)", "Residual branch against skip by depth",
+                     "Norm of each residual block's branch output over the norm of its skip input at the sum. "
+                     "Far below 1 the block is close to the identity (ReZero at init, scaled branches); far above "
+                     "1 the branches dominate and the signal grows with depth.", log=True)
+
+
+def gate_vs_depth(run: RunData, plan: Plan, out: Path) -> Figure | None:
+    if run.blocks.empty or "gate_mean" not in run.blocks:
+        return None
+    return _vs_depth(run, plan, out, run.blocks, "gate_mean", "gate_vs_depth", "transform gate (mean)",
+                     "Highway transform gate by depth",
+                     "Mean of each highway block's transform gate T(x): near 0 the block carries its input "
+                     "through (Srivastava et al. 2015 start it there with a negative gate bias).", log=False,
+                     ylim=(-0.03, 1.03))
+
+
+def rezero_alpha_vs_depth(run: RunData, plan: Plan, out: Path) -> Figure | None:
+    if run.blocks.empty or "alpha" not in run.blocks:
+        return None
+    return _vs_depth(run, plan, out, run.blocks, "alpha", "rezero_alpha_vs_depth", "alpha (residual weight)",
+                     "ReZero residual weights by depth",
+                     "Each ReZero block's learned residual weight alpha (x + alpha * F(x)), before the step's "
+                     "update: 0 at init, so every block starts as the identity (Bachlechner et al. 2020).",
+                     log=False)
+
+
+def survival_vs_depth(run: RunData, plan: Plan, out: Path) -> Figure | None:
+    if run.blocks.empty or "active" not in run.blocks:
+        return None
+    b = finite(run.blocks, "active").sort_values("step")
+    if b.empty:
+        return None
+    # Running mean over the captured steps so far: the empirical survival rate, which approaches p_l.
+    b = b.assign(survival=b.groupby(["arm_id", "depth"])["active"].transform(lambda s: s.expanding().mean()))
+    return _vs_depth(run, plan, out, b, "survival", "survival_vs_depth", "branch active (fraction)",
+                     "Stochastic depth: how often each block was on",
+                     "Fraction of the captured steps (batch mode) or examples (sample mode) for which each "
+                     "block's residual branch was active, averaged from the first captured step to the one shown; "
+                     "it approaches the survival probability p_l (Huang et al. 2016: linear from 1 to p_L).",
+                     log=False, ylim=(-0.03, 1.03))
+
+
 def _relative(df: pd.DataFrame, y: str) -> pd.DataFrame:
     """``y`` divided by its value in the arm's last block at the same step."""
     last = df.loc[df.groupby(["arm_id", "step"])["depth"].idxmax(), ["arm_id", "step", y]]
