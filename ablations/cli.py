@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     tune.add_argument("--report", type=Path, default=None, help="report folder (default: reports/<name>)")
     tune.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    tune.add_argument("--workers", type=int, default=0, metavar="N",
+                      help="run trials in N local worker processes served by this one (keras-tuner chief); "
+                           "KERASTUNER_* variables join workers from other machines (README: Searching)")
+    tune.add_argument("--point", default=None, help=argparse.SUPPRESS)  # set by a chief for its local workers
 
     th = sub.add_parser("theory", help="activation-derivative and attenuation tables, computed with autodiff")
     th.add_argument("--activations", nargs="+", default=None, metavar="NAME",
@@ -104,6 +108,9 @@ def _load(args: argparse.Namespace):
 
 
 def _tune(args: argparse.Namespace, console: Console) -> int:
+    if args.workers < 0:
+        console.print(f"[bold red]error:[/] --workers must be >= 0 (got {args.workers})", highlight=False)
+        return EXIT_USAGE
     exp = _load(args)
     from ablations.config import ConfigError
     from ablations.tune import run_search, tuning_table
@@ -125,7 +132,14 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
             except (zoo.UnknownNameError, zoo.BadOptionError) as err:
                 raise ConfigError(f"{args.config}: search.space '{key}': {err}") from None
     t0 = time.time()
-    result = run_search(exp, args.out, ui=SweepUI(console), console=console)
+    result = run_search(exp, args.out, ui=SweepUI(console), console=console, workers=args.workers,
+                        point=args.point)
+    if "worker" in result:  # helped a chief, which prints the tables and writes the report
+        trials = result["trials"]
+        completed = sum(t["status"] == "completed" for t in trials)
+        console.print(f"worker {result['worker']}: {len(trials)} trial(s), {completed} completed, "
+                      f"{time.time() - t0:.0f} s", highlight=False)
+        return EXIT_OK
     for point in result["points"]:
         console.print(tuning_table(exp, point))
     if result.get("final"):

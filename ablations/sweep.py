@@ -7,6 +7,12 @@ One engine for one process, many local processes and many machines:
   run-folder lock and serves the oracle over gRPC (keras-tuner's own service); each worker asks it for the
   next arm, trains it into the shared run folder and reports back. Workers never take the lock.
 
+The chief/worker machinery (:func:`process_role`, :func:`serve_oracle`, :func:`search_loop`) knows nothing
+about arms: ``ablate tune --workers N`` (:mod:`ablations.tune`) serves its search oracle through it too.
+:func:`serve_oracle` serves any oracle, starts the local workers (their command line is the caller's), calls
+back for every trial that ends, fails the trial of a local worker that died, and returns when the oracle has
+told a worker to stop and no trial is running (or when the caller says so).
+
 The run folder is the source of truth (ARCHITECTURE.md section 3): keras-tuner's files live in
 ``runs/<exp>/.tuner/`` and are recreated on every start, so a sweep killed at any moment resumes from what
 the run folder holds (an arm is done when its ``summary.json`` says completed/diverged for the same config).
@@ -19,6 +25,9 @@ Started by hand on other machines (the run folder on a shared file system)::
     # each worker, any number, any time
     KERASTUNER_TUNER_ID=worker-$(hostname) KERASTUNER_ORACLE_IP=<chief host> KERASTUNER_ORACLE_PORT=8470 \\
         ablate run CONFIG --out /shared/runs
+
+``ablate tune CONFIG`` works the same way with these variables (workers learn from the chief which search, or
+which grid point of a ``per_arm`` search, it is serving; see :mod:`ablations.tune`).
 """
 
 from __future__ import annotations
@@ -153,26 +162,35 @@ def make_tuner(oracle: Any, arms: list[Arm], root: Path, *, out_root: Path | Non
                     "status_code": float(STATUS_CODE.get(summary.get("status"), 2))}
 
         def search(self, *args: Any, **kwargs: Any) -> None:
-            # keras-tuner's loop re-asks at once when the oracle is IDLE (all arms taken, some still running):
-            # over gRPC that is a busy loop, so wait a little instead.
-            if not self._is_worker():
-                self.oracle.verbose = 0
-            idle = kt.engine.trial.TrialStatus.IDLE
-            while True:
-                trial = self.oracle.create_trial(self.tuner_id)
-                if trial.status == kt.engine.trial.TrialStatus.STOPPED:
-                    break
-                if trial.status == idle:
-                    time.sleep(0.5)
-                    continue
-                self.on_trial_begin(trial)
-                self._try_run_and_update_trial(trial)
-                self.on_trial_end(trial)
+            search_loop(self)
 
         def save_model(self, trial_id: str, model: Any, step: int = 0) -> None:
             pass  # the arm's folder holds final.keras
 
     return ArmTuner()
+
+
+def search_loop(tuner: Any) -> None:
+    """keras-tuner's search loop for a tuner whose ``run_trial`` takes no data, in any process role.
+
+    keras-tuner's own loop re-asks at once when the oracle is IDLE (all work handed out, some still running):
+    over gRPC that is a busy loop, so this one waits a little instead. Its chief branch (a server that polls
+    every 20 s) is never taken: a chief serves through :func:`serve_oracle`.
+    """
+    kt = _kt()
+    status = kt.engine.trial.TrialStatus
+    if not tuner._is_worker():
+        tuner.oracle.verbose = 0  # the sweep UI reports trials
+    while True:
+        trial = tuner.oracle.create_trial(tuner.tuner_id)
+        if trial.status == status.STOPPED:
+            break
+        if trial.status == status.IDLE:
+            time.sleep(0.5)
+            continue
+        tuner.on_trial_begin(trial)
+        tuner._try_run_and_update_trial(trial)
+        tuner.on_trial_end(trial)
 
 
 def run_one(arm: Arm, index: int, root: Path, out_root: Path, ui: Any, arm_is_current: Callable,
@@ -204,17 +222,13 @@ def run_sweep(exp: Experiment, out: Path, *, ui: Any = None, workers: int = 0,
     root = Path(out) / exp.name
     arms = exp.arms()
     _configure_process(arms, configure_devices)
-    tuner_id = os.environ.get("KERASTUNER_TUNER_ID", "")
-    distributed = bool(os.environ.get("KERASTUNER_ORACLE_IP"))
     multi_worker = any(a.config.runtime.strategy == "multi_worker" for a in arms)
-    if multi_worker and (workers or distributed):
+    if multi_worker and (workers or os.environ.get("KERASTUNER_ORACLE_IP")):
         raise SweepError("runtime.strategy multi_worker runs every arm on all $TF_CONFIG workers together; "
                          "it cannot be combined with --workers or KERASTUNER_* (start one `ablate run` per "
                          "TF_CONFIG worker instead)")
-    if distributed and "chief" not in tuner_id:
-        if workers:
-            raise SweepError(f"--workers is for the chief; this process is worker {tuner_id!r} "
-                             f"(KERASTUNER_TUNER_ID without 'chief')")
+    role = process_role(workers)
+    if role == "worker":
         return join_chief(exp, root, arms, ui=ui, on_arm=on_arm)
     if multi_worker:
         from ablations.strategy import is_chief, parse_tf_config
@@ -223,9 +237,29 @@ def run_sweep(exp: Experiment, out: Path, *, ui: Any = None, workers: int = 0,
         if not is_chief(cfg):
             scratch = root / MULTI_WORKER_DIR / f"{cfg['task']['type']}-{cfg['task']['index']}"
             return _run_local(exp, root, arms, ui=None, on_arm=on_arm, out_root=scratch, lock=False)
-    if workers or distributed:
+    if role == "chief":
         return serve_chief(exp, root, arms, workers=workers, ui=ui, on_arm=on_arm)
     return _run_local(exp, root, arms, ui=ui, on_arm=on_arm)
+
+
+def process_role(workers: int = 0) -> str:
+    """This process's part in a distributed run, from ``--workers`` and the ``KERASTUNER_*`` variables.
+
+    Returns:
+        ``"worker"`` (``KERASTUNER_ORACLE_IP`` set, ``KERASTUNER_TUNER_ID`` without "chief"), ``"chief"``
+        (``workers > 0``, or a chief started by hand) or ``"local"`` (everything in this process).
+
+    Raises:
+        SweepError: ``workers`` was given to a worker (only a chief starts local workers).
+    """
+    tuner_id = os.environ.get("KERASTUNER_TUNER_ID", "")
+    distributed = bool(os.environ.get("KERASTUNER_ORACLE_IP"))
+    if distributed and "chief" not in tuner_id:
+        if workers:
+            raise SweepError(f"--workers is for the chief; this process is worker {tuner_id!r} "
+                             f"(KERASTUNER_TUNER_ID without 'chief')")
+        return "worker"
+    return "chief" if workers or distributed else "local"
 
 
 def worker_role(exp: Experiment) -> str | None:
@@ -309,7 +343,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _serve(oracle: Any, ip: str, port: int) -> Any:
+def _serve(oracle: Any, ip: str, port: int, facts: dict[str, str] | None = None) -> tuple[Any, Any]:
+    """Serves ``oracle`` on ``ip:port``; returns ``(server, servicer)`` (the servicer knows if a worker was
+    told to stop)."""
     import grpc
     from concurrent import futures
 
@@ -317,13 +353,36 @@ def _serve(oracle: Any, ip: str, port: int) -> Any:
     from keras_tuner.src.distribute.oracle_chief import OracleServicer
 
     # keras-tuner's own servicer; its start_server() is not used because it polls only every 20 s.
+    servicer = OracleServicer(_Announcing(oracle, facts) if facts else oracle)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-    protos.get_service_grpc().add_OracleServicer_to_server(OracleServicer(oracle), server)
+    protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
     if server.add_insecure_port(f"{ip}:{port}") == 0:
         raise SweepError(f"the chief cannot listen on {ip}:{port} (port in use or address not local); set "
                          f"KERASTUNER_ORACLE_PORT to a free port")
     server.start()
-    return server
+    return server, servicer
+
+
+class _Announcing:
+    """The oracle as workers see it: ``get_space`` also carries fixed ``facts`` (which search this is, the
+    config digest), so a worker started by hand learns what to run from the chief itself.
+
+    The facts are added to a copy of the space only: the oracle's own space, and so its trials' values, stay
+    as they are (resume and ``best.yaml`` never see them).
+    """
+
+    def __init__(self, oracle: Any, facts: dict[str, str]) -> None:
+        self._oracle = oracle
+        self._facts = facts
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._oracle, name)
+
+    def get_space(self) -> Any:
+        hp = self._oracle.get_space()
+        for key, value in self._facts.items():
+            hp.Fixed(key, value)
+        return hp
 
 
 def _gpu_ids() -> list[str]:
@@ -366,95 +425,167 @@ def serve_chief(exp: Experiment, root: Path, arms: list[Arm], *, workers: int, u
                 poll_s: float = 0.2) -> list[dict[str, Any]]:
     """Chief: holds the lock, serves the oracle, starts ``workers`` local workers, reports arms as they end."""
     store.check_writable(root)
-    ip = os.environ.get("KERASTUNER_ORACLE_IP", "127.0.0.1")
-    port = int(os.environ.get("KERASTUNER_ORACLE_PORT") or free_port(ip if ip != "0.0.0.0" else ""))
     with store.RunLock(root):
         pending = _pending(arms, root)
         _start(exp, root, arms, ui, pending)
         for a in arms:
             if a not in pending and on_arm:
                 on_arm(a, store.read_summary(root / "arms" / a.id), True)
-        extra: dict[str, dict[str, Any]] = {}
+        lost: dict[str, dict[str, Any]] = {}
         if pending:
             shutil.rmtree(root / TUNER_DIR / "oracle", ignore_errors=True)  # the run folder decides
             oracle = make_oracle(pending, config_digest(exp), root / TUNER_DIR / "oracle")
-            # Workers first (forking before gRPC starts its threads); they wait until the chief answers.
-            procs = _spawn_workers(root, workers, "127.0.0.1" if ip == "0.0.0.0" else ip, port)
-            try:
-                server = _serve(oracle, ip, port)
-            except BaseException:
-                _stop(procs, wait_s=0)
-                raise
-            try:
-                # Started with --workers alone, no other worker can join: stop when the local ones are gone.
-                only_local = not os.environ.get("KERASTUNER_ORACLE_IP")
-                extra = _watch(oracle, arms, pending, root, procs, ui, on_arm, poll_s, only_local)
-            finally:
-                _stop(procs)
-                server.stop(grace=1)
+            todo = {a.id for a in pending}
+            on_end = _arm_reporter(arms, root, todo, lost, ui, on_arm)
+            cmd = [sys.executable, "-m", "ablations", "run", str(root / "experiment.yaml"), "--out",
+                   str(root.parent), "--no-report"]
+            serve_oracle(oracle, command=cmd, workers=workers, logs=root / TUNER_DIR, on_end=on_end,
+                         done=lambda: not todo, poll_s=poll_s)
+            by_id = {a.id: a for a in arms}
+            for arm_id in sorted(todo):  # no local worker left and no other worker can join
+                lost[arm_id] = _lost(by_id[arm_id], f"all local workers exited before this arm ran; see "
+                                                    f"{root / TUNER_DIR}")
         if ui:
             ui.stop()
-    return _collect(arms, root, extra)
+    return _collect(arms, root, lost)
 
 
-def _spawn_workers(root: Path, n: int, ip: str, port: int) -> dict[str, subprocess.Popen]:
-    logs = root / TUNER_DIR
+def _lost(arm: Arm, error: str) -> dict[str, Any]:
+    return {"arm_id": arm.id, "values": arm.config.values, "seed": arm.config.seed, "status": "failed",
+            "error": error}
+
+
+def _arm_reporter(arms: list[Arm], root: Path, todo: set[str], lost: dict[str, dict[str, Any]], ui: Any,
+                  on_arm: Any) -> Callable[[Any], None]:
+    """The chief's callback for an ended trial: reads its arm's summary, records a lost arm, shows it."""
+    kt = _kt()
+    by_id = {a.id: a for a in arms}
+
+    def report(trial: Any) -> None:
+        arm_id = trial.hyperparameters.values.get("arm")
+        if arm_id not in todo:
+            return
+        todo.discard(arm_id)
+        summary = store.read_summary(root / "arms" / arm_id)
+        if summary is None or trial.status == kt.engine.trial.TrialStatus.FAILED:
+            error = trial.message or "the worker reported no summary.json (is the run folder shared with the worker?)"
+            summary = lost[arm_id] = _lost(by_id[arm_id], error + ("; rerun to train it again" if summary is None
+                                                                   else ""))
+        if ui:
+            ui.arm_done(by_id[arm_id], summary, False)
+        if on_arm:
+            on_arm(by_id[arm_id], summary, False)
+
+    return report
+
+
+def chief_address() -> tuple[str, int, str]:
+    """``(ip to listen on, port, ip local workers connect to)``: the ``KERASTUNER_*`` variables of a chief
+    started by hand, else loopback and a free port."""
+    ip = os.environ.get("KERASTUNER_ORACLE_IP", "127.0.0.1")
+    port = int(os.environ.get("KERASTUNER_ORACLE_PORT") or free_port(ip if ip != "0.0.0.0" else ""))
+    return ip, port, "127.0.0.1" if ip == "0.0.0.0" else ip
+
+
+def serve_oracle(oracle: Any, *, command: list[str], workers: int, logs: Path, on_end: Callable[[Any], None],
+                 done: Callable[[], bool] | None = None, facts: dict[str, str] | None = None,
+                 poll_s: float = 0.2, linger_s: float = 10.0) -> bool:
+    """The chief's part of a distributed search: serves ``oracle`` over gRPC until the search is over.
+
+    Starts ``workers`` local processes running ``command`` (with :func:`worker_env`; each one's output goes to
+    ``logs/worker-<i>.log``), calls ``on_end(trial)`` for every trial that ends, in the order they end, and
+    fails the running trial of a local worker that exited (``on_end`` then sees it ``FAILED`` with a message
+    naming the worker and its log). Workers started by hand with the same ``KERASTUNER_*`` address may join.
+
+    Args:
+        oracle: a local keras-tuner oracle (its state, and so resume, is the caller's).
+        command: the command line of a local worker.
+        workers: how many local workers to start.
+        logs: folder of the workers' logs.
+        on_end: called with each ended trial.
+        done: says when the search is over (default: the oracle told a worker to stop and no trial runs).
+        facts: fixed values workers read from the served space (:class:`_Announcing`).
+        poll_s: how often the chief looks at the oracle and the workers.
+        linger_s: how long to go on serving after the end, so that workers still running (started by hand)
+            hear "stop" instead of waiting for a chief that is gone.
+
+    Returns:
+        True when the search ended; False when every local worker exited before that and none can join.
+    """
+    ip, port, connect_ip = chief_address()
+    # Workers first (forking before gRPC starts its threads); they wait until the chief answers.
+    procs = _spawn_workers(command, workers, logs, connect_ip, port)
+    try:
+        server, servicer = _serve(oracle, ip, port, facts)
+    except BaseException:
+        _stop(procs, wait_s=0)
+        raise
+    try:
+        over = done or (lambda: servicer.stop_triggered and not oracle.ongoing_trials)
+        # Started with --workers alone, no other worker can join: stop when the local ones are gone.
+        only_local = not os.environ.get("KERASTUNER_ORACLE_IP")
+        ended = _watch(oracle, procs, on_end, over, logs, poll_s, only_local)
+        if ended:
+            _linger(oracle, procs, linger_s)
+        return ended
+    finally:
+        _stop(procs)
+        server.stop(grace=1)
+
+
+def _spawn_workers(command: list[str], n: int, logs: Path, ip: str, port: int) -> dict[str, subprocess.Popen]:
     logs.mkdir(parents=True, exist_ok=True)
     gpus = _gpu_ids()
     hook = _death_signal()
     procs = {}
     for i in range(n):
-        cmd = [sys.executable, "-m", "ablations", "run", str(root / "experiment.yaml"), "--out",
-               str(root.parent), "--no-report"]
-        log = open(logs / f"worker-{i}.log", "w")
-        procs[f"worker-{i}"] = subprocess.Popen(cmd, env=worker_env(i, n, ip, port, gpus), stdout=log,
-                                                stderr=subprocess.STDOUT, preexec_fn=hook)
-        log.close()
+        with open(logs / f"worker-{i}.log", "w") as log:
+            procs[f"worker-{i}"] = subprocess.Popen(command, env=worker_env(i, n, ip, port, gpus), stdout=log,
+                                                    stderr=subprocess.STDOUT, preexec_fn=hook)
     return procs
 
 
-def _watch(oracle: Any, arms: list[Arm], pending: list[Arm], root: Path, procs: dict[str, subprocess.Popen],
-           ui: Any, on_arm: Any, poll_s: float, only_local: bool) -> dict[str, dict[str, Any]]:
-    """Reports arms as their trials end; fails the trial of a local worker that died; returns lost arms."""
-    kt = _kt()
-    by_id = {a.id: a for a in arms}
-    todo = {a.id for a in pending}
-    lost: dict[str, dict[str, Any]] = {}
+def _watch(oracle: Any, procs: dict[str, subprocess.Popen], on_end: Callable[[Any], None],
+           done: Callable[[], bool], logs: Path, poll_s: float, only_local: bool) -> bool:
+    """Reports trials as they end and fails the trial of a local worker that died, until ``done()`` (True)
+    or until no local worker is left and nothing runs (False)."""
     seen = 0
-    while todo:
-        for tid in list(oracle.end_order[seen:]):
-            seen += 1
-            trial = oracle.trials[tid]
-            arm_id = trial.hyperparameters.values.get("arm")
-            if arm_id not in todo:
-                continue
-            todo.discard(arm_id)
-            summary = store.read_summary(root / "arms" / arm_id)
-            if summary is None or trial.status == kt.engine.trial.TrialStatus.FAILED:
-                summary = lost[arm_id] = {"arm_id": arm_id, "values": by_id[arm_id].config.values,
-                                          "seed": by_id[arm_id].config.seed, "status": "failed",
-                                          "error": trial.message or "the worker reported no summary.json "
-                                          "(is the run folder shared with the worker?)"}
-            if ui:
-                ui.arm_done(by_id[arm_id], summary, False)
-            if on_arm:
-                on_arm(by_id[arm_id], summary, False)
-        for tuner_id, proc in procs.items():
-            if proc.poll() is not None and tuner_id in oracle.ongoing_trials:
-                trial = oracle.ongoing_trials[tuner_id]
-                trial.status = kt.engine.trial.TrialStatus.FAILED
-                trial.message = (f"{tuner_id} exited (code {proc.returncode}) while training this arm; see "
-                                 f"{root / TUNER_DIR / (tuner_id + '.log')}; rerun to train it again")
-                oracle.end_trial(trial)
-        if only_local and procs and all(p.poll() is not None for p in procs.values()) and todo and \
-                len(oracle.end_order) == seen and not oracle.ongoing_trials:
-            for arm_id in sorted(todo):  # no local worker left and no other worker can join
-                lost[arm_id] = {"arm_id": arm_id, "values": by_id[arm_id].config.values,
-                                "seed": by_id[arm_id].config.seed, "status": "failed",
-                                "error": f"all local workers exited before this arm ran; see {root / TUNER_DIR}"}
-            break
+    while True:
+        seen = _report_ended(oracle, seen, on_end)
+        if done():
+            _report_ended(oracle, seen, on_end)
+            return True
+        _fail_dead(oracle, procs, logs)
+        if only_local and procs and all(p.poll() is not None for p in procs.values()) and \
+                not oracle.ongoing_trials and len(oracle.end_order) == seen:
+            return False
         time.sleep(poll_s)
-    return lost
+
+
+def _report_ended(oracle: Any, seen: int, on_end: Callable[[Any], None]) -> int:
+    for tid in list(oracle.end_order[seen:]):
+        seen += 1
+        on_end(oracle.trials[tid])
+    return seen
+
+
+def _fail_dead(oracle: Any, procs: dict[str, subprocess.Popen], logs: Path) -> None:
+    """Ends the running trial of every local worker that exited: nobody else would, and the chief would wait."""
+    kt = _kt()
+    for tuner_id, proc in procs.items():
+        if proc.poll() is not None and tuner_id in oracle.ongoing_trials:
+            trial = oracle.ongoing_trials[tuner_id]
+            trial.status = kt.engine.trial.TrialStatus.FAILED
+            trial.message = f"{tuner_id} exited (code {proc.returncode}) during this trial; see {logs / tuner_id}.log"
+            oracle.end_trial(trial)
+
+
+def _linger(oracle: Any, procs: dict[str, subprocess.Popen], seconds: float) -> None:
+    """Serves on until every worker that asked for work has been told to stop (keras-tuner's ``tuner_ids``),
+    dead local workers aside, or ``seconds`` pass."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and any(t not in procs or procs[t].poll() is None for t in set(oracle.tuner_ids)):
+        time.sleep(0.1)
 
 
 def _stop(procs: dict[str, subprocess.Popen], wait_s: float = 15) -> None:

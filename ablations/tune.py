@@ -12,9 +12,25 @@ Pruning stops a trial early on a pathology found in its first captured steps (a 
 ``per_arm: true`` tunes the space separately for every grid point, then runs each grid point's seeds with
 its best values (``final/``), so an ablation compares arms each at a fair learning rate.
 
-Layout: ``runs/<name>/search[/<grid point>]/`` holds the trials' arm folders (``arms/trial_0003,...``) and
-keras-tuner's oracle state (``.tuner/``), so a killed search resumes without redoing finished trials;
+Layout: ``runs/<name>/search[/<grid point>]/`` holds the trials' arm folders (``arms/trial_0003,...``), one
+record per finished trial (``trials/<trial id>.json``, written whole by whichever process ran the trial) and
+keras-tuner's oracle state (``.tuner/oracle``), so a killed search resumes without redoing finished trials;
 ``best.yaml`` is the experiment with the best values filled in, runnable by ``ablate run``.
+
+Scaling out uses the sweep engine's chief/worker machinery (:func:`ablations.sweep.serve_oracle`):
+``ablate tune CONFIG --workers N`` makes this process the chief: it holds the run-folder lock, serves each
+search's oracle (the stateful random/bayesian/hyperband/grid oracle, reloaded from ``.tuner/oracle``, so a
+killed chief resumes too) and starts N local workers (``ablate tune <run>/experiment.yaml --point LABEL``),
+which run trials with the same :class:`SearchTuner` ``run_trial`` and write into the shared run folder. With
+``per_arm`` the grid points are searched one after another (fresh workers for each); ``final/`` runs in the
+chief. The chief announces in the served space which search it serves (``gradzoo/point``), its config digest
+and whether it is the last one, so workers started by hand with the ``KERASTUNER_*`` variables (see
+:mod:`ablations.sweep`) join whichever grid point is being searched, and go on to the next ones::
+
+    KERASTUNER_TUNER_ID=chief KERASTUNER_ORACLE_IP=0.0.0.0 KERASTUNER_ORACLE_PORT=8470 \\
+        ablate tune CONFIG --out /shared/runs [--workers N]
+    KERASTUNER_TUNER_ID=worker-$(hostname) KERASTUNER_ORACLE_IP=<chief host> KERASTUNER_ORACLE_PORT=8470 \\
+        ablate tune CONFIG --out /shared/runs
 """
 
 from __future__ import annotations
@@ -22,13 +38,20 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 from ablations import store
 from ablations.config import Arm, ArmConfig, ConfigError, Experiment, _set_path, _short_keys, _slug, dump_yaml
 
 TUNER_DIR = ".tuner"
+TRIALS_DIR = "trials"  # one JSON record per finished trial: workers never write the same file
+POINT, CONFIG, LAST = "gradzoo/point", "gradzoo/config", "gradzoo/last"  # what the chief announces to workers
+NEXT_POINT_WAIT_S = 120.0  # how long a worker started by hand waits for the chief's next grid point
 
 
 def hyperparameters(exp: Experiment) -> Any:
@@ -76,6 +99,26 @@ def make_oracle(exp: Experiment, hp: Any, max_epochs: int) -> Any:
     return kt.oracles.HyperbandOracle(max_epochs=max_epochs, seed=s.seed, **common)
 
 
+def load_oracle(exp: Experiment, sroot: Path, max_epochs: int) -> Any:
+    """The search's oracle with its state in ``sroot/.tuner/oracle``, reloaded when a search ran there before.
+
+    Reloading here, not through a tuner, lets any process (single, or a chief, whatever its tuner id) resume
+    the oracle that any other saved; trials that were running are handed out again first.
+    """
+    oracle = make_oracle(exp, hyperparameters(exp), max_epochs)
+    oracle.verbose = 0  # the sweep UI reports trials
+    oracle._set_project_dir(str(sroot / TUNER_DIR), "oracle")
+    if (sroot / TUNER_DIR / "oracle" / "oracle.json").exists():
+        oracle.reload()
+    return oracle
+
+
+def _finished(oracle: Any) -> bool:
+    """Whether a reloaded oracle has nothing left to hand out (known without asking it for a trial)."""
+    return bool(oracle.max_trials) and len(oracle.trials) >= oracle.max_trials and not oracle._retry_queue \
+        and not oracle.ongoing_trials
+
+
 def trial_arm(exp: Experiment, base: dict[str, Any], values: dict[str, Any], seed: int, label: str) -> Arm:
     """The arm of one trial execution: ``base`` (a resolved arm dict) with the trial's values filled in."""
     raw = copy.deepcopy(base)
@@ -107,14 +150,29 @@ def objective_value(summary: dict[str, Any], name: str) -> float | None:
 
 
 def make_tuner(exp: Experiment, root: Path, base: dict[str, Any], oracle: Any, *, ui: Any = None,
-               on_trial: Callable[[dict[str, Any]], None] | None = None) -> Any:
-    """A keras-tuner tuner whose trials run :func:`ablations.runner.run_arm` once per execution seed."""
+               on_trial: Callable[[dict[str, Any]], None] | None = None, project: str = "oracle") -> Any:
+    """A keras-tuner tuner whose trials run :func:`ablations.runner.run_arm` once per execution seed.
+
+    Args:
+        exp: the experiment (its ``search`` section).
+        root: the search root (``runs/<name>/search[/<point>]``): arm folders and trial records.
+        base: the resolved arm dict the trial's values are filled into.
+        oracle: from :func:`load_oracle` (keras-tuner swaps in a gRPC client on a worker).
+        ui, on_trial: progress display, and a callback with each trial's record.
+        project: keras-tuner's project folder in ``root/.tuner`` (workers get their own, recreated).
+    """
     import keras_tuner as kt
 
     from ablations.runner import arm_is_current, run_arm
+    from ablations.sweep import search_loop
 
     name, _ = exp.search.objective_spec()
     prune = exp.search.prune
+
+    def finish(record: dict[str, Any]) -> None:
+        _write_trial(root, record)
+        if on_trial:
+            on_trial(record)
 
     class SearchTuner(kt.engine.base_tuner.BaseTuner):
         def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> dict[str, float]:
@@ -137,38 +195,55 @@ def make_tuner(exp: Experiment, root: Path, base: dict[str, Any], oracle: Any, *
                 if summary.get("status") != "completed" or score is None:
                     why = summary.get("pruned_reason") or summary.get("error") or \
                         f"{summary.get('status')} at step {summary.get('diverged_at_step')}"
-                    record = {"trial": trial.trial_id, "values": values, "status": summary.get("status"),
-                              "reason": why, "arms": [s["arm_id"] for s in summaries]}
-                    _append_trial(root, record)
-                    if on_trial:
-                        on_trial(record)
+                    finish({"trial": trial.trial_id, "values": values, "status": summary.get("status"),
+                            "reason": why, "arms": [s["arm_id"] for s in summaries]})
                     raise kt.errors.FailedTrialError(f"{summary.get('status')}: {why}")
                 scores.append(score)
             mean = sum(scores) / len(scores)
-            record = {"trial": trial.trial_id, "values": values, "status": "completed", name: mean,
-                      "arms": [s["arm_id"] for s in summaries]}
-            _append_trial(root, record)
-            if on_trial:
-                on_trial(record)
+            finish({"trial": trial.trial_id, "values": values, "status": "completed", name: mean,
+                    "arms": [s["arm_id"] for s in summaries]})
             return {name: mean}
+
+        def search(self, *args: Any, **kwargs: Any) -> None:
+            search_loop(self)
+
+        def reload(self) -> None:
+            pass  # load_oracle reloaded the oracle (the tuner itself has no state)
 
         def save_model(self, trial_id: str, model: Any, step: int = 0) -> None:
             pass  # each arm folder holds final.keras
 
-    return SearchTuner(oracle=oracle, directory=str(root / TUNER_DIR), project_name="oracle", overwrite=False)
+    worker = project != "oracle"
+    return SearchTuner(oracle=oracle, directory=str(root / TUNER_DIR), project_name=project, overwrite=worker)
 
 
-def _append_trial(root: Path, record: dict[str, Any]) -> None:
-    """trials.jsonl: one line per finished trial (the report's and the summary table's source)."""
-    path = root / "trials.jsonl"
-    done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    done = [r for r in done if r["trial"] != record["trial"]] + [record]
-    store.write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in done))
+def _write_trial(root: Path, record: dict[str, Any]) -> None:
+    """``trials/<trial id>.json``: the record of one finished trial (the report's and the tables' source)."""
+    store.write_json(Path(root) / TRIALS_DIR / f"{record['trial']}.json", record)
 
 
 def read_trials(root: Path) -> list[dict[str, Any]]:
-    path = Path(root) / "trials.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    """The finished trials of a search root, by trial number (``trials.jsonl`` of older searches included)."""
+    root = Path(root)
+    by_id: dict[str, dict[str, Any]] = {}
+    legacy = root / "trials.jsonl"
+    if legacy.exists():
+        for line in legacy.read_text().splitlines():
+            record = json.loads(line)
+            by_id[str(record["trial"])] = record
+    for path in (root / TRIALS_DIR).glob("*.json"):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):  # written atomically, so only a foreign file can be unreadable
+            continue
+        by_id[str(record["trial"])] = record
+    return sorted(by_id.values(), key=lambda r: int(r["trial"]))
+
+
+def has_trials(root: Path) -> bool:
+    """Whether ``root`` is a search root with at least one finished trial."""
+    root = Path(root)
+    return (root / "trials.jsonl").exists() or any((root / TRIALS_DIR).glob("*.json"))
 
 
 def best_trial(trials: list[dict[str, Any]], name: str, direction: str) -> dict[str, Any] | None:
@@ -212,45 +287,72 @@ def _grid_points(exp: Experiment) -> list[tuple[str, dict[str, Any], dict[str, A
     return points
 
 
-def run_search(exp: Experiment, out: Path, *, ui: Any = None, console: Any = None) -> dict[str, Any]:
+def _search_points(exp: Experiment) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """``(label, grid values, base arm dict)`` of every search: one per grid point with ``per_arm``, else one
+    over the base config (the grid is ignored for the search)."""
+    if exp.search.per_arm:
+        return _grid_points(exp)
+    base = exp.arms()[0].config.model_dump(mode="json")
+    for key in exp.grid:  # the base config, not the first grid point
+        _set_path(base, key, _get_path(exp.base_dict(), key))
+    base["values"] = {}
+    return [("all", {}, base)]
+
+
+def _search_root(root: Path, exp: Experiment, label: str) -> Path:
+    return root / "search" / (label if exp.search.per_arm else "")
+
+
+def run_search(exp: Experiment, out: Path, *, ui: Any = None, console: Any = None, workers: int = 0,
+               point: str | None = None) -> dict[str, Any]:
     """Runs the search (resumable); returns ``{"points": [...], "best_yaml": path}``.
 
     Without ``per_arm`` the grid is ignored for the search (the base config is searched) and ``best.yaml``
     keeps the grid; with ``per_arm`` each grid point gets its own search and ``final/`` runs every grid
     point's seeds with its best values.
+
+    Args:
+        exp: the experiment, with a ``search`` section.
+        out: parent of the run folder.
+        ui, console: progress display and console (optional).
+        workers: local worker processes; more than 0 makes this process the chief (module docstring).
+        point: on a local worker, the label of the one search its chief started it for.
+
+    Returns:
+        The searches' results; on a worker (``KERASTUNER_*`` variables) ``{"worker": id, "trials": [...]}``
+        with the records of the trials it ran.
+
+    Raises:
+        SweepError: bad worker setup, or every local worker exited before a search ended.
     """
     if exp.search is None:
         raise ConfigError("this config has no `search:` section; `ablate tune` needs one (see README, Searching)")
+    from ablations.sweep import SweepError, process_role
+
+    role = process_role(workers)
     root = Path(out) / exp.name
+    points = _search_points(exp)
+    if role == "worker":
+        return join_search(exp, root, points, point=point, console=console)
+    if point is not None:
+        raise SweepError("--point is for the local workers a chief starts; leave it out")
     store.check_writable(root)
     name, direction = exp.search.objective_spec()
     results = []
     with store.RunLock(root):
         store.write_text(root / "experiment.yaml", dump_yaml(exp.model_dump(mode="json")))
-        if exp.search.per_arm:
-            points = _grid_points(exp)
-        else:
-            base = exp.arms()[0].config.model_dump(mode="json")
-            for key in exp.grid:  # the base config, not the first grid point
-                _set_path(base, key, _get_path(exp.base_dict(), key))
-            base["values"] = {}
-            points = [("all", {}, base)]
-        for label, point, base in points:
-            sroot = root / "search" / (label if exp.search.per_arm else "")
-            sroot.mkdir(parents=True, exist_ok=True)
+        if role == "chief":
+            _prepare_data(points)
+        for i, (label, values, base) in enumerate(points):
             if console:
                 console.print(f"[bold]search[/] {label}: {exp.search.tuner}, objective {name} ({direction}), "
                               f"{exp.search.max_trials} trials", highlight=False)
-            oracle = make_oracle(exp, hyperparameters(exp), base["train"]["epochs"])
-            tuner = make_tuner(exp, sroot, base, oracle, ui=ui)
-            if ui:
-                ui.start(exp.search.max_trials * exp.search.executions_per_trial)
-            tuner.search(verbose=0)  # the sweep UI reports trials
-            if ui:
-                ui.stop()
+            sroot = _search_root(root, exp, label)
+            _search_one(exp, root, sroot, label, base, workers=workers if role == "chief" else None,
+                        last=i == len(points) - 1, ui=ui)
             trials = read_trials(sroot)
             best = best_trial(trials, name, direction)
-            results.append({"label": label, "point": point, "root": str(sroot), "trials": trials, "best": best})
+            results.append({"label": label, "point": values, "root": str(sroot), "trials": trials, "best": best})
         best_yaml = None
         if exp.search.per_arm:
             final = _run_final(exp, root, results, ui)
@@ -262,6 +364,160 @@ def run_search(exp: Experiment, out: Path, *, ui: Any = None, console: Any = Non
             best_yaml = root / "best.yaml"
             store.write_text(best_yaml, dump_yaml(best_experiment(exp, results[0]["best"]["values"])))
     return {"points": results, "best_yaml": str(best_yaml) if best_yaml else None}
+
+
+def _search_one(exp: Experiment, root: Path, sroot: Path, label: str, base: dict[str, Any], *,
+                workers: int | None, last: bool, ui: Any) -> None:
+    """One search, resumed from its oracle's state: in this process (``workers`` None) or served to workers.
+
+    Raises:
+        SweepError: every local worker exited before the search ended.
+    """
+    from ablations.sweep import SweepError
+
+    sroot.mkdir(parents=True, exist_ok=True)
+    oracle = load_oracle(exp, sroot, base["train"]["epochs"])
+    if ui:
+        ui.start(exp.search.max_trials * exp.search.executions_per_trial)
+    try:
+        if workers is None:
+            make_tuner(exp, sroot, base, oracle, ui=ui).search()
+        elif not _serve_search(exp, root, sroot, label, oracle, workers=workers, last=last, ui=ui):
+            raise SweepError(f"every local worker exited before search {label} ended; see their logs in "
+                             f"{sroot / TUNER_DIR}; rerun to resume")
+    finally:
+        if ui:
+            ui.stop()
+
+
+def _prepare_data(points: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> None:
+    """Prepares the searches' datasets once, in the chief: workers preparing one TFDS data dir at once race."""
+    from ablations.data import builder
+
+    for data in {json.dumps(base["data"], sort_keys=True): base["data"] for _, _, base in points}.values():
+        builder(data["name"], data.get("data_dir"), data.get("download", True))
+
+
+# ------------------------------------------------------------------------------------------ chief/worker
+
+
+def _serve_search(exp: Experiment, root: Path, sroot: Path, label: str, oracle: Any, *, workers: int, last: bool,
+                  ui: Any) -> bool:
+    """The chief's part of one search: serves its oracle to ``workers`` local workers (and any started by
+    hand) and shows trials as they end. Returns False when every local worker exited before the end."""
+    from ablations.sweep import config_digest, serve_oracle
+
+    if _finished(oracle):  # resumed after the end: no worker needs to start
+        return True
+    facts = {POINT: label, CONFIG: config_digest(exp), LAST: "yes" if last else "no"}
+    cmd = [sys.executable, "-m", "ablations", "tune", str(root / "experiment.yaml"), "--out", str(root.parent),
+           "--no-report", "--point", label]
+    ended = serve_oracle(oracle, command=cmd, workers=workers, logs=sroot / TUNER_DIR, facts=facts,
+                         on_end=lambda trial: _show_trial(sroot, _ended_record(sroot, trial), ui))
+    # keras-tuner's end_trial saves before it drops the trial from the running ones (a tuner saves again after
+    # it): without this save a resume would hand the last trial out again.
+    oracle.save()
+    return ended
+
+
+def _ended_record(sroot: Path, trial: Any) -> dict[str, Any]:
+    """The record of a trial that ended on a worker. The chief writes it for a trial that failed without one
+    (its worker died mid-trial, or raised), so that every trial the oracle ended has a record."""
+    import keras_tuner as kt
+
+    try:
+        return json.loads((sroot / TRIALS_DIR / f"{trial.trial_id}.json").read_text())
+    except (OSError, ValueError):
+        pass
+    record = {"trial": trial.trial_id, "values": trial.hyperparameters.values, "status": "failed",
+              "reason": ((trial.message or "").strip().splitlines() or ["the worker wrote no record"])[-1],
+              "arms": []}
+    # A completed trial whose record is missing is a slow shared file system: never overwrite the worker's.
+    if trial.status != kt.engine.trial.TrialStatus.COMPLETED:
+        _write_trial(sroot, record)
+    return record
+
+
+def _show_trial(sroot: Path, record: dict[str, Any], ui: Any) -> None:
+    if not ui:
+        return
+    for arm_id in record.get("arms") or [f"trial_{record['trial']}"]:
+        summary = store.read_summary(sroot / "arms" / arm_id) or {"status": record["status"],
+                                                                  "error": record.get("reason")}
+        ui.arm_done(SimpleNamespace(id=arm_id), summary, False)
+
+
+def join_search(exp: Experiment, root: Path, points: list[tuple[str, dict[str, Any], dict[str, Any]]], *,
+                point: str | None = None, console: Any = None) -> dict[str, Any]:
+    """Worker: runs trials of the search the chief announces, into the shared run folder (no lock).
+
+    A local worker (``point`` given) serves that one search; one started by hand goes on with the chief's
+    next grid point until the chief announces its last one, or announces none for a while.
+    """
+    from keras_tuner.src.distribute.oracle_client import OracleClient
+
+    from ablations.sweep import config_digest
+
+    tuner_id = os.environ["KERASTUNER_TUNER_ID"]
+    bases = {label: base for label, _, base in points}
+    digest = config_digest(exp)
+    records: list[dict[str, Any]] = []
+
+    def done(record: dict[str, Any]) -> None:
+        records.append(record)
+        if console:
+            console.print(f"{record['status']:9} trial {record['trial']} {record.get('reason', '')}", highlight=False)
+
+    client = OracleClient(make_oracle(exp, hyperparameters(exp), 1))
+    facts: dict[str, Any] | None = client.get_space().values  # waits for the chief (keras-tuner: up to an hour)
+    while facts is not None:
+        label = _check_facts(facts, digest, bases, point)
+        base = bases[label]
+        oracle = make_oracle(exp, hyperparameters(exp), base["train"]["epochs"])
+        make_tuner(exp, _search_root(root, exp, label), base, oracle, on_trial=done,
+                   project=f"worker_{tuner_id}").search()
+        if point is not None or facts.get(LAST) == "yes":
+            break
+        facts = _next_point(client, label)
+    return {"worker": tuner_id, "trials": records}
+
+
+def _check_facts(facts: dict[str, Any], digest: str, bases: dict[str, Any], point: str | None) -> str:
+    """The label of the search the chief serves, after checking this worker can run it."""
+    from ablations.sweep import SweepError
+
+    if CONFIG not in facts:
+        raise SweepError("the chief is not an `ablate tune` chief (it announces no search); start workers with the "
+                         "chief's command")
+    if facts[CONFIG] != digest:
+        raise SweepError(f"this worker's config differs from the chief's (digest {digest} vs {facts[CONFIG]}); "
+                         f"start workers with the chief's CONFIG and --set options")
+    label = facts.get(POINT)
+    if label not in bases or (point is not None and label != point):
+        raise SweepError(f"the chief serves search {label!r}, which this worker was not started for "
+                         f"({point or ', '.join(bases)})")
+    return label
+
+
+def _next_point(client: Any, label: str, wait_s: float = NEXT_POINT_WAIT_S) -> dict[str, Any] | None:
+    """The chief's announcement once it serves a search other than ``label``; None if none comes in ``wait_s``
+    (the chief ended, or went on to ``final/``)."""
+    import grpc
+    import keras_tuner as kt
+    from keras_tuner.src import protos
+
+    deadline = time.time() + wait_s
+    while time.time() < deadline:
+        try:  # keras-tuner's own client would wait an hour for a chief that is gone
+            response = client.stub.GetSpace(protos.get_service().GetSpaceRequest(), wait_for_ready=True,
+                                            timeout=max(0.1, deadline - time.time()))
+        except grpc.RpcError:
+            return None
+        values = kt.HyperParameters.from_proto(response.hyperparameters).values
+        if values.get(POINT) != label:
+            return values
+        time.sleep(1.0)  # the chief still serves the search this worker finished
+    return None
 
 
 def _get_path(raw: dict[str, Any], dotted: str) -> Any:

@@ -113,27 +113,12 @@ def _worker_counts(log_dir: Path) -> dict[str, int]:
 @pytest.mark.slow
 def test_chief_and_two_workers_on_loopback_run_each_arm_once(tfds_dir: str, tmp_path: Path) -> None:
     """A chief started by hand (KERASTUNER_* variables) + one local worker it starts + one worker started by hand."""
-    from ablations.sweep import free_port
+    from _procs import chief_and_hand_worker
 
     cfg = tmp_path / "six.yaml"
     cfg.write_text(json.dumps(small("six", seeds=2)))
-    port = free_port()
-    base = {**os.environ, "KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(port)}
     cmd = [sys.executable, "-m", "ablations", "run", str(cfg), "--out", str(tmp_path / "runs"), "--no-report"]
-    chief = subprocess.Popen(cmd + ["--workers", "1"], cwd=ROOT, env={**base, "KERASTUNER_TUNER_ID": "chief"},
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    other = subprocess.Popen(cmd, cwd=ROOT, env={**base, "KERASTUNER_TUNER_ID": "worker-by-hand"},
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        other_out = other.communicate(timeout=300)[0]
-        chief_out = chief.communicate(timeout=120)[0]
-    finally:
-        for p in (chief, other):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert chief.returncode == 0, chief_out[-3000:]
-    assert other.returncode == 0, other_out[-3000:]
+    chief_out, other_out = chief_and_hand_worker(cmd, cwd=ROOT)
     root = tmp_path / "runs" / "six"
     exp = parse_experiment(small("six", seeds=2))
     ids = sorted(a.id for a in exp.arms())
@@ -154,3 +139,39 @@ def test_chief_and_two_workers_on_loopback_run_each_arm_once(tfds_dir: str, tmp_
     run_arm(arm, tmp_path / "again")
     pd.testing.assert_frame_equal(pd.read_parquet(root / "arms" / arm.id / "params.parquet"),
                                   pd.read_parquet(tmp_path / "again" / "params.parquet"))
+
+
+FAKE_WORKER = """
+import os
+import keras_tuner as kt
+from keras_tuner.src.distribute.oracle_client import OracleClient
+
+hp = kt.HyperParameters()
+hp.Float("x", 0.0, 1.0)
+client = OracleClient(kt.oracles.RandomSearchOracle(objective=kt.Objective("loss", "min"), hyperparameters=hp))
+assert client.get_space().values["gradzoo/point"] == "p0"  # the chief's announced facts reach workers
+client.create_trial(os.environ["KERASTUNER_TUNER_ID"])
+os._exit(3)  # dies mid-trial, without ending it
+"""
+
+
+def test_serve_oracle_fails_the_trial_of_a_local_worker_that_died(tmp_path: Path) -> None:
+    """The shared chief machinery (used by `ablate run` and `ablate tune`): a worker that exits mid-trial gets
+    its trial failed, reported once, and the chief returns instead of waiting for it."""
+    import keras_tuner as kt
+
+    from ablations.sweep import serve_oracle
+
+    hp = kt.HyperParameters()
+    hp.Float("x", 0.0, 1.0)
+    oracle = kt.oracles.RandomSearchOracle(objective=kt.Objective("loss", "min"), max_trials=3, hyperparameters=hp)
+    oracle._set_project_dir(str(tmp_path), "oracle")
+    ended = []
+    over = serve_oracle(oracle, command=[sys.executable, "-c", FAKE_WORKER], workers=1, logs=tmp_path / "logs",
+                        on_end=ended.append, facts={"gradzoo/point": "p0"}, poll_s=0.05)
+    assert over is False  # the search did not end: its only worker is gone
+    (trial,) = ended
+    assert trial.status == "FAILED" and not oracle.ongoing_trials
+    assert "worker-0 exited (code 3) during this trial" in trial.message
+    assert str(tmp_path / "logs" / "worker-0.log") in trial.message
+    assert "x" in oracle.get_space().values and "gradzoo/point" not in oracle.get_space().values

@@ -3,7 +3,6 @@ gradient flow of the best and worst trials (read from the search's arm folders, 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -20,19 +19,20 @@ from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
 
 from ablations import store  # noqa: E402
 from ablations.diagnose import block_kernels  # noqa: E402
+from ablations.tune import has_trials, read_trials  # noqa: E402
 
 PALETTE = "colorblind"
 
 
 def _searches(root: Path) -> list[Path]:
     base = root / "search"
-    if (base / "trials.jsonl").exists():
+    if has_trials(base):
         return [base]
-    return sorted(p for p in base.iterdir() if (p / "trials.jsonl").exists()) if base.exists() else []
+    return sorted(p for p in base.iterdir() if has_trials(p)) if base.exists() else []
 
 
 def _trials(sroot: Path) -> pd.DataFrame:
-    rows = [json.loads(line) for line in (sroot / "trials.jsonl").read_text().splitlines()]
+    rows = read_trials(sroot)
     out = []
     for r in rows:
         flat = {"trial": int(r["trial"]), "status": r["status"], "reason": r.get("reason", ""),
