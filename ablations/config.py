@@ -125,6 +125,9 @@ class CaptureConfig(Strict):
     # Per-tensor weight and applied-update norms (update_ratio): two more passes over the weights and a
     # pre-update copy on captured steps; off leaves those columns NaN. Needs params.
     updates: bool = True
+    # Per-block histograms of log10|dL/dW| over the block's kernels (grad_hist.parquet): one more pass over the
+    # gradients with a log per entry, so off by default.
+    histograms: bool = False
     activations: bool = True  # per-block dL/d(pre-activation) and activation statistics (blocks.parquet)
     drain_every: int = Field(256, gt=0)  # steps between host reads of the on-device ring buffer
 

@@ -6,8 +6,13 @@ The probe computes, for every captured step and inside the compiled step (no per
   applied update (whatever the optimizer did, clipping included) and their ratio;
 * per tagged block (``blocks.parquet``): the L2 norm of dL/d(pre-activation) of the block's first linear layer
   (Glorot & Bengio 2010 show it vanishes where weight gradients do not), and the mean, std, saturated
-  fraction and dead-unit fraction of the block's activation;
-* per step (``history.parquet``): loss, global gradient norm and learning rate.
+  fraction and dead-unit fraction of the block's activation, and where the architecture has them the
+  residual branch/skip norm ratio, the highway gate mean, ReZero's alpha and stochastic depth's active share;
+* per step (``history.parquet``): loss, global gradient norm and learning rate;
+* optionally (``grad_hist.parquet``): per block, a histogram of log10|dL/dW| over the block's kernels.
+
+Statistic groups are switched separately (``capture.params``, ``updates``, ``activations``, ``histograms``):
+gradient norms alone cost one L2Loss per tensor; weight and update norms need the pre-update weights.
 
 Gradients are the global-batch gradients: under a multi-replica strategy a copy is all-reduced for the
 statistics only (the optimizer reduces its own), and loss-scaled gradients are unscaled first. Steps that
@@ -18,7 +23,6 @@ nothing.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable
 
 import numpy as np
@@ -29,15 +33,9 @@ from keras.src.trainers.data_adapters import data_adapter_utils
 from keras.src.losses import loss as loss_module
 
 import zoo
-
-# Statistic columns, in buffer order.
-PARAM_STATS = ("grad_norm", "weight_norm", "update_norm")
-# branch_ratio: ||residual branch|| / ||skip|| at the block's `add` layer; gate_mean: mean of a `gate` layer's
-# output (highway transform gate); alpha: a ReZero block's residual weight; active: the fraction of the batch
-# for which a stochastic-depth block's branch was on (0 or 1 in batch mode). NaN for blocks without them.
-BLOCK_STATS = ("act_grad_norm", "act_mean", "act_std", "act_saturation", "act_dead", "branch_ratio", "gate_mean",
-               "alpha", "active")
-STEP_STATS = ("loss", "global_grad_norm", "lr")
+from ablations.statistics import (BLOCK_STATS, HIST_BINS, PARAM_STATS, STEP_STATS,  # noqa: F401 - re-exported
+                                  all_reduce_sum, block_statistics, global_norm, gradient_histograms,
+                                  num_replicas, param_statistics, sq_sums)
 
 # A unit is saturated where its activation derivative is below this fraction of the activation's maximum
 # derivative (e.g. sigmoid' < 0.0125): the definition the report and the verdicts use.
@@ -79,6 +77,15 @@ class ProbeSpec:
     # Scalar weights read as block statistics: column -> [(block row, variable)] (ReZero alpha, the
     # stochastic-depth layer's `active`, which its forward pass writes).
     scalars: dict[str, list[tuple[int, Any]]] = dataclasses.field(default_factory=dict)
+
+    def hist_groups(self) -> list[tuple[int, list[int]]]:
+        """``(block row, [param row, ...])``: the kernel tensors of each block (gradient histograms)."""
+        rows = {d: i for i, d in enumerate(self.blocks["depth"])}
+        out: dict[int, list[int]] = {}
+        for i, (role, depth, param) in enumerate(zip(self.params["role"], self.params["depth"], self.params["param"])):
+            if role == "block" and str(param).endswith("kernel") and depth in rows:
+                out.setdefault(rows[depth], []).append(i)
+        return sorted(out.items())
 
     @property
     def n_pre(self) -> int:
@@ -148,205 +155,14 @@ def make_spec(model: keras.Model, activations: bool = True) -> ProbeSpec:
                      gate_rows, scalars)
 
 
-def _half_sq(t: tf.Tensor) -> tf.Tensor:
-    """sum(t**2) / 2 in one kernel (L2Loss), in float32 (float64 tensors are reduced in float64 first).
-
-    One op per tensor, no squared copy: on CPU these reductions are bound by memory traffic and op count, and
-    a single L2Loss beats Square + Sum and a stacked reduction (benchmarks/README: capture overhead).
-    """
-    if t.dtype == tf.float64:
-        return tf.cast(tf.nn.l2_loss(t), tf.float32)
-    return tf.nn.l2_loss(tf.cast(t, tf.float32))
-
-
-def _sq_sums(tensors: list[tf.Tensor]) -> tf.Tensor:
-    """[len(tensors)] float32 sums of squares (additive over replicas), two extra ops in all."""
-    return 2.0 * tf.stack([_half_sq(t) for t in tensors])
-
-
-# A float32 sum of squares below this has lost digits to underflow: entries below ~1e-19 square to subnormals
-# or zero, exactly where a deep plain net's first-layer gradients sit.
-TINY_SQ = 1e-30
-
-
-def _norms(tensors: list[tf.Tensor]) -> tf.Tensor:
-    """[len(tensors)] float32 L2 norms that stay exact for vanishing tensors (down to float32's ~1e-38).
-
-    The fast path is one L2Loss per tensor. When any sum of squares is tiny, all tensors are recomputed as
-    ``max|t| * ||t / max|t|||`` (two more passes), so a gradient of 1e-25 reads 1e-25, not 0. Healthy training
-    never takes that branch; all-zero tensors (dead layers) take it on every captured step.
-    """
-    sq = _sq_sums(tensors)
-    tiny = sq < TINY_SQ
-
-    def rescaled() -> tf.Tensor:
-        out = []
-        for t in tensors:
-            m = tf.reduce_max(tf.abs(t))
-            u = t / tf.where(m > 0, m, tf.ones_like(m))  # scaled in the tensor's own dtype (float64 stays)
-            out.append(tf.cast(m, tf.float32) * tf.sqrt(2.0 * _half_sq(u)))
-        return tf.where(tiny, tf.stack(out), tf.sqrt(sq))
-
-    return tf.cond(tf.reduce_any(tiny), rescaled, lambda: tf.sqrt(sq))
-
-
-def _global_norm(norms: tf.Tensor) -> tf.Tensor:
-    """L2 norm of a vector of norms, scaled by its max so tiny entries do not underflow when squared."""
-    m = tf.reduce_max(norms)
-    m = tf.where(m > 0, m, tf.ones_like(m))
-    return m * tf.sqrt(tf.reduce_sum(tf.square(norms / m)))
-
-
-def _all_reduce_sum(values: Any) -> Any:
-    """SUM over replicas inside a replica context; identity with one replica."""
-    ctx = tf.distribute.get_replica_context()
-    if ctx is None or ctx.num_replicas_in_sync == 1:
-        return values
-    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, values)
-
-
-def _num_replicas() -> int:
-    ctx = tf.distribute.get_replica_context()
-    return 1 if ctx is None else ctx.num_replicas_in_sync
-
-
-def _signature(layer: keras.layers.Layer) -> Any:
-    """Activation layers with equal signatures compute the same function (stateless, same config)."""
-    if layer.weights:
-        return id(layer)  # e.g. PReLU: its own slopes
-    cfg = {k: v for k, v in layer.get_config().items() if k not in ("name", "trainable")}
-    return (type(layer).__name__, repr(sorted(cfg.items(), key=lambda kv: kv[0])))
-
-
-def _groups(tensors: list[tf.Tensor], key=lambda i: None) -> list[list[int]]:
-    """Indices of tensors grouped by (static non-batch shape, dtype, key): each group is stacked once."""
-    out: dict[Any, list[int]] = {}
-    for i, t in enumerate(tensors):
-        out.setdefault((tuple(t.shape[1:]), t.dtype, key(i)), []).append(i)
-    return list(out.values())
-
-
-def block_statistics(spec: ProbeSpec, pre_grads: list[tf.Tensor], taps: dict[str, list[tf.Tensor]]) -> tf.Tensor:
-    """Returns a [n_blocks, len(BLOCK_STATS)] float32 tensor (NaN where a block lacks the tensor).
-
-    Args:
-        spec: the probe spec.
-        pre_grads: dL/d(pre-activation) per pre-activation tap.
-        taps: the forward tap tensors by group (:meth:`ProbeSpec.split`).
-
-    Norms are one L2Loss per tensor. Activation statistics need several element-wise passes (derivative,
-    thresholds, counts), so blocks whose activations share a shape and function are stacked and reduced
-    together: a deep net costs a handful of ops, not a handful per block (on CPU the op count, not the
-    arithmetic, dominates). Sums are formed per replica and all-reduced once, so the values are those of
-    the global batch.
-    """
-    n_blocks = len(spec.blocks)
-    pieces: list[tf.Tensor] = []  # per-replica sums, all-reduced together
-    finish = []  # (slice sizes, function of the reduced slices -> [(column, rows, values)])
-
-    def add(local: list[tf.Tensor], fn) -> None:
-        pieces.extend(tf.reshape(x, [-1]) for x in local)
-        finish.append(([int(np.prod(x.shape)) for x in local], fn))
-
-    if pre_grads:
-        if _num_replicas() == 1:  # norms pass through the (identity) reduction, rescued from underflow
-            add([_norms(pre_grads)], lambda r: [(0, spec.pre_rows, r[0])])
-        else:  # sums of squares add over replicas
-            add([_sq_sums(pre_grads)], lambda r: [(0, spec.pre_rows, tf.sqrt(r[0]))])
-
-    act_in = taps["act_in"]
-    for idx in _groups(act_in, key=lambda i: _signature(spec.act_layers[i])):
-        layer, thr = spec.act_layers[idx[0]], spec.act_thresholds[idx[0]]
-        # One layer call on the stacked inputs; a layer alone in its group (PReLU: own weights and an input
-        # spec that rejects a leading stack axis) is called on its own input.
-        z = tf.stop_gradient(tf.stack([act_in[i] for i in idx]) if len(idx) > 1 else act_in[idx[0]])
-        with tf.GradientTape() as tape:
-            tape.watch(z)
-            a = layer(z)  # the block's activation output, recomputed: no second stacked copy of the taps
-        d = tf.abs(tf.cast(tape.gradient(a, z), tf.float32))
-        a = tf.cast(a, tf.float32)
-        if len(idx) == 1:
-            a, d = a[None], d[None]
-        ax = list(range(1, len(a.shape)))
-        n = tf.fill([len(idx)], tf.cast(tf.size(a) // len(idx), tf.float32))
-        alive = tf.reduce_sum(tf.cast(d > 0, tf.float32), axis=1)  # per unit: examples with a nonzero slope
-        local = [tf.reduce_sum(a, ax), tf.reduce_sum(tf.square(a), ax), n,
-                 tf.reduce_sum(tf.cast(d < thr, tf.float32), ax), alive]
-        rows = [spec.act_rows[i] for i in idx]
-
-        def act_fn(r, rows=rows, k=len(idx)):
-            s, ss, n, sat, alive = r
-            mean = s / n
-            dead = tf.reduce_mean(tf.cast(tf.equal(tf.reshape(alive, [k, -1]), 0.0), tf.float32), axis=1)
-            return [(1, rows, mean), (2, rows, tf.sqrt(tf.maximum(ss / n - tf.square(mean), 0.0))),
-                    (3, rows, sat / n), (4, rows, dead)]
-
-        add(local, act_fn)
-
-    if taps["skip"]:
-        k = len(taps["skip"])
-        add([_sq_sums(taps["branch"] + taps["skip"])],
-            lambda r, k=k: [(5, spec.res_rows, tf.sqrt(r[0][:k] / r[0][k:]))])
-
-    gate = taps["gate"]
-    if gate:
-        add([tf.stack([tf.reduce_sum(tf.cast(g, tf.float32)) for g in gate]),
-             tf.stack([tf.cast(tf.size(g), tf.float32) for g in gate])],
-            lambda r: [(6, spec.gate_rows, r[0] / r[1])])
-
-    n_rep = _num_replicas()
-    for name, pairs in spec.scalars.items():
-        # Replicas hold the same alpha; each draws its own stochastic-depth mask: the mean over replicas.
-        add([tf.stack([tf.cast(tf.convert_to_tensor(v), tf.float32) for _, v in pairs])],
-            lambda r, col=BLOCK_STATS.index(name), rows=[row for row, _ in pairs]: [(col, rows, r[0] / n_rep)])
-
-    if not pieces or not n_blocks:
-        return tf.fill([n_blocks, len(BLOCK_STATS)], float("nan"))
-    total = _all_reduce_sum(tf.concat(pieces, axis=0))
-    parts = tf.split(total, [s for sizes, _ in finish for s in sizes])
-    indices, values = [], []
-    k = 0
-    for sizes, fn in finish:
-        for col, rows, vals in fn(parts[k: k + len(sizes)]):
-            indices.extend([row, col] for row in rows)
-            values.append(vals)
-        k += len(sizes)
-    return tf.tensor_scatter_nd_update(tf.fill([n_blocks, len(BLOCK_STATS)], float("nan")),
-                                       tf.constant(indices, tf.int32), tf.concat(values, axis=0))
-
-
-def param_statistics(grads: list[tf.Tensor], old: list[tf.Tensor] | None = None,
-                     new: list[Any] | None = None) -> tf.Tensor:
-    """Returns a [n_params, 3] float32 tensor: grad, weight (before the update) and update norms.
-
-    Args:
-        grads: the gradients (float32).
-        old: the weights before the update (None: weight norms from ``new``, update norms NaN).
-        new: the weights after the update (None with ``old`` None: weight and update norms NaN).
-    """
-    n = len(grads)
-    tensors = list(grads)
-    w_src = old if old is not None else new
-    if w_src is not None:
-        tensors += list(w_src)
-    if old is not None and new is not None:
-        # Subtract in the variable's dtype, then cast: casting first would round float64 weights to float32
-        # and swamp a small update with the rounding error of the weights.
-        tensors += [tf.cast(v, o.dtype) - o for v, o in zip(new, old)]
-    norms = tf.reshape(_norms(tensors), [-1, n])
-    missing = len(PARAM_STATS) - norms.shape[0]
-    if missing:
-        norms = tf.concat([norms, tf.fill([missing, n], float("nan"))], axis=0)
-    return tf.transpose(norms)
-
-
 class _Ring:
     """Device-side ring buffer of captured statistics, drained by :class:`DrainCallback`.
 
     Kept out of Keras' tracking (a plain object) so it never enters the saved model.
     """
 
-    def __init__(self, capacity: int, n_params: int, n_blocks: int, time_shape: tuple[int, int] | None = None):
+    def __init__(self, capacity: int, n_params: int, n_blocks: int, time_shape: tuple[int, int] | None = None,
+                 histograms: bool = False):
         agg = tf.VariableAggregation.ONLY_FIRST_REPLICA  # replicas hold identical (all-reduced) values
         sync = tf.VariableSynchronization.ON_WRITE
         kw = dict(trainable=False, aggregation=agg, synchronization=sync)
@@ -358,19 +174,24 @@ class _Ring:
         self.blocks = tf.Variable(tf.zeros([capacity, n_blocks, len(BLOCK_STATS)]), name="probe_blocks", **kw)
         # Through-time gradient norms [layers, T] of recurrent models (time_grads.parquet).
         self.time = tf.Variable(tf.zeros([capacity, *time_shape]), name="probe_time", **kw) if time_shape else None
+        # Per-block gradient histograms (capture.histograms).
+        self.hist = tf.Variable(tf.zeros([capacity, n_blocks, HIST_BINS + 1]), name="probe_hist", **kw) \
+            if histograms else None
         # First optimizer step whose loss was NaN/Inf (-1: none yet): checked every step, read at drains.
         self.first_nonfinite = tf.Variable(tf.constant(-1, tf.int64), name="probe_nonfinite", **kw)
 
     def write(self, step: tf.Tensor, scalars: tf.Tensor, params: tf.Tensor, blocks: tf.Tensor,
-              due: tf.Tensor | None = None, time: tf.Tensor | None = None) -> None:
+              due: tf.Tensor | None = None, time: tf.Tensor | None = None, hist: tf.Tensor | None = None) -> None:
         """Appends one capture; with ``due`` (a bool tensor) only when it is true."""
         idx = tf.reshape(self.count % self.capacity, [1, 1])
         pairs = [(self.steps, tf.reshape(step, [1])), (self.scalars, scalars[None]), (self.params, params[None]),
                  (self.blocks, blocks[None])]
         if self.time is not None and time is not None:
             pairs.append((self.time, time[None]))
+        if self.hist is not None and hist is not None:
+            pairs.append((self.hist, hist[None]))
         for var, value in pairs:
-            if _num_replicas() > 1:  # mirrored variables have no scatter_nd_update (NotImplementedError)
+            if num_replicas() > 1:  # mirrored variables have no scatter_nd_update (NotImplementedError)
                 new = tf.tensor_scatter_nd_update(var, idx, value)
                 var.assign(new if due is None else tf.where(due, new, var))
             else:
@@ -382,6 +203,8 @@ class _Ring:
                                                         "first_nonfinite")}
         if self.time is not None:
             out["time"] = self.time.numpy()
+        if self.hist is not None:
+            out["hist"] = self.hist.numpy()
         return out
 
 
@@ -396,13 +219,16 @@ class ProbedModel(keras.Model):
         updates: capture per-tensor weight and applied-update norms (needs a pre-update copy of the weights
             on captured steps: two more passes over the weights).
         activations: capture per-block statistics.
+        histograms: capture per-block histograms of log10|dL/dW| over the block's kernels (one more pass
+            over the gradients, with a log per entry: off by default).
         time: for recurrent models, capture ||dL/dh_t|| of every recurrent layer and step t (one extra
             forward/backward pass through a weight-sharing view, on captured steps only; see
             :mod:`ablations.timegrad`).
     """
 
     def __init__(self, net: keras.Model, *, every: int = 1, capacity: int = 64, params: bool = True,
-                 updates: bool = True, activations: bool = True, time: bool = True, **kwargs: Any):
+                 updates: bool = True, activations: bool = True, time: bool = True, histograms: bool = False,
+                 **kwargs: Any):
         super().__init__(name=f"probed_{net.name}", **kwargs)
         spec = make_spec(net, activations=activations)
         self.tap_model = spec.tap_model
@@ -415,7 +241,9 @@ class ProbedModel(keras.Model):
             probe = time_probe_view(net)  # shares the cells' variables; kept out of Keras' tracking
         object.__setattr__(self, "time_probe", probe)
         time_shape = (len(probe.names), max(probe.lengths)) if probe else None
-        object.__setattr__(self, "ring", _Ring(capacity, len(spec.params), len(spec.blocks), time_shape))
+        object.__setattr__(self, "ring", _Ring(capacity, len(spec.params), len(spec.blocks), time_shape,
+                                               histograms=histograms))
+        self.capture_histograms = histograms
         self.every = int(every)
         self.capture_params = params
         self.capture_updates = params and updates
@@ -441,7 +269,7 @@ class ProbedModel(keras.Model):
         step = tf.cast(self.optimizer.iterations, tf.int64)
         if self.every == 1:
             y_pred = self._step(x, y, sample_weight, step, capture=True)
-        elif _num_replicas() > 1:
+        elif num_replicas() > 1:
             # Under several replicas a tf.cond cannot hold the step's sync points (gradient all-reduce, mirrored
             # variable writes): capture every step and record only the due ones.
             y_pred = self._step(x, y, sample_weight, step, capture=True, due=tf.equal(step % self.every, 0))
@@ -514,7 +342,7 @@ class ProbedModel(keras.Model):
         for g, t in zip(grads, probe.lengths):
             sq = tf.reduce_sum(tf.square(tf.cast(g, tf.float32)), axis=[0, 2])
             rows.append(tf.pad(sq, [[0, t_max - t]], constant_values=float("nan")) if t < t_max else sq)
-        return tf.sqrt(_all_reduce_sum(tf.stack(rows)))
+        return tf.sqrt(all_reduce_sum(tf.stack(rows)))
 
     @staticmethod
     def _unscaler(scale: tf.Tensor | None) -> Callable[[tf.Tensor], tf.Tensor]:
@@ -537,22 +365,23 @@ class ProbedModel(keras.Model):
         grads = [fix(g) if g is not None else tf.zeros(v.shape) for g, v in zip(grads, self.trainable_variables)]
         # Global-batch gradient: the per-replica losses are already divided by the replica count, so the
         # SUM of the replicas' gradients is the gradient of the global mean loss.
-        grads = _all_reduce_sum(grads)
-        n_rep = _num_replicas()
-        loss_val = _all_reduce_sum(tf.cast(local_loss, tf.float32)) / n_rep
+        grads = all_reduce_sum(grads)
+        n_rep = num_replicas()
+        loss_val = all_reduce_sum(tf.cast(local_loss, tf.float32)) / n_rep
         if self.capture_params:
             new = self.trainable_variables if old is not None else None
             p = param_statistics(grads, old, new)
-            gnorm = _global_norm(p[:, 0])
+            gnorm = global_norm(p[:, 0])
         else:
             p = tf.fill([len(spec.params), len(PARAM_STATS)], float("nan"))
-            gnorm = tf.sqrt(tf.reduce_sum(_sq_sums(grads)))
+            gnorm = tf.sqrt(tf.reduce_sum(sq_sums(grads)))
         # A non-finite gradient also means divergence: on CPU, fused MatMul+BiasAdd+Relu kernels map NaN to 0,
         # so a ReLU net can keep a finite loss while its gradients and weights are already NaN.
         first = self.ring.first_nonfinite
         first.assign(tf.where(tf.logical_and(first < 0, tf.logical_not(tf.math.is_finite(gnorm))), step, first))
+        hist = gradient_histograms(grads, spec.hist_groups(), len(spec.blocks)) if self.capture_histograms else None
         lr = tf.cast(self.optimizer.learning_rate, tf.float32)
-        self.ring.write(step, tf.stack([loss_val, gnorm, lr]), p, blocks, due=due, time=time)
+        self.ring.write(step, tf.stack([loss_val, gnorm, lr]), p, blocks, due=due, time=time, hist=hist)
 
 
 # --------------------------------------------------------------------------------------------- measure

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from ablations.diagnose import decay_rates
-from ablations.probe import BLOCK_STATS, PARAM_STATS, STEP_STATS, ProbedModel
+from ablations.probe import ProbedModel
+from ablations.statistics import BLOCK_STATS, HIST_BINS, HIST_EXP_LO, PARAM_STATS, STEP_STATS
 
 
 def ring_capacity(every: int, drain_every: int, steps_per_epoch: int, steps_per_execution: int) -> int:
@@ -47,6 +48,7 @@ class DrainCallback(keras.callbacks.Callback):
         self.param_rows: list[np.ndarray] = []
         self.block_rows: list[np.ndarray] = []
         self.time_rows: list[np.ndarray] = []
+        self.hist_rows: list[np.ndarray] = []
         self.diverged_at: int | None = None
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
@@ -81,6 +83,8 @@ class DrainCallback(keras.callbacks.Callback):
                 self.block_rows.append(buf["blocks"][idx])
                 if "time" in buf:
                     self.time_rows.append(buf["time"][idx])
+                if "hist" in buf:
+                    self.hist_rows.append(buf["hist"][idx])
                 self._drained = count
             bad = int(buf["first_nonfinite"])
             if bad >= 0 and self.diverged_at is None:
@@ -124,7 +128,31 @@ class DrainCallback(keras.callbacks.Callback):
         probe = getattr(model, "time_probe", None)
         if probe is not None and self.time_rows:
             out["time_grads"] = _time_table(probe, steps, epoch, np.concatenate(self.time_rows)[keep])
+        if self.hist_rows:
+            out["grad_hist"] = _hist_table(spec, steps, epoch, np.concatenate(self.hist_rows)[keep])
         return out
+
+
+def _hist_table(spec: Any, steps: np.ndarray, epoch: np.ndarray, counts: np.ndarray) -> pd.DataFrame:
+    """``grad_hist.parquet``: per (captured step, block with kernels, bin) the count and fraction of kernel-
+    gradient entries with log10|g| in [log10_lo, log10_hi) (factor-2 bins); bin -1 counts exact zeros."""
+    rows = [r for r, _ in spec.hist_groups()]
+    edges = (HIST_EXP_LO + np.arange(HIST_BINS + 1)) * np.log10(2.0)  # binary bins, as log10
+    n, k, nb = len(steps), len(rows), HIST_BINS + 1
+    c = counts[:, rows, :]  # [n, k, bins + zeros]
+    bins = np.append(np.arange(HIST_BINS), -1)
+    df = pd.DataFrame({
+        "step": np.repeat(steps, k * nb), "epoch": np.repeat(epoch, k * nb),
+        "depth": np.tile(np.repeat(spec.blocks["depth"].to_numpy()[rows], nb), n),
+        "block": np.tile(np.repeat(spec.blocks["block"].to_numpy()[rows], nb), n),
+        "bin": np.tile(bins, n * k),
+        "log10_lo": np.tile(np.append(edges[:-1], np.nan), n * k),
+        "log10_hi": np.tile(np.append(edges[1:], np.nan), n * k),
+        "count": c.reshape(-1).astype(np.int64)})
+    total = np.repeat(c.sum(axis=2).reshape(-1), nb)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df["fraction"] = np.where(total > 0, df["count"] / total, np.nan)
+    return df
 
 
 def _time_table(probe: Any, steps: np.ndarray, epoch: np.ndarray, norms: np.ndarray) -> pd.DataFrame:

@@ -84,6 +84,7 @@ def run_arm(arm: Arm, arm_dir: Path, *, index: int = 0, callbacks: Sequence[Any]
             model = ProbedModel(
                 net, every=cfg.capture.every, params=cfg.capture.params,
                 updates=cfg.capture.updates, activations=cfg.capture.activations,
+                histograms=cfg.capture.histograms,
                 capacity=ring_capacity(cfg.capture.every, cfg.capture.drain_every, steps,
                                        cfg.train.steps_per_execution))
             loss, metrics = make_loss(cfg.train.loss, data.info.task)

@@ -12,7 +12,9 @@ Tags (step = optimizer step unless noted):
 * ``grad_norm/<layer>/<param>`` and ``update_ratio/<layer>/<param>`` for every trainable tensor;
 * ``preact_grad_norm/<block>``, ``act_saturation/<block>``, ``act_dead/<block>`` per block;
 * histograms: ``block_kernels/log10_grad_norm`` (the spread of block kernel-gradient norms across depth at
-  each captured step) and ``weights/<variable>`` (the final weights, at the last step) when a model is given.
+  each captured step), ``grad_hist/<block>`` (the distribution of log10|dL/dW| over the block's kernels, from
+  ``grad_hist.parquet`` when ``capture.histograms`` is on; exact zeros left out) and ``weights/<variable>``
+  (the final weights, at the last step) when a model is given.
 """
 
 from __future__ import annotations
@@ -49,6 +51,18 @@ class _Events:
         for s, v in zip(rows[step].to_numpy(), rows[value].to_numpy(dtype=float)):
             if math.isfinite(v):  # NaN/Inf (a diverged step) would break TensorBoard's axis scaling
                 self.add(s, scalar_pb(tag, np.float32(v)))
+
+    def binned(self, rows: pd.DataFrame, tag: str) -> None:
+        """A histogram from stored bins (TensorBoard's [k, 3] left/right/count tensor), one per step."""
+        from tensorboard.compat.proto import summary_pb2
+        from tensorboard.plugins.histogram import metadata
+        from tensorboard.util import tensor_util
+
+        meta = metadata.create_summary_metadata(display_name=tag, description="log10 |dL/dW| (grad_hist.parquet)")
+        for step, g in rows.groupby("step"):
+            t = g[["log10_lo", "log10_hi", "count"]].to_numpy(dtype=np.float64)
+            value = summary_pb2.Summary.Value(tag=tag, metadata=meta, tensor=tensor_util.make_tensor_proto(t))
+            self.add(step, summary_pb2.Summary(value=[value]))
 
     def write(self, logdir: Path) -> None:
         from tensorboard.compat.proto import event_pb2, summary_pb2
@@ -106,6 +120,9 @@ def write_events(arm_dir: Path, tables: dict[str, pd.DataFrame], model: Any = No
             v = v[np.isfinite(v) & (v > 0)]
             if len(v):
                 ev.add(step, histogram_pb("block_kernels/log10_grad_norm", np.log10(v)))
+        hist = tables.get("grad_hist", pd.DataFrame())
+        for block, g in (hist[hist["bin"] >= 0].groupby("block", sort=False) if not hist.empty else []):
+            ev.binned(g, f"grad_hist/{block}")
         if model is not None:
             last = int(history["step"].max()) if "step" in history and len(history) else 0
             for var in model.trainable_variables:

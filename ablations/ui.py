@@ -70,7 +70,6 @@ class SweepUI:
         self.progress.advance(self.sweep_task)
         status = summary.get("status", "?")
         final = summary.get("final") or {}
-        style = STATUS_STYLE.get(status, "")
         if skipped:
             self.progress.console.print(f"[dim]= {arm.id}: {status} earlier, skipped[/dim]")
             return

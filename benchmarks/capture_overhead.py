@@ -40,10 +40,12 @@ class Case:
     spe: int
     activations: bool
     updates: bool = True  # weight and update norms (with params: the whole per-tensor table)
+    histograms: bool = False  # per-block gradient histograms (off by default)
 
     @property
     def target_key(self) -> str:
         kind = "full" if self.activations and self.updates else "grads" if not self.updates else "tensors"
+        kind = "full+histograms" if self.histograms else kind  # no target: an opt-in extra
         return f"{kind} every {self.every}"
 
 
@@ -52,6 +54,8 @@ CASES = [
     Case("mlp20x256 tensors every=1 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, False),
     Case("mlp20x256 full every=1 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, True),
     Case("mlp20x256 full every=16 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 16, 1, True),
+    Case("mlp20x256 full+histograms every=1 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, True, True,
+         True),
     Case("mlp20x256 grads every=1 spe=16", "plain_mlp", {"depth": 20, "width": 256}, 1, 16, False, False),
     Case("mlp20x256 full every=1 spe=16", "plain_mlp", {"depth": 20, "width": 256}, 1, 16, True),
     Case("mlp20x256 full every=16 spe=16", "plain_mlp", {"depth": 20, "width": 256}, 16, 16, True),
@@ -87,6 +91,7 @@ def _models(case: Case, seed: int = 0):
     plain = net()
     plain.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss=loss, steps_per_execution=case.spe)
     probed = ProbedModel(net(), every=case.every, activations=case.activations, updates=case.updates,
+                         histograms=case.histograms,
                          capacity=ring_capacity(case.every, 256, 10_000, case.spe))
     probed.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss=loss, steps_per_execution=case.spe)
     return plain, probed, lambda: [DrainCallback(256, 10_000)]

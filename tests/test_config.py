@@ -364,3 +364,17 @@ def test_data_config_defaults_and_strictness():
         DataConfig(batch_sise=3)
     with pytest.raises(ValueError):
         Experiment(name="a", seeds=True)  # a bool is not a seed count
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_validates(path: Path) -> None:
+    """The configs the README points to parse, expand and name only known models and options."""
+    import zoo
+    from ablations.config import load_experiment
+
+    exp = load_experiment(path, [])
+    arms = exp.arms()
+    assert arms
+    for arm in arms:
+        zoo.check_options(arm.config.model.arch, arm.config.model.options())

@@ -488,6 +488,41 @@ def test_stochastic_depth_active_fraction_matches_the_layers(mode):
     assert b["alpha"].isna().all()
 
 
+def test_gradient_histograms_match_numpy_on_the_reference_gradients():
+    from ablations.statistics import HIST_BINS, HIST_EXP_LO, HIST_RANGE
+
+    depth = 3
+    net = build("plain_mlp", "relu", depth=depth, width=8, bias_init_std=0.1)
+    lin = net.get_layer("block_001_linear")
+    k, b = lin.kernel.numpy(), lin.bias.numpy()
+    k[:, :3], b[:3] = 0.0, -1.0  # three dead units: their kernel columns in block 2 get exactly zero gradient
+    lin.kernel.assign(k)
+    lin.bias.assign(b)
+    init = dense_weights(net)
+    x, y = batch(16, seed=11)
+    model = ProbedModel(net, capacity=4, histograms=True)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1), loss=loss_fn())
+    drain = DrainCallback(drain_every=256, steps_per_epoch=1)
+    model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), verbose=0, callbacks=[drain])
+    h = drain.tables(model)["grad_hist"]
+    ref = reference("plain_mlp", "relu", depth, init, x, y)
+    assert sorted(set(h["depth"])) == list(range(depth))
+    zeros_seen = 0
+    for d in range(depth):
+        g = np.abs(ref["grads"][(f"block_{d:03d}_linear", "kernel")]).ravel()
+        rows = h[h.depth == d].set_index("bin")
+        exponent = np.frexp(g[g > 0])[1] - 1  # |g| in [2^e, 2^(e+1))
+        want = np.bincount(np.clip(exponent - HIST_EXP_LO, 0, HIST_BINS - 1), minlength=HIST_BINS)
+        np.testing.assert_array_equal(rows.loc[range(HIST_BINS), "count"].to_numpy(), want, err_msg=f"block {d}")
+        assert rows.loc[-1, "count"] == np.sum(g == 0)
+        assert rows["count"].sum() == g.size and rows["fraction"].sum() == pytest.approx(1.0)
+        zeros_seen += int(np.sum(g == 0))
+    assert zeros_seen >= 3 * 8  # the dead units' columns (8 inputs each) are counted as zeros, not as 1e-20
+    assert h["log10_lo"].min() == pytest.approx(HIST_RANGE[0]) and h["log10_hi"].max() == pytest.approx(HIST_RANGE[1])
+    row = h[(h.depth == 0) & (h.bin == 67)].iloc[0]  # bin 67: [2^0, 2^1)
+    assert row.log10_lo == pytest.approx(0.0, abs=1e-12) and row.log10_hi == pytest.approx(np.log10(2.0))
+
+
 def test_adam_update_norm_is_the_actual_weight_change():
     depth, lr, steps = 2, 0.01, 3
     net = build("plain_mlp", "sigmoid", depth=depth, bias_init_std=0.1)

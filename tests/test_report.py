@@ -213,6 +213,27 @@ def test_tensorboard_events_hold_the_parquet_values(tiny) -> None:
     assert series("epoch/val_accuracy")[0] == pytest.approx(e.val_accuracy.iloc[0], rel=1e-6)
 
 
+def test_tensorboard_gradient_histograms_are_the_stored_bins(tmp_path: Path) -> None:
+    import tensorflow as tf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ablations.tensorboard import write_events
+
+    edges = np.array([-3.0, -2.5, -2.0])
+    rows = [{"step": s, "epoch": 0, "depth": 0, "block": "block_000", "bin": b, "log10_lo": lo, "log10_hi": hi,
+             "count": c, "fraction": np.nan} for s, counts in ((0, (5, 7, 2)), (4, (1, 9, 3)))
+            for b, (lo, hi, c) in enumerate(zip([*edges[:-1], np.nan], [*edges[1:], np.nan], counts))]
+    for r in rows:
+        if np.isnan(r["log10_lo"]):
+            r["bin"] = -1  # exact zeros: not a log bin, left out of TensorBoard
+    write_events(tmp_path, {"grad_hist": pd.DataFrame(rows)})
+    ea = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
+    ea.Reload()
+    got = {e.step: tf.make_ndarray(e.tensor_proto) for e in ea.Tensors("grad_hist/block_000")}
+    np.testing.assert_array_equal(got[0], [[-3.0, -2.5, 5], [-2.5, -2.0, 7]])
+    np.testing.assert_array_equal(got[4], [[-3.0, -2.5, 1], [-2.5, -2.0, 9]])
+
+
 def test_comparison_of_two_runs_side_by_side(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two runs in one report (also drawn by 2 worker processes), and a recurrent-style time-lag figure."""
     from ablations.cli import main
@@ -302,6 +323,7 @@ def test_architecture_extras_are_plotted_from_the_stored_blocks(tfds_dir: str, t
     raw = {"name": "extras", "data": {"name": "digits", "max_train_examples": 256, "batch_size": 32},
            "model": {"depth": 3, "width": 8},
            "train": {"epochs": 1, "optimizer": {"name": "sgd", "learning_rate": 0.05}},
+           "capture": {"histograms": True},
            "grid": {"model": [{"arch": "resnet_mlp"}, {"arch": "highway_mlp"}, {"arch": "rezero_mlp"},
                               {"arch": "stochastic_depth_mlp", "survival_prob": 0.5}]}, "seeds": [0]}
     run_experiment(parse_experiment(raw), tmp_path)
@@ -319,3 +341,13 @@ def test_architecture_extras_are_plotted_from_the_stored_blocks(tfds_dir: str, t
     assert 0 < want.iloc[-1] < 1 and want.iloc[0] > want.iloc[-1] - 0.5
     alpha = pd.read_csv(rep / "rezero_alpha_vs_depth.csv")
     assert (alpha[alpha.when == "init"].alpha == 0).all()  # ReZero starts every block as the identity
+    # capture.histograms: every arm page shows the gradient distribution, its CSV holds the stored counts.
+    pages = sorted(rep.glob("arms/*/index.html"))
+    assert len(pages) == 4 and all('src="grad_hist.png"' in p.read_text() for p in pages)
+    page = next(p for p in pages if "stochastic" in p.parent.name)
+    got = pd.read_csv(page.parent / "grad_hist.csv")
+    stored = pd.read_parquet(arm / "grad_hist.parquet")
+    last = stored[(stored.step == stored.step.max()) & (stored.bin >= 0)]
+    merged = got[got.step == last.step.iloc[0]].merge(last, on=["depth", "bin"], suffixes=("", "_stored"))
+    assert len(merged) == len(last) and (merged["count"] == merged["count_stored"]).all()
+    assert last.groupby("depth")["count"].sum().gt(0).all()

@@ -32,7 +32,7 @@ def tiny(runtime: dict, **train) -> dict:
             "data": {"batch_size": 32},
             "train": {"epochs": 2, "steps_per_epoch": 3, "optimizer": {"name": "sgd", "learning_rate": 0.1,
                                                                        "momentum": 0.9}, **train},
-            "capture": {"every": 2}, "runtime": runtime}
+            "capture": {"every": 2, "histograms": True}, "runtime": runtime}
 
 
 def run_py(code: str, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -67,6 +67,11 @@ def test_mirrored_on_two_logical_cpus_matches_default(tfds_dir: str, tmp_path: P
         assert list(a["step"]) == list(b["step"]) and set(a["step"]) == {0, 2, 4}
         np.testing.assert_allclose(b[cols].to_numpy(float), a[cols].to_numpy(float), rtol=1e-5, atol=1e-7,
                                    err_msg=table)
+    # Histograms of the all-reduced gradients: the same counts (an entry on a bin edge may move by one bin).
+    ha = pd.read_parquet(tmp_path / "default" / "grad_hist.parquet")
+    hb = pd.read_parquet(tmp_path / "mirrored" / "grad_hist.parquet")
+    assert list(ha["step"]) == list(hb["step"]) and ha["count"].sum() == hb["count"].sum() > 0
+    assert np.abs(ha["count"].to_numpy() - hb["count"].to_numpy()).sum() <= 2
 
 
 def test_tf_config_errors_say_what_was_found(monkeypatch: pytest.MonkeyPatch) -> None:

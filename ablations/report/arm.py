@@ -155,6 +155,32 @@ def arm_heatmaps(arm: ArmView, out: Path) -> Figure | None:
                  "by block and optimizer step (steps binned for long runs).", right=0.75)
 
 
+def arm_grad_hist(arm: ArmView, out: Path) -> Figure | None:
+    """Distribution of log10|dL/dW| per block at the first and last captured step (capture.histograms)."""
+    h = arm.grad_hist if "grad_hist" in arm.tables else pd.DataFrame()
+    if h.empty:
+        return None
+    h = h[h["bin"] >= 0]
+    steps = sorted({int(h["step"].min()), int(h["step"].max())})
+    fig, axes = _subplots(1, len(steps), figsize=(4.6 * len(steps), 3.2), squeeze=False)
+    for ax, step in zip(axes.flat, steps):
+        c = h[h["step"] == step].pivot(index="depth", columns="log10_lo", values="fraction")
+        lo, depths = c.columns.to_numpy(), c.index.to_numpy()
+        xe = np.append(lo, lo[-1] + (lo[-1] - lo[-2] if len(lo) > 1 else 0.5))
+        ye = np.append(depths, depths[-1] + 1) - 0.5
+        mesh = ax.pcolormesh(xe, ye, c.to_numpy(), cmap=SEQUENTIAL, shading="flat", vmin=0)
+        fig.colorbar(mesh, ax=ax, label="fraction of entries")
+        ax.set_title(f"step {step}", fontsize=9)
+        ax.set_xlabel("log10 |dL/dW|")
+        ax.set_ylabel("block")
+        ax.yaxis.get_major_locator().set_params(integer=True)
+    data = h[h["step"].isin(steps)][["step", "depth", "bin", "log10_lo", "log10_hi", "count", "fraction"]]
+    return _save(fig, out, "grad_hist", data, "Gradient distribution by depth",
+                 "Fraction of each block's kernel-gradient entries per half-decade of |dL/dW| (capture.histograms), "
+                 "at the first and last captured step; exact zeros are counted apart (bin -1 in the CSV). A "
+                 "vanishing gradient is a mass sliding left toward block 0, not just a smaller norm.", right=0.75)
+
+
 def arm_updates(arm: ArmView, out: Path) -> Figure | None:
     """Update ratio, saturation and dead units against depth (one figure: what each block is doing)."""
     k = finite(block_kernels(arm.params), "update_ratio", positive=True) if not arm.params.empty else pd.DataFrame()

@@ -18,7 +18,7 @@ import yaml
 
 from ablations import store
 
-TABLES = ("history", "epochs", "params", "blocks", "time_grads")  # time_grads: recurrent layers only
+TABLES = ("history", "epochs", "params", "blocks", "time_grads", "grad_hist")  # the last two: when recorded
 RUN_AXIS = "run"  # the extra axis of a comparison of several runs
 
 
@@ -36,6 +36,7 @@ class RunData:
     blocks: pd.DataFrame
     axes: list[str]  # grid keys that take more than one value (seeds excluded)
     time_grads: pd.DataFrame = dataclasses.field(default_factory=pd.DataFrame)  # step, layer, t, act_grad_norm
+    grad_hist: pd.DataFrame = dataclasses.field(default_factory=pd.DataFrame)  # step, depth, bin, count, fraction
     arm_configs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # arm_id -> arm.yaml
     errors: dict[str, str] = dataclasses.field(default_factory=dict)  # arm_id -> error.txt of failed arms
     sources: list[Path] = dataclasses.field(default_factory=list)  # run folders (several for a comparison)

@@ -54,6 +54,7 @@ ALL = FIGURES  # the walking skeleton's name
 ARM_FIGURES: list[Callable[[arm_figs.ArmView, Path], Figure | None]] = [
     arm_figs.arm_gradients,
     arm_figs.arm_heatmaps,
+    arm_figs.arm_grad_hist,
     arm_figs.arm_updates,
     arm_figs.arm_time_lag,
     arm_figs.arm_training,
