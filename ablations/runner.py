@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import pandas as pd
+import yaml
 
 from ablations import store
 from ablations.config import Arm, Experiment, dump_yaml
@@ -162,9 +163,11 @@ def arm_is_current(arm: Arm, arm_dir: Path) -> bool:
     if not store.is_done(arm_dir):
         return False
     try:
-        return (arm_dir / "arm.yaml").read_text() == dump_yaml(arm.config.model_dump(mode="json"))
-    except OSError:
+        stored = yaml.safe_load((arm_dir / "arm.yaml").read_text())
+    except (OSError, yaml.YAMLError):
         return False
+    # Compared as data, not text: the same config with its mapping keys in another order is the same arm.
+    return stored == yaml.safe_load(dump_yaml(arm.config.model_dump(mode="json")))
 
 
 def run_experiment(exp: Experiment, out: Path, *, ui: Any = None, workers: int = 0,

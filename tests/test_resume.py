@@ -176,3 +176,27 @@ def test_a_killed_worker_loses_only_its_arm_and_a_rerun_trains_it(tfds_dir: str,
     assert main(["run", str(cfg), "--out", str(out), "--no-report"]) == 0
     assert {d: (d / "summary.json").stat().st_mtime_ns for d in before} == before
     assert all(store.is_done(d) for d in (root / "arms").iterdir())
+
+
+def test_an_arm_is_current_whatever_the_key_order_of_its_stored_config(tmp_path: Path) -> None:
+    import yaml
+
+    from ablations.runner import arm_is_current
+
+    exp = parse_experiment({"name": "t", "model": {"depth": 1, "width": 8, "activation_options": {"a": 1, "b": 2}},
+                            "train": {"epochs": 1}})
+    arm = exp.arms()[0]
+    cfg = arm.config.model_dump(mode="json")
+
+    def reorder(d):  # every mapping with its keys reversed
+        return {k: reorder(v) for k, v in reversed(d.items())} if isinstance(d, dict) else d
+
+    store.write_json(tmp_path / "summary.json", {"arm_id": arm.id, "status": "completed"})
+    (tmp_path / "arm.yaml").write_text(yaml.safe_dump(reorder(cfg), sort_keys=False))
+    assert arm_is_current(arm, tmp_path)
+    changed = reorder(cfg)
+    changed["model"]["width"] = 9
+    (tmp_path / "arm.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+    assert not arm_is_current(arm, tmp_path)
+    (tmp_path / "arm.yaml").write_text("model: [unclosed")
+    assert not arm_is_current(arm, tmp_path)
