@@ -434,6 +434,7 @@ def serve_chief(exp: Experiment, root: Path, arms: list[Arm], *, workers: int, u
         lost: dict[str, dict[str, Any]] = {}
         if pending:
             shutil.rmtree(root / TUNER_DIR / "oracle", ignore_errors=True)  # the run folder decides
+            prepare_data(a.config.data.model_dump(mode="json") for a in pending)
             oracle = make_oracle(pending, config_digest(exp), root / TUNER_DIR / "oracle")
             todo = {a.id for a in pending}
             on_end = _arm_reporter(arms, root, todo, lost, ui, on_arm)
@@ -448,6 +449,21 @@ def serve_chief(exp: Experiment, root: Path, arms: list[Arm], *, workers: int, u
         if ui:
             ui.stop()
     return _collect(arms, root, lost)
+
+
+def prepare_data(datas: Any) -> None:
+    """Prepares each distinct dataset (``data`` sections as dicts) once, in the chief, before workers start:
+    several workers preparing one TFDS data dir at once race each other. A dataset that cannot be prepared
+    is left to the arms, which record the error as failed arms."""
+    import json
+
+    from ablations.data import builder
+
+    for data in {json.dumps(d, sort_keys=True): d for d in datas}.values():
+        try:
+            builder(data["name"], data.get("data_dir"), data.get("download", True))
+        except Exception:  # noqa: BLE001 - each arm then fails with this error in its own summary
+            pass
 
 
 def _lost(arm: Arm, error: str) -> dict[str, Any]:

@@ -327,7 +327,7 @@ def run_search(exp: Experiment, out: Path, *, ui: Any = None, console: Any = Non
     """
     if exp.search is None:
         raise ConfigError("this config has no `search:` section; `ablate tune` needs one (see README, Searching)")
-    from ablations.sweep import SweepError, process_role
+    from ablations.sweep import SweepError, prepare_data, process_role
 
     role = process_role(workers)
     root = Path(out) / exp.name
@@ -342,7 +342,7 @@ def run_search(exp: Experiment, out: Path, *, ui: Any = None, console: Any = Non
     with store.RunLock(root):
         store.write_text(root / "experiment.yaml", dump_yaml(exp.model_dump(mode="json")))
         if role == "chief":
-            _prepare_data(points)
+            prepare_data(base["data"] for _, _, base in points)
         for i, (label, values, base) in enumerate(points):
             if console:
                 console.print(f"[bold]search[/] {label}: {exp.search.tuner}, objective {name} ({direction}), "
@@ -388,14 +388,6 @@ def _search_one(exp: Experiment, root: Path, sroot: Path, label: str, base: dict
     finally:
         if ui:
             ui.stop()
-
-
-def _prepare_data(points: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> None:
-    """Prepares the searches' datasets once, in the chief: workers preparing one TFDS data dir at once race."""
-    from ablations.data import builder
-
-    for data in {json.dumps(base["data"], sort_keys=True): base["data"] for _, _, base in points}.values():
-        builder(data["name"], data.get("data_dir"), data.get("download", True))
 
 
 # ------------------------------------------------------------------------------------------ chief/worker
