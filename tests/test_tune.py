@@ -179,6 +179,21 @@ def test_random_search_with_two_local_workers_runs_each_trial_once(tfds_dir: str
     assert {p: p.stat().st_mtime_ns for p in before} == before
     assert len(read_trials(sroot)) == 4
 
+    # The search's report reads the records the workers wrote: objective vs values, history, best vs worst.
+    import pandas as pd
+
+    from ablations.report.tuning import build_tuning_report
+
+    index = build_tuning_report(tmp_path / "t", tmp_path / "rep")
+    html = index.read_text()
+    for key in ("objective_vs_values", "trial_history", "best_worst_gradient_flow"):
+        assert f'src="{key}.png"' in html and (tmp_path / "rep" / f"{key}.png").stat().st_size > 5000, key
+    csv = pd.read_csv(tmp_path / "rep" / "objective_vs_values.csv").sort_values("trial")
+    assert csv["trial"].tolist() == [0, 1, 2, 3]
+    assert csv["val_loss"].tolist() == pytest.approx([t["val_loss"] for t in trials])
+    flow = pd.read_csv(tmp_path / "rep" / "best_worst_gradient_flow.csv")
+    assert flow["which"].str.startswith(f"best (trial {best['trial']})").any()
+
 
 def test_negative_workers_is_a_clear_error(tmp_path: Path, capsys) -> None:
     from ablations.cli import main
