@@ -245,7 +245,10 @@ def gradient_histograms(grads: list[tf.Tensor], groups: list[tuple[int, list[int
         bits = tf.bitcast(g, tf.int32)
         zero = tf.reduce_sum(tf.cast(tf.equal(bits, 0), tf.float32))
         e = tf.clip_by_value(tf.bitwise.right_shift(bits, 23) - (bias + HIST_EXP_LO), 0, HIST_BINS - 1)
-        h = tf.math.bincount(e, minlength=HIST_BINS, maxlength=HIST_BINS, dtype=tf.float32)
+        # The raw op with a constant size: tf.math.bincount derives the size from the data, which XLA
+        # (jit_compile, TPU) refuses.
+        h = tf.raw_ops.DenseBincount(input=e, size=tf.constant(HIST_BINS, tf.int32), weights=tf.zeros([0], tf.float32),
+                                     binary_output=False)
         h = tf.tensor_scatter_nd_sub(h, [[0]], [zero])  # zeros were counted in the first bin
         rows.append(tf.concat([h, zero[None]], axis=0))
     if not rows:

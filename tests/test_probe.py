@@ -488,7 +488,8 @@ def test_stochastic_depth_active_fraction_matches_the_layers(mode):
     assert b["alpha"].isna().all()
 
 
-def test_gradient_histograms_match_numpy_on_the_reference_gradients():
+@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
+def test_gradient_histograms_match_numpy_on_the_reference_gradients(jit):
     from ablations.statistics import HIST_BINS, HIST_EXP_LO, HIST_RANGE
 
     depth = 3
@@ -501,7 +502,7 @@ def test_gradient_histograms_match_numpy_on_the_reference_gradients():
     init = dense_weights(net)
     x, y = batch(16, seed=11)
     model = ProbedModel(net, capacity=4, histograms=True)
-    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1), loss=loss_fn())
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1), loss=loss_fn(), jit_compile=jit)
     drain = DrainCallback(drain_every=256, steps_per_epoch=1)
     model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), verbose=0, callbacks=[drain])
     h = drain.tables(model)["grad_hist"]
