@@ -46,6 +46,25 @@ def block_kernels(params: pd.DataFrame) -> pd.DataFrame:
                   & ((params["layer"] == params["block"] + "_linear") | (params["layer"] == params["block"] + "_rnn"))]
 
 
+def drop_inactive(params: pd.DataFrame, blocks: pd.DataFrame | None) -> pd.DataFrame:
+    """``params`` with the gradient statistics of switched-off blocks set to NaN.
+
+    A stochastic-depth block whose branch was off for the whole batch (``active == 0`` in ``blocks``) gets
+    no gradient at that step by design (Huang et al. 2016): a zero there is not a vanishing gradient, so the
+    ratios, decay rates and verdicts leave it out. The stored tables keep the zeros.
+    """
+    if blocks is None or blocks.empty or "active" not in blocks or params.empty:
+        return params
+    off = blocks.loc[blocks["active"] == 0, ["step", "depth"]]
+    if off.empty:
+        return params
+    hit = pd.MultiIndex.from_frame(params[["step", "depth"]]).isin(pd.MultiIndex.from_frame(off))
+    hit &= (params["role"] == "block").to_numpy()
+    params = params.copy()
+    params.loc[hit, [c for c in ("grad_norm", "update_norm", "update_ratio") if c in params]] = np.nan
+    return params
+
+
 def decay_rates(params: pd.DataFrame) -> pd.Series:
     """Gradient-decay rate per captured step (index: step), NaN where fewer than 2 finite blocks."""
     k = block_kernels(params)
@@ -72,8 +91,10 @@ def first_last_ratio(params: pd.DataFrame, step: int) -> float:
     return first / last if last > 0 else math.nan
 
 
-def gradient_summary(params: pd.DataFrame) -> dict[str, Any]:
-    """First/last-block gradient ratios and decay rates at the first and last captured steps."""
+def gradient_summary(params: pd.DataFrame, blocks: pd.DataFrame | None = None) -> dict[str, Any]:
+    """First/last-block gradient ratios and decay rates at the first and last captured steps (switched-off
+    stochastic-depth blocks left out, see :func:`drop_inactive`)."""
+    params = drop_inactive(params, blocks)
     if params.empty:
         return {"ratio_init": math.nan, "ratio_final": math.nan, "decay_rate_init": math.nan,
                 "decay_rate_final": math.nan}
@@ -131,7 +152,7 @@ def verdicts(params: pd.DataFrame, blocks: pd.DataFrame, history: pd.DataFrame,
     """
     th = {**DEFAULTS, **(thresholds or {})}
     out: list[dict[str, Any]] = []
-    k = block_kernels(params)
+    k = block_kernels(drop_inactive(params, blocks))
     if not k.empty:
         win, label = _window(k, int(th["window"]), at_init)
         med = win.groupby("depth")["grad_norm"].median().sort_index()

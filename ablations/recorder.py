@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from ablations.diagnose import decay_rates
+from ablations.diagnose import decay_rates, drop_inactive
 from ablations.probe import ProbedModel
 from ablations.statistics import BLOCK_STATS, HIST_BINS, HIST_EXP_LO, PARAM_STATS, STEP_STATS
 
@@ -123,7 +123,7 @@ class DrainCallback(keras.callbacks.Callback):
             # Undefined for an all-zero tensor (biases at init): NaN, not inf.
             p["update_ratio"] = (p["update_norm"] / p["weight_norm"]).where(p["weight_norm"] > 0)
         b = long(spec.blocks, blocks, BLOCK_STATS)
-        history["grad_decay_rate"] = history["step"].map(decay_rates(p)).astype(float)
+        history["grad_decay_rate"] = history["step"].map(decay_rates(drop_inactive(p, b))).astype(float)
         out = {"history": history, "params": p, "blocks": b}
         probe = getattr(model, "time_probe", None)
         if probe is not None and self.time_rows:

@@ -124,7 +124,7 @@ def run_arm(arm: Arm, arm_dir: Path, *, index: int = 0, callbacks: Sequence[Any]
             num_params=int(net.count_params()),
             dataset=data.info.name,
             baseline_loss=_finite(data.info.metadata.get("baseline_loss")),  # trivial predictor (sequence tasks)
-            **{k: _finite(v) for k, v in gradient_summary(tables["params"]).items()},
+            **{k: _finite(v) for k, v in gradient_summary(tables["params"], tables["blocks"]).items()},
             verdicts=verdicts(tables["params"], tables["blocks"], tables["history"],
                               cfg.diagnose.model_dump()),
         )

@@ -169,3 +169,23 @@ def test_ring_buffer_is_bounded_by_the_drain_interval() -> None:
 
     assert ring_capacity(1, 256, 10_000, 1) == ring_capacity(1, 256, 1_000_000, 1)
     assert math.isfinite(ring_capacity(16, 256, 22, 16))
+
+
+def test_switched_off_stochastic_depth_blocks_are_not_vanishing() -> None:
+    """Batch-mode stochastic depth: a dropped branch has exactly zero gradient at that step, by design."""
+    from ablations.diagnose import gradient_summary
+
+    params = _synthetic([1.0, 1.0, 1.0, 1.0], steps=range(4))
+    off = (params["depth"] == 0) & params["step"].isin([0, 1, 3])  # block 0 dropped at steps 0, 1 and 3
+    params.loc[off, ["grad_norm", "update_norm", "update_ratio"]] = 0.0
+    blocks = pd.DataFrame([dict(step=s, epoch=0, depth=d, block=f"block_{d:03d}",
+                                active=0.0 if (d == 0 and s in (0, 1, 3)) else 1.0)
+                           for s in range(4) for d in range(4)])
+    judged = [v["kind"] for v in verdicts(params, blocks, pd.DataFrame())]
+    assert "vanishing" not in judged and "stalled" not in judged
+    assert [v["kind"] for v in verdicts(params, blocks.drop(columns="active"), pd.DataFrame())].count("vanishing") == 1
+    s = gradient_summary(params, blocks)
+    assert math.isnan(s["ratio_init"]) and math.isnan(s["ratio_final"])  # undefined, not 0
+    assert s["decay_rate_init"] == pytest.approx(0.0, abs=1e-12)  # from the three blocks that were on
+    assert gradient_summary(params)["ratio_init"] == 0.0  # without the blocks table: the raw zeros
+    assert (params.loc[off, "grad_norm"] == 0).all()  # the caller's table is left as stored
