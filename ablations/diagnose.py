@@ -49,13 +49,18 @@ def block_kernels(params: pd.DataFrame) -> pd.DataFrame:
 def drop_inactive(params: pd.DataFrame, blocks: pd.DataFrame | None) -> pd.DataFrame:
     """``params`` with the gradient statistics of switched-off blocks set to NaN.
 
-    A stochastic-depth block whose branch was off for the whole batch (``active == 0`` in ``blocks``) gets
-    no gradient at that step by design (Huang et al. 2016): a zero there is not a vanishing gradient, so the
-    ratios, decay rates and verdicts leave it out. The stored tables keep the zeros.
+    A stochastic-depth block whose branch was off for the whole batch (``active == 0`` in ``blocks``, Huang
+    et al. 2016) and a ReZero block whose residual weight is exactly 0 (``alpha == 0``, its initial value,
+    Bachlechner et al. 2020) get no gradient in the branch at that step by design: a zero there is not a
+    vanishing gradient, so ratios, decay rates and verdicts leave it out. The stored tables keep the zeros.
     """
-    if blocks is None or blocks.empty or "active" not in blocks or params.empty:
+    if blocks is None or blocks.empty or params.empty:
         return params
-    off = blocks.loc[blocks["active"] == 0, ["step", "depth"]]
+    mask = np.zeros(len(blocks), bool)
+    for col in ("active", "alpha"):
+        if col in blocks:
+            mask |= (blocks[col] == 0).to_numpy()
+    off = blocks.loc[mask, ["step", "depth"]]
     if off.empty:
         return params
     hit = pd.MultiIndex.from_frame(params[["step", "depth"]]).isin(pd.MultiIndex.from_frame(off))

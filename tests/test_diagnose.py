@@ -189,3 +189,9 @@ def test_switched_off_stochastic_depth_blocks_are_not_vanishing() -> None:
     assert s["decay_rate_init"] == pytest.approx(0.0, abs=1e-12)  # from the three blocks that were on
     assert gradient_summary(params)["ratio_init"] == 0.0  # without the blocks table: the raw zeros
     assert (params.loc[off, "grad_norm"] == 0).all()  # the caller's table is left as stored
+    # ReZero at init: alpha = 0 leaves the branch kernels without gradient; from step 1 on they are judged.
+    rezero = blocks.drop(columns="active").assign(alpha=np.where(blocks["step"] == 0, 0.0, 0.1))
+    p0 = _synthetic([0.0, 0.0, 0.0, 0.0], steps=[0])
+    p0 = pd.concat([p0, _synthetic([1e-6, 1.0, 1.0, 1.0], steps=[1, 2, 3])], ignore_index=True)
+    assert math.isnan(gradient_summary(p0, rezero)["ratio_init"])
+    assert gradient_summary(p0, rezero)["ratio_final"] == pytest.approx(1e-6)
