@@ -122,6 +122,20 @@ def test_branch_ratio_matches_independent_norms() -> None:
     assert df["gate_mean"].isna().all()  # no highway gates in a ResNet
 
 
+def test_gate_mean_matches_the_gate_outputs() -> None:
+    keras.utils.set_random_seed(4)
+    model = zoo.build("highway_mlp", input_shape=(8, 8, 1), num_outputs=10, depth=3, width=16, gate_bias=-1.0)
+    x, y = _batch(32)
+    gates = [model.get_layer(f"block_{i:03d}_gate") for i in range(3)]
+    outs = keras.Model(model.inputs, [g.output for g in gates])(x)
+    want = [float(np.mean(o.numpy().astype(np.float64))) for o in outs]
+    df = measure(model, (x, y), LOSS)
+    got = df[df.role == "block"].groupby("depth")["gate_mean"].first().to_numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert not np.allclose(want, want[0])  # the blocks differ: a mixed-up row would show
+    assert df["branch_ratio"].isna().all() and df["alpha"].isna().all()
+
+
 def _probe_run(jit: bool, spe: int, every: int):
     keras.utils.set_random_seed(7)
     net = zoo.build("resnet_mlp", input_shape=(8, 8, 1), num_outputs=10, depth=2, width=8, activation="tanh")
