@@ -186,9 +186,22 @@ def test_vanishing_norms_do_not_underflow_to_zero():
     for d in (0, 1, depth - 1):
         np.testing.assert_allclose(blocks.loc[d, "act_grad_norm"], ref["blocks"][d]["act_grad_norm"], rtol=1e-4,
                                    atol=0, err_msg=f"act_grad_norm block {d}")
+    # The same numbers from the compiled train step (graph mode: the rescue is a functional If there).
+    model, drain, _ = fit_probed(model, keras.optimizers.SGD(learning_rate=0.0), x, y, record=False)
+    p = drain.tables(model)["params"]
+    for row in p.itertuples():
+        np.testing.assert_allclose(row.grad_norm, np.linalg.norm(ref["grads"][(row.layer, row.param)]),
+                                   rtol=1e-4, atol=0, err_msg=f"trained grad_norm {row.layer}/{row.param}")
     tiny = [1e-30 * np.arange(1.0, 7.0).reshape(2, 3), np.zeros(4), 1e-3 * np.ones(5)]
     got = ablations.probe.param_statistics([tf.constant(t, tf.float32) for t in tiny]).numpy()[:, 0]
     np.testing.assert_allclose(got, [np.linalg.norm(t) for t in tiny], rtol=1e-6)
+    # In a graph (the train step) the rescue is a functional If: same numbers, and no Switch nodes.
+    fn = tf.function(lambda ts: ablations.probe.param_statistics(ts))
+    args = [tf.constant(t, tf.float32) for t in tiny]
+    np.testing.assert_allclose(fn(args).numpy()[:, 0], [np.linalg.norm(t) for t in tiny], rtol=1e-6)
+    graph = fn.get_concrete_function(args).graph
+    ifs = [op for op in graph.get_operations() if op.type in ("If", "StatelessIf")]
+    assert ifs and all(not op.get_attr("_lower_using_switch_merge") for op in ifs)
 
 
 def test_measure_sigmoid_case_is_informative():
