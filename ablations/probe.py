@@ -35,7 +35,7 @@ from keras.src.losses import loss as loss_module
 import zoo
 from ablations.statistics import (BLOCK_STATS, HIST_BINS, PARAM_STATS, STEP_STATS,  # noqa: F401 - re-exported
                                   all_reduce_sum, block_statistics, global_norm, gradient_histograms,
-                                  num_replicas, param_statistics, sq_sums)
+                                  num_replicas, off_blocks, param_skip, param_statistics, sq_sums)
 
 # A unit is saturated where its activation derivative is below this fraction of the activation's maximum
 # derivative (e.g. sigmoid' < 0.0125): the definition the report and the verdicts use.
@@ -77,6 +77,12 @@ class ProbeSpec:
     # Scalar weights read as block statistics: column -> [(block row, variable)] (ReZero alpha, the
     # stochastic-depth layer's `active`, which its forward pass writes).
     scalars: dict[str, list[tuple[int, Any]]] = dataclasses.field(default_factory=dict)
+
+    def param_block_rows(self) -> np.ndarray:
+        """Block row of every parameter (-1 for stem, head and anything outside a tagged block)."""
+        rows = {d: i for i, d in enumerate(self.blocks["depth"])}
+        return np.array([rows.get(d, -1) if role == "block" else -1
+                         for role, d in zip(self.params["role"], self.params["depth"])], np.int32)
 
     def hist_groups(self) -> list[tuple[int, list[int]]]:
         """``(block row, [param row, ...])``: the kernel tensors of each block (gradient histograms)."""
@@ -318,14 +324,15 @@ class ProbedModel(keras.Model):
         scale = tf.identity(scale) if (capture and scale is not None) else None
         # Block statistics before the update too: an activation with weights (PReLU) is recomputed for its
         # derivative, and must be the one the forward pass used.
-        blocks = self._block_stats(pre_grads, split, scale) if capture else None
+        off = off_blocks(spec) if capture else None  # before the update: ReZero's alpha moves in it
+        blocks = self._block_stats(pre_grads, split, scale, off) if capture else None
         self.optimizer.apply_gradients(zip(grads, variables))
 
         finite = tf.math.is_finite(tf.cast(local_loss, tf.float32))
         first = self.ring.first_nonfinite
         first.assign(tf.where(tf.logical_and(first < 0, tf.logical_not(finite)), step, first))
         if capture:
-            self._capture(step, local_loss, grads, old, blocks, scale=scale, due=due, time=time_norms)
+            self._capture(step, local_loss, grads, old, blocks, scale=scale, due=due, time=time_norms, off=off)
         return y_pred
 
     def _time_norms(self, x: Any, y: Any, sample_weight: Any) -> tf.Tensor:
@@ -352,14 +359,14 @@ class ProbedModel(keras.Model):
         return lambda g: tf.cast(g, tf.float32) / tf.cast(scale, tf.float32)
 
     def _block_stats(self, pre_grads: list[tf.Tensor], split: dict[str, list[Any]] | None,
-                     scale: tf.Tensor | None) -> tf.Tensor:
+                     scale: tf.Tensor | None, off: tf.Tensor | None = None) -> tf.Tensor:
         spec = self.spec
         if split is None or not len(spec.blocks):
             return tf.fill([len(spec.blocks), len(BLOCK_STATS)], float("nan"))
         fix = self._unscaler(scale)
-        return block_statistics(spec, [fix(g) for g in pre_grads], split)
+        return block_statistics(spec, [fix(g) for g in pre_grads], split, off)
 
-    def _capture(self, step, local_loss, grads, old, blocks, scale=None, due=None, time=None) -> None:
+    def _capture(self, step, local_loss, grads, old, blocks, scale=None, due=None, time=None, off=None) -> None:
         spec = self.spec
         fix = self._unscaler(scale)
         grads = [fix(g) if g is not None else tf.zeros(v.shape) for g, v in zip(grads, self.trainable_variables)]
@@ -370,7 +377,7 @@ class ProbedModel(keras.Model):
         loss_val = all_reduce_sum(tf.cast(local_loss, tf.float32)) / n_rep
         if self.capture_params:
             new = self.trainable_variables if old is not None else None
-            p = param_statistics(grads, old, new)
+            p = param_statistics(grads, old, new, skip=param_skip(spec, off))
             gnorm = global_norm(p[:, 0])
         else:
             p = tf.fill([len(spec.params), len(PARAM_STATS)], float("nan"))

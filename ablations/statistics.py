@@ -57,7 +57,7 @@ def sq_sums(tensors: list[tf.Tensor]) -> tf.Tensor:
 TINY_SQ = 1e-30
 
 
-def norms(tensors: list[tf.Tensor]) -> tf.Tensor:
+def norms(tensors: list[tf.Tensor], skip: tf.Tensor | None = None) -> tf.Tensor:
     """[len(tensors)] float32 L2 norms that stay exact for vanishing tensors (down to float32's ~1e-38).
 
     The fast path is one L2Loss per tensor. When any sum of squares is tiny, all tensors are recomputed as
@@ -66,6 +66,8 @@ def norms(tensors: list[tf.Tensor]) -> tf.Tensor:
     """
     sq = sq_sums(tensors)
     tiny = sq < TINY_SQ
+    if skip is not None:  # known zeros (a switched-off block's gradients) must not pay for the rescue
+        tiny = tf.logical_and(tiny, tf.logical_not(skip))
 
     def rescaled() -> tf.Tensor:
         out = []
@@ -134,13 +136,15 @@ def _groups(tensors: list[tf.Tensor], key=lambda i: None) -> list[list[int]]:
     return list(out.values())
 
 
-def block_statistics(spec: ProbeSpec, pre_grads: list[tf.Tensor], taps: dict[str, list[tf.Tensor]]) -> tf.Tensor:
+def block_statistics(spec: ProbeSpec, pre_grads: list[tf.Tensor], taps: dict[str, list[tf.Tensor]],
+                     off: tf.Tensor | None = None) -> tf.Tensor:
     """Returns a [n_blocks, len(BLOCK_STATS)] float32 tensor (NaN where a block lacks the tensor).
 
     Args:
         spec: the probe spec.
         pre_grads: dL/d(pre-activation) per pre-activation tap.
         taps: the forward tap tensors by group (:meth:`ProbeSpec.split`).
+        off: [n_blocks] bool from :func:`off_blocks` (their zero dL/dz skip the underflow rescue).
 
     Norms are one L2Loss per tensor. Activation statistics need several element-wise passes (derivative,
     thresholds, counts), so blocks whose activations share a shape and function are stacked and reduced
@@ -158,7 +162,8 @@ def block_statistics(spec: ProbeSpec, pre_grads: list[tf.Tensor], taps: dict[str
 
     if pre_grads:
         if num_replicas() == 1:  # norms pass through the (identity) reduction, rescued from underflow
-            add([norms(pre_grads)], lambda r: [(0, spec.pre_rows, r[0])])
+            skip = tf.gather(off, spec.pre_rows) if off is not None else None
+            add([norms(pre_grads, skip)], lambda r: [(0, spec.pre_rows, r[0])])
         else:  # sums of squares add over replicas
             add([sq_sums(pre_grads)], lambda r: [(0, spec.pre_rows, tf.sqrt(r[0]))])
 
@@ -224,13 +229,15 @@ def block_statistics(spec: ProbeSpec, pre_grads: list[tf.Tensor], taps: dict[str
 
 
 def param_statistics(grads: list[tf.Tensor], old: list[tf.Tensor] | None = None,
-                     new: list[Any] | None = None) -> tf.Tensor:
+                     new: list[Any] | None = None, skip: tf.Tensor | None = None) -> tf.Tensor:
     """Returns a [n_params, 3] float32 tensor: grad, weight (before the update) and update norms.
 
     Args:
         grads: the gradients (float32).
         old: the weights before the update (None: weight norms from ``new``, update norms NaN).
         new: the weights after the update (None with ``old`` None: weight and update norms NaN).
+        skip: [n] bool, tensors whose gradient (and update) is zero by design this step (:func:`off_blocks`):
+            their exact zeros skip the underflow rescue.
     """
     n = len(grads)
     tensors = list(grads)
@@ -241,7 +248,11 @@ def param_statistics(grads: list[tf.Tensor], old: list[tf.Tensor] | None = None,
         # Subtract in the variable's dtype, then cast: casting first would round float64 weights to float32
         # and swamp a small update with the rounding error of the weights.
         tensors += [tf.cast(v, o.dtype) - o for v, o in zip(new, old)]
-    out = tf.reshape(norms(tensors), [-1, n])
+    if skip is not None:
+        parts = [skip] + ([tf.zeros_like(skip)] if w_src is not None else []) + \
+            ([skip] if old is not None and new is not None else [])
+        skip = tf.concat(parts, axis=0)
+    out = tf.reshape(norms(tensors, skip), [-1, n])
     missing = len(PARAM_STATS) - out.shape[0]
     if missing:
         out = tf.concat([out, tf.fill([missing, n], float("nan"))], axis=0)
@@ -274,3 +285,22 @@ def gradient_histograms(grads: list[tf.Tensor], groups: list[tuple[int, list[int
     if not rows:
         return tf.zeros([n_blocks, HIST_BINS + 1])
     return tf.scatter_nd(tf.constant([[r] for r, _ in groups], tf.int32), tf.stack(rows), [n_blocks, HIST_BINS + 1])
+
+
+def off_blocks(spec: ProbeSpec) -> tf.Tensor | None:
+    """[n_blocks] bool: blocks whose branch gets no gradient by design right now (a stochastic-depth branch
+    off for the whole batch, a ReZero weight at exactly 0), read before the update; None without such blocks."""
+    pairs = [(row, v) for name in ("active", "alpha") for row, v in spec.scalars.get(name, [])]
+    if not pairs:
+        return None
+    values = tf.stack([tf.equal(tf.cast(tf.convert_to_tensor(v), tf.float32), 0.0) for _, v in pairs])
+    return tf.scatter_nd(tf.constant([[row] for row, _ in pairs], tf.int32), values, [len(spec.blocks)])
+
+
+def param_skip(spec: ProbeSpec, off: tf.Tensor | None) -> tf.Tensor | None:
+    """[n_params] bool: the parameters of the blocks ``off`` marks (stem, head and other params: False)."""
+    if off is None:
+        return None
+    rows = spec.param_block_rows()
+    flags = tf.gather(tf.concat([off, [False]], axis=0), np.where(rows >= 0, rows, len(spec.blocks)))
+    return flags

@@ -649,3 +649,34 @@ def test_max_derivative_of_activation_layers():
     assert ablations.probe.max_derivative(make_activation("relu", "r")) == pytest.approx(1.0)
     assert ablations.probe.max_derivative(
         make_activation("leaky_relu", "l", negative_slope=0.3)) == pytest.approx(1.0)
+
+
+def test_blocks_off_by_design_skip_the_underflow_rescue():
+    """A dropped stochastic-depth branch and a ReZero block at alpha = 0 have exact-zero gradients by design:
+    they are marked so their zeros do not send every tensor through the (slower) rescaled norms."""
+    from ablations.probe import make_spec
+    from ablations.statistics import norms, off_blocks, param_skip
+
+    net = zoo.build("rezero_mlp", input_shape=INPUT_SHAPE, num_outputs=N_OUT, depth=3, width=8)
+    spec = make_spec(net)
+    off = off_blocks(spec).numpy()
+    assert off.tolist() == [True, True, True]  # alpha = 0 at init
+    skip = param_skip(spec, off_blocks(spec)).numpy()
+    rows = spec.param_block_rows()
+    assert skip.tolist() == (rows >= 0).tolist() and not skip[rows < 0].any()  # stem and head never skipped
+    net.get_layer("block_001_rezero").alpha.assign(0.5)
+    assert off_blocks(spec).numpy().tolist() == [True, False, True]
+
+    sd = zoo.build("stochastic_depth_mlp", input_shape=INPUT_SHAPE, num_outputs=N_OUT, depth=4, width=8,
+                   survival_prob=0.5)
+    sd_spec = make_spec(sd)
+    layers = [l for l in sd.layers if isinstance(l, zoo.layers.StochasticDepth)]
+    for seed in range(6):
+        sd(batch(4, seed=seed)[0], training=True)  # the layers write `active`
+        want = [float(np.asarray(l.active)) == 0.0 for l in layers]
+        assert off_blocks(sd_spec).numpy().tolist() == want
+
+    tensors = [tf.zeros([3]), tf.constant(1e-30 * np.ones(4), tf.float32), tf.ones([2])]
+    for skip in (None, tf.constant([True, False, False])):
+        got = norms(tensors, skip).numpy()
+        np.testing.assert_allclose(got, [0.0, 2e-30, np.sqrt(2.0)], rtol=1e-6)  # the tiny one still rescued
