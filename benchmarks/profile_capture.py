@@ -78,6 +78,9 @@ def groups(reps: int = 7) -> None:
     from ablations.probe import make_spec
 
     net = zoo.build("plain_mlp", input_shape=(8, 8, 1), num_outputs=10, depth=20, width=256)
+    for v in net.trainable_variables:  # trained-like biases: all-zero tensors would take the underflow rescue
+        if len(v.shape) == 1:
+            v.assign(0.01 * np.random.RandomState(0).normal(size=v.shape))
     spec = make_spec(net)
     x = tf.random.normal([64, 8, 8, 1])
     y = tf.zeros([64], tf.int32)
@@ -87,6 +90,7 @@ def groups(reps: int = 7) -> None:
     variables = net.trainable_variables
     grads = [tf.random.normal(v.shape) for v in variables]
     old = [tf.identity(v) for v in variables]
+    new = [o - 1e-3 * g for o, g in zip(old, grads)]  # a real step's change: all-zero updates take the rescue
     opt = keras.optimizers.SGD(0.01, momentum=0.9)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -98,7 +102,7 @@ def groups(reps: int = 7) -> None:
     fns = {
         "plain train step": step,
         "gradient norms": lambda: st.param_statistics(grads),
-        "+ weight and update norms": lambda: st.param_statistics(grads, old, variables),
+        "+ weight and update norms": lambda: st.param_statistics(grads, old, new),
         "dL/dz norms": lambda: st.block_statistics(spec, pre, empty),
         "activation statistics": lambda: st.block_statistics(spec, [], {**empty, "act_in": taps["act_in"]}),
         "gradient histograms": lambda: st.gradient_histograms(grads, spec.hist_groups(), len(spec.blocks)),
