@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=5, help="ABBA blocks (plain, probe, probe, plain) per case (>= 5)")
     p.add_argument("--steps", type=int, default=160, help="optimizer steps per timed fit")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--cases", default="", help="substring filter on case names, e.g. mlp")
+    p.add_argument("--cases", default="", help="a case name, or a substring of case names, e.g. mlp")
     p.add_argument("--json", default=None, help="also write the results as JSON to this file ('-' = stdout)")
     args = p.parse_args(argv)
 
@@ -174,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console(width=160)
     results = []
+    exact = any(c.name == args.cases for c in CASES)  # a full case name picks that case alone
     for case in CASES:
-        if args.cases and args.cases not in case.name:
+        if args.cases and (case.name != args.cases if exact else args.cases not in case.name):
             continue
         if case.arch not in zoo.names():
             console.print(f"[yellow]skip[/] {case.name}: model {case.arch} is not in the zoo")
