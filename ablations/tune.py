@@ -17,7 +17,7 @@ record per finished trial (``trials/<trial id>.json``, written whole by whicheve
 keras-tuner's oracle state (``.tuner/oracle``), so a killed search resumes without redoing finished trials;
 ``best.yaml`` is the experiment with the best values filled in, runnable by ``ablate run``.
 
-Scaling out uses the sweep engine's chief/worker machinery (:func:`ablations.sweep.serve_oracle`):
+Scaling out uses the sweep engine's chief/worker machinery (:func:`ablations.distributed.serve_oracle`):
 ``ablate tune CONFIG --workers N`` makes this process the chief: it holds the run-folder lock, serves each
 search's oracle (the stateful random/bayesian/hyperband/grid oracle, reloaded from ``.tuner/oracle``, so a
 killed chief resumes too) and starts N local workers (``ablate tune <run>/experiment.yaml --point LABEL``),
@@ -164,7 +164,7 @@ def make_tuner(exp: Experiment, root: Path, base: dict[str, Any], oracle: Any, *
     import keras_tuner as kt
 
     from ablations.runner import arm_is_current, run_arm
-    from ablations.sweep import search_loop
+    from ablations.distributed import search_loop
 
     name, _ = exp.search.objective_spec()
     prune = exp.search.prune
@@ -327,7 +327,7 @@ def run_search(exp: Experiment, out: Path, *, ui: Any = None, console: Any = Non
     """
     if exp.search is None:
         raise ConfigError("this config has no `search:` section; `ablate tune` needs one (see README, Searching)")
-    from ablations.sweep import SweepError, prepare_data, process_role
+    from ablations.distributed import SweepError, prepare_data, process_role
 
     role = process_role(workers)
     root = Path(out) / exp.name
@@ -373,7 +373,7 @@ def _search_one(exp: Experiment, root: Path, sroot: Path, label: str, base: dict
     Raises:
         SweepError: every local worker exited before the search ended.
     """
-    from ablations.sweep import SweepError
+    from ablations.distributed import SweepError
 
     sroot.mkdir(parents=True, exist_ok=True)
     oracle = load_oracle(exp, sroot, base["train"]["epochs"])
@@ -397,7 +397,8 @@ def _serve_search(exp: Experiment, root: Path, sroot: Path, label: str, oracle: 
                   ui: Any) -> bool:
     """The chief's part of one search: serves its oracle to ``workers`` local workers (and any started by
     hand) and shows trials as they end. Returns False when every local worker exited before the end."""
-    from ablations.sweep import config_digest, serve_oracle
+    from ablations.distributed import serve_oracle
+    from ablations.sweep import config_digest
 
     if _finished(oracle):  # resumed after the end: no worker needs to start
         return True
@@ -476,7 +477,7 @@ def join_search(exp: Experiment, root: Path, points: list[tuple[str, dict[str, A
 
 def _check_facts(facts: dict[str, Any], digest: str, bases: dict[str, Any], point: str | None) -> str:
     """The label of the search the chief serves, after checking this worker can run it."""
-    from ablations.sweep import SweepError
+    from ablations.distributed import SweepError
 
     if CONFIG not in facts:
         raise SweepError("the chief is not an `ablate tune` chief (it announces no search); start workers with the "
