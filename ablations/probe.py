@@ -197,6 +197,8 @@ class _Ring:
         if self.hist is not None and hist is not None:
             pairs.append((self.hist, hist[None]))
         for var, value in pairs:
+            if 0 in var.shape:  # e.g. no tagged blocks (a model from outside the zoo): nothing to store
+                continue
             if num_replicas() > 1:  # mirrored variables have no scatter_nd_update (NotImplementedError)
                 new = tf.tensor_scatter_nd_update(var, idx, value)
                 var.assign(new if due is None else tf.where(due, new, var))
@@ -328,11 +330,14 @@ class ProbedModel(keras.Model):
         blocks = self._block_stats(pre_grads, split, scale, off) if capture else None
         self.optimizer.apply_gradients(zip(grads, variables))
 
-        finite = tf.math.is_finite(tf.cast(local_loss, tf.float32))
-        first = self.ring.first_nonfinite
-        first.assign(tf.where(tf.logical_and(first < 0, tf.logical_not(finite)), step, first))
+        bad = tf.logical_not(tf.math.is_finite(tf.cast(local_loss, tf.float32)))
         if capture:
-            self._capture(step, local_loss, grads, old, blocks, scale=scale, due=due, time=time_norms, off=off)
+            gnorm = self._capture(step, local_loss, grads, old, blocks, scale=scale, due=due, time=time_norms, off=off)
+            # A non-finite gradient also means divergence: on CPU, fused MatMul+BiasAdd+Relu kernels map NaN to 0,
+            # so a ReLU net can keep a finite loss while its gradients and weights are already NaN.
+            bad = tf.logical_or(bad, tf.logical_not(tf.math.is_finite(gnorm)))
+        first = self.ring.first_nonfinite  # one write per step, captured or not
+        first.assign(tf.where(tf.logical_and(first < 0, bad), step, first))
         return y_pred
 
     def _time_norms(self, x: Any, y: Any, sample_weight: Any) -> tf.Tensor:
@@ -366,7 +371,9 @@ class ProbedModel(keras.Model):
         fix = self._unscaler(scale)
         return block_statistics(spec, [fix(g) for g in pre_grads], split, off)
 
-    def _capture(self, step, local_loss, grads, old, blocks, scale=None, due=None, time=None, off=None) -> None:
+    def _capture(self, step, local_loss, grads, old, blocks, scale=None, due=None, time=None,
+                 off=None) -> tf.Tensor:
+        """Computes and records the step's per-tensor and per-step statistics; returns the global grad norm."""
         spec = self.spec
         fix = self._unscaler(scale)
         grads = [fix(g) if g is not None else tf.zeros(v.shape) for g, v in zip(grads, self.trainable_variables)]
@@ -382,13 +389,10 @@ class ProbedModel(keras.Model):
         else:
             p = tf.fill([len(spec.params), len(PARAM_STATS)], float("nan"))
             gnorm = tf.sqrt(tf.reduce_sum(sq_sums(grads)))
-        # A non-finite gradient also means divergence: on CPU, fused MatMul+BiasAdd+Relu kernels map NaN to 0,
-        # so a ReLU net can keep a finite loss while its gradients and weights are already NaN.
-        first = self.ring.first_nonfinite
-        first.assign(tf.where(tf.logical_and(first < 0, tf.logical_not(tf.math.is_finite(gnorm))), step, first))
         hist = gradient_histograms(grads, spec.hist_groups(), len(spec.blocks)) if self.capture_histograms else None
         lr = tf.cast(self.optimizer.learning_rate, tf.float32)
         self.ring.write(step, tf.stack([loss_val, gnorm, lr]), p, blocks, due=due, time=time, hist=hist)
+        return gnorm
 
 
 # --------------------------------------------------------------------------------------------- measure

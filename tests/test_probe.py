@@ -680,3 +680,17 @@ def test_blocks_off_by_design_skip_the_underflow_rescue():
     for skip in (None, tf.constant([True, False, False])):
         got = norms(tensors, skip).numpy()
         np.testing.assert_allclose(got, [0.0, 2e-30, np.sqrt(2.0)], rtol=1e-6)  # the tiny one still rescued
+
+
+def test_a_non_finite_gradient_under_a_finite_loss_marks_divergence_at_that_step():
+    """t + sqrt(0 * |t|) = t, but d sqrt(u)/du at u = 0 is inf, times 0: a finite loss with NaN gradients."""
+    inputs = keras.Input(INPUT_SHAPE)
+    h = keras.layers.Dense(N_OUT, name="head_linear")(keras.layers.Flatten(name="stem_flatten")(inputs))
+    out = keras.layers.Lambda(lambda t: t + keras.ops.sqrt(keras.ops.abs(t) * 0.0), name="head_trap")(h)
+    net = keras.Model(inputs, out)
+    x, y = batch(48, seed=12)
+    model, drain, _ = fit_probed(net, keras.optimizers.SGD(learning_rate=0.1), x, y, drain_every=1, record=False)
+    assert drain.diverged_at == 0 and model.stop_training is True
+    h = drain.tables(model)["history"]
+    assert h["step"].tolist() == [0] and np.isfinite(h["loss"].iloc[0])
+    assert not np.isfinite(h["global_grad_norm"].iloc[0])

@@ -9,6 +9,7 @@ colour-blind-safe map (viridis: dark = early, yellow = late).
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -128,16 +129,21 @@ def arm_gradients(arm: ArmView, out: Path) -> Figure | None:
 def _heat(ax: Any, fig: Any, df: pd.DataFrame, y: str, label: str) -> pd.DataFrame:
     d = downsample_steps(df, 150)
     cells = d.assign(v=np.log10(d[y])).groupby(["depth", "step"])["v"].mean().reset_index()
-    c = cells.pivot(index="depth", columns="step", values="v")
-    steps, depths = c.columns.to_numpy(), c.index.to_numpy()
-    xe = np.append(steps, steps[-1] + (steps[-1] - steps[-2] if len(steps) > 1 else 1))
+    _depth_mesh(ax, fig, cells.pivot(index="depth", columns="step", values="v"), f"log10 {label}", "optimizer step",
+                last_width=1)
+    return cells.rename(columns={"v": f"log10_{y}"})
+
+
+def _depth_mesh(ax: Any, fig: Any, c: pd.DataFrame, label: str, xlabel: str, last_width: float, **kw: Any) -> None:
+    """A block-by-x colour mesh of ``c`` (index: depth, columns: x), each cell spanning to the next column."""
+    xs, depths = c.columns.to_numpy(), c.index.to_numpy()
+    xe = np.append(xs, xs[-1] + (xs[-1] - xs[-2] if len(xs) > 1 else last_width))
     ye = np.append(depths, depths[-1] + 1) - 0.5
-    mesh = ax.pcolormesh(xe, ye, c.to_numpy(), cmap=SEQUENTIAL, shading="flat")
-    fig.colorbar(mesh, ax=ax, label=f"log10 {label}")
-    ax.set_xlabel("optimizer step")
+    mesh = ax.pcolormesh(xe, ye, c.to_numpy(), cmap=SEQUENTIAL, shading="flat", **kw)
+    fig.colorbar(mesh, ax=ax, label=label)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("block")
     ax.yaxis.get_major_locator().set_params(integer=True)
-    return cells.rename(columns={"v": f"log10_{y}"})
 
 
 def arm_heatmaps(arm: ArmView, out: Path) -> Figure | None:
@@ -165,18 +171,11 @@ def arm_grad_hist(arm: ArmView, out: Path) -> Figure | None:
     fig, axes = _subplots(1, len(steps), figsize=(4.6 * len(steps), 3.2), squeeze=False)
     for ax, step in zip(axes.flat, steps):
         c = h[h["step"] == step].pivot(index="depth", columns="log10_lo", values="fraction")
-        lo, depths = c.columns.to_numpy(), c.index.to_numpy()
-        xe = np.append(lo, lo[-1] + (lo[-1] - lo[-2] if len(lo) > 1 else 0.5))
-        ye = np.append(depths, depths[-1] + 1) - 0.5
-        mesh = ax.pcolormesh(xe, ye, c.to_numpy(), cmap=SEQUENTIAL, shading="flat", vmin=0)
-        fig.colorbar(mesh, ax=ax, label="fraction of entries")
+        _depth_mesh(ax, fig, c, "fraction of entries", "log10 |dL/dW|", last_width=math.log10(2.0), vmin=0)
         ax.set_title(f"step {step}", fontsize=9)
-        ax.set_xlabel("log10 |dL/dW|")
-        ax.set_ylabel("block")
-        ax.yaxis.get_major_locator().set_params(integer=True)
     data = h[h["step"].isin(steps)][["step", "depth", "bin", "log10_lo", "log10_hi", "count", "fraction"]]
     return _save(fig, out, "grad_hist", data, "Gradient distribution by depth",
-                 "Fraction of each block's kernel-gradient entries per half-decade of |dL/dW| (capture.histograms), "
+                 "Fraction of each block's kernel-gradient entries per factor-2 bin of |dL/dW| (capture.histograms), "
                  "at the first and last captured step; exact zeros are counted apart (bin -1 in the CSV). A "
                  "vanishing gradient is a mass sliding left toward block 0, not just a smaller norm.", right=0.75)
 
