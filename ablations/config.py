@@ -198,6 +198,14 @@ class ArmConfig(Strict):
     diagnose: DiagnoseConfig = DiagnoseConfig()
     runtime: RuntimeConfig
 
+    @model_validator(mode="after")
+    def _xla_needs_nondeterminism(self) -> "ArmConfig":
+        # Keras drops jit_compile with only a warning while TF op determinism is on; say so before training.
+        if self.train.jit_compile and self.runtime.deterministic:
+            raise ValueError("train.jit_compile: true has no effect while runtime.deterministic is true (Keras "
+                             "turns XLA off under TF op determinism); set runtime.deterministic: false to use XLA")
+        return self
+
 
 class Arm(BaseModel):
     """An arm: its id and resolved config."""

@@ -47,7 +47,7 @@ def run_arm(arm: Arm, arm_dir: Path, *, index: int = 0, callbacks: Sequence[Any]
     from ablations.diagnose import gradient_summary, verdicts
     from ablations.probe import ProbedModel
     from ablations.recorder import DrainCallback, ring_capacity
-    from ablations.strategy import apply_precision, configure_devices, shard_data
+    from ablations.strategy import apply_precision, configure_devices, set_op_determinism, shard_data
     from ablations.training import make_loss, make_optimizer, make_strategy
 
     cfg = arm.config
@@ -68,8 +68,7 @@ def run_arm(arm: Arm, arm_dir: Path, *, index: int = 0, callbacks: Sequence[Any]
         # give the first arm of a fresh data dir other initial weights than a rerun of the same arm.
         builder(cfg.data.name, cfg.data.data_dir, cfg.data.download)
         keras.utils.set_random_seed(cfg.seed)
-        if cfg.runtime.deterministic:
-            tf.config.experimental.enable_op_determinism()
+        set_op_determinism(cfg.runtime.deterministic)  # per arm: an earlier arm's setting must not leak
         data = load(cfg.data, cfg.seed)
         steps = cfg.train.steps_per_epoch or data.steps_per_epoch
         strategy = make_strategy(cfg.runtime)

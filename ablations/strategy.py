@@ -55,6 +55,20 @@ def configure_devices(runtime: Any) -> None:
         _multi_worker()  # MultiWorkerMirroredStrategy configures collectives: only possible at process start
 
 
+def set_op_determinism(on: bool) -> None:
+    """Turns TF op determinism on or off for the next arm (``runtime.deterministic``).
+
+    TensorFlow only offers ``enable`` publicly; the setting is process-wide, so without turning it off again
+    one deterministic arm would make every later arm of the process deterministic (and silently non-XLA).
+    """
+    from tensorflow.python.framework import config as tf_config
+
+    if on:
+        tf_config.enable_op_determinism()
+    elif tf_config.is_op_determinism_enabled():
+        tf_config.disable_op_determinism()
+
+
 def _logical_cpus(n: int | None) -> None:
     if not n or n <= 1:
         return

@@ -21,3 +21,15 @@ def tfds_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def quickstart() -> Path:
     return ROOT / "configs" / "quickstart.yaml"
+
+
+@pytest.fixture
+def no_op_determinism():
+    """Off for the test: Keras silently drops jit_compile while TF op determinism is on (earlier arms turn it on)."""
+    from tensorflow.python.framework import config
+
+    was = config.is_op_determinism_enabled()
+    config.disable_op_determinism()
+    yield
+    if was:
+        config.enable_op_determinism()

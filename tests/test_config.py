@@ -378,3 +378,15 @@ def test_every_shipped_config_validates(path: Path) -> None:
     assert arms
     for arm in arms:
         zoo.check_options(arm.config.model.arch, arm.config.model.options())
+
+
+def test_jit_compile_with_op_determinism_is_refused(tmp_path):
+    msg = config_error(tmp_path, """
+        name: a
+        train:
+          jit_compile: true
+    """)
+    assert "train.jit_compile: true has no effect while runtime.deterministic is true" in msg
+    assert "set runtime.deterministic: false" in msg
+    exp = load_experiment(write(tmp_path, "name: a\ntrain: {jit_compile: true}\nruntime: {deterministic: false}\n"))
+    assert exp.arms()[0].config.train.jit_compile is True

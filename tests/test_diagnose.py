@@ -148,18 +148,6 @@ def _probe_run(jit: bool, spe: int, every: int):
     return drain.tables(model), drain
 
 
-@pytest.fixture
-def no_op_determinism():
-    """Keras silently drops jit_compile while TF op determinism is on (earlier arms turn it on)."""
-    from tensorflow.python.framework import config
-
-    was = config.is_op_determinism_enabled()
-    config.disable_op_determinism()
-    yield
-    if was:
-        config.enable_op_determinism()
-
-
 @pytest.mark.parametrize("jit,spe", [(True, 1), (False, 4)])
 def test_jit_and_steps_per_execution_match_plain_capture(jit: bool, spe: int, no_op_determinism) -> None:
     import warnings

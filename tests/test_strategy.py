@@ -201,3 +201,18 @@ def test_multi_worker_two_processes_on_loopback(tfds_dir: str, tmp_path: Path) -
     for x, y in zip(w0, w1):
         np.testing.assert_array_equal(x, y)
     assert len(pd.read_parquet(chief / "params.parquet")) > 0
+
+
+def test_op_determinism_is_set_per_arm_not_inherited() -> None:
+    from tensorflow.python.framework import config as tf_config
+
+    from ablations.strategy import set_op_determinism
+
+    was = tf_config.is_op_determinism_enabled()
+    try:
+        set_op_determinism(True)
+        assert tf_config.is_op_determinism_enabled()
+        set_op_determinism(False)  # a later arm with runtime.deterministic: false (e.g. for jit_compile)
+        assert not tf_config.is_op_determinism_enabled()
+    finally:
+        set_op_determinism(was)
