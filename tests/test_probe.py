@@ -204,6 +204,24 @@ def test_vanishing_norms_do_not_underflow_to_zero():
     assert ifs and all(not op.get_attr("_lower_using_switch_merge") for op in ifs)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_rescued_norms_are_exact_across_float32s_range(dtype):
+    """Every scale a vanishing or exploding gradient can take, big tensors included, against float64 NumPy."""
+    from ablations.statistics import norms
+
+    rng = np.random.default_rng(3)
+    # |entries| >= 0.1 * scale: TensorFlow's CPU kernels flush subnormals (< 1.2e-38) to zero, in the
+    # train step as everywhere else, so the smallest tensor stays just above that.
+    arrays = [scale * rng.choice([-1, 1], shape) * (0.1 + rng.exponential(1.0, shape)) for scale, shape in [
+        (1e-37, (64,)), (1e-33, (300, 300)), (1e-25, (8, 8)), (1e-18, (1000,)), (1e-16, (2,)), (1.0, (256, 256)),
+        (1e15, (300, 300)), (0.0, (3, 3))]]
+    arrays.append(np.r_[1e-36, 1e-20 * np.ones(99)])  # wide spread inside one tensor
+    want = [np.linalg.norm(a.astype(dtype).astype(np.float64)) for a in arrays]
+    for fn in (norms, tf.function(norms)):  # eager and the graph's functional If
+        got = fn([tf.constant(a, dtype) for a in arrays]).numpy()
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=0)
+
+
 def test_measure_sigmoid_case_is_informative():
     """Guards the parametrised case above against trivially passing (no saturation, equal gradients)."""
     arch, activation, depth, dtype, opts = MEASURE_CASES[0]
@@ -566,6 +584,70 @@ def test_adam_update_norm_is_the_actual_weight_change():
             assert_close(row.grad_norm, np.linalg.norm(g))
             assert_close(row.update_norm, np.linalg.norm(lr * g * c / (c * np.abs(g) + eps)), rtol=1e-4)
     assert different == len(params)  # nowhere is Adam's update lr * grad
+
+
+# ------------------------------------------------------------------------------------------ depth
+
+
+class AllWeightsRecorder(keras.callbacks.Callback):
+    """Every layer's weights (ReZero alphas included) as float64 copies, before each train batch."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.before = net, []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.before.append({layer.name: [np.array(v, np.float64) for v in layer.weights]
+                            for layer in self.net.layers if layer.weights})
+
+
+def rezero_dz_norms(weights, depth, x, y):
+    """||dL/dz|| of every block of a ReLU ``rezero_mlp`` (h <- h + alpha relu(W h + b)), float64, plain ops."""
+    w = {name: [tf.constant(a) for a in arrays] for name, arrays in weights.items()}
+    h = tf.constant(np.asarray(x, np.float64).reshape(len(x), -1))
+    zs = []
+    with tf.GradientTape() as tape:
+        h = h @ w["stem_linear"][0] + w["stem_linear"][1]
+        for i in range(depth):
+            k, b = w[zoo.block_name(i, "linear", depth)]
+            z = h @ k + b
+            tape.watch(z)
+            zs.append(z)
+            h = h + w[zoo.block_name(i, "rezero", depth)][0] * tf.maximum(z, 0.0)
+        logits = h @ w["head_linear"][0] + w["head_linear"][1]
+        log_p = tf.nn.log_softmax(logits)
+        loss = -tf.reduce_mean(tf.gather(log_p, np.asarray(y), axis=1, batch_dims=1))
+    return np.array([np.linalg.norm(g) for g in tape.gradient(loss, zs)])
+
+
+@pytest.mark.parametrize("depth", [48, pytest.param(1000, marks=pytest.mark.slow)])
+def test_deep_rezero_captures_every_block_from_one_traced_step(depth):
+    """The issue's depth-1000 ReZero MLP (slow; 48 in the default suite): every block on every step, from one
+    traced graph (no Python per block or per step), dL/dz matching a hand-written float64 tape."""
+    steps, bs = 6, 16
+    net = build("rezero_mlp", "relu", depth=depth, width=16)
+    model = ProbedModel(net, capacity=8)
+    traces = []
+    traced_step = model._step
+    object.__setattr__(model, "_step", lambda *a, **k: (traces.append(1), traced_step(*a, **k))[1])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.01), loss=loss_fn())
+    x, y = batch(steps * bs, seed=5)
+    drain = DrainCallback(drain_every=4, steps_per_epoch=steps)  # drains mid-run and at the end
+    recorder = AllWeightsRecorder(net)
+    model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(bs), verbose=0, shuffle=False,
+              callbacks=[drain, recorder])
+    assert len(traces) == 1 and drain.lost == 0 and drain.diverged_at is None
+    blocks = drain.tables(model)["blocks"]
+    assert blocks.groupby("step").size().to_dict() == {s: depth for s in range(steps)}
+    first = blocks[blocks.step == 0]
+    assert (first.alpha == 0).all() and (first.act_grad_norm == 0).all()  # alpha = 0: identity at init
+    for s in (1, steps - 1):
+        got = blocks[blocks.step == s].sort_values("depth")
+        alphas = [recorder.before[s][zoo.block_name(i, "rezero", depth)][0] for i in range(depth)]
+        assert_close(got.alpha, alphas, rtol=1e-6, what=f"alpha, step {s}")
+        want = rezero_dz_norms(recorder.before[s], depth, x[s * bs:(s + 1) * bs], y[s * bs:(s + 1) * bs])
+        assert want.min() > 0
+        assert_close(got.act_grad_norm, want, what=f"dL/dz, step {s}")
 
 
 # ------------------------------------------------------------------------------------------ divergence
