@@ -47,9 +47,48 @@ def _half_sq(t: tf.Tensor) -> tf.Tensor:
     return tf.nn.l2_loss(tf.cast(t, tf.float32))
 
 
-def sq_sums(tensors: list[tf.Tensor]) -> tf.Tensor:
-    """[len(tensors)] float32 sums of squares (additive over replicas), two extra ops in all."""
-    return 2.0 * tf.stack([_half_sq(t) for t in tensors])
+# Tensors of at most this many entries are stacked with their equals (same shape and dtype) and reduced in one
+# op: for them the op, not the data, is the cost (biases, ReZero alphas, every kernel of a narrow deep net).
+SMALL_TENSOR = 4096
+
+
+def _size(t: Any) -> int | None:
+    shape = tuple(t.shape)
+    return None if None in shape else int(np.prod(shape, dtype=np.int64))
+
+
+def sq_sums(tensors: list[Any], scale: float | None = None) -> tf.Tensor:
+    """[len(tensors)] float32 sums of squares of ``t * scale`` (additive over replicas).
+
+    Large tensors get one L2Loss each; small ones of equal shape and dtype share a stack and one reduction.
+    """
+    singles: list[int] = []
+    groups: dict[Any, list[int]] = {}
+    for i, t in enumerate(tensors):
+        n = _size(t)
+        if n is not None and n <= SMALL_TENSOR:
+            groups.setdefault((tuple(t.shape), tf.as_dtype(t.dtype)), []).append(i)
+        else:
+            singles.append(i)
+    for key in [k for k, idx in groups.items() if len(idx) == 1]:
+        singles.extend(groups.pop(key))
+
+    def scaled(t: Any) -> tf.Tensor:
+        t = tf.convert_to_tensor(t)  # Keras variables: their value
+        return t if scale is None else t * tf.constant(scale, t.dtype)  # a power of two: exact
+
+    parts, order = [], []
+    if singles:
+        parts.append(2.0 * tf.stack([_half_sq(scaled(tensors[i])) for i in sorted(singles)]))
+        order.extend(sorted(singles))
+    for (shape, dtype), idx in groups.items():
+        x = scaled(tf.stack([tf.convert_to_tensor(tensors[i]) for i in idx]))
+        x = x if dtype == tf.float64 else tf.cast(x, tf.float32)
+        parts.append(tf.cast(tf.reduce_sum(tf.square(x), axis=list(range(1, len(shape) + 1))), tf.float32))
+        order.extend(idx)
+    if order == list(range(len(tensors))):
+        return parts[0]
+    return tf.gather(tf.concat(parts, axis=0), np.argsort(order))
 
 
 # A float32 sum of squares below this has lost digits to underflow: entries below ~1e-19 square to subnormals
@@ -73,11 +112,10 @@ def norms(tensors: list[tf.Tensor], skip: tf.Tensor | None = None) -> tf.Tensor:
         tiny = tf.logical_and(tiny, tf.logical_not(skip))
 
     def rescaled() -> tf.Tensor:
-        # Exact power-of-two scaling, one multiply per tensor: no max pass, no division, two ops per tensor
-        # (a per-tensor max and divide made this branch half the trace time of a deep model's train step).
-        # A tiny tensor has every |entry| < 1e-15, so scaled its sum of squares stays below ~3e8.
-        up = [_half_sq(t * tf.constant(2.0 ** RESCUE_EXP, t.dtype)) for t in tensors]
-        rescued = tf.sqrt(2.0 * tf.stack(up)) * 2.0 ** -RESCUE_EXP
+        # Exact power-of-two scaling: no max pass, no division, two ops per large tensor (a per-tensor max
+        # and divide made this branch half the trace time of a deep model's train step). A tiny tensor has
+        # every |entry| < 1e-15, so scaled its sum of squares stays below ~3e8.
+        rescued = tf.sqrt(sq_sums(tensors, scale=2.0 ** RESCUE_EXP)) * 2.0 ** -RESCUE_EXP
         return tf.where(tiny, rescued, tf.sqrt(sq))
 
     return _unlowered_cond(tf.reduce_any(tiny), rescaled, lambda: tf.sqrt(sq))

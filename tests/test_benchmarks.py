@@ -35,3 +35,11 @@ def test_profile_capture_lists_the_ops_the_probe_adds(capsys: pytest.CaptureFixt
     assert "L2Loss" in out and "added us" in out
     assert profile_capture.main(["--groups"]) == 0
     assert "gradient norms" in capsys.readouterr().out
+
+
+def test_deep_trace_runs(capsys: pytest.CaptureFixture) -> None:
+    import deep_trace
+
+    assert deep_trace.main(["--depth", "3", "--steps", "2", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("first fit") == 2 and "probe depth 3" in out

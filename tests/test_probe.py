@@ -206,7 +206,7 @@ def test_vanishing_norms_do_not_underflow_to_zero():
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_rescued_norms_are_exact_across_float32s_range(dtype):
-    """Every scale a vanishing or exploding gradient can take, big tensors included, against float64 NumPy."""
+    """Every scale a vanishing or exploding gradient can take, big and small tensors, against float64 NumPy."""
     from ablations.statistics import norms
 
     rng = np.random.default_rng(3)
@@ -214,7 +214,9 @@ def test_rescued_norms_are_exact_across_float32s_range(dtype):
     # train step as everywhere else, so the smallest tensor stays just above that.
     arrays = [scale * rng.choice([-1, 1], shape) * (0.1 + rng.exponential(1.0, shape)) for scale, shape in [
         (1e-37, (64,)), (1e-33, (300, 300)), (1e-25, (8, 8)), (1e-18, (1000,)), (1e-16, (2,)), (1.0, (256, 256)),
-        (1e15, (300, 300)), (0.0, (3, 3))]]
+        (1e15, (300, 300)), (0.0, (3, 3)), (1.0, (8, 8)), (1e-30, ()), (3.0, ()), (1e-12, (8, 8)), (0.0, ())]]
+    # Small tensors of one shape (the three 8x8, the three scalars) are stacked and reduced together, large
+    # ones alone: the result keeps the input order.
     arrays.append(np.r_[1e-36, 1e-20 * np.ones(99)])  # wide spread inside one tensor
     want = [np.linalg.norm(a.astype(dtype).astype(np.float64)) for a in arrays]
     for fn in (norms, tf.function(norms)):  # eager and the graph's functional If
