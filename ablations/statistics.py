@@ -86,9 +86,8 @@ def sq_sums(tensors: list[Any], scale: float | None = None) -> tf.Tensor:
         x = x if dtype == tf.float64 else tf.cast(x, tf.float32)
         parts.append(tf.cast(tf.reduce_sum(tf.square(x), axis=list(range(1, len(shape) + 1))), tf.float32))
         order.extend(idx)
-    if order == list(range(len(tensors))):
-        return parts[0]
-    return tf.gather(tf.concat(parts, axis=0), np.argsort(order))
+    flat = parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
+    return flat if order == list(range(len(tensors))) else tf.gather(flat, np.argsort(order))
 
 
 # A float32 sum of squares below this has lost digits to underflow: entries below ~1e-19 square to subnormals
@@ -281,23 +280,26 @@ def param_statistics(grads: list[tf.Tensor], old: list[tf.Tensor] | None = None,
             their exact zeros skip the underflow rescue.
     """
     n = len(grads)
-    tensors = list(grads)
+    columns = [list(grads)]
+    skips = [skip]
     w_src = old if old is not None else new
     if w_src is not None:
-        tensors += list(w_src)
+        columns.append(list(w_src))
+        skips.append(tf.zeros_like(skip) if skip is not None else None)
     if old is not None and new is not None:
         # Subtract in the variable's dtype, then cast: casting first would round float64 weights to float32
         # and swamp a small update with the rounding error of the weights.
-        tensors += [tf.cast(v, o.dtype) - o for v, o in zip(new, old)]
-    if skip is not None:
-        parts = [skip] + ([tf.zeros_like(skip)] if w_src is not None else []) + \
-            ([skip] if old is not None and new is not None else [])
-        skip = tf.concat(parts, axis=0)
-    out = tf.reshape(norms(tensors, skip), [-1, n])
-    missing = len(PARAM_STATS) - out.shape[0]
-    if missing:
-        out = tf.concat([out, tf.fill([missing, n], float("nan"))], axis=0)
-    return tf.transpose(out)
+        columns.append([tf.cast(v, o.dtype) - o for v, o in zip(new, old)])
+        skips.append(skip)
+    k = len(columns)
+    # Row-major [n, k] order (tensor by tensor), so the result needs no transpose (an MKL transpose of the
+    # [k, n] table took 0.2 ms a step on a depth-250 net).
+    tensors = [col[i] for i in range(n) for col in columns]
+    flat_skip = tf.reshape(tf.stack(skips, axis=1), [-1]) if skip is not None else None
+    out = tf.reshape(norms(tensors, flat_skip), [n, k])
+    if k < len(PARAM_STATS):
+        out = tf.concat([out, tf.fill([n, len(PARAM_STATS) - k], float("nan"))], axis=1)
+    return out
 
 
 def gradient_histograms(grads: list[tf.Tensor], groups: list[tuple[int, list[int]]], n_blocks: int) -> tf.Tensor:
@@ -334,7 +336,7 @@ def off_blocks(spec: ProbeSpec) -> tf.Tensor | None:
     pairs = [(row, v) for name in ("active", "alpha") for row, v in spec.scalars.get(name, [])]
     if not pairs:
         return None
-    values = tf.stack([tf.equal(tf.cast(tf.convert_to_tensor(v), tf.float32), 0.0) for _, v in pairs])
+    values = tf.equal(tf.stack([tf.cast(tf.convert_to_tensor(v), tf.float32) for _, v in pairs]), 0.0)
     return tf.scatter_nd(tf.constant([[row] for row, _ in pairs], tf.int32), values, [len(spec.blocks)])
 
 

@@ -222,6 +222,10 @@ def test_rescued_norms_are_exact_across_float32s_range(dtype):
     for fn in (norms, tf.function(norms)):  # eager and the graph's functional If
         got = fn([tf.constant(a, dtype) for a in arrays]).numpy()
         np.testing.assert_allclose(got, want, rtol=2e-6, atol=0)
+    # Only groups, already in input order: every group's values must come back, not just the first group's.
+    grouped = [np.full(2, 1.0), np.full(2, 2.0), np.full(3, 1e-20), np.full(3, 4.0)]
+    got = norms([tf.constant(a, dtype) for a in grouped]).numpy()
+    np.testing.assert_allclose(got, [np.linalg.norm(a) for a in grouped], rtol=2e-6, atol=0)
 
 
 def test_measure_sigmoid_case_is_informative():
