@@ -75,15 +75,15 @@ def sq_sums(tensors: list[Any], scale: float | None = None) -> tf.Tensor:
 
     def scaled(t: Any) -> tf.Tensor:
         t = tf.convert_to_tensor(t)  # Keras variables: their value
+        t = t if t.dtype == tf.float64 else tf.cast(t, tf.float32)  # float16 would overflow when scaled
         return t if scale is None else t * tf.constant(scale, t.dtype)  # a power of two: exact
 
     parts, order = [], []
     if singles:
         parts.append(2.0 * tf.stack([_half_sq(scaled(tensors[i])) for i in sorted(singles)]))
         order.extend(sorted(singles))
-    for (shape, dtype), idx in groups.items():
+    for (shape, _), idx in groups.items():
         x = scaled(tf.stack([tf.convert_to_tensor(tensors[i]) for i in idx]))
-        x = x if dtype == tf.float64 else tf.cast(x, tf.float32)
         parts.append(tf.cast(tf.reduce_sum(tf.square(x), axis=list(range(1, len(shape) + 1))), tf.float32))
         order.extend(idx)
     flat = parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
