@@ -40,7 +40,6 @@ def run_arm(arm: Arm, arm_dir: Path, *, index: int = 0, callbacks: Sequence[Any]
         The summary dict (also in ``summary.json``): status completed | diverged | failed.
     """
     import keras
-    import tensorflow as tf
 
     import zoo
     from ablations.data import builder, load

@@ -40,7 +40,7 @@ def _half_sq(t: tf.Tensor) -> tf.Tensor:
     """sum(t**2) / 2 in one kernel (L2Loss), in float32 (float64 tensors are reduced in float64 first).
 
     One op per tensor, no squared copy: on CPU these reductions are bound by memory traffic and op count, and
-    a single L2Loss beats Square + Sum and a stacked reduction (benchmarks/README: capture overhead).
+    for a large tensor a single L2Loss beats Square + Sum and a stacked reduction (README: capture overhead).
     """
     if t.dtype == tf.float64:
         return tf.cast(tf.nn.l2_loss(t), tf.float32)
@@ -72,6 +72,7 @@ def sq_sums(tensors: list[Any], scale: float | None = None) -> tf.Tensor:
             singles.append(i)
     for key in [k for k, idx in groups.items() if len(idx) == 1]:
         singles.extend(groups.pop(key))
+    singles.sort()
 
     def scaled(t: Any) -> tf.Tensor:
         t = tf.convert_to_tensor(t)  # Keras variables: their value
@@ -80,8 +81,8 @@ def sq_sums(tensors: list[Any], scale: float | None = None) -> tf.Tensor:
 
     parts, order = [], []
     if singles:
-        parts.append(2.0 * tf.stack([_half_sq(scaled(tensors[i])) for i in sorted(singles)]))
-        order.extend(sorted(singles))
+        parts.append(2.0 * tf.stack([_half_sq(scaled(tensors[i])) for i in singles]))
+        order.extend(singles)
     for (shape, _), idx in groups.items():
         x = scaled(tf.stack([tf.convert_to_tensor(tensors[i]) for i in idx]))
         parts.append(tf.cast(tf.reduce_sum(tf.square(x), axis=list(range(1, len(shape) + 1))), tf.float32))

@@ -28,8 +28,9 @@ def no_op_determinism():
     """Off for the test: Keras silently drops jit_compile while TF op determinism is on (earlier arms turn it on)."""
     from tensorflow.python.framework import config
 
+    from ablations.strategy import set_op_determinism
+
     was = config.is_op_determinism_enabled()
-    config.disable_op_determinism()
+    set_op_determinism(False)
     yield
-    if was:
-        config.enable_op_determinism()
+    set_op_determinism(was)
