@@ -130,6 +130,28 @@ class CaptureConfig(Strict):
     histograms: bool = False
     activations: bool = True  # per-block dL/d(pre-activation) and activation statistics (blocks.parquet)
     drain_every: int = Field(256, gt=0)  # steps between host reads of the on-device ring buffer
+    # Instruments by name (ablations/instruments; README "Capture"): true | false | {option: value}, e.g.
+    # {grad_hist: {every: 16}}. The four switches above are aliases of the standard ones; an entry here wins.
+    instruments: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _instruments(self) -> "CaptureConfig":
+        from ablations import instruments as registry
+
+        for name, value in self.instruments.items():
+            try:
+                opts = registry.parse_options(name, value)
+            except ValidationError as err:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+                raise ValueError(f"capture.instruments.{name}: {problems}. Options of {name}: "
+                                 f"{', '.join(registry.get(name).Opts.model_fields) or 'none'}") from None
+            except (KeyError, ValueError) as err:
+                raise ValueError(f"capture.instruments: {err}") from None
+            own = getattr(opts, "every", None)
+            if own and own % self.every:
+                raise ValueError(f"capture.instruments.{name}.every ({own}) must be a multiple of capture.every "
+                                 f"({self.every}): it is taken on captured steps")
+        return self
 
 
 class DiagnoseConfig(Strict):

@@ -5,12 +5,13 @@ the last 200 steps"``. Thresholds (all overridable under ``diagnose:`` in the YA
 
 * vanishing: first/last block kernel-gradient ratio < 1e-3 (AUTOTRAINER, Zhang et al. 2021), or a block's
   gradient norm below an absolute floor of 1e-8;
-* exploding: first/last ratio > 70 (AUTOTRAINER) or any non-finite gradient/loss;
+* exploding: first/last ratio > 70 (AUTOTRAINER) or a non-finite loss or global gradient norm;
 * stalled: update/weight ratio < 1e-3 (the seed's rule: below it a layer is barely learning);
 * saturated: more than 80% of a block's activation entries have a derivative < 5% of the maximum
   (Glorot & Bengio 2010's saturated sigmoid units; our threshold);
 * dead units: more than 40% of a block's units have zero derivative for the whole batch (our threshold);
-* plateau: the mean training loss of the last window improved by less than 1% over the window before.
+* plateau: the mean training loss of the last window improved by less than 1% over the window before;
+* rising_loss: it got worse instead (a rising loss is not a plateau).
 
 The gradient-decay rate is the least-squares slope of log10(block kernel gradient norm) against block depth:
 decades per block, positive when the gradient shrinks toward the input (vanishing), negative when it grows
@@ -19,11 +20,14 @@ toward the input (exploding); one number that ranks architectures.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from ablations.instruments.block_scalars import drop_inactive
+from ablations.instruments.param_norms import (block_kernels, decay_rates, first_last_ratio,  # noqa: F401
+                                               gradient_summary)
 
 DEFAULTS: dict[str, float] = {
     "vanishing_ratio": 1e-3,
@@ -35,80 +39,6 @@ DEFAULTS: dict[str, float] = {
     "plateau_improvement": 0.01,
     "window": 200,
 }
-
-
-def block_kernels(params: pd.DataFrame) -> pd.DataFrame:
-    """Rows of each block's first linear kernel, or its recurrent layer's input kernel (the per-block
-    weight-gradient series)."""
-    if params.empty:
-        return params
-    return params[(params["role"] == "block") & (params["param"] == "kernel")
-                  & ((params["layer"] == params["block"] + "_linear") | (params["layer"] == params["block"] + "_rnn"))]
-
-
-def drop_inactive(params: pd.DataFrame, blocks: pd.DataFrame | None) -> pd.DataFrame:
-    """``params`` with the gradient statistics of switched-off blocks set to NaN.
-
-    A stochastic-depth block whose branch was off for the whole batch (``active == 0`` in ``blocks``, Huang
-    et al. 2016) and a ReZero block whose residual weight is exactly 0 (``alpha == 0``, its initial value,
-    Bachlechner et al. 2020) get no gradient in the branch at that step by design: a zero there is not a
-    vanishing gradient, so ratios, decay rates and verdicts leave it out. The stored tables keep the zeros.
-    """
-    if blocks is None or blocks.empty or params.empty:
-        return params
-    mask = np.zeros(len(blocks), bool)
-    for col in ("active", "alpha"):
-        if col in blocks:
-            mask |= (blocks[col] == 0).to_numpy()
-    off = blocks.loc[mask, ["step", "depth"]]
-    if off.empty:
-        return params
-    hit = pd.MultiIndex.from_frame(params[["step", "depth"]]).isin(pd.MultiIndex.from_frame(off))
-    hit &= (params["role"] == "block").to_numpy()
-    params = params.copy()
-    params.loc[hit, [c for c in ("grad_norm", "update_norm", "update_ratio") if c in params]] = np.nan
-    return params
-
-
-def decay_rates(params: pd.DataFrame) -> pd.Series:
-    """Gradient-decay rate per captured step (index: step), NaN where fewer than 2 finite blocks."""
-    k = block_kernels(params)
-    if k.empty:
-        return pd.Series(dtype=float)
-    k = k[np.isfinite(k["grad_norm"]) & (k["grad_norm"] > 0)]
-    out = {}
-    for step, g in k.groupby("step"):
-        if g["depth"].nunique() < 2:
-            out[step] = math.nan
-            continue
-        slope = np.polyfit(g["depth"].to_numpy(float), np.log10(g["grad_norm"].to_numpy(float)), 1)[0]
-        out[step] = float(slope)  # positive: the gradient shrinks toward the input (block 0)
-    return pd.Series(out, dtype=float).sort_index()
-
-
-def first_last_ratio(params: pd.DataFrame, step: int) -> float:
-    """Kernel gradient norm of the first block divided by that of the last block at ``step`` (NaN if n/a)."""
-    k = block_kernels(params)
-    k = k[k["step"] == step].sort_values("depth")
-    if len(k) < 2:
-        return math.nan
-    first, last = float(k["grad_norm"].iloc[0]), float(k["grad_norm"].iloc[-1])
-    return first / last if last > 0 else math.nan
-
-
-def gradient_summary(params: pd.DataFrame, blocks: pd.DataFrame | None = None) -> dict[str, Any]:
-    """First/last-block gradient ratios and decay rates at the first and last captured steps (switched-off
-    stochastic-depth blocks left out, see :func:`drop_inactive`)."""
-    params = drop_inactive(params, blocks)
-    if params.empty:
-        return {"ratio_init": math.nan, "ratio_final": math.nan, "decay_rate_init": math.nan,
-                "decay_rate_final": math.nan}
-    steps = np.sort(params["step"].unique())
-    rates = decay_rates(params)
-    return {"ratio_init": first_last_ratio(params, int(steps[0])),
-            "ratio_final": first_last_ratio(params, int(steps[-1])),
-            "decay_rate_init": float(rates.iloc[0]) if len(rates) else math.nan,
-            "decay_rate_final": float(rates.iloc[-1]) if len(rates) else math.nan}
 
 
 def block_ranges(blocks: list[int]) -> str:
@@ -157,54 +87,100 @@ def verdicts(params: pd.DataFrame, blocks: pd.DataFrame, history: pd.DataFrame,
     """
     th = {**DEFAULTS, **(thresholds or {})}
     out: list[dict[str, Any]] = []
-    k = block_kernels(drop_inactive(params, blocks))
+    k = block_kernels(drop_inactive(params, blocks))  # switched-off blocks are left out, not NaN
+    bad = _non_finite(k, history, int(th["window"]), at_init)
+    if bad is not None:
+        out.append(bad)
     if not k.empty:
         win, label = _window(k, int(th["window"]), at_init)
-        med = win.groupby("depth")["grad_norm"].median().sort_index()
-        finite = med[np.isfinite(med)]
-        if (~np.isfinite(win["grad_norm"])).any() or (len(history) and (~np.isfinite(history["loss"])).any()):
-            bad = sorted(win.loc[~np.isfinite(win["grad_norm"]), "depth"].unique())
-            out.append(_verdict("exploding", bad, f"non-finite gradients or loss {label}"))
-        elif len(finite) >= 2 and finite.iloc[-1] > 0:
-            rel = finite / finite.iloc[-1]
-            ratio = float(rel.iloc[0])
-            weak = [d for d, r in rel.items() if r < th["vanishing_ratio"]]
-            floor = [d for d, g in finite.items() if g < th["vanishing_floor"]]
-            if ratio < th["vanishing_ratio"] or floor:
-                who = sorted(set(weak) | set(floor))
-                out.append(_verdict("vanishing", who,
-                                    f"{block_ranges(who)} receive < {th['vanishing_ratio']:g} of the gradient of "
-                                    f"block {int(finite.index[-1])} (first/last ratio {ratio:.1e}) {label}"))
-            elif ratio > th["exploding_ratio"]:
-                strong = [d for d, r in rel.items() if r > th["exploding_ratio"]]
-                out.append(_verdict("exploding", strong,
-                                    f"{block_ranges(strong)} receive > {th['exploding_ratio']:g}x the gradient of "
-                                    f"block {int(finite.index[-1])} (first/last ratio {ratio:.1e}) {label}"))
-        if "update_ratio" in win and np.isfinite(win["update_ratio"]).any():
-            ur = win.groupby("depth")["update_ratio"].median()
-            stalled = ur[ur < th["stall_ratio"]]
-            if len(stalled):
-                out.append(_verdict("stalled", list(stalled.index),
-                                    f"{block_ranges(stalled.index)}: update ratio {stalled.min():.0e}.."
-                                    f"{stalled.max():.0e} < {th['stall_ratio']:g} {label}"))
+        if bad is None:
+            out.extend(_flow(win, label, th))
+        out.extend(_stalled(win, label, th))
     if not blocks.empty:
-        win, label = _window(blocks, int(th["window"]), at_init)
-        for col, kind, key, what in [("act_saturation", "saturated", "saturated_fraction", "saturated entries"),
-                                     ("act_dead", "dead_units", "dead_fraction", "dead units")]:
-            if col not in win or not np.isfinite(win[col]).any():
-                continue
-            med = win.groupby("depth")[col].median()
-            hit = med[med > th[key]]
-            if len(hit):
-                out.append(_verdict(kind, list(hit.index),
-                                    f"{block_ranges(hit.index)}: {hit.min():.0%}..{hit.max():.0%} {what} "
-                                    f"(> {th[key]:.0%}) {label}"))
+        out.extend(_activations(blocks, th, at_init))
     if not at_init and len(history) >= 4:
         out.extend(_plateau(history, th))
     return out
 
 
+def _non_finite(k: pd.DataFrame, history: pd.DataFrame, window: int, at_init: bool) -> dict[str, Any] | None:
+    """``exploding`` when the loss or the global gradient norm turned NaN/Inf (at init: in the first steps).
+
+    Judged on ``history``, whose columns are always measured: a NaN in a per-block column can also mean
+    "not captured" (``capture.params: false``) or "switched off by design", which is no evidence of anything.
+    """
+    if history is None or history.empty:  # tables without a history (hand-made): the per-block norms
+        if k.empty or np.isfinite(k["grad_norm"].astype(float)).all():
+            return None
+        win, label = _window(k, window, at_init)
+        bad = sorted(win.loc[~np.isfinite(win["grad_norm"].astype(float)), "depth"].unique())
+        return _verdict("exploding", bad, f"non-finite gradients {label}") if bad else None
+    h = _window(history, window, at_init)[0] if at_init else history
+    cols = [c for c in ("loss", "global_grad_norm") if c in h]
+    values = h[cols].to_numpy(dtype=float)
+    if not cols or np.isfinite(values).all():
+        return None
+    first = int(h["step"].to_numpy()[~np.isfinite(values).all(axis=1)].min())
+    blocks: list[int] = []
+    if not k.empty:
+        g = k.loc[k["step"] == first, ["depth", "grad_norm"]]
+        if g["grad_norm"].notna().any():  # captured: name the blocks whose gradient is NaN/Inf there
+            blocks = sorted(g.loc[~np.isfinite(g["grad_norm"].astype(float)), "depth"].unique())
+    return _verdict("exploding", blocks, f"non-finite gradients or loss from step {first}")
+
+
+def _flow(win: pd.DataFrame, label: str, th: dict[str, float]) -> list[dict[str, Any]]:
+    """``vanishing`` / ``exploding`` from the first/last block ratio of the window's median gradient norms."""
+    med = win.groupby("depth")["grad_norm"].median().sort_index()
+    finite = med[np.isfinite(med)]
+    if len(finite) < 2 or finite.iloc[-1] <= 0:
+        return []
+    rel = finite / finite.iloc[-1]
+    ratio = float(rel.iloc[0])
+    weak = [d for d, r in rel.items() if r < th["vanishing_ratio"]]
+    floor = [d for d, g in finite.items() if g < th["vanishing_floor"]]
+    if ratio < th["vanishing_ratio"] or floor:
+        who = sorted(set(weak) | set(floor))
+        return [_verdict("vanishing", who, f"{block_ranges(who)} receive < {th['vanishing_ratio']:g} of the gradient "
+                                           f"of block {int(finite.index[-1])} (first/last ratio {ratio:.1e}) {label}")]
+    if ratio > th["exploding_ratio"]:
+        strong = [d for d, r in rel.items() if r > th["exploding_ratio"]]
+        return [_verdict("exploding", strong, f"{block_ranges(strong)} receive > {th['exploding_ratio']:g}x the "
+                                              f"gradient of block {int(finite.index[-1])} (first/last ratio "
+                                              f"{ratio:.1e}) {label}")]
+    return []
+
+
+def _stalled(win: pd.DataFrame, label: str, th: dict[str, float]) -> list[dict[str, Any]]:
+    if "update_ratio" not in win or not np.isfinite(win["update_ratio"]).any():
+        return []
+    ur = win.groupby("depth")["update_ratio"].median()
+    stalled = ur[ur < th["stall_ratio"]]
+    if not len(stalled):
+        return []
+    return [_verdict("stalled", list(stalled.index), f"{block_ranges(stalled.index)}: update ratio "
+                                                     f"{stalled.min():.0e}..{stalled.max():.0e} < "
+                                                     f"{th['stall_ratio']:g} {label}")]
+
+
+def _activations(blocks: pd.DataFrame, th: dict[str, float], at_init: bool) -> list[dict[str, Any]]:
+    win, label = _window(blocks, int(th["window"]), at_init)
+    out = []
+    for col, kind, key, what in [("act_saturation", "saturated", "saturated_fraction", "saturated entries"),
+                                 ("act_dead", "dead_units", "dead_fraction", "dead units")]:
+        if col not in win or not np.isfinite(win[col]).any():
+            continue
+        med = win.groupby("depth")[col].median()
+        hit = med[med > th[key]]
+        if len(hit):
+            out.append(_verdict(kind, list(hit.index), f"{block_ranges(hit.index)}: {hit.min():.0%}..{hit.max():.0%} "
+                                                       f"{what} (> {th[key]:.0%}) {label}"))
+    return out
+
+
 def _plateau(history: pd.DataFrame, th: dict[str, float]) -> list[dict[str, Any]]:
+    """``plateau`` when the last window's mean loss improved < 1% over the window before; ``rising_loss`` when
+    it got worse (a rising loss is no plateau)."""
     h = history[np.isfinite(history["loss"])].sort_values("step")
     if len(h) < 4:
         return []
@@ -217,7 +193,9 @@ def _plateau(history: pd.DataFrame, th: dict[str, float]) -> list[dict[str, Any]
     if not (np.isfinite(recent) and np.isfinite(before)) or before <= 0:
         return []
     gain = (before - recent) / before
+    span = f"training loss {before:.3g} -> {recent:.3g} over the last {w} steps"
+    if gain < 0:
+        return [_verdict("rising_loss", [], f"{span}: it rose by {-gain:.1%}")]
     if gain < th["plateau_improvement"]:
-        return [_verdict("plateau", [], f"training loss {before:.3g} -> {recent:.3g} ({gain:+.1%}) over the last "
-                                        f"{w} steps (< {th['plateau_improvement']:.0%} improvement)")]
+        return [_verdict("plateau", [], f"{span} ({gain:+.1%}, < {th['plateau_improvement']:.0%} improvement)")]
     return []

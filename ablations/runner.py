@@ -1,4 +1,4 @@
-"""The glue: one function runs one arm (config + folder in, summary out); a loop runs a sweep.
+"""The glue: one function runs one arm (config + folder in, summary out).
 
 ``run_arm`` is the unit the sweep engine schedules; it records NaN/Inf losses as ``diverged`` and
 exceptions as ``failed`` instead of raising, so one bad arm never stops a sweep.
@@ -6,17 +6,15 @@ exceptions as ``failed`` instead of raising, so one bad arm never stops a sweep.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import pandas as pd
-import yaml
-
 from ablations import store
-from ablations.config import Arm, Experiment, dump_yaml
+from ablations.config import Arm, ArmConfig, dump_yaml
 
 
 def _finite(x: Any) -> float | None:
@@ -27,6 +25,17 @@ def _finite(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
+@dataclasses.dataclass
+class Session:
+    """What one arm trains: its data, model under the probe, and the probe's drain."""
+
+    data: Any
+    steps: int
+    net: Any
+    model: Any
+    drain: Any
+
+
 def run_arm(arm: Arm, arm_dir: Path, *, index: int = 0, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Trains one arm and writes its folder; ``summary.json`` is written last.
 
@@ -34,20 +43,14 @@ def run_arm(arm: Arm, arm_dir: Path, *, index: int = 0, callbacks: Sequence[Any]
         arm: the resolved arm.
         arm_dir: its folder (created).
         index: position of the arm in the sweep (keeps report order stable).
-        callbacks: extra Keras callbacks (progress display).
+        callbacks: extra Keras callbacks (progress display), or factories ``fn(drain) -> callback`` for those
+            that read the probe's tables (search pruning); a callback with a ``stop_reason`` that is set marks
+            the arm ``pruned``.
 
     Returns:
-        The summary dict (also in ``summary.json``): status completed | diverged | failed.
+        The summary dict (also in ``summary.json``): status completed | diverged | pruned | failed.
     """
     import keras
-
-    import zoo
-    from ablations.data import builder, load
-    from ablations.diagnose import gradient_summary, verdicts
-    from ablations.probe import ProbedModel
-    from ablations.recorder import DrainCallback, ring_capacity
-    from ablations.strategy import apply_precision, configure_devices, set_op_determinism, shard_data
-    from ablations.training import make_loss, make_optimizer, make_strategy
 
     cfg = arm.config
     arm_dir = Path(arm_dir)
@@ -61,71 +64,13 @@ def run_arm(arm: Arm, arm_dir: Path, *, index: int = 0, callbacks: Sequence[Any]
     start = time.time()
     policy = keras.mixed_precision.global_policy()  # restored after the arm (runtime.precision)
     try:
-        configure_devices(cfg.runtime)  # no-op unless runtime.logical_cpus; errors clearly if TF started
-        keras.mixed_precision.set_global_policy(cfg.runtime.precision)
-        # Prepare the dataset before seeding: TFDS draws from Python's RNG when it prepares one, which would
-        # give the first arm of a fresh data dir other initial weights than a rerun of the same arm.
-        builder(cfg.data.name, cfg.data.data_dir, cfg.data.download)
-        keras.utils.set_random_seed(cfg.seed)
-        set_op_determinism(cfg.runtime.deterministic)  # per arm: an earlier arm's setting must not leak
-        data = load(cfg.data, cfg.seed)
-        steps = cfg.train.steps_per_epoch or data.steps_per_epoch
-        strategy = make_strategy(cfg.runtime)
-        data.train, data.val = shard_data(strategy, data.train), shard_data(strategy, data.val)
-        with strategy.scope():
-            net = zoo.build(cfg.model.arch, input_shape=data.info.input_shape,
-                            num_outputs=data.info.num_outputs, **cfg.model.options())
-            net = apply_precision(net, cfg.runtime.precision)  # float32: unchanged
-            if cfg.model.options().get("initializer") == "lsuv":  # data-driven init needs a training batch
-                from zoo import lsuv
-
-                lsuv.apply(net, next(iter(data.train))[0], **(cfg.model.options().get("initializer_options") or {}))
-            model = ProbedModel(
-                net, every=cfg.capture.every, params=cfg.capture.params,
-                updates=cfg.capture.updates, activations=cfg.capture.activations,
-                histograms=cfg.capture.histograms,
-                capacity=ring_capacity(cfg.capture.every, cfg.capture.drain_every, steps,
-                                       cfg.train.steps_per_execution))
-            loss, metrics = make_loss(cfg.train.loss, data.info.task)
-            optimizer = make_optimizer(cfg.train.optimizer, total_steps=steps * cfg.train.epochs)
-            model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
-                          steps_per_execution=cfg.train.steps_per_execution, jit_compile=cfg.train.jit_compile)
-        drain = DrainCallback(cfg.capture.drain_every, steps)
-        object.__setattr__(model, "drain_callback", drain)  # lets other callbacks (pruning) read the tables
-        train = data.train.repeat() if cfg.train.steps_per_epoch else data.train
-        gates_init = _gates(net, data.train)
-        hist = model.fit(train, epochs=cfg.train.epochs, steps_per_epoch=cfg.train.steps_per_epoch,
-                         validation_data=data.val, callbacks=[drain, *callbacks], verbose=0,
-                         shuffle=False)
-        tables = drain.tables(model)
-        if gates_init is not None:  # LSTM/GRU gate means and saturation, at init and at the end
-            tables["gates"] = pd.concat([gates_init.assign(when="init"), _gates(net, data.train).assign(when="end")],
-                                        ignore_index=True)
-        epochs = _epochs_table(hist.history)
-        for name, df in [*tables.items(), ("epochs", epochs)]:
-            store.write_parquet(arm_dir / f"{name}.parquet", df)
-        if cfg.runtime.tensorboard:  # event files from the tables just written (+ final weight histograms)
-            from ablations.tensorboard import write_events
-
-            write_events(arm_dir, {**tables, "epochs": epochs}, net)
-        store.write_model(arm_dir / "final.keras", net)
-        last = {k: _finite(v[-1]) for k, v in hist.history.items() if v}
-        stop_reason = getattr(model, "stop_reason", None)  # set by a pruning callback (ablate tune)
-        summary.update(
-            status="diverged" if drain.diverged_at is not None else ("pruned" if stop_reason else "completed"),
-            diverged_at_step=drain.diverged_at,
-            pruned_reason=stop_reason,
-            final=last,
-            steps=int(tables["history"]["step"].max()) + 1 if len(tables["history"]) else 0,
-            epochs_run=len(epochs),
-            lost_captures=drain.lost,
-            num_params=int(net.count_params()),
-            dataset=data.info.name,
-            baseline_loss=_finite(data.info.metadata.get("baseline_loss")),  # trivial predictor (sequence tasks)
-            **{k: _finite(v) for k, v in gradient_summary(tables["params"], tables["blocks"]).items()},
-            verdicts=verdicts(tables["params"], tables["blocks"], tables["history"],
-                              cfg.diagnose.model_dump()),
-        )
+        session = setup(cfg)
+        extra = [cb(session.drain) if callable(cb) and not isinstance(cb, keras.callbacks.Callback) else cb
+                 for cb in callbacks]
+        tables, history = train(cfg, session, extra)
+        epochs = epochs_table(history)
+        write_tables(arm_dir, cfg, tables, epochs, session.net)
+        summary.update(results(cfg, session, tables, history, extra))
     except Exception as err:  # recorded, never raised: the sweep goes on
         summary["error"] = f"{type(err).__name__}: {err}"
         store.write_text(arm_dir / "error.txt", traceback.format_exc())
@@ -136,17 +81,92 @@ def run_arm(arm: Arm, arm_dir: Path, *, index: int = 0, callbacks: Sequence[Any]
     return summary
 
 
-def _gates(net: Any, train: Any) -> Any:
-    """Gate statistics of the model's LSTM/GRU layers on one training batch, or None without such layers."""
-    if not any(type(getattr(layer, "cell", None)).__name__ in ("LSTMCell", "GRUCell") for layer in net.layers):
-        return None
-    from ablations.timegrad import gate_statistics
+def setup(cfg: ArmConfig) -> Session:
+    """Devices, precision, seed, data, strategy, the model (LSUV applied) under the probe, compiled."""
+    import keras
 
-    x, _ = next(iter(train))
-    return gate_statistics(net, x)
+    import zoo
+    from ablations.data import builder, load
+    from ablations.factories import make_loss, make_optimizer
+    from ablations.probe import DrainCallback, ProbedModel, ring_capacity
+    from ablations.strategy import (apply_precision, configure_devices, make_strategy, set_op_determinism,
+                                    shard_data)
+
+    configure_devices(cfg.runtime)  # no-op unless runtime.logical_cpus; errors clearly if TF started
+    keras.mixed_precision.set_global_policy(cfg.runtime.precision)
+    # Prepare the dataset before seeding: TFDS draws from Python's RNG when it prepares one, which would
+    # give the first arm of a fresh data dir other initial weights than a rerun of the same arm.
+    builder(cfg.data.name, cfg.data.data_dir, cfg.data.download)
+    keras.utils.set_random_seed(cfg.seed)
+    set_op_determinism(cfg.runtime.deterministic)  # per arm: an earlier arm's setting must not leak
+    data = load(cfg.data, cfg.seed)
+    steps = cfg.train.steps_per_epoch or data.steps_per_epoch
+    strategy = make_strategy(cfg.runtime)
+    data.train, data.val = shard_data(strategy, data.train), shard_data(strategy, data.val)
+    with strategy.scope():
+        net = zoo.build(cfg.model.arch, input_shape=data.info.input_shape, num_outputs=data.info.num_outputs,
+                        **cfg.model.options())
+        net = apply_precision(net, cfg.runtime.precision)  # float32: unchanged
+        if cfg.model.options().get("initializer") == "lsuv":  # data-driven init needs a training batch
+            from zoo import lsuv
+
+            lsuv.apply(net, next(iter(data.train))[0], **(cfg.model.options().get("initializer_options") or {}))
+        model = ProbedModel(net, capture=cfg.capture,
+                            capacity=ring_capacity(cfg.capture.every, cfg.capture.drain_every, steps,
+                                                   cfg.train.steps_per_execution))
+        loss, metrics = make_loss(cfg.train.loss, data.info.task)
+        optimizer = make_optimizer(cfg.train.optimizer, total_steps=steps * cfg.train.epochs)
+        model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
+                      steps_per_execution=cfg.train.steps_per_execution, jit_compile=cfg.train.jit_compile)
+    return Session(data=data, steps=steps, net=net, model=model, drain=DrainCallback(cfg.capture.drain_every, steps))
 
 
-def _epochs_table(history: dict[str, list[float]]):
+def train(cfg: ArmConfig, s: Session, callbacks: Sequence[Any]) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """``model.fit`` with the drain; returns the probe's tables and Keras' per-epoch history."""
+    train_data = s.data.train.repeat() if cfg.train.steps_per_epoch else s.data.train
+    snapshots = any(i.snapshot_only for i in s.model.instruments)
+    if snapshots:  # e.g. LSTM/GRU gates at init; reads one batch of a fresh iterator, as at the end
+        s.drain.snapshot(s.model, next(iter(s.data.train))[0], "init")
+    hist = s.model.fit(train_data, epochs=cfg.train.epochs, steps_per_epoch=cfg.train.steps_per_epoch,
+                       validation_data=s.data.val, callbacks=[s.drain, *callbacks], verbose=0, shuffle=False)
+    if snapshots:
+        s.drain.snapshot(s.model, next(iter(s.data.train))[0], "end")
+    return s.drain.tables(s.model), hist.history
+
+
+def write_tables(arm_dir: Path, cfg: ArmConfig, tables: dict[str, Any], epochs: Any, net: Any) -> None:
+    """The arm's Parquet tables, TensorBoard events (``runtime.tensorboard``) and ``final.keras``."""
+    for name, df in [*tables.items(), ("epochs", epochs)]:
+        store.write_parquet(arm_dir / f"{name}.parquet", df)
+    if cfg.runtime.tensorboard:  # event files from the tables just written (+ final weight histograms)
+        from ablations.tensorboard import write_events
+
+        write_events(arm_dir, {**tables, "epochs": epochs}, net)
+    store.write_model(arm_dir / "final.keras", net)
+
+
+def results(cfg: ArmConfig, s: Session, tables: dict[str, Any], epochs: dict[str, list[float]],
+            callbacks: Sequence[Any]) -> dict[str, Any]:
+    """Status, final metrics, the instruments' summary values and the verdicts of a trained arm."""
+    from ablations.diagnose import verdicts
+    from ablations.probe import summarize
+
+    history = tables["history"]
+    last = {k: _finite(v[-1]) for k, v in epochs.items() if v}
+    stop_reason = next((cb.stop_reason for cb in callbacks if getattr(cb, "stop_reason", None)), None)
+    status = "diverged" if s.drain.diverged_at is not None else ("pruned" if stop_reason else "completed")
+    return dict(
+        status=status, diverged_at_step=s.drain.diverged_at, pruned_reason=stop_reason, final=last,
+        steps=int(history["step"].max()) + 1 if len(history) else 0,
+        epochs_run=max((len(v) for v in epochs.values()), default=0),
+        lost_captures=s.drain.lost, num_params=int(s.net.count_params()), dataset=s.data.info.name,
+        baseline_loss=_finite(s.data.info.metadata.get("baseline_loss")),  # trivial predictor (sequence tasks)
+        **{k: _finite(v) for k, v in summarize(tables, s.model.instruments).items()},
+        verdicts=verdicts(tables["params"], tables["blocks"], history, cfg.diagnose.model_dump()))
+
+
+def epochs_table(history: dict[str, list[float]]) -> Any:
+    """The per-epoch Keras history (``epochs.parquet``), NaN-padded to the longest metric."""
     import pandas as pd
 
     n = max((len(v) for v in history.values()), default=0)
@@ -158,6 +178,8 @@ def _epochs_table(history: dict[str, list[float]]):
 
 def arm_is_current(arm: Arm, arm_dir: Path) -> bool:
     """True when the arm has a finished result for exactly this config (a changed config re-runs it)."""
+    import yaml
+
     if not store.is_done(arm_dir):
         return False
     try:
@@ -168,21 +190,9 @@ def arm_is_current(arm: Arm, arm_dir: Path) -> bool:
     return stored == yaml.safe_load(dump_yaml(arm.config.model_dump(mode="json")))
 
 
-def run_experiment(exp: Experiment, out: Path, *, ui: Any = None, workers: int = 0,
+def run_experiment(exp: Any, out: Path, *, ui: Any = None, workers: int = 0,
                    on_arm: Callable[[Arm, dict[str, Any], bool], None] | None = None) -> list[dict[str, Any]]:
-    """Runs every arm not already done into ``out/<name>`` under the folder lock (see :mod:`ablations.sweep`).
-
-    Args:
-        exp: the validated experiment.
-        out: parent of the run folder.
-        ui: progress display (:class:`ablations.ui.SweepUI`) or ``None``.
-        workers: local worker processes (0: train in this process); ``KERASTUNER_*`` variables make this
-            process a chief or a worker.
-        on_arm: called after each arm with ``(arm, summary, skipped)``.
-
-    Returns:
-        The summaries, in arm order, as the run folder holds them.
-    """
+    """Forwards to :func:`ablations.sweep.run_sweep` (kept until the store/sweep move lands)."""
     from ablations.sweep import run_sweep
 
     return run_sweep(exp, out, ui=ui, workers=workers, on_arm=on_arm)

@@ -21,11 +21,10 @@ strategies that hold process-wide state (multi_worker, tpu) are created once per
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
-from typing import Any, Iterator
+from typing import Any
 
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -61,12 +60,14 @@ def set_op_determinism(on: bool) -> None:
     TensorFlow only offers ``enable`` publicly; the setting is process-wide, so without turning it off again
     one deterministic arm would make every later arm of the process deterministic (and silently non-XLA).
     """
-    from tensorflow.python.framework import config as tf_config
+    import tensorflow as tf
+
+    from ablations import compat
 
     if on:
-        tf_config.enable_op_determinism()
-    elif tf_config.is_op_determinism_enabled():
-        tf_config.disable_op_determinism()
+        tf.config.experimental.enable_op_determinism()
+    elif compat.op_determinism_enabled():
+        compat.disable_op_determinism()
 
 
 def _logical_cpus(n: int | None) -> None:
@@ -288,25 +289,6 @@ def shard_data(strategy: Any, dataset: Any) -> Any:
 
 
 # -------------------------------------------------------------------------------------------- precision
-
-
-@contextlib.contextmanager
-def precision(policy: str) -> Iterator[None]:
-    """Sets Keras' global dtype policy for the block and restores the previous one afterwards.
-
-    ``mixed_float16`` makes ``compile`` wrap the optimizer in a ``LossScaleOptimizer``; the probe divides
-    the captured gradients by the loss scale, so statistics are those of the true gradient.
-    """
-    import keras
-
-    if policy not in PRECISIONS:
-        raise StrategyError(f"unknown runtime.precision '{policy}'; allowed: {', '.join(PRECISIONS)}")
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(policy)
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
 
 
 def apply_precision(net: Any, policy: str) -> Any:

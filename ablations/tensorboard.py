@@ -5,7 +5,8 @@ than from a callback during training: the event files hold exactly the numbers o
 source of truth), and capture costs nothing extra. ``tensorboard --logdir runs/<experiment>`` then shows
 every arm as a run (``arms/<arm_id>/tb``).
 
-Tags (step = optimizer step unless noted):
+Tags (step = optimizer step unless noted) come from the instruments' columns (``Column.tag``, with
+``{layer}``, ``{param}``, ``{block}`` filled per row) and their ``tensorboard`` hooks:
 
 * ``train/loss``, ``train/global_grad_norm``, ``train/lr`` from ``history.parquet``;
 * ``epoch/<metric>`` (step = epoch) from ``epochs.parquet``, e.g. ``epoch/val_accuracy``;
@@ -28,8 +29,6 @@ import numpy as np
 import pandas as pd
 
 LOGDIR = "tb"
-HISTORY_TAGS = {"loss": "train/loss", "global_grad_norm": "train/global_grad_norm", "lr": "train/lr"}
-BLOCK_TAGS = {"act_grad_norm": "preact_grad_norm", "act_saturation": "act_saturation", "act_dead": "act_dead"}
 
 
 class _Events:
@@ -91,38 +90,27 @@ def write_events(arm_dir: Path, tables: dict[str, pd.DataFrame], model: Any = No
     """
     from tensorboard.plugins.histogram.summary import histogram_pb
 
-    from ablations.diagnose import block_kernels
+    from ablations import instruments
 
     ev = _Events()
     history = tables.get("history", pd.DataFrame())
     epochs = tables.get("epochs", pd.DataFrame())
-    params = tables.get("params", pd.DataFrame())
-    blocks = tables.get("blocks", pd.DataFrame())
-    for col, tag in HISTORY_TAGS.items():
-        if col in history:
-            ev.scalars(history, "step", col, tag)
     for col in epochs.columns:
         if col != "epoch" and pd.api.types.is_numeric_dtype(epochs[col]):
             ev.scalars(epochs, "epoch", col, f"epoch/{col}")
-    if not params.empty:
-        for (layer, param), g in params.groupby(["layer", "param"], sort=False):
-            ev.scalars(g, "step", "grad_norm", f"grad_norm/{layer}/{param}")
-            ev.scalars(g, "step", "update_ratio", f"update_ratio/{layer}/{param}")
-    if not blocks.empty:
-        for block, g in blocks.groupby("block", sort=False):
-            for col, name in BLOCK_TAGS.items():
-                if col in g:
-                    ev.scalars(g, "step", col, f"{name}/{block}")
+    for cls in instruments.classes():  # every tagged column, one series per row of its table
+        for table, col in [*((cls.table, c) for c in cls.columns), *cls.derived]:
+            df = tables.get(table)
+            if col.tag is None or df is None or df.empty or col.name not in df:
+                continue
+            keys = [k for k in ("layer", "param", "block") if "{" + k + "}" in col.tag]
+            groups = df.groupby(keys, sort=False) if keys else [((), df)]
+            for values, g in groups:
+                values = values if isinstance(values, tuple) else (values,)
+                ev.scalars(g, "step", col.name, col.tag.format(**dict(zip(keys, values))))
     if histograms:
-        k = block_kernels(params)
-        for step, g in (k.groupby("step") if not k.empty else []):
-            v = g["grad_norm"].to_numpy(dtype=float)
-            v = v[np.isfinite(v) & (v > 0)]
-            if len(v):
-                ev.add(step, histogram_pb("block_kernels/log10_grad_norm", np.log10(v)))
-        hist = tables.get("grad_hist", pd.DataFrame())
-        for block, g in (hist[hist["bin"] >= 0].groupby("block", sort=False) if not hist.empty else []):
-            ev.binned(g, f"grad_hist/{block}")
+        for cls in instruments.classes():
+            cls.tensorboard(tables, ev)
         if model is not None:
             last = int(history["step"].max()) if "step" in history and len(history) else 0
             for var in model.trainable_variables:

@@ -54,7 +54,7 @@ def _side(d_far: np.ndarray, d_edge: float, d_max: float) -> str:
 
 def activation_row(activation: str, **options: Any) -> dict[str, Any]:
     """One row of the activation table (see the module docstring)."""
-    from ablations.probe import SATURATION_FRACTION
+    from ablations.instruments.activation import SATURATION_FRACTION
 
     z = np.linspace(-Z_MAX, Z_MAX, Z_POINTS)
     _, d = derivative(activation, z, **options)

@@ -186,7 +186,7 @@ def make_tuner(exp: Experiment, root: Path, base: dict[str, Any], oracle: Any, *
                 else:
                     callbacks = [ui.arm_callback(arm)] if ui else []
                     if prune.vanishing_at_init:
-                        callbacks.append(PruneCallback(prune.check_steps, exp.diagnose.model_dump()))
+                        callbacks.append(pruning(prune.check_steps, exp.diagnose.model_dump()))
                     summary = run_arm(arm, arm_dir, index=int(trial.trial_id), callbacks=callbacks)
                 summaries.append(summary)
                 if ui:
@@ -552,21 +552,22 @@ def _run_final(exp: Experiment, root: Path, results: list[dict[str, Any]], ui: A
     return summaries
 
 
-def PruneCallback(check_steps: int, thresholds: dict[str, float]) -> Any:  # noqa: N802 - a Keras callback factory
-    """A Keras callback that stops an arm whose first ``check_steps`` captured steps show a vanishing verdict.
+def pruning(check_steps: int, thresholds: dict[str, float]) -> Callable[[Any], Any]:
+    """A factory ``fn(drain) -> keras callback`` (:func:`ablations.runner.run_arm` calls it with the probe's
+    drain) that stops an arm whose first ``check_steps`` captured steps show a vanishing verdict.
 
-    It drains the probe's buffer once (a single host read, after ``check_steps`` captures), judges the tables
-    with :func:`ablations.diagnose.verdicts` (``at_init=True``) and sets ``model.stop_reason``.
+    The callback drains the probe's buffer once (a single host read, after ``check_steps`` captures), judges
+    the tables with :func:`ablations.diagnose.verdicts` (``at_init=True``) and sets its ``stop_reason``.
     """
     import keras
 
     from ablations.diagnose import verdicts
 
-    class _Prune(keras.callbacks.Callback):
-        def __init__(self) -> None:
+    class Prune(keras.callbacks.Callback):
+        def __init__(self, drain: Any) -> None:
             super().__init__()
-            self.done = False
-            self.epoch = 0
+            self.drain, self.done, self.epoch = drain, False, 0
+            self.stop_reason: str | None = None
 
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
             self.epoch = epoch
@@ -576,18 +577,15 @@ def PruneCallback(check_steps: int, thresholds: dict[str, float]) -> Any:  # noq
             if self.done or steps < check_steps * getattr(self.model, "every", 1):
                 return
             self.done = True
-            drain = getattr(self.model, "drain_callback", None)
-            if drain is None:
-                return
-            drain.drain()
-            tables = drain.tables(self.model)
+            self.drain.drain()
+            tables = self.drain.tables(self.model)
             found = [v for v in verdicts(tables["params"], tables["blocks"], tables["history"], thresholds,
                                          at_init=True) if v["kind"] == "vanishing"]
             if found:
-                object.__setattr__(self.model, "stop_reason", f"vanishing at init: {found[0]['message']}")
+                self.stop_reason = f"vanishing at init: {found[0]['message']}"
                 self.model.stop_training = True
 
-    return _Prune()
+    return Prune
 
 
 def tuning_table(exp: Experiment, point: dict[str, Any], top: int = 10) -> Any:

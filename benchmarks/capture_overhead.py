@@ -80,8 +80,7 @@ def _models(case: Case, seed: int = 0):
     import keras
 
     import zoo
-    from ablations.probe import ProbedModel
-    from ablations.recorder import DrainCallback, ring_capacity
+    from ablations.probe import DrainCallback, ProbedModel, ring_capacity
 
     def net():
         keras.utils.set_random_seed(seed)
@@ -114,8 +113,9 @@ def _analytic_memory(plain, probed) -> float:
     base = sum(int(np.prod(v.shape)) * 4 for v in plain.weights) + \
         sum(int(np.prod(v.shape)) * 4 for v in plain.optimizer.variables)
     ring = probed.ring
-    extra = sum(int(np.prod(t.shape)) * 4 for t in (ring.scalars, ring.params, ring.blocks)) + ring.steps.shape[0] * 8
-    if probed.capture_updates:
+    extra = sum(int(np.prod(t.shape)) * 4 for t in ring.values.values()) + \
+        sum(int(s.shape[0]) * 8 for s in ring.steps.values())
+    if any("pre_update_weights" in i.needs for i in probed.instruments):
         extra += sum(int(np.prod(v.shape)) * 4 for v in probed.trainable_variables)  # pre-update copy
     return (base + extra) / base
 

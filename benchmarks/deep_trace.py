@@ -26,8 +26,7 @@ def run(kind: str, depth: int, width: int, steps: int) -> tuple[float, float]:
     import tensorflow as tf
 
     import zoo
-    from ablations.probe import ProbedModel
-    from ablations.recorder import DrainCallback
+    from ablations.probe import DrainCallback, ProbedModel
 
     rng = np.random.default_rng(0)
     x, y = rng.uniform(size=(64, 8, 8, 1)).astype("float32"), np.arange(64) % 10

@@ -68,45 +68,57 @@ def profile(case_name: str, steps: int, top: int) -> None:
 
 
 def groups(reps: int = 7) -> None:
-    """CPU time of each statistic group alone, against the plain train step of the benchmark MLP."""
+    """CPU time of each instrument alone (its in-graph compute and reductions through its own Reducer, on
+    tensors of a real step), against the plain train step of the benchmark MLP."""
     import keras
     import numpy as np
     import tensorflow as tf
 
     import zoo
-    from ablations import statistics as st
-    from ablations.probe import make_spec
+    from ablations.instruments.base import Reducer, StepContext
+    from ablations.probe import ProbedModel
 
     net = zoo.build("plain_mlp", input_shape=(8, 8, 1), num_outputs=10, depth=20, width=256)
     for v in net.trainable_variables:  # trained-like biases: all-zero tensors would take the underflow rescue
         if len(v.shape) == 1:
             v.assign(0.01 * np.random.RandomState(0).normal(size=v.shape))
-    spec = make_spec(net)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    opt = keras.optimizers.SGD(0.01, momentum=0.9)
+    model = ProbedModel(net, capture={"histograms": True})
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
+    model.optimizer.build(model.trainable_variables)
     x = tf.random.normal([64, 8, 8, 1])
     y = tf.zeros([64], tf.int32)
-    taps = spec.split(list(spec.tap_model(x)[1:]))
-    pre = [tf.random.normal(t.shape) for t in taps["pre"]]
-    empty = {k: [] for k in taps}
+    outs = model.tap_model(x, training=True)
+    taps, k = {}, 1
+    for name, n in model.tap_groups.items():
+        taps[name], k = [tf.identity(t) for t in outs[k:k + n]], k + n
     variables = net.trainable_variables
     grads = [tf.random.normal(v.shape) for v in variables]
     old = [tf.identity(v) for v in variables]
     new = [o - 1e-3 * g for o, g in zip(old, grads)]  # a real step's change: all-zero updates take the rescue
-    opt = keras.optimizers.SGD(0.01, momentum=0.9)
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    tap_grads = {name: [tf.random.normal(t.shape) for t in ts] for name, ts in taps.items()}
+
+    def alone(inst):
+        def run():
+            ctx = StepContext(spec=model.spec, model=model, x=x, y=y, sample_weight=None, step=tf.constant(0, tf.int64),
+                              loss=tf.constant(1.0), variables=old, grads=grads, taps=taps, tap_grads=tap_grads,
+                              scale=None, old_weights=old, off=None)
+            red = Reducer()
+            fin = inst.compute(ctx, red)
+            ctx.variables = new
+            inst.after_update(ctx, red)
+            r = red.finish()
+            out = fin(r) if fin is not None else {}
+            return tf.nest.flatten(out if not isinstance(out, dict) else [v for _, v in out.values()])
+        return run
 
     def step():
         with tf.GradientTape() as tape:
             value = loss(y, net(x, training=True))
         opt.apply_gradients(zip(tape.gradient(value, variables), variables))
 
-    fns = {
-        "plain train step": step,
-        "gradient norms": lambda: st.param_statistics(grads),
-        "+ weight and update norms": lambda: st.param_statistics(grads, old, new),
-        "dL/dz norms": lambda: st.block_statistics(spec, pre, empty),
-        "activation statistics": lambda: st.block_statistics(spec, [], {**empty, "act_in": taps["act_in"]}),
-        "gradient histograms": lambda: st.gradient_histograms(grads, spec.hist_groups(), len(spec.blocks)),
-    }
+    fns = {"plain train step": step, **{f"instrument {i.name}": alone(i) for i in model.in_graph}}
     fns = {k: tf.function(f) for k, f in fns.items()}
     for f in fns.values():
         f()

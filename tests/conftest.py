@@ -26,11 +26,10 @@ def quickstart() -> Path:
 @pytest.fixture
 def no_op_determinism():
     """Off for the test: Keras silently drops jit_compile while TF op determinism is on (earlier arms turn it on)."""
-    from tensorflow.python.framework import config
-
+    from ablations.compat import op_determinism_enabled
     from ablations.strategy import set_op_determinism
 
-    was = config.is_op_determinism_enabled()
+    was = op_determinism_enabled()
     set_op_determinism(False)
     yield
     set_op_determinism(was)

@@ -13,8 +13,7 @@ import tensorflow as tf
 import zoo
 from ablations import measure
 from ablations.diagnose import block_ranges, decay_rates, verdicts
-from ablations.probe import ProbedModel
-from ablations.recorder import DrainCallback
+from ablations.probe import DrainCallback, ProbedModel
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -166,8 +165,8 @@ def test_jit_and_steps_per_execution_match_plain_capture(jit: bool, spe: int, no
 def test_ring_buffer_is_bounded_by_the_drain_interval() -> None:
     (_, drain) = _probe_run(False, 1, 1)
     # 16 captures through a 32-slot buffer drained every 4 steps: nothing lost, memory fixed at creation.
-    assert drain.lost == 0 and sum(len(s) for s in drain.steps) == 16
-    from ablations.recorder import ring_capacity
+    assert drain.lost == 0 and sum(len(s) for s in drain.steps[1]) == 16
+    from ablations.probe import ring_capacity
 
     assert ring_capacity(1, 256, 10_000, 1) == ring_capacity(1, 256, 1_000_000, 1)
     assert math.isfinite(ring_capacity(16, 256, 22, 16))

@@ -17,8 +17,10 @@ import tensorflow as tf
 
 import ablations
 import zoo
-from ablations.probe import SATURATION_FRACTION, ProbedModel
-from ablations.recorder import DrainCallback, ring_capacity
+from ablations import instruments
+from ablations.instruments.activation import SATURATION_FRACTION, max_derivative
+from ablations.instruments.kernels import norms
+from ablations.probe import DrainCallback, ProbedModel, ring_capacity
 
 INPUT_SHAPE = (8, 8, 1)
 N_OUT = 10
@@ -29,6 +31,7 @@ PARAM_COLUMNS = ["step", "epoch", "depth", "block", "layer", "param", "role", "s
 BLOCK_COLUMNS = ["step", "epoch", "depth", "block", "act_grad_norm", "act_mean", "act_std", "act_saturation",
                  "act_dead", "branch_ratio", "gate_mean", "alpha", "active"]
 HISTORY_COLUMNS = ["step", "epoch", "loss", "global_grad_norm", "lr", "grad_decay_rate"]
+BLOCK_STATS = BLOCK_COLUMNS[4:]
 
 
 # ------------------------------------------------------------------------------------------ reference
@@ -146,7 +149,7 @@ def test_measure_matches_independent_computation(arch, activation, depth, dtype,
     ref = reference(arch, activation, depth, dense_weights(model), x, y)
 
     assert list(df.columns) == ["depth", "block", "layer", "param", "role", "size", "grad_norm", "weight_norm",
-                                "update_norm", "update_ratio", *ablations.probe.BLOCK_STATS]
+                                "update_norm", "update_ratio", *BLOCK_STATS]
     assert len(df) == len(model.trainable_variables) == len(ref["grads"])
     assert df["update_norm"].isna().all() and df["update_ratio"].isna().all()
     assert_close(df.attrs["loss"], ref["loss"], what="loss")
@@ -163,7 +166,7 @@ def test_measure_matches_independent_computation(arch, activation, depth, dtype,
             for stat, want in ref["blocks"][d].items():
                 assert_close(getattr(row, stat), want, what=f"{stat} of block {d} ({row.layer})")
         else:
-            assert all(math.isnan(getattr(row, s)) for s in ablations.probe.BLOCK_STATS)
+            assert all(math.isnan(getattr(row, s)) for s in BLOCK_STATS)
     # Kernels and biases are both present for every Dense layer.
     assert set(df["param"]) == {"kernel", "bias"}
     assert (df["param"] == "bias").sum() == (df["param"] == "kernel").sum()
@@ -193,12 +196,12 @@ def test_vanishing_norms_do_not_underflow_to_zero():
         np.testing.assert_allclose(row.grad_norm, np.linalg.norm(ref["grads"][(row.layer, row.param)]),
                                    rtol=1e-4, atol=0, err_msg=f"trained grad_norm {row.layer}/{row.param}")
     tiny = [1e-30 * np.arange(1.0, 7.0).reshape(2, 3), np.zeros(4), 1e-3 * np.ones(5)]
-    got = ablations.probe.param_statistics([tf.constant(t, tf.float32) for t in tiny]).numpy()[:, 0]
+    got = norms([tf.constant(t, tf.float32) for t in tiny]).numpy()
     np.testing.assert_allclose(got, [np.linalg.norm(t) for t in tiny], rtol=1e-6)
     # In a graph (the train step) the rescue is a functional If: same numbers, and no Switch nodes.
-    fn = tf.function(lambda ts: ablations.probe.param_statistics(ts))
+    fn = tf.function(lambda ts: norms(ts))
     args = [tf.constant(t, tf.float32) for t in tiny]
-    np.testing.assert_allclose(fn(args).numpy()[:, 0], [np.linalg.norm(t) for t in tiny], rtol=1e-6)
+    np.testing.assert_allclose(fn(args).numpy(), [np.linalg.norm(t) for t in tiny], rtol=1e-6)
     graph = fn.get_concrete_function(args).graph
     ifs = [op for op in graph.get_operations() if op.type in ("If", "StatelessIf")]
     assert ifs and all(not op.get_attr("_lower_using_switch_merge") for op in ifs)
@@ -207,8 +210,6 @@ def test_vanishing_norms_do_not_underflow_to_zero():
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_rescued_norms_are_exact_across_float32s_range(dtype):
     """Every scale a vanishing or exploding gradient can take, big and small tensors, against float64 NumPy."""
-    from ablations.statistics import norms
-
     rng = np.random.default_rng(3)
     # |entries| >= 0.1 * scale: TensorFlow's CPU kernels flush subnormals (< 1.2e-38) to zero, in the
     # train step as everywhere else, so the smallest tensor stays just above that.
@@ -446,7 +447,9 @@ def test_capture_groups_that_are_off_stay_nan(params, updates, activations):
         assert p[["weight_norm", "update_norm", "update_ratio"]].isna().all().all()
     else:  # `updates` needs `params`
         assert p[["grad_norm", "weight_norm", "update_norm"]].isna().all().all()
-        assert not model.capture_updates
+        assert "param_norms" not in [i.name for i in model.instruments]
+    # No pre-update copy of the weights unless an instrument needs it.
+    assert any("pre_update_weights" in i.needs for i in model.instruments) == (params and updates)
     b = t["blocks"].set_index("depth")
     if activations:
         for i in range(depth):
@@ -529,7 +532,7 @@ def test_stochastic_depth_active_fraction_matches_the_layers(mode):
 def test_gradient_histograms_match_numpy_on_the_reference_gradients(jit, no_op_determinism):
     import warnings
 
-    from ablations.statistics import HIST_BINS, HIST_EXP_LO, HIST_RANGE
+    from ablations.instruments.grad_hist import HIST_BINS, HIST_EXP_LO, HIST_RANGE
 
     depth = 3
     net = build("plain_mlp", "relu", depth=depth, width=8, bias_init_std=0.1)
@@ -704,7 +707,7 @@ def test_rows_after_divergence_are_dropped():
     model, drain, _ = fit_probed(net, keras.optimizers.SGD(learning_rate=0.1), x, y, drain_every=256,
                                  record=False)
     assert int(model.optimizer.iterations.numpy()) == 5
-    assert np.concatenate(drain.steps).tolist() == [0, 1, 2, 3, 4]
+    assert np.concatenate(drain.steps[model.every]).tolist() == [0, 1, 2, 3, 4]
     assert drain.diverged_at == 2 and model.stop_training is True
     t = drain.tables(model)
     assert t["history"]["step"].tolist() == [0, 1, 2]
@@ -736,18 +739,22 @@ def test_ring_capacity_holds_a_drain_window():
 def test_max_derivative_of_activation_layers():
     from zoo.activations import make_activation
 
-    assert ablations.probe.max_derivative(make_activation("sigmoid", "s", "float64")) == pytest.approx(0.25)
-    assert ablations.probe.max_derivative(make_activation("tanh", "t", "float64")) == pytest.approx(1.0)
-    assert ablations.probe.max_derivative(make_activation("relu", "r")) == pytest.approx(1.0)
-    assert ablations.probe.max_derivative(
+    assert max_derivative(make_activation("sigmoid", "s", "float64")) == pytest.approx(0.25)
+    assert max_derivative(make_activation("tanh", "t", "float64")) == pytest.approx(1.0)
+    assert max_derivative(make_activation("relu", "r")) == pytest.approx(1.0)
+    assert max_derivative(
         make_activation("leaky_relu", "l", negative_slope=0.3)) == pytest.approx(1.0)
 
 
 def test_blocks_off_by_design_skip_the_underflow_rescue():
     """A dropped stochastic-depth branch and a ReZero block at alpha = 0 have exact-zero gradients by design:
     they are marked so their zeros do not send every tensor through the (slower) rescaled norms."""
+    from ablations.instruments.base import StepContext
+    from ablations.instruments.block_scalars import off_mask as off_blocks
     from ablations.probe import make_spec
-    from ablations.statistics import norms, off_blocks, param_skip
+
+    def param_skip(spec, off):
+        return StepContext(spec=spec, off=off).param_skip()
 
     net = zoo.build("rezero_mlp", input_shape=INPUT_SHAPE, num_outputs=N_OUT, depth=3, width=8)
     spec = make_spec(net)

@@ -276,7 +276,7 @@ def test_plan_moves_an_axis_to_columns_when_colours_run_out() -> None:
                  for d in grid["model.depth"] for a in grid["model.activation"] for w in grid["model.width"]]
     empty = pd.DataFrame()
     run = RunData(root=Path("."), experiment={"grid": grid}, experiment_yaml="", summaries=summaries,
-                  history=empty, epochs=empty, params=empty, blocks=empty, axes=list(grid))
+                  tables={}, axes=list(grid))
     plan = plan_for(run)
     assert plan.row == "model.depth" and plan.row_order == [2, 4]
     assert plan.col == "model.width" and plan.col_order == ["width=8", "width=16"]
@@ -296,8 +296,7 @@ def test_comparison_fills_an_axis_the_other_run_pinned() -> None:
         blocks = pd.DataFrame([{"arm_id": f"a{i}", "seed": 0, "step": 0, "depth": 0, **{k: (json.dumps(x) if
                                isinstance(x, dict) else x) for k, x in v.items()}} for i, v in enumerate(values)])
         return RunData(root=Path(name), experiment={"name": name}, experiment_yaml="", summaries=summaries,
-                       history=pd.DataFrame(), epochs=pd.DataFrame(), params=pd.DataFrame(), blocks=blocks,
-                       axes=axes, arm_configs={f"a{i}": c for i, c in enumerate(configs)})
+                       tables={"blocks": blocks}, axes=axes, arm_configs={f"a{i}": c for i, c in enumerate(configs)})
 
     a = run("A", [{"model": {"arch": "plain_mlp"}, "model.depth": 4},
                   {"model": {"arch": "resnet_mlp", "branch_scale": 0.5}, "model.depth": 8}],

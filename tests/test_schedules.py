@@ -11,7 +11,7 @@ from ablations.config import ConfigError, OptimizerConfig, ScheduleConfig, parse
 
 
 def rates(cfg: OptimizerConfig, total: int, steps: list[int]) -> list[float]:
-    from ablations.training import make_optimizer
+    from ablations.factories import make_optimizer
 
     opt = make_optimizer(cfg, total_steps=total)
     lr = opt._learning_rate  # the schedule object (or a constant)
@@ -53,7 +53,7 @@ def test_linear_warmup_then_schedule():
 def test_warmup_schedule_serialises():
     import keras
 
-    from ablations.training import LinearWarmup
+    from ablations.factories import LinearWarmup
 
     sched = LinearWarmup(keras.optimizers.schedules.CosineDecay(0.1, 50), 0.1, 5)
     again = LinearWarmup.from_config(sched.get_config())
@@ -71,7 +71,7 @@ def test_bad_schedules_fail_clearly():
     exp = parse_experiment({"name": "x", "grid": {"train.optimizer.schedule": ["constant", "cosine"]}})
     assert [a.config.train.optimizer.schedule.name for a in exp.arms()] == ["constant", "cosine"]
     assert [a.id for a in exp.arms()] == ["schedule=constant,seed=0", "schedule=cosine,seed=0"]
-    from ablations.training import make_schedule
+    from ablations.factories import make_schedule
 
     with pytest.raises(ValueError, match="needs the run's total number of steps"):
         make_schedule(ScheduleConfig(name="step"), 0.1, None)

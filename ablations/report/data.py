@@ -18,7 +18,11 @@ import yaml
 
 from ablations import store
 
-TABLES = ("history", "epochs", "params", "blocks", "time_grads", "grad_hist")  # the last two: when recorded
+from ablations import instruments
+
+# Every table a run folder may hold: Keras' per-epoch history plus every instrument's table (instruments that
+# are off or do not apply leave theirs out; the figures then draw nothing from it).
+TABLES = tuple(dict.fromkeys(["history", "epochs", *instruments.tables()]))
 RUN_AXIS = "run"  # the extra axis of a comparison of several runs
 
 
@@ -30,13 +34,8 @@ class RunData:
     experiment: dict[str, Any]
     experiment_yaml: str
     summaries: list[dict[str, Any]]
-    history: pd.DataFrame
-    epochs: pd.DataFrame
-    params: pd.DataFrame
-    blocks: pd.DataFrame
+    tables: dict[str, pd.DataFrame]  # table name (TABLES) -> every arm's rows; empty when no arm has it
     axes: list[str]  # grid keys that take more than one value (seeds excluded)
-    time_grads: pd.DataFrame = dataclasses.field(default_factory=pd.DataFrame)  # step, layer, t, act_grad_norm
-    grad_hist: pd.DataFrame = dataclasses.field(default_factory=pd.DataFrame)  # step, depth, bin, count, fraction
     arm_configs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # arm_id -> arm.yaml
     errors: dict[str, str] = dataclasses.field(default_factory=dict)  # arm_id -> error.txt of failed arms
     sources: list[Path] = dataclasses.field(default_factory=list)  # run folders (several for a comparison)
@@ -46,7 +45,12 @@ class RunData:
         return self.experiment.get("name", self.root.name)
 
     def table(self, name: str) -> pd.DataFrame:
-        return getattr(self, name)
+        return self.tables.get(name, pd.DataFrame())
+
+    def __getattr__(self, name: str) -> pd.DataFrame:  # run.params, run.blocks, run.gates, ...
+        if name in TABLES:
+            return self.__dict__.get("tables", {}).get(name, pd.DataFrame())
+        raise AttributeError(name)
 
     def arm_config(self, arm_id: str) -> dict[str, Any]:
         return self.arm_configs.get(arm_id, {})
@@ -95,9 +99,8 @@ def load_run(root: Path) -> RunData:
     for df in tables.values():
         if not df.empty:
             df["arm_order"] = df["arm_id"].map(order)
-    return RunData(root=root, experiment=exp, experiment_yaml=text, summaries=summaries,
-                   axes=_varying(exp.get("grid") or {}), arm_configs=configs, errors=errors, sources=[root],
-                   **tables)
+    return RunData(root=root, experiment=exp, experiment_yaml=text, summaries=summaries, tables=tables,
+                   axes=_varying(exp.get("grid") or {}), arm_configs=configs, errors=errors, sources=[root])
 
 
 def merge_runs(runs: list[RunData]) -> RunData:
@@ -141,8 +144,8 @@ def merge_runs(runs: list[RunData]) -> RunData:
     yaml_text = "\n".join(f"# ---- {name} ({r.root})\n{r.experiment_yaml}" for name, r in zip(names, runs))
     descriptions = [f"{name}: {r.experiment.get('description', '')}".strip() for name, r in zip(names, runs)]
     return RunData(root=runs[0].root, experiment={"name": title, "description": "\n".join(descriptions)},
-                   experiment_yaml=yaml_text, summaries=summaries, axes=axes, arm_configs=configs,
-                   errors=errors, sources=[r.root for r in runs], **tables)
+                   experiment_yaml=yaml_text, summaries=summaries, tables=tables, axes=axes, arm_configs=configs,
+                   errors=errors, sources=[r.root for r in runs])
 
 
 def _lookup(cfg: dict[str, Any], dotted: str) -> Any:

@@ -13,17 +13,15 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from ablations import store
 from ablations.report.data import RunData
 from ablations.report.plotting import Figure, Plan, save
 
 
 def _gates(run: RunData, plan: Plan) -> pd.DataFrame:
-    frames = [store.load_table(src, "gates") for src in run.sources]
-    frames = [f for f in frames if not f.empty]
-    if not frames:
-        return pd.DataFrame()
-    df = pd.concat(frames, ignore_index=True)
+    df = run.table("gates")
+    if df.empty:
+        return df
+    df = df.copy()
     df["arm"] = df["arm_id"].map(plan.labels).fillna(df["arm_id"])
     return df
 

@@ -9,35 +9,27 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from ablations.diagnose import block_kernels, decay_rates
 from ablations.report.data import RunData
 
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
-def decay_rate(params_at_step: pd.DataFrame) -> float:
-    """Least-squares slope of log10(block kernel-gradient norm) against block depth, for one step's rows.
-
-    Decades per block; positive when the gradient shrinks toward the input. NaN with fewer than 2 blocks.
-    """
-    rates = decay_rates(params_at_step)
-    return float(rates.iloc[0]) if len(rates) else math.nan
-
-
 def arm_decay(run: RunData) -> pd.DataFrame:
-    """Decay rate of every arm at its first (``decay_init``) and last (``decay_end``) captured step."""
-    k = block_kernels(run.params)
-    if k.empty:
-        return pd.DataFrame(columns=["arm_id", "decay_init", "decay_end"])
-    first = k.groupby("arm_id")["step"].transform("min")
-    last = k.groupby("arm_id")["step"].transform("max")
-    k = k[(k["step"] == first) | (k["step"] == last)]
-    rows = []
-    for arm, g in k.groupby("arm_id", sort=False):
-        rates = decay_rates(g)
-        rows.append({"arm_id": arm, "decay_init": float(rates.iloc[0]) if len(rates) else math.nan,
-                     "decay_end": float(rates.iloc[-1]) if len(rates) else math.nan})
-    return pd.DataFrame(rows)
+    """Decay rate of every arm at its first (``decay_init``) and last (``decay_end``) captured step.
+
+    Read from the summaries (``decay_rate_init/final``, computed once by the ``param_norms`` instrument from
+    ``history.grad_decay_rate``, switched-off blocks left out), never recomputed here.
+    """
+    rows = [{"arm_id": s["arm_id"], "decay_init": _num(s.get("decay_rate_init")), "decay_end": _num(s.get("decay_rate_final"))}
+            for s in run.summaries]
+    return pd.DataFrame(rows, columns=["arm_id", "decay_init", "decay_end"])
+
+
+def _num(x: Any) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def mean_ci(values: Iterable[Any], level: float = 0.95) -> dict[str, float | int | None]:

@@ -1,4 +1,4 @@
-"""Keras objects from config sections: optimizers (with clipping), losses, strategies."""
+"""Keras objects from config sections: learning-rate schedules, optimizers (with clipping), losses."""
 
 from __future__ import annotations
 
@@ -94,10 +94,3 @@ def make_loss(name: str, task: str) -> tuple[keras.losses.Loss, list[Any]]:
     if name == "sparse_categorical_crossentropy":
         return keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"]
     return keras.losses.MeanSquaredError(), []
-
-
-def make_strategy(cfg: Any) -> tf.distribute.Strategy:
-    """The tf.distribute strategy for :class:`~ablations.config.RuntimeConfig`; see :mod:`ablations.strategy`."""
-    from ablations.strategy import make_strategy as _make
-
-    return _make(cfg)

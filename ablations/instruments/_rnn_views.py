@@ -1,7 +1,8 @@
-"""Gradients through time and gate statistics for the zoo's recurrent models.
+"""Keras views of the zoo's recurrent models: the through-time probe and the gate reader.
 
 Pascanu, Mikolov & Bengio 2013 (gradients through time vanish or explode with the recurrent Jacobians);
-Hochreiter & Schmidhuber 1997; Gers et al. 2000 (forget gate).
+Hochreiter & Schmidhuber 1997; Gers et al. 2000 (forget gate). Used by the ``time_grads`` and ``rnn_gates``
+instruments; a private module (it defines Keras layers, so importing it imports Keras).
 
 **Through-time gradients.** For every recurrent layer ``l`` (``block_<l>_rnn``) and every step ``t`` we want
 the total derivative dL/dh_t: through the output at t *and* through every later state. The trick: a view of
@@ -10,14 +11,6 @@ the model in which each recurrent layer runs ``keras.layers.RNN(ProbeCell(cell))
 which is both the step's output and the state carried to t + 1. Feeding eps = 0 leaves the forward pass
 unchanged, and dL/d eps_t = dL/dh_t exactly (tests/test_rnn.py checks it against an explicitly unrolled
 loop). The fused ``keras.layers.LSTM`` (cuDNN on GPU) cannot be probed; the view always runs the cell.
-
-    probe = time_probe_view(model)                  # once per model; shares the model's weights
-    fn = make_time_grad_fn(probe, loss)              # a tf.function
-    loss_value, norms = fn(x, y)                     # norms: [n_layers, T] float32
-
-``norms[l, t]`` is the batch-global ||dL/dh_t||: sqrt of the sum over the batch and the units of
-(dL/dh_t)^2, for the batch-mean loss (the same loss the probe differentiates). To store it as
-``time_grads.parquet`` use :func:`time_grads_frame` (columns ``step, layer, t, act_grad_norm``).
 
 **Gate statistics.** :func:`gate_statistics` runs the recurrent layers on a batch (inference mode) and returns,
 per layer and gate (LSTM: input, forget, output; GRU: update, reset), the mean gate value and the fraction of
@@ -38,6 +31,7 @@ import pandas as pd
 import tensorflow as tf
 
 import zoo
+from ablations import compat
 
 SATURATED_LOW, SATURATED_HIGH = 0.05, 0.95
 GATE_NAMES = {"LSTMCell": ("input", "forget", "output"), "GRUCell": ("update", "reset")}
@@ -83,6 +77,10 @@ class _WrappedCell(keras.layers.Layer):
         if not self.cell.built:
             self.cell.build((input_shape[0], self.in_dim))
         self.built = True
+
+    def inner_cell_and_input(self, sequence: Any) -> tuple[Any, Any]:
+        """The wrapped cell and its part of the input sequence (for its dropout masks)."""
+        return self.cell, sequence[..., : self.in_dim]
 
     def _step(self, inputs: Any, states: Any, training: bool) -> tuple[Any, Any, list[Any]]:
         x = inputs[..., : self.in_dim]
@@ -139,16 +137,8 @@ def cell_gates(cell: keras.layers.Layer, x: Any, h_prev: Any) -> list[Any]:
     raise ValueError(f"gate statistics need an LSTM or GRU cell, got {name}")
 
 
-class _WrappedRNN(keras.layers.RNN):
-    """An RNN over a wrapper cell that prepares/clears the *inner* cell's dropout masks, as Keras does."""
-
-    def _maybe_config_dropout_masks(self, cell: Any, input_sequence: Any, input_state: Any) -> None:
-        if isinstance(cell, _WrappedCell):
-            cell, input_sequence = cell.cell, input_sequence[..., : cell.in_dim]
-        super()._maybe_config_dropout_masks(cell, input_sequence, input_state)
-
-    def _maybe_reset_dropout_masks(self, cell: Any) -> None:
-        super()._maybe_reset_dropout_masks(cell.cell if isinstance(cell, _WrappedCell) else cell)
+# An RNN over a wrapper cell that prepares/clears the *inner* cell's dropout masks, as Keras does.
+_WrappedRNN = compat.wrapped_rnn_base()
 
 
 @dataclasses.dataclass
@@ -207,33 +197,6 @@ def time_grads(probe: TimeProbe, x: Any, y: Any, loss_fn: Callable[[Any, Any], A
         y_pred = probe.view([x, *eps], training=training)
         loss = tf.reduce_mean(loss_fn(y, y_pred))
     return loss, tape.gradient(loss, eps)
-
-
-def time_grad_norms(probe: TimeProbe, x: Any, y: Any, loss_fn: Callable[[Any, Any], Any],
-                    training: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
-    """Returns (loss, norms [n_layers, T] float32): batch-global ||dL/dh_t|| of every recurrent layer."""
-    loss, grads = time_grads(probe, x, y, loss_fn, training)
-    norms = [tf.sqrt(tf.reduce_sum(tf.square(tf.cast(g, tf.float32)), axis=[0, 2])) for g in grads]
-    return loss, tf.stack(norms)
-
-
-def make_time_grad_fn(probe: TimeProbe, loss_fn: Callable[[Any, Any], Any], training: bool = False,
-                      jit_compile: bool = False) -> Callable[[Any, Any], tuple[tf.Tensor, tf.Tensor]]:
-    """A compiled ``fn(x, y) -> (loss, norms [n_layers, T])`` (see :func:`time_grad_norms`)."""
-    return tf.function(lambda x, y: time_grad_norms(probe, x, y, loss_fn, training), jit_compile=jit_compile)
-
-
-def time_grads_frame(norms: Any, names: list[str], step: int = 0) -> pd.DataFrame:
-    """Long table of one capture: ``step, layer, depth, t, act_grad_norm`` (the ``time_grads.parquet`` rows)."""
-    norms = np.asarray(norms)
-    n_layers, length = norms.shape
-    return pd.DataFrame({
-        "step": np.full(n_layers * length, step, np.int64),
-        "layer": np.repeat(names, length),
-        "depth": np.repeat([zoo.parse_layer_name(n)[0] for n in names], length),
-        "t": np.tile(np.arange(length), n_layers),
-        "act_grad_norm": norms.reshape(-1),
-    })
 
 
 # ----------------------------------------------------------------------------------------- gate statistics

@@ -1,0 +1,125 @@
+"""Activation statistics per block (``blocks.act_mean/std/saturation/dead``).
+
+Glorot & Bengio 2010 (saturated sigmoid units stop the gradient); the dead-unit count follows the ReLU
+literature. A unit is *saturated* where its activation derivative is below 5% of the activation's maximum
+derivative (e.g. sigmoid' < 0.0125), *dead* when its derivative is zero for every example of the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ablations.instruments.base import Column, Finish, Instrument, Reducer, StepContext, tf
+
+# The definition the report and the verdicts use.
+SATURATION_FRACTION = 0.05
+
+
+def max_derivative(act_layer: Any) -> float:
+    """Largest derivative of an element-wise activation layer, found numerically on [-20, 20].
+
+    Layers with weights (PReLU: one slope per unit) take their input's shape: every unit sees the range.
+    """
+    z = np.linspace(-20.0, 20.0, 40001)
+    if act_layer.weights:
+        features = tuple(act_layer.input.shape[1:])
+        n = int(np.clip(4_000_000 // max(1, int(np.prod(features))), 101, 40001))
+        z = np.broadcast_to(np.linspace(-20.0, 20.0, n).reshape(n, *([1] * len(features))), (n, *features))
+    z = tf.constant(z, dtype=act_layer.compute_dtype)
+    with tf.GradientTape() as tape:
+        tape.watch(z)
+        a = act_layer(z)
+    d = tape.gradient(a, z)
+    return float(tf.reduce_max(tf.abs(d))) if d is not None else 0.0
+
+
+def _signature(layer: Any) -> Any:
+    """Activation layers with equal signatures compute the same function (stateless, same config)."""
+    if layer.weights:
+        return id(layer)  # e.g. PReLU: its own slopes
+    cfg = {k: v for k, v in layer.get_config().items() if k not in ("name", "trainable")}
+    return (type(layer).__name__, repr(sorted(cfg.items(), key=lambda kv: kv[0])))
+
+
+def _groups(tensors: list[Any], key: Any) -> list[list[int]]:
+    """Indices of tensors grouped by (static non-batch shape, dtype, key): each group is stacked once."""
+    out: dict[Any, list[int]] = {}
+    for i, t in enumerate(tensors):
+        out.setdefault((tuple(t.shape[1:]), t.dtype, key(i)), []).append(i)
+    return list(out.values())
+
+
+class ActivationStats(Instrument):
+    """Mean, std, saturated share and dead-unit share of each block's activation output, global batch.
+
+    Blocks whose activations share a shape and function are stacked and reduced together (on CPU the op
+    count, not the arithmetic, dominates); the activation is recomputed on its tapped input for its
+    derivative, before the update, so an activation with weights (PReLU) uses the forward pass's slopes.
+    """
+
+    name = "activation"
+    table = "blocks"
+    order = 30
+    columns = (
+        Column("act_mean", "mean of the block's activation output"),
+        Column("act_std", "standard deviation of the block's activation output"),
+        Column("act_saturation", "share of activation entries with derivative < 5% of its maximum",
+               "act_saturation/{block}"),
+        Column("act_dead", "share of units whose derivative is zero for the whole batch", "act_dead/{block}"),
+    )
+
+    def __init__(self, *args: Any, **kw: Any):
+        super().__init__(*args, **kw)
+        self.rows = [row for row, v in enumerate(self.spec.views) if v.act is not None and v.act_input is not None]
+        self.layers = [self.spec.views[r].act for r in self.rows]
+        self.thresholds = [SATURATION_FRACTION * max_derivative(layer) for layer in self.layers]
+
+    def applies(self) -> bool:
+        return bool(self.rows)
+
+    def taps(self) -> dict[str, list[Any]]:
+        return {"act_in": [self.spec.views[r].act_input for r in self.rows]}
+
+    def compute(self, ctx: StepContext, red: Reducer) -> Finish:
+        act_in = ctx.taps["act_in"]
+        parts = [self._group(act_in, idx, red) for idx in _groups(act_in, key=lambda i: _signature(self.layers[i]))]
+
+        def finish(r: Any) -> dict[str, Any]:
+            cols: dict[str, tuple[list[int], list[Any]]] = {c.name: ([], []) for c in self.columns}
+            for rows, fn in parts:
+                for name, values in fn(r).items():
+                    cols[name][0].extend(rows)
+                    cols[name][1].append(values)
+            return {name: (rows, tf.concat(vals, axis=0)) for name, (rows, vals) in cols.items() if rows}
+
+        return finish
+
+    def _group(self, act_in: list[Any], idx: list[int], red: Reducer) -> tuple[list[int], Any]:
+        layer, thr = self.layers[idx[0]], self.thresholds[idx[0]]
+        # One layer call on the stacked inputs; a layer alone in its group (PReLU: own weights and an input
+        # spec that rejects a leading stack axis) is called on its own input.
+        z = tf.stop_gradient(tf.stack([act_in[i] for i in idx]) if len(idx) > 1 else act_in[idx[0]])
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            a = layer(z)  # the block's activation output, recomputed: no second stacked copy of the taps
+        d = tf.abs(tf.cast(tape.gradient(a, z), tf.float32))
+        a = tf.cast(a, tf.float32)
+        if len(idx) == 1:
+            a, d = a[None], d[None]
+        ax = list(range(1, len(a.shape)))
+        n = tf.fill([len(idx)], tf.cast(tf.size(a) // len(idx), tf.float32))
+        alive = tf.reduce_sum(tf.cast(d > 0, tf.float32), axis=1)  # per unit: examples with a nonzero slope
+        h = [red.sums(t) for t in (tf.reduce_sum(a, ax), tf.reduce_sum(tf.square(a), ax), n,
+                                   tf.reduce_sum(tf.cast(d < thr, tf.float32), ax), alive)]
+        k = len(idx)
+
+        def fn(r: Any) -> dict[str, Any]:
+            s, ss, n, sat, alive = (r(x) for x in h)
+            mean = s / n
+            dead = tf.reduce_mean(tf.cast(tf.equal(tf.reshape(alive, [k, -1]), 0.0), tf.float32), axis=1)
+            return {"act_mean": mean, "act_std": tf.sqrt(tf.maximum(ss / n - tf.square(mean), 0.0)),
+                    "act_saturation": sat / n, "act_dead": dead}
+
+        return [self.rows[i] for i in idx], fn

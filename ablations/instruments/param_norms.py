@@ -1,0 +1,164 @@
+"""Per-tensor norms (``params.parquet``): gradient, weight, applied update, update/weight ratio; and the
+per-block weight-gradient series they define: first/last-block ratio and the gradient-decay rate.
+
+The update is the change the optimizer actually applied (clipping, momentum, Adam included): the weights
+after the update minus a copy taken before it. The decay rate (decades of kernel gradient lost per block,
+least squares over blocks) is computed here once, stored in ``history.grad_decay_rate`` and the summary, and
+read by the report and the verdicts (AUTOTRAINER-style ratio: Zhang et al. 2021).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ablations.instruments.base import Column, Finish, Instrument, Options, Reducer, StepContext, tf
+from ablations.instruments.block_scalars import drop_inactive
+
+
+class ParamOptions(Options):
+    # Weight and applied-update norms need a pre-update copy of the weights on captured steps (two more
+    # passes over them); off leaves weight_norm, update_norm and update_ratio NaN.
+    updates: bool = True
+
+
+class ParamNorms(Instrument):
+    """L2 norms of every trainable tensor's gradient, weight (before the update) and applied update."""
+
+    name = "param_norms"
+    table = "params"
+    order = 10
+    Opts = ParamOptions
+    columns = (
+        Column("grad_norm", "L2 norm of the tensor's global-batch gradient", "grad_norm/{layer}/{param}"),
+        Column("weight_norm", "L2 norm of the tensor before the update"),
+        Column("update_norm", "L2 norm of the change the optimizer applied"),
+    )
+    derived = (
+        ("params", Column("update_ratio", "update_norm / weight_norm (NaN for an all-zero tensor)",
+                          "update_ratio/{layer}/{param}")),
+        ("history", Column("grad_decay_rate", "least-squares slope of log10(block kernel-gradient norm) over "
+                                              "block depth, decades per block (positive: shrinks toward the input)")),
+    )
+    summary_keys = ("ratio_init", "ratio_final", "decay_rate_init", "decay_rate_final")
+
+    @property
+    def needs(self) -> frozenset:  # type: ignore[override]
+        return frozenset({"grads", "pre_update_weights"} if self.options.updates else {"grads"})
+
+    def compute(self, ctx: StepContext, red: Reducer) -> Finish:
+        grads = ctx.grad_norms(red)
+        weights = red.norms(ctx.old_weights) if self.options.updates else None
+        self._handles = (grads, weights)
+
+        def finish(r: Any) -> dict[str, Any]:
+            out = {"grad_norm": (None, r(grads))}
+            if weights is not None:
+                out["weight_norm"] = (None, r(weights))
+            if getattr(self, "_update", None) is not None:
+                out["update_norm"] = (None, r(self._update))
+            return out
+
+        return finish
+
+    def after_update(self, ctx: StepContext, red: Reducer) -> None:
+        self._update = None
+        if self.options.updates and ctx.old_weights is not None:
+            # Subtract in the variable's dtype, then cast: casting first would round float64 weights to float32
+            # and swamp a small update with the rounding error of the weights.
+            deltas = [tf.cast(v, o.dtype) - o for v, o in zip(ctx.variables, ctx.old_weights)]
+            self._update = red.norms(deltas, skip=ctx.param_skip())
+        return None
+
+    @classmethod
+    def derive(cls, tables: dict[str, pd.DataFrame]) -> None:
+        p = tables["params"]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # Undefined for an all-zero tensor (biases at init): NaN, not inf.
+            p["update_ratio"] = (p["update_norm"] / p["weight_norm"]).where(p["weight_norm"] > 0)
+        h = tables["history"]
+        rates = decay_rates(drop_inactive(p, tables.get("blocks")))
+        h["grad_decay_rate"] = h["step"].map(rates).astype(float)
+
+    @classmethod
+    def summarize(cls, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
+        return gradient_summary(tables["params"], tables.get("blocks"), tables.get("history"))
+
+
+    @classmethod
+    def tensorboard(cls, tables: dict[str, pd.DataFrame], events: Any) -> None:
+        """``block_kernels/log10_grad_norm``: the spread of block kernel-gradient norms across depth per step."""
+        from tensorboard.plugins.histogram.summary import histogram_pb
+
+        k = block_kernels(tables.get("params", pd.DataFrame()))
+        for step, g in (k.groupby("step") if not k.empty else []):
+            v = g["grad_norm"].to_numpy(dtype=float)
+            v = v[np.isfinite(v) & (v > 0)]
+            if len(v):
+                events.add(step, histogram_pb("block_kernels/log10_grad_norm", np.log10(v)))
+
+
+# ------------------------------------------------------------------------------ the per-block series
+
+
+def block_kernels(params: pd.DataFrame) -> pd.DataFrame:
+    """Rows of each block's first linear kernel, or its recurrent layer's input kernel (the per-block
+    weight-gradient series)."""
+    if params.empty:
+        return params
+    return params[(params["role"] == "block") & (params["param"] == "kernel")
+                  & ((params["layer"] == params["block"] + "_linear") | (params["layer"] == params["block"] + "_rnn"))]
+
+
+def decay_rates(params: pd.DataFrame) -> pd.Series:
+    """Gradient-decay rate per captured step (index: step), NaN where fewer than 2 finite blocks."""
+    k = block_kernels(params)
+    if k.empty:
+        return pd.Series(dtype=float)
+    k = k[np.isfinite(k["grad_norm"]) & (k["grad_norm"] > 0)]
+    out = {}
+    for step, g in k.groupby("step"):
+        if g["depth"].nunique() < 2:
+            out[step] = math.nan
+            continue
+        slope = np.polyfit(g["depth"].to_numpy(float), np.log10(g["grad_norm"].to_numpy(float)), 1)[0]
+        out[step] = float(slope)  # positive: the gradient shrinks toward the input (block 0)
+    return pd.Series(out, dtype=float).sort_index()
+
+
+def first_last_ratio(params: pd.DataFrame, step: int, depths: tuple[int, int] | None = None) -> float:
+    """Kernel gradient norm of the first block divided by that of the last block at ``step`` (NaN if n/a).
+
+    ``depths``: the model's first and last block; when either is missing at ``step`` (switched off, see
+    :func:`~ablations.instruments.block_scalars.drop_inactive`) the ratio is undefined, not that of others.
+    """
+    k = block_kernels(params)
+    k = k[k["step"] == step].sort_values("depth")
+    if len(k) < 2 or (depths is not None and (k["depth"].iloc[0], k["depth"].iloc[-1]) != depths):
+        return math.nan
+    first, last = float(k["grad_norm"].iloc[0]), float(k["grad_norm"].iloc[-1])
+    return first / last if last > 0 else math.nan
+
+
+def gradient_summary(params: pd.DataFrame, blocks: pd.DataFrame | None = None,
+                     history: pd.DataFrame | None = None) -> dict[str, Any]:
+    """First/last-block gradient ratios and decay rates at the first and last captured steps (switched-off
+    blocks left out). The decay rates are read from ``history.grad_decay_rate`` when it is given."""
+    k = block_kernels(params)
+    depths = (int(k["depth"].min()), int(k["depth"].max())) if not k.empty else None
+    steps = np.sort(params["step"].unique())  # the captured steps, switched-off blocks or not
+    params = drop_inactive(params, blocks)
+    if params.empty:
+        return {"ratio_init": math.nan, "ratio_final": math.nan, "decay_rate_init": math.nan,
+                "decay_rate_final": math.nan}
+    if history is not None and "grad_decay_rate" in history and len(history):
+        rates = history.set_index("step")["grad_decay_rate"].dropna().sort_index()
+    else:
+        rates = decay_rates(params)
+    return {"ratio_init": first_last_ratio(params, int(steps[0]), depths),
+            "ratio_final": first_last_ratio(params, int(steps[-1]), depths),
+            "decay_rate_init": float(rates.iloc[0]) if len(rates) else math.nan,
+            "decay_rate_final": float(rates.iloc[-1]) if len(rates) else math.nan}

@@ -1,0 +1,263 @@
+"""``ProbedModel``: a ``train_step`` that trains exactly like Keras' and lets the instruments measure it.
+
+One forward pass through a tap model (the net's outputs plus every tensor an enabled instrument asked for),
+one tape, one gradient call (weights and tapped tensors together); on captured steps each instrument's
+``compute`` runs before the optimizer update and ``after_update`` after it, all their reductions go through
+one :class:`~ablations.instruments.base.Reducer` (one norms pass, one all-reduce), and the results are
+written into the device ring buffer (:mod:`ablations.probe.ring`), drained by
+:class:`~ablations.probe.recorder.DrainCallback`. Steps that are not captured take the other branch of a
+``tf.cond`` and cost almost nothing, so ``capture.every: 16`` is cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ablations import compat, instruments
+from ablations.instruments.base import SHARED_TABLES, Instrument, Reducer, StepContext
+from ablations.instruments.block_scalars import off_mask
+from ablations.instruments.kernels import num_replicas, unlowered_cond
+from ablations.probe.ring import Ring
+from ablations.probe.spec import make_spec
+
+_LEGACY = ("every", "params", "updates", "activations", "histograms")
+
+
+def capture_dict(capture: Any = None, **legacy: Any) -> dict[str, Any]:
+    """A ``capture`` mapping from a CaptureConfig, a dict or None, with keyword switches applied on top."""
+    cap = capture.model_dump() if hasattr(capture, "model_dump") else dict(capture or {})
+    cap.update({k: v for k, v in legacy.items() if v is not None})
+    return cap
+
+
+def build_instruments(spec: Any, capture: dict[str, Any], time: bool = True) -> list[Instrument]:
+    """The enabled instruments that apply to the model of ``spec``."""
+    every = int(capture.get("every", 1))
+    out = []
+    for cls, opts in instruments.resolve(capture):
+        if cls.name == "time_grads" and not time:
+            continue
+        inst = cls(spec, opts, every=every)
+        if inst.applies():
+            out.append(inst)
+    return out
+
+
+def collect_taps(insts: list[Instrument]) -> dict[str, list[Any]]:
+    """Tap name -> tensors, the union over instruments (instruments asking for one name share its tensors)."""
+    taps: dict[str, list[Any]] = {}
+    for inst in insts:
+        for name, tensors in inst.taps().items():
+            if name in taps and [id(t) for t in taps[name]] != [id(t) for t in tensors]:
+                raise ValueError(f"instrument {inst.name} asks for tap '{name}' with other tensors than an earlier one")
+            taps.setdefault(name, list(tensors))
+    return taps
+
+
+class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
+    """Wraps a model; trains it exactly like Keras' own step and records the enabled instruments.
+
+    Args:
+        net: the functional model to train (saved as ``final.keras``; the wrapper is never saved).
+        capture: a ``capture`` section (:class:`~ablations.config.CaptureConfig` or its dict), or None for the
+            defaults. The keyword switches ``every``, ``params``, ``updates``, ``activations`` and
+            ``histograms`` override it (the config's aliases).
+        capacity: ring buffer slots (captures held on device between drains).
+        time: record gradients through time of recurrent models (the ``time_grads`` instrument).
+    """
+
+    def __init__(self, net: keras.Model, *, capture: Any = None, capacity: int = 64, time: bool = True,
+                 every: int | None = None, params: bool | None = None, updates: bool | None = None,
+                 activations: bool | None = None, histograms: bool | None = None, **kwargs: Any):
+        super().__init__(name=f"probed_{net.name}", **kwargs)
+        cap = capture_dict(capture, every=every, params=params, updates=updates, activations=activations,
+                           histograms=histograms)
+        spec = make_spec(net)
+        insts = build_instruments(spec, cap, time=time)
+        taps = collect_taps(insts)
+        self.every = int(cap.get("every", 1))
+        inputs = net.inputs[0] if len(net.inputs) == 1 else net.inputs  # same structure as the data
+        self.tap_model = keras.Model(inputs, [net.outputs[0], *[t for ts in taps.values() for t in ts]],
+                                     name=f"{net.name}_taps")
+        object.__setattr__(self, "net", net)
+        object.__setattr__(self, "spec", spec)
+        object.__setattr__(self, "instruments", insts)
+        object.__setattr__(self, "tap_groups", {k: len(v) for k, v in taps.items()})
+        object.__setattr__(self, "layout", table_layout(insts))
+        object.__setattr__(self, "ring", Ring(capacity, ring_slots(spec, insts, self.layout, self.every)))
+
+    @property
+    def in_graph(self) -> list[Instrument]:
+        return [i for i in self.instruments if not i.snapshot_only]
+
+    def call(self, inputs: Any, training: bool = False) -> Any:
+        outs = self.tap_model(inputs, training=training)
+        return outs[0] if isinstance(outs, (list, tuple)) else outs
+
+    def train_step(self, data: Any) -> dict[str, Any]:
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        step = tf.cast(self.optimizer.iterations, tf.int64)
+        if self.every == 1:
+            y_pred = self._step(x, y, sample_weight, step, capture=True)
+        elif num_replicas() > 1:
+            # Under several replicas a tf.cond cannot hold the step's sync points (gradient all-reduce, mirrored
+            # variable writes): capture every step and record only the due ones.
+            y_pred = self._step(x, y, sample_weight, step, capture=True, due=tf.equal(step % self.every, 0))
+        else:
+            y_pred = tf.cond(
+                tf.equal(step % self.every, 0),
+                lambda: self._step(x, y, sample_weight, step, capture=True),
+                lambda: self._step(x, y, sample_weight, step, capture=False),
+            )
+        return self._worker_logs(self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
+
+    def test_step(self, data: Any) -> dict[str, Any]:
+        return self._worker_logs(super().test_step(data))
+
+    def _worker_logs(self, logs: dict[str, Any]) -> dict[str, Any]:
+        # Keras 3 averages logs over workers with strategy.reduce(MEAN, v, axis=0), which fails on scalars under
+        # MultiWorkerMirroredStrategy (tensorflow/tensorflow#72388): give them that axis.
+        if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return {k: tf.reshape(v, [1]) for k, v in logs.items()}
+        return logs
+
+    def _forward(self, x: Any, y: Any, sample_weight: Any) -> tuple[Any, Any, Any, dict[str, list[Any]]]:
+        """One forward pass under the tape: ``(tape, y_pred, loss, taps)``; the loss tracker is updated."""
+        with tf.GradientTape() as tape:
+            outs = self.tap_model(x, training=True)
+            outs = outs if isinstance(outs, (list, tuple)) else [outs]  # no taps: Keras returns the bare output
+            y_pred = outs[0]
+            loss = compat.compute_loss(self, x, y, y_pred, sample_weight)
+            local_loss = compat.unscale_loss(loss)
+            batch = tf.shape(next(i for i in tf.nest.flatten(x) if i is not None))[0]
+            compat.track_loss(self, local_loss, batch)
+            scaled_loss = self.optimizer.scale_loss(loss)
+        taps, k = {}, 1
+        for name, n in self.tap_groups.items():
+            taps[name], k = list(outs[k:k + n]), k + n
+        return tape, y_pred, (local_loss, scaled_loss), taps
+
+    def _step(self, x: Any, y: Any, sample_weight: Any, step: Any, capture: bool, due: Any = None) -> Any:
+        tape, y_pred, (local_loss, scaled_loss), taps = self._forward(x, y, sample_weight)
+        variables = self.trainable_variables
+        insts = self.in_graph if capture else []
+        grad_taps = list(dict.fromkeys(n for i in insts for n in i.grad_taps))
+        tap_list = [t for n in grad_taps for t in taps[n]]
+        grads = tape.gradient(scaled_loss, variables + tap_list)
+        grads, tap_grads = grads[: len(variables)], grads[len(variables):]
+        ctx = None
+        if capture:
+            ctx = self._context(x, y, sample_weight, step, local_loss, variables, grads, taps, grad_taps, tap_grads)
+        red = Reducer()
+        pending = [(i, i.compute(ctx, red)) for i in insts if i.every == self.every]
+        self.optimizer.apply_gradients(zip(grads, variables))
+
+        bad = tf.logical_not(tf.math.is_finite(tf.cast(local_loss, tf.float32)))
+        if capture:
+            pending += [(i, i.after_update(ctx, red)) for i in insts if i.every == self.every]
+            resolved = red.finish()
+            results = [(i, fin(resolved)) for i, fin in pending if fin is not None]
+            rows = assemble(self.layout, self.spec, [r for r in results if r[0].table in SHARED_TABLES])
+            own = {i.table: v for i, v in results if i.table not in SHARED_TABLES}
+            self.ring.write(self.every, step, {**rows, **own}, due=due)
+            self._own_cadence(ctx, step, [i for i in insts if i.every != self.every], due)
+            # A non-finite gradient also means divergence: on CPU, fused MatMul+BiasAdd+Relu kernels map NaN to 0,
+            # so a ReLU net can keep a finite loss while its gradients and weights are already NaN.
+            gnorm = rows["history"][list(self.layout["history"]).index("global_grad_norm"), 0]
+            bad = tf.logical_or(bad, tf.logical_not(tf.math.is_finite(gnorm)))
+        first = self.ring.first_nonfinite  # one write per step, captured or not
+        first.assign(tf.where(tf.logical_and(first < 0, bad), step, first))
+        return y_pred
+
+    def _context(self, x: Any, y: Any, sample_weight: Any, step: Any, local_loss: Any, variables: list[Any],
+                 grads: list[Any], taps: dict[str, list[Any]], grad_taps: list[str], tap_grads: list[Any]) -> StepContext:
+        scale = getattr(self.optimizer, "dynamic_scale", None)  # apply_gradients may change it: read it now
+        scale = tf.identity(scale) if scale is not None else None
+        ctx = StepContext(spec=self.spec, model=self, x=x, y=y, sample_weight=sample_weight, step=step,
+                          loss=local_loss, variables=variables, grads=grads, taps=taps, tap_grads={}, scale=scale,
+                          old_weights=None, off=off_mask(self.spec))  # `off` before the update: alpha moves in it
+        k = 0
+        for name in grad_taps:
+            n = self.tap_groups[name]
+            ctx.tap_grads[name] = [ctx.unscale(g) for g in tap_grads[k:k + n]]
+            k += n
+        if any("pre_update_weights" in i.needs for i in self.in_graph):
+            # Reads, not copies: a resource variable updated in place while a read of it is alive is copied
+            # first (copy-on-write), so these keep the pre-update values at the cost of that one copy.
+            ctx.old_weights = [tf.convert_to_tensor(v) for v in variables]
+        return ctx
+
+    def _own_cadence(self, ctx: StepContext, step: Any, insts: list[Instrument], due: Any) -> None:
+        """Instruments with their own ``every`` (a multiple of the probe's): computed on their due steps only."""
+        for inst in insts:
+            now = tf.equal(step % inst.every, 0)
+            if due is not None:
+                now = tf.logical_and(now, due)
+
+            def run(inst: Instrument = inst) -> Any:
+                red = Reducer()
+                fin = inst.compute(ctx, red)
+                return tf.cast(fin(red.finish()), tf.float32)
+
+            if num_replicas() > 1:  # no cond around sync points: compute, record when due
+                value = run()
+            else:
+                value = unlowered_cond(now, run, lambda inst=inst: tf.fill(inst.shape(), float("nan")))
+            self.ring.write(inst.every, step, {inst.table: value}, due=now)
+
+
+# ------------------------------------------------------------------------------------------- layout
+
+
+def table_layout(insts: list[Instrument]) -> dict[str, dict[str, int]]:
+    """Shared table -> {column: index} of the in-graph columns the enabled instruments write."""
+    layout: dict[str, dict[str, int]] = {t: {} for t in SHARED_TABLES}
+    for inst in insts:
+        if inst.table in SHARED_TABLES and not inst.snapshot_only:
+            for col in inst.columns:
+                layout[inst.table].setdefault(col.name, len(layout[inst.table]))
+    return layout
+
+
+def table_rows(spec: Any, table: str) -> int:
+    return {"history": 1, "params": spec.n_params, "blocks": spec.n_blocks}[table]
+
+
+def ring_slots(spec: Any, insts: list[Instrument], layout: dict[str, dict[str, int]],
+               every: int) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Ring slot shapes: shared tables column-major [columns, rows]; own tables their instrument's shape."""
+    slots = {t: ((len(cols), table_rows(spec, t)), every) for t, cols in layout.items() if cols}
+    for inst in insts:
+        if inst.table not in SHARED_TABLES and not inst.snapshot_only:
+            slots[inst.table] = (tuple(inst.shape()), inst.every)
+    return slots
+
+
+def assemble(layout: dict[str, dict[str, int]], spec: Any, results: list[tuple[Instrument, Any]]) -> dict[str, Any]:
+    """The column-major [columns, rows] tensor of every shared table from the instruments' results.
+
+    Columns that cover every row are stacked; partial ones (blocks without the tensor) are scattered into
+    NaN. Columns no instrument wrote this step (e.g. update norms in ``measure``) stay NaN.
+    """
+    out = {}
+    for table, cols in layout.items():
+        if not cols:
+            continue
+        n = table_rows(spec, table)
+        given = {name: v for inst, res in results if inst.table == table for name, v in res.items()}
+        if all(name in given and given[name][0] is None for name in cols):
+            out[table] = tf.stack([tf.reshape(tf.cast(given[name][1], tf.float32), [n]) for name in cols])
+            continue
+        indices, values = [], []
+        for name, (rows, vals) in given.items():
+            rows = range(n) if rows is None else rows
+            indices.extend([cols[name], r] for r in rows)
+            values.append(tf.reshape(tf.cast(vals, tf.float32), [-1]))
+        base = tf.fill([len(cols), n], float("nan"))
+        out[table] = tf.tensor_scatter_nd_update(base, tf.constant(np.array(indices, np.int32).reshape(-1, 2)),
+                                                 tf.concat(values, axis=0)) if values else base
+    return out

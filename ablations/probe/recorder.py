@@ -1,0 +1,174 @@
+"""Host side of the probe: a Keras callback that drains the device ring buffer into long DataFrames.
+
+The callback never reads the device per step: it reads the buffer every ``drain_every`` steps and at the
+end of each epoch, which is also when it checks the in-graph NaN/Inf flag and stops a diverged arm. The
+tables are built generically: shared tables (history, params, blocks) from the ring's columns plus the
+spec's static columns, own tables by their instrument; then every instrument adds its derived columns.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+import keras
+import numpy as np
+import pandas as pd
+
+from ablations import instruments
+from ablations.instruments.base import SHARED_TABLES
+
+
+def ring_capacity(every: int, drain_every: int, steps_per_epoch: int, steps_per_execution: int) -> int:
+    """Slots needed between two drains, doubled for the callbacks Keras runs asynchronously."""
+    window = min(drain_every, steps_per_epoch) + steps_per_execution
+    return 2 * math.ceil(window / every) + 4
+
+
+class DrainCallback(keras.callbacks.Callback):
+    """Drains the probe's ring buffer; also stops training once the loss is NaN/Inf.
+
+    Args:
+        drain_every: steps between mid-epoch drains.
+        steps_per_epoch: for the ``epoch`` column.
+    """
+
+    async_safe = True  # lets Keras dispatch batch-end hooks on a worker thread (no sync on the train loop)
+
+    def __init__(self, drain_every: int, steps_per_epoch: int):
+        super().__init__()
+        self.drain_every = drain_every
+        self.steps_per_epoch = steps_per_epoch
+        self._lock = threading.Lock()
+        self._drained: dict[int, int] = {}
+        self._last = 0
+        self.lost = 0
+        self.steps: dict[int, list[np.ndarray]] = {}
+        self.values: dict[str, list[np.ndarray]] = {}
+        self.snapshots: dict[str, list[pd.DataFrame]] = {}
+        self.diverged_at: int | None = None
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self._last = 0
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        if batch + 1 - self._last >= self.drain_every:
+            self._last = batch + 1
+            self.drain()
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        self.drain()
+
+    def on_train_end(self, logs: Any = None) -> None:
+        self.drain()
+
+    def snapshot(self, model: Any, x: Any, when: str) -> None:
+        """Runs the snapshot instruments (LSTM/GRU gates) on the batch ``x`` (``when``: init | end)."""
+        for inst in model.instruments:
+            if inst.snapshot_only:
+                df = inst.snapshot(x, when)
+                if df is not None:
+                    self.snapshots.setdefault(inst.table, []).append(df)
+
+    def drain(self) -> None:
+        model = self.model
+        with self._lock:
+            buf = model.ring.read()
+            cap = model.ring.capacity
+            for group, count in buf["counts"].items():
+                done = self._drained.get(group, 0)
+                new = count - done
+                if new > cap:  # should not happen with ring_capacity(); recorded, never silent
+                    self.lost += new - cap
+                    done, new = count - cap, cap
+                if new > 0:
+                    idx = np.arange(done, count) % cap
+                    self.steps.setdefault(group, []).append(buf["steps"][group][idx])
+                    for slot in model.ring.slots_of(group):
+                        self.values.setdefault(slot, []).append(buf["values"][slot][idx])
+                self._drained[group] = count
+            bad = buf["first_nonfinite"]
+            if bad >= 0 and self.diverged_at is None:
+                self.diverged_at = bad
+                model.stop_training = True
+
+    # ------------------------------------------------------------------------------------------- tables
+
+    def _captures(self, group: int, slot: str | None, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, values)`` of one slot of a cadence group (slot None: steps only), rows after divergence
+        dropped."""
+        steps = np.concatenate(self.steps[group]) if self.steps.get(group) else np.zeros([0], np.int64)
+        keep = steps <= self.diverged_at if self.diverged_at is not None else np.ones(len(steps), bool)
+        if slot is None or not self.values.get(slot):
+            return steps[keep], np.zeros([int(keep.sum()), *shape], np.float32)
+        return steps[keep], np.concatenate(self.values[slot])[keep]
+
+    def tables(self, model: Any) -> dict[str, pd.DataFrame]:
+        """Every table of the arm: ``history``, ``params``, ``blocks`` and the own tables that were recorded."""
+        spec, ring = model.spec, model.ring
+        enabled = [type(i) for i in model.instruments]
+        out = {}
+        for table in SHARED_TABLES:
+            cols = model.layout[table]
+            steps, values = self._captures(model.every, table if cols else None, (len(cols), _rows(spec, table)))
+            out[table] = long_table(spec.static(table) if table != "history" else None, steps, self._epochs(steps),
+                                    values, list(cols), instruments.table_columns(table, enabled))
+        for inst in model.instruments:
+            if inst.table in SHARED_TABLES:
+                continue
+            if inst.snapshot_only:
+                if self.snapshots.get(inst.table):
+                    out[inst.table] = pd.concat(self.snapshots[inst.table], ignore_index=True)
+                continue
+            s, values = self._captures(ring.group_of[inst.table], inst.table, inst.shape())
+            if len(s):
+                out[inst.table] = inst.frame(s, self._epochs(s), values)
+        derive(out, model.instruments)
+        return out
+
+    def _epochs(self, steps: np.ndarray) -> np.ndarray:
+        return steps // max(self.steps_per_epoch, 1)
+
+
+def _rows(spec: Any, table: str) -> int:
+    return {"history": 1, "params": spec.n_params, "blocks": spec.n_blocks}[table]
+
+
+def long_table(static: pd.DataFrame | None, steps: np.ndarray, epochs: np.ndarray, values: np.ndarray,
+               written: list[str], columns: list[str]) -> pd.DataFrame:
+    """Long format: one row per (capture, table row); ``values`` is [captures, written columns, rows].
+
+    ``columns`` is the table's stored column order (:func:`ablations.instruments.table_columns`); columns not
+    written (an instrument that is off or does not apply) are NaN.
+    """
+    k = 1 if static is None else len(static)
+    n = len(steps)
+    df = pd.DataFrame({"step": np.repeat(steps, k), "epoch": np.repeat(epochs, k)})
+    if static is not None:
+        for col in static.columns:
+            df[col] = np.tile(static[col].to_numpy(), n)
+    for col in columns:
+        if col in written:
+            df[col] = values[:, written.index(col), :].reshape(n * k)
+        elif col not in df:
+            df[col] = np.full(n * k, np.nan, np.float32)
+    return df
+
+
+def derive(tables: dict[str, pd.DataFrame], insts: list[Any]) -> None:
+    """Every instrument class's derived columns (each class once, in instrument order)."""
+    seen = set()
+    for inst in insts:
+        cls = type(inst)
+        if cls not in seen:
+            seen.add(cls)
+            cls.derive(tables)
+
+
+def summarize(tables: dict[str, pd.DataFrame], insts: list[Any]) -> dict[str, Any]:
+    """The instruments' summary values of an arm."""
+    out: dict[str, Any] = {}
+    for cls in dict.fromkeys(type(i) for i in insts):
+        out.update(cls.summarize(tables))
+    return out

@@ -1,0 +1,70 @@
+"""The device-side ring buffer of captured statistics, one slot per table, sized from the instruments.
+
+Kept out of Keras' tracking (a plain object) so it never enters the saved model. Shared tables (history,
+params, blocks) are stored column-major, [capacity, columns, rows], so a captured step stacks its column
+vectors without a transpose; the recorder transposes on the host. Slots written at the same cadence share
+one step counter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ablations.instruments.base import tf
+from ablations.instruments.kernels import num_replicas
+
+
+class Ring:
+    """Slots: ``name -> (shape, cadence)``; each cadence group has its own ``count`` and ``steps``.
+
+    Args:
+        capacity: slots held between drains (per cadence group: a group written every k-th capture needs
+            fewer, but one capacity keeps the drain logic simple).
+        slots: per slot the value shape of one capture and the cadence key it is written at.
+    """
+
+    def __init__(self, capacity: int, slots: dict[str, tuple[tuple[int, ...], int]]):
+        agg = tf.VariableAggregation.ONLY_FIRST_REPLICA  # replicas hold identical (all-reduced) values
+        kw = dict(trainable=False, aggregation=agg, synchronization=tf.VariableSynchronization.ON_WRITE)
+        self.capacity = capacity
+        self.group_of = {name: every for name, (_, every) in slots.items()}
+        self.counts = {e: tf.Variable(tf.constant(0, tf.int64), name=f"probe_count_{e}", **kw)
+                       for e in sorted(set(self.group_of.values()))}
+        self.steps = {e: tf.Variable(tf.zeros([capacity], tf.int64), name=f"probe_steps_{e}", **kw)
+                      for e in self.counts}
+        self.values = {name: tf.Variable(tf.zeros([capacity, *shape]), name=f"probe_{name}", **kw)
+                       for name, (shape, _) in slots.items()}
+        # First optimizer step whose loss or gradient was NaN/Inf (-1: none yet): checked every step.
+        self.first_nonfinite = tf.Variable(tf.constant(-1, tf.int64), name="probe_nonfinite", **kw)
+
+    def write(self, group: int, step: Any, values: dict[str, Any], due: Any = None) -> None:
+        """Appends one capture of the slots ``values`` (all of cadence ``group``); with ``due`` (a bool tensor)
+        only when it is true."""
+        count = self.counts[group]
+        idx = tf.reshape(count % self.capacity, [1, 1])
+        pairs = [(self.steps[group], tf.reshape(step, [1]))] + [(self.values[k], v[None]) for k, v in values.items()]
+        for var, value in pairs:
+            if 0 in var.shape:  # e.g. a table with no rows: nothing to store
+                continue
+            if num_replicas() > 1:  # mirrored variables have no scatter_nd_update (NotImplementedError)
+                new = tf.tensor_scatter_nd_update(var, idx, value)
+                var.assign(new if due is None else tf.where(due, new, var))
+            else:
+                var.scatter_nd_update(idx, value)
+        count.assign_add(1 if due is None else tf.cast(due, tf.int64))
+
+    def read(self) -> dict[str, Any]:
+        """Host copies: ``count``/``steps`` per group, every slot's values, the non-finite flag."""
+        return {"counts": {e: int(c.numpy()) for e, c in self.counts.items()},
+                "steps": {e: s.numpy() for e, s in self.steps.items()},
+                "values": {k: v.numpy() for k, v in self.values.items()},
+                "first_nonfinite": int(self.first_nonfinite.numpy())}
+
+    def slots_of(self, group: int) -> list[str]:
+        return [k for k, g in self.group_of.items() if g == group]
+
+
+def empty(shape: tuple[int, ...]) -> np.ndarray:
+    return np.zeros([0, *shape], np.float32)
