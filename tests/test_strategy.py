@@ -153,15 +153,17 @@ def test_mixed_float16_statistics_are_unscaled(tfds_dir: str, tmp_path: Path) ->
         arm = parse_experiment(tiny({"precision": precision}, epochs=1)).arms()[0]
         summary = run_arm(arm, tmp_path / precision)
         assert summary["status"] == "completed", summary
-        out[precision] = pd.read_parquet(tmp_path / precision / "params.parquet")
+        out[precision] = {t: pd.read_parquet(tmp_path / precision / f"{t}.parquet") for t in NUMERIC}
         assert keras.mixed_precision.global_policy().name == "float32"  # restored after the arm
     net = keras.saving.load_model(tmp_path / "mixed_float16" / "final.keras")
     assert net.get_layer("block_000_linear").dtype_policy.name == "mixed_float16"  # really ran in float16
-    a, b = out["float32"], out["mixed_float16"]
-    step0 = (a.step == 0) & (a.grad_norm > 0)
-    # Without unscaling the mixed norms would be 2**15 times larger (Keras' initial loss scale).
-    np.testing.assert_allclose(b.grad_norm[step0], a.grad_norm[step0], rtol=1e-2)
-    np.testing.assert_allclose(b.update_norm[step0], a.update_norm[step0], rtol=1e-2)
+    # Every statistic column at every captured step; without unscaling the gradient norms would be 2**15 times
+    # larger (Keras' initial loss scale). float16 activations round to ~1e-3, so 3e-2 relative.
+    for table, cols in NUMERIC.items():
+        a, b = out["float32"][table], out["mixed_float16"][table]
+        assert list(a["step"]) == list(b["step"]) and set(a["step"]) == {0, 2}
+        np.testing.assert_allclose(b[cols].to_numpy(float), a[cols].to_numpy(float), rtol=3e-2, atol=1e-4,
+                                   err_msg=table)
 
 
 @pytest.mark.slow

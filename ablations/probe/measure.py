@@ -34,7 +34,7 @@ def measure_tables(model: keras.Model, batch: Any, loss: Any, *, training: bool 
 
     No update is applied, so update norms are NaN; the weight norms are those of the weights given.
     """
-    x, y = batch
+    x, y = tf.nest.map_structure(tf.convert_to_tensor, tuple(batch))
     loss_fn = keras.losses.get(loss) if isinstance(loss, str) else loss
     spec = make_spec(model)
     insts = [i for i in build_instruments(spec, capture_dict(capture)) if not i.snapshot_only]
