@@ -371,7 +371,7 @@ class Experiment(Strict):
     def arms(self) -> list[Arm]:
         """Expands the grid times the seeds into arms (grid order, seeds innermost)."""
         keys = list(self.grid)
-        shorts = _short_keys(keys)
+        shorts = short_keys(keys)
         arms: list[Arm] = []
         seen: set[str] = set()
         for combo in itertools.product(*(self.grid[k] for k in keys)):
@@ -521,7 +521,8 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _short_keys(keys: list[str]) -> dict[str, str]:
+def short_keys(keys: list[str]) -> dict[str, str]:
+    """Display names for dotted keys (arm ids, report legends): the last component, unless ambiguous."""
     last = [k.split(".")[-1] for k in keys]
     return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
 

@@ -111,7 +111,24 @@ def attenuation_table(factors: Sequence[str] = DEFAULT_FACTORS,
     return table
 
 
+# Maximum derivatives with a closed form, so that the report (which never imports TensorFlow) draws the bound
+# from here; tests/test_theory.py checks each against the autodiff value of activation_row.
+CLOSED_FORM_MAX_DERIVATIVE = {"sigmoid": 0.25}  # sigmoid'(0) = 1/4 (Glorot & Bengio 2010)
+
+
+def max_derivative(activation: str) -> float:
+    """The activation's maximum |derivative|: its closed form where known, else computed by autodiff."""
+    if activation in CLOSED_FORM_MAX_DERIVATIVE:
+        return CLOSED_FORM_MAX_DERIVATIVE[activation]
+    return float(activation_row(activation)["max_derivative"])
+
+
 def attenuation_bound(activation: str, depths: Sequence[int]) -> np.ndarray:
-    """(max derivative)^L for ``depths``: the bound to overlay on plots of that activation's gradients."""
-    d = float(activation_row(activation)["max_derivative"])
+    """(max derivative)^L for ``depths``: the bound to overlay on plots of that activation's gradients.
+
+    Args:
+        activation: a registered activation name (``sigmoid`` needs no TensorFlow: closed form).
+        depths: numbers of layers L (0 gives 1).
+    """
+    d = max_derivative(activation)
     return np.array([d ** int(L) for L in depths], dtype=np.float64)

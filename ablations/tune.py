@@ -46,7 +46,7 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 from ablations import store
-from ablations.config import Arm, ArmConfig, ConfigError, Experiment, _set_path, _short_keys, _slug, dump_yaml
+from ablations.config import Arm, ArmConfig, ConfigError, Experiment, _set_path, _slug, dump_yaml, short_keys
 
 TUNER_DIR = ".tuner"
 TRIALS_DIR = "trials"  # one JSON record per finished trial: workers never write the same file
@@ -127,7 +127,7 @@ def trial_arm(exp: Experiment, base: dict[str, Any], values: dict[str, Any], see
         _set_path(raw, key, value)
     if "tuner/epochs" in values:  # Hyperband's budget for this trial
         raw["train"]["epochs"] = int(values["tuner/epochs"])
-    shorts = _short_keys(list(searched))
+    shorts = short_keys(list(searched))
     parts = [label] + [f"{shorts[k]}={_slug(_fmt(v))}" for k, v in searched.items()] + [f"seed={seed}"]
     arm_id = ",".join(parts)
     raw.update(arm_id=arm_id, seed=seed, values={**base.get("values", {}), **searched})

@@ -18,11 +18,18 @@ def styled(status: str) -> str:
     return f"[{style}]{status}[/{style}]" if style else status
 
 
-def fmt(x: Any, spec: str = ".3g") -> str:
-    """Formats a number for tables ('-' for missing/NaN)."""
+def fmt(x: Any, spec: str = ".3g", missing: str = "-") -> str:
+    """Formats a number for a table cell (the terminal's and the report's).
+
+    Args:
+        x: a number (formatted with ``spec``), None or NaN (``missing``), or anything else (``str``; a bool
+            stays ``True``/``False`` rather than becoming 1/0).
+        spec: format spec of numbers.
+        missing: text of a missing value (the report uses an en dash, the terminal ASCII).
+    """
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "-"
-    return format(x, spec) if isinstance(x, (int, float)) else str(x)
+        return missing
+    return format(x, spec) if isinstance(x, (int, float)) and not isinstance(x, bool) else str(x)
 
 
 class SweepUI:

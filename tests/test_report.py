@@ -350,3 +350,89 @@ def test_architecture_extras_are_plotted_from_the_stored_blocks(tfds_dir: str, t
     merged = got[got.step == last.step.iloc[0]].merge(last, on=["depth", "bin"], suffixes=("", "_stored"))
     assert len(merged) == len(last) and (merged["count"] == merged["count_stored"]).all()
     assert last.groupby("depth")["count"].sum().gt(0).all()
+
+
+def _synthetic_run(blocks: pd.DataFrame):
+    from ablations.report.data import RunData
+
+    return RunData(root=Path("."), experiment={"name": "s"}, experiment_yaml="", axes=[],
+                   summaries=[{"arm_id": "a", "seed": 0, "values": {}, "status": "completed"}],
+                   tables={"blocks": blocks.assign(arm_id="a", seed=0)})
+
+
+def test_a_figure_whose_needs_are_absent_is_skipped_before_it_is_called(tmp_path: Path, monkeypatch) -> None:
+    """``needs`` gates the call: a missing column (or one without a single value) skips the figure; either
+    alternative of ``a | b`` will do; a figure that raises is reported, not fatal."""
+    from ablations.report import figures
+    from ablations.report.plotting import Plot, plan_for, subplots
+
+    figures.specs("run")  # discover the shipped figures first, then register into a copy of the registry
+    monkeypatch.setattr(figures, "_SPECS", dict(figures._SPECS))
+    calls: list[str] = []
+
+    def register(key: str, needs: tuple[str, ...]) -> figures.Spec:
+        @figures.figure(key=key, section="Test", order=999, needs=needs)
+        def draw(run, plan) -> Plot:
+            calls.append(key)
+            if key == "broken":
+                raise RuntimeError("boom")
+            fig, ax = subplots(1, 1, figsize=(2, 2))
+            ax.plot([0, 1], [0, 1])
+            return Plot(fig, pd.DataFrame({"x": [0, 1]}), key, "caption")
+
+        return figures.get("run", key)
+
+    run = _synthetic_run(pd.DataFrame({"step": [0, 0], "depth": [0, 1], "act_mean": [0.1, 0.2],
+                                       "gate_mean": [np.nan, np.nan]}))
+    plan = plan_for(run)
+    problems: list[str] = []
+    for key, needs, drawn in (("no_column", ("blocks:branch_ratio",), False),
+                              ("all_nan", ("blocks:gate_mean",), False),
+                              ("no_table", ("time_grads:act_grad_norm",), False),
+                              ("one_of_two", ("time_grads:act_grad_norm | blocks:act_mean",), True),
+                              ("both_needed", ("blocks:act_mean", "blocks:branch_ratio"), False),
+                              ("whole_table", ("blocks",), True)):
+        fig = figures.draw(register(key, needs), (run, plan), run.table, tmp_path, problems)
+        assert (fig is not None) == drawn, key
+        assert (key in calls) == drawn, key
+        assert (tmp_path / f"{key}.png").exists() == drawn and (tmp_path / f"{key}.csv").exists() == drawn
+    assert problems == []
+    assert figures.draw(register("broken", ("blocks:act_mean",)), (run, plan), run.table, tmp_path, problems) is None
+    assert problems == ["figure broken failed: RuntimeError: boom"]
+    assert [s.key for s in figures.specs("run")][-7:] == ["all_nan", "both_needed", "broken", "no_column",
+                                                        "no_table", "one_of_two", "whole_table"]  # order, key
+    with pytest.raises(ValueError, match="scope"):
+        figures.figure(key="x", section="Test", scope="page", order=1)
+    with pytest.raises(ValueError, match="tuple"):
+        figures.figure(key="x", section="Test", order=1, needs="blocks:act_mean")
+
+
+def test_every_figure_needs_stored_tables_and_columns() -> None:
+    """Each ``needs`` entry names a table the report loads and, for an instrument's table, a column some
+    instrument writes (or derives); each module of the package registers exactly one figure."""
+    import pkgutil
+
+    from ablations import instruments
+    from ablations.report import figures
+    from ablations.report.data import TABLES
+
+    columns: dict[str, set[str]] = {}
+    for cls in instruments.classes():
+        columns.setdefault(cls.table, set()).update(c.name for c in cls.columns)
+        for table, col in cls.derived:
+            columns.setdefault(table, set()).add(col.name)
+    specs = figures.specs("run") + figures.specs("arm")
+    assert len(specs) >= 23
+    for spec in specs:
+        assert spec.needs, spec.key  # every shipped figure says what it reads
+        for alternatives in spec.requirements():
+            for table, column in alternatives:
+                assert table in TABLES, (spec.key, table)
+                if table in instruments.tables() and column is not None:
+                    assert column in columns[table], (spec.key, table, column)
+    modules = [m.name for m in pkgutil.iter_modules(figures.__path__) if not m.name.startswith("_")]
+    per_module = {m: [s.key for s in specs if s.fn.__module__ == f"{figures.__name__}.{m}"] for m in modules}
+    assert all(len(keys) == 1 for keys in per_module.values()), per_module
+    for scope in figures.SCOPES:
+        orders = [s.order for s in figures.specs(scope)]
+        assert len(set(orders)) == len(orders), (scope, orders)  # the page order is not left to the key

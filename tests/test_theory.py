@@ -91,6 +91,8 @@ def test_attenuation_table():
     np.testing.assert_allclose(att["tanh: d=1"], 1.0, rtol=1e-6)
     assert att["d=0.2"].iloc[-1] == pytest.approx(1.1259e-35, rel=1e-4)
     np.testing.assert_allclose(theory.attenuation_bound("sigmoid", [2, 4]), [0.0625, 0.00390625], rtol=1e-6)
+    for name, d in theory.CLOSED_FORM_MAX_DERIVATIVE.items():  # the report's bound equals the computed one
+        assert theory.activation_row(name)["max_derivative"] == pytest.approx(d, rel=1e-8), name
     with pytest.raises(ValueError, match="must be > 0"):
         theory.attenuation_table(["-1"])
     with pytest.raises(ValueError, match="depths must be >= 1"):

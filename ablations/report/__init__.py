@@ -8,7 +8,6 @@ facet columns, shared y axes). The pages load nothing from the network and open 
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from pathlib import Path
@@ -17,27 +16,36 @@ from urllib.parse import quote
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from ablations.report.data import RunData, load_run, merge_runs, short_names
+from ablations.config import short_keys
+from ablations.report.data import RunData, load_run, merge_runs
+from ablations.ui import fmt
 
 
-def _fmt(x: Any, spec: str = ".3g") -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "–"
-    return format(x, spec) if isinstance(x, (int, float)) and not isinstance(x, bool) else str(x)
+MISSING = "–"  # a missing value in the report's tables (an en dash; the terminal's tables use "-")
+
+
+def _num(x: Any, spec: str = ".3g") -> str:
+    return fmt(x, spec, MISSING)
 
 
 def _ci(c: dict[str, Any] | None, spec: str = ".3g") -> str:
     """``mean ± half-width`` of a :func:`ablations.report.stats.mean_ci` dict."""
     if not c or c.get("mean") is None:
-        return "–"
-    return _fmt(c["mean"], spec) + (f" ± {_fmt(c['half'], '.2g')}" if c.get("half") is not None else "")
+        return MISSING
+    return _num(c["mean"], spec) + (f" ± {_num(c['half'], '.2g')}" if c.get("half") is not None else "")
 
 
-def _env() -> Environment:
+def _cell(v: Any) -> Any:
+    """A cell of a search's trial table: floats to 4 significant digits, anything else as it is."""
+    return _num(v, ".4g") if isinstance(v, float) else v
+
+
+def environment() -> Environment:
+    """The Jinja environment of every report page (run, arm and search pages): autoescaped, with the
+    filters ``num`` (a number), ``ci`` (mean ± half-width) and ``cell`` (a trial-table cell)."""
     env = Environment(loader=PackageLoader("ablations.report", "templates"),
                       autoescape=select_autoescape(["html"], default=True))
-    env.filters["num"] = _fmt
-    env.filters["ci"] = _ci
+    env.filters.update(num=_num, ci=_ci, cell=_cell)
     return env
 
 
@@ -93,7 +101,7 @@ def build_report(run_dir: Path | Sequence[Path], out: Path | None = None, worker
     views = arm_views(run, plan)
     folders = [out / "arms" / slugs[v.arm_id] for v in views]
     figures, per_arm, problems = draw_all(run, plan, out, views, folders, workers)
-    env = _env()
+    env = environment()
     arm_tpl = env.get_template("arm.html")
     for i, (view, row, folder, (figs, arm_problems)) in enumerate(zip(views, rows, folders, per_arm)):
         problems.extend(f"{view.arm_id}: {p}" for p in arm_problems)
@@ -110,7 +118,7 @@ def build_report(run_dir: Path | Sequence[Path], out: Path | None = None, worker
         run=run, name=run.name, description=run.experiment.get("description", ""), rows=rows,
         points=point_rows(run, rows), figures=figures, sections=sections, axes=run.axes, counts=counts,
         problems=problems, sources=run.sources, plan=plan, render_s=time.time() - t0, home="index.html", up="",
-        tensorboard=[d for d in dirs if next(d.glob("arms/*/tb"), None)], axis_names=short_names(run.axes))
+        tensorboard=[d for d in dirs if next(d.glob("arms/*/tb"), None)], axis_names=short_keys(run.axes))
     index = out / "index.html"
     index.write_text(page)
     return index

@@ -16,9 +16,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from ablations import store
-
-from ablations import instruments
+from ablations import instruments, store
 
 # Every table a run folder may hold: Keras' per-epoch history plus every instrument's table (instruments that
 # are off or do not apply leave theirs out; the figures then draw nothing from it).
@@ -61,9 +59,17 @@ class RunData:
         return act if isinstance(act, str) else None
 
 
-def _short(key: str, keys: list[str]) -> str:
-    last = key.split(".")[-1]
-    return last if sum(k.split(".")[-1] == last for k in keys) == 1 else key
+def load_table(root: Path, name: str) -> pd.DataFrame:
+    """Every arm's rows of table ``name`` (one of :data:`TABLES`) in the run folder ``root``.
+
+    The report's only way to a stored table, so that its list of tables is the instruments' one.
+
+    Raises:
+        KeyError: ``name`` is not a table any instrument (or Keras' epoch history) writes.
+    """
+    if name not in TABLES:
+        raise KeyError(f"no table {name!r}; the tables are {', '.join(TABLES)}")
+    return store.load_table(root, name)
 
 
 def _varying(grid: dict[str, list[Any]]) -> list[str]:
@@ -83,7 +89,7 @@ def load_run(root: Path) -> RunData:
     text = exp_file.read_text()
     exp = yaml.safe_load(text) or {}
     summaries = sorted(store.load_summaries(root), key=lambda s: s.get("index", 0))
-    tables = {t: store.load_table(root, t) for t in TABLES}
+    tables = {t: load_table(root, t) for t in TABLES}
     configs, errors = {}, {}
     for arm_dir in sorted((root / "arms").glob("*")):
         summary = store.read_summary(arm_dir)
@@ -184,8 +190,3 @@ def _fill_axes(summaries: list[dict[str, Any]], configs: dict[str, dict[str, Any
             s["values"][axis] = value
             filled.setdefault(axis, {})[s["arm_id"]] = json.dumps(value) if isinstance(value, (dict, list)) else value
     return filled
-
-
-def short_names(keys: list[str]) -> dict[str, str]:
-    """Display names for grid keys (last component unless ambiguous)."""
-    return {k: _short(k, keys) for k in keys}

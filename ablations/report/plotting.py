@@ -28,10 +28,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.figure import Figure as MplFigure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 
-from ablations.report.data import RUN_AXIS, RunData, short_names  # noqa: E402
+from ablations.config import short_keys  # noqa: E402
+from ablations.report.data import RUN_AXIS, TABLES, RunData  # noqa: E402
 
 PALETTE = "colorblind"  # colour-blind-safe (seaborn's 10-colour variant of Wong 2011 / Okabe-Ito)
 SEQUENTIAL = "viridis"  # perceptually uniform and colour-blind-safe, for heatmaps and "step" colours
@@ -41,6 +43,9 @@ DPI = 90
 DASHES = ["-", "--", ":", "-."]
 WHENS = ["init", "middle", "end"]
 BAND_NOTE = "line: mean over seeds (geometric mean on log axes); band: lowest to highest seed"
+BLOCK_AXIS = "block (0 = nearest the input)"
+STALL_RATIO = 1e-3  # update/weight ratio below which a layer is barely learning (LITERATURE.md 15)
+SNAPSHOTS = 5  # profiles drawn per arm figure, at evenly spaced captured steps
 
 
 @dataclasses.dataclass
@@ -53,6 +58,20 @@ class Figure:
     csv: str
     caption: str
     section: str = "Gradient flow"
+
+
+@dataclasses.dataclass
+class Plot:
+    """A drawn figure that is not written yet: what a figure function returns to the registry.
+
+    ``fig`` is a matplotlib figure or a seaborn grid; ``data`` is what goes into the CSV.
+    """
+
+    fig: Any
+    data: pd.DataFrame
+    title: str
+    caption: str
+    margin_right: float = 0.2  # inches right of the panels, for per-arm figures (their fixed layout)
 
 
 @dataclasses.dataclass
@@ -91,7 +110,7 @@ def plan_for(run: RunData) -> Plan:
     """Chooses rows, columns and hue from the axes that vary; adds ``arm`` and ``col`` (and ``row`` when a
     non-depth axis takes the rows) label columns to every table of ``run`` (in place)."""
     axes = run.axes
-    names = short_names(axes)
+    names = short_keys(axes)
     depth_axis = next((a for a in axes if a.endswith(".depth") or a == "depth"), None)
     others = [a for a in axes if a != depth_axis]
     col_axis = None
@@ -116,7 +135,7 @@ def plan_for(run: RunData) -> Plan:
     else:
         rows = {s["arm_id"]: label(s, [row_axis]) if row_axis else None for s in run.summaries}
         row_order = list(dict.fromkeys(rows.values())) if row_axis else []
-    for t in ("history", "epochs", "params", "blocks", "time_grads"):
+    for t in TABLES:
         df = run.table(t)
         if not df.empty:
             df["arm"] = df["arm_id"].map(labels)
@@ -304,23 +323,135 @@ def baseline_lines(run: RunData, g: sns.FacetGrid, data: pd.DataFrame, row: str 
     return {"trivial predictor": Line2D([], [], color="0.2", ls=":", lw=1.3)} if drawn else {}
 
 
-def save(fig: Any, out: Path, key: str, data: pd.DataFrame, title: str, caption: str,
-         section: str = "Gradient flow", prefix: str = "") -> Figure:
-    """Writes ``<key>.png`` (with ``title`` on top) and the plotted data as ``<key>.csv``."""
-    fig = fig.figure if hasattr(fig, "figure") else fig
-    for ax in fig.axes:  # minor ticks of long log axes are unlabelled, yet cost much of the drawing time
+def _fewer_ticks(fig: Any, nbins: int | None) -> None:
+    """Minor ticks of long log axes are unlabelled, yet cost much of the drawing time; ``nbins`` caps the
+    major ticks of integer/MaxN axes too (every tick is a few artists)."""
+    for ax in fig.axes:
         lo, hi = ax.get_ylim()
         if ax.get_yscale() == "log" and lo > 0 and hi / lo > 1e3:
             ax.yaxis.set_minor_locator(NullLocator())
-    fig.suptitle(title, y=1 + 0.5 / fig.get_size_inches()[1], fontsize=12)  # 0.5 in above the panels' titles
-    fig.savefig(out / f"{key}.png", dpi=DPI, bbox_inches="tight")
+        if nbins is None:
+            continue
+        for axis in (ax.xaxis, ax.yaxis):
+            if isinstance(axis.get_major_locator(), MaxNLocator):
+                axis.get_major_locator().set_params(nbins=nbins)
+
+
+def save(fig: Any, out: Path, key: str, data: pd.DataFrame, title: str, caption: str = "",
+         section: str = "Gradient flow", margin_right: float | None = None) -> Figure:
+    """Writes ``<key>.png`` (with ``title`` on top) and the plotted data as ``<key>.csv`` into ``out``.
+
+    Args:
+        fig: a matplotlib figure or a seaborn grid.
+        margin_right: None crops the PNG to its content (run-level and search figures). A number sets fixed
+            margins instead, that many inches right of the panels: the per-arm figures, dozens per report,
+            whose tight crop or layout engine would measure every tick label again and cost more than the
+            drawing itself.
+    """
+    fig = fig.figure if hasattr(fig, "figure") else fig
+    if margin_right is None:
+        _fewer_ticks(fig, None)
+        fig.suptitle(title, y=1 + 0.5 / fig.get_size_inches()[1], fontsize=12)  # 0.5 in above the panel titles
+        fig.savefig(out / f"{key}.png", dpi=DPI, bbox_inches="tight")
+    else:
+        _fewer_ticks(fig, 5)
+        w, h = fig.get_size_inches()
+        fig.subplots_adjust(left=1.0 / w, right=1 - margin_right / w, bottom=0.6 / h, top=1 - 0.5 / h, wspace=0.5)
+        fig.suptitle(title, fontsize=11)
+        fig.savefig(out / f"{key}.png", dpi=DPI)
     plt.close(fig)
     data.to_csv(out / f"{key}.csv", index=False)
-    return Figure(key=key, title=title, png=f"{prefix}{key}.png", csv=f"{prefix}{key}.csv", caption=caption,
-                  section=section)
+    return Figure(key=key, title=title, png=f"{key}.png", csv=f"{key}.csv", caption=caption, section=section)
 
 
 def keep_cols(df: pd.DataFrame, plan: Plan, *cols: str) -> pd.DataFrame:
     """The columns worth putting in a CSV (ids, the facet columns, the plotted values)."""
     want = ["arm_id", "seed", "arm"] + ([plan.row] if plan.row else []) + ([plan.col] if plan.col else []) + list(cols)
     return df[[c for c in dict.fromkeys(want) if c in df.columns]]
+
+
+# --------------------------------------------------------------------------------------------- figure helpers
+
+
+def vs_depth(plan: Plan, data: pd.DataFrame, y: str, ylabel: str, title: str, caption: str,
+             log: bool | None = None, hline: float | None = None,
+             ylim: tuple[float, float] | None = None) -> Plot | None:
+    """``y`` against block depth at the first, middle and last captured step (panels), seeds banded.
+
+    ``log`` None chooses a log axis when the data span more than two decades; ``hline`` draws a dashed
+    reference ratio; None when no finite (positive, on a log axis) value is left.
+    """
+    data = finite(data, y)
+    log = wants_log(data[y]) if log is None else log
+    data = finite(data, y, positive=True) if log else data
+    if data.empty:
+        return None
+    data = moments(data)
+    col, col_order = with_panels(data, plan, "when", WHENS)
+    agg = band(data, "depth", y, [plan.hue, plan.row, col], log)
+    extra = None
+    if hline is not None:
+        extra = {f"ratio {hline:.0e}".replace("e-0", "e-"): Line2D([], [], color="0.35", ls="--", lw=1)}
+    g = facet_lines(agg, plan, "depth", y, col=col, col_order=col_order, log=log, extra_legend=extra)
+    for ax in g.axes.flat:
+        if hline is not None:
+            ax.axhline(hline, color="0.35", ls="--", lw=1)
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+    g.set_axis_labels(BLOCK_AXIS, ylabel)
+    return Plot(g, keep_cols(data, plan, "when", "step", "depth", y), title, caption + " " + BAND_NOTE + ".")
+
+
+def add_legend_entries(g: Any, entries: dict[str, Any]) -> None:
+    """Appends entries (e.g. the trivial-predictor line) to the figure legend made by facet_lines."""
+    if not entries or not g.figure.legends:
+        return
+    old = g.figure.legends[-1]
+    handles = old.legend_handles + list(entries.values())
+    labels = [t.get_text() for t in old.get_texts()] + list(entries)
+    title = old.get_title().get_text()
+    old.remove()
+    g.figure.legend(handles, labels, title=title, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+
+
+# Per-arm figures: plain matplotlib, one arm's data. Snapshots of a profile (e.g. gradient vs depth at several
+# steps) are coloured by step with a sequential colour-blind-safe map (viridis: dark = early, yellow = late).
+
+
+def subplots(nrows: int, ncols: int, figsize: tuple[float, float], squeeze: bool = True) -> tuple[MplFigure, Any]:
+    """Like ``plt.subplots`` without pyplot's figure manager (less work per figure)."""
+    fig = MplFigure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
+
+
+def snapshots(df: pd.DataFrame) -> list[int]:
+    """Up to :data:`SNAPSHOTS` evenly spaced captured steps of ``df``, first and last included."""
+    steps = np.sort(df["step"].unique())
+    idx = np.unique(np.linspace(0, len(steps) - 1, min(SNAPSHOTS, len(steps))).round().astype(int))
+    return [int(steps[i]) for i in idx]
+
+
+def profiles(ax: Any, df: pd.DataFrame, y: str, steps: list[int], log: bool) -> None:
+    """One line of ``y`` against depth per step of ``steps``, coloured from dark (early) to yellow (late)."""
+    cmap = plt.get_cmap(SEQUENTIAL)
+    for i, st in enumerate(steps):
+        d = df[df["step"] == st].sort_values("depth")
+        ax.plot(d["depth"], d[y], marker="o", ms=3, lw=1.5, color=cmap(i / max(1, len(steps) - 1) * 0.9),
+                label=f"step {st}")
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel(BLOCK_AXIS)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+
+
+def depth_mesh(ax: Any, fig: Any, c: pd.DataFrame, label: str, xlabel: str, last_width: float, **kw: Any) -> None:
+    """A block-by-x colour mesh of ``c`` (index: depth, columns: x), each cell spanning to the next column."""
+    xs, depths = c.columns.to_numpy(), c.index.to_numpy()
+    xe = np.append(xs, xs[-1] + (xs[-1] - xs[-2] if len(xs) > 1 else last_width))
+    ye = np.append(depths, depths[-1] + 1) - 0.5
+    mesh = ax.pcolormesh(xe, ye, c.to_numpy(), cmap=SEQUENTIAL, shading="flat", **kw)
+    fig.colorbar(mesh, ax=ax, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("block")
+    ax.yaxis.get_major_locator().set_params(integer=True)

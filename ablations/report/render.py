@@ -4,7 +4,7 @@ Drawing (matplotlib text layout and PNG encoding) dominates a report's time and 
 50-arm report only fits in a minute on 2 cores with both cores drawing. Workers are forked, or come from a
 ``forkserver`` when TensorFlow is loaded (``ablate run`` writes the report after training), see
 :func:`_context`. The run's tables are sent to each worker once (pool initializer); each task names one
-figure function or one arm.
+run-level figure (its key in :mod:`ablations.report.figures`) or one arm.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from ablations.report import figures
 from ablations.report.arm import ArmView
 from ablations.report.data import RunData
-from ablations.report.figures import ARM_FIGURES, FIGURES, _call, theme
 from ablations.report.plotting import Figure, Plan
 
 PARALLEL_FROM_ARMS = 12  # below this, starting workers costs more than it saves
@@ -49,20 +49,23 @@ def _context() -> mp.context.BaseContext:
 
 
 def _init(run: RunData, plan: Plan, out: Path) -> None:
-    theme()
+    figures.theme()
     _STATE.update(run=run, plan=plan, out=out)
 
 
-def _run_figure(fn: Callable[..., Figure | None]) -> tuple[Figure | None, list[str]]:
+def _run_figure(key: str) -> tuple[Figure | None, list[str]]:
     problems: list[str] = []
-    return _call(fn, (_STATE["run"], _STATE["plan"], _STATE["out"]), problems), problems
+    run = _STATE["run"]
+    fig = figures.draw(figures.get("run", key), (run, _STATE["plan"]), run.table, _STATE["out"], problems)
+    return fig, problems
 
 
 def _arm_figures(view: ArmView, folder: Path) -> tuple[list[Figure], list[str]]:
-    theme()
+    figures.theme()
     folder.mkdir(parents=True, exist_ok=True)
     problems: list[str] = []
-    figs = [f for fn in ARM_FIGURES if (f := _call(fn, (view, folder), problems)) is not None]
+    figs = [f for spec in figures.specs("arm")
+            if (f := figures.draw(spec, (view,), view.table, folder, problems)) is not None]
     return figs, problems
 
 
@@ -71,19 +74,20 @@ def draw_all(run: RunData, plan: Plan, out: Path, views: list[ArmView], folders:
     """Draws the run-level figures and every arm's figures.
 
     Returns:
-        ``(figures, per_arm, problems)``: the run-level figures in :data:`FIGURES` order, ``(figures,
+        ``(figures, per_arm, problems)``: the run-level figures in page order, ``(figures,
         problems)`` for each arm in ``views`` order, and the run-level problems.
     """
     workers = default_workers(len(views)) if workers is None else workers
+    keys = [spec.key for spec in figures.specs("run")]
     if workers <= 1:
         _init(run, plan, out)
-        results = [_run_figure(fn) for fn in FIGURES]
+        results = [_run_figure(k) for k in keys]
         per_arm = [_arm_figures(v, f) for v, f in zip(views, folders)]
     else:
         try:
             with ProcessPoolExecutor(max_workers=workers, mp_context=_context(), initializer=_init,
                                      initargs=(run, plan, out)) as pool:
-                run_futs = [pool.submit(_run_figure, fn) for fn in FIGURES]  # the slow ones first
+                run_futs = [pool.submit(_run_figure, k) for k in keys]  # the slow ones first
                 arm_futs = [pool.submit(_arm_figures, v, f) for v, f in zip(views, folders)]
                 results = [f.result() for f in run_futs]
                 per_arm = [f.result() for f in arm_futs]
@@ -91,6 +95,6 @@ def draw_all(run: RunData, plan: Plan, out: Path, views: list[ArmView], folders:
             warnings.warn(f"drawing in {workers} processes failed ({type(err).__name__}: {err}); drawing in "
                           f"this process instead", RuntimeWarning, stacklevel=2)
             return draw_all(run, plan, out, views, folders, workers=1)
-    figures = [f for f, _ in results if f is not None]
+    drawn = [f for f, _ in results if f is not None]
     problems = [p for _, ps in results for p in ps]
-    return figures, per_arm, problems
+    return drawn, per_arm, problems

@@ -105,10 +105,9 @@ def _worst(statuses: dict[str, int]) -> str:
 
 
 def _point_label(values: dict[str, Any]) -> str:
-    from ablations.config import value_label
-    from ablations.report.data import short_names
+    from ablations.config import short_keys, value_label
 
-    names = short_names(list(values))
+    names = short_keys(list(values))
     return ", ".join(f"{names[k]}={value_label(v)}" for k, v in values.items()) or "(no grid)"
 
 

@@ -1,27 +1,27 @@
 """The report of an ``ablate tune`` search: objective vs each searched value, trial history, and the
-gradient flow of the best and worst trials (read from the search's arm folders, like every report)."""
+gradient flow of the best and worst trials (read from the search's arm folders, like every report).
+
+Its figures are written by the run report's saver and its page rendered by the same Jinja environment.
+"""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import yaml
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-import yaml  # noqa: E402
-from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
+from ablations.diagnose import block_kernels
+from ablations.report import environment
+from ablations.report.data import load_table
+from ablations.report.figures import theme
+from ablations.report.plotting import BLOCK_AXIS, PALETTE, Figure, save, subplots
+from ablations.tune import has_trials, read_trials
 
-from ablations import store  # noqa: E402
-from ablations.diagnose import block_kernels  # noqa: E402
-from ablations.tune import has_trials, read_trials  # noqa: E402
-
-PALETTE = "colorblind"
+SECTION = "Search"
 
 
 def _searches(root: Path) -> list[Path]:
@@ -43,58 +43,57 @@ def _trials(sroot: Path) -> pd.DataFrame:
     return pd.DataFrame(out).sort_values("trial")
 
 
-def _save(fig: Any, out: Path, key: str, data: pd.DataFrame) -> dict[str, str]:
-    fig.savefig(out / f"{key}.png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    data.to_csv(out / f"{key}.csv", index=False)
-    return {"png": f"{key}.png", "csv": f"{key}.csv"}
+def _objective_vs_values(done: pd.DataFrame, hps: list[str], name: str, direction: str, space: dict[str, Any],
+                         out: Path, tag: str) -> Figure:
+    colour = sns.color_palette(PALETTE)[0]
+    fig, axes = subplots(1, len(hps), figsize=(3.6 * len(hps), 3.0), squeeze=False)
+    for ax, col in zip(axes[0], hps):
+        key = col[3:]
+        data = done[[col, name]].copy()
+        if data[col].dtype == object:
+            data[col] = data[col].astype(str)
+            sns.stripplot(data=data, x=col, y=name, ax=ax, color=colour, size=6)
+        else:
+            sns.scatterplot(data=data, x=col, y=name, ax=ax, color=colour, s=40)
+            if (space.get(key) or {}).get("log_uniform"):
+                ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(f"{name} ({direction})")
+    return save(fig, out, f"{tag}objective_vs_values", done[["trial", *hps, name]],
+                "Objective vs each searched value", "Completed trials only.", section=SECTION)
+
+
+def _trial_history(df: pd.DataFrame, done: pd.DataFrame, name: str, direction: str, out: Path, tag: str) -> Figure:
+    fig, ax = subplots(1, 1, figsize=(5.5, 3.0))
+    best = done[name].cummin() if direction == "min" else done[name].cummax()
+    ax.plot(done["trial"], done[name], "o", color=sns.color_palette(PALETTE)[0], label="trial")
+    ax.step(done["trial"], best, where="post", color=sns.color_palette(PALETTE)[1], label="best so far")
+    for t in df[df["status"] != "completed"]["trial"]:
+        ax.axvline(t, color="0.8", lw=1, zorder=0)
+    ax.set_xlabel("trial (grey lines: pruned / diverged / failed)")
+    ax.set_ylabel(name)
+    ax.legend()
+    return save(fig, out, f"{tag}trial_history", df[["trial", "status", name] if name in df else ["trial", "status"]],
+                "Trial history", f"The objective of each completed trial and the best {name} so far.",
+                section=SECTION)
 
 
 def _objective_figs(df: pd.DataFrame, name: str, direction: str, space: dict[str, Any], out: Path,
-                    tag: str) -> list[dict[str, str]]:
-    figs = []
+                    tag: str) -> list[Figure]:
     done = df[df["status"] == "completed"]
+    if done.empty:
+        return []
     hps = [c for c in df.columns if c.startswith("hp:")]
-    if hps and not done.empty:
-        fig, axes = plt.subplots(1, len(hps), figsize=(3.6 * len(hps), 3.0), squeeze=False)
-        for ax, col in zip(axes[0], hps):
-            key = col[3:]
-            data = done[[col, name]].copy()
-            if data[col].dtype == object:
-                data[col] = data[col].astype(str)
-                sns.stripplot(data=data, x=col, y=name, ax=ax, color=sns.color_palette(PALETTE)[0], size=6)
-            else:
-                sns.scatterplot(data=data, x=col, y=name, ax=ax, color=sns.color_palette(PALETTE)[0], s=40)
-                if (space.get(key) or {}).get("log_uniform"):
-                    ax.set_xscale("log")
-            ax.set_xlabel(key)
-            ax.set_ylabel(f"{name} ({direction})")
-        fig.suptitle("Objective vs each searched value (completed trials)", y=1.03)
-        figs.append({"title": "Objective vs searched values", **_save(fig, out, f"{tag}objective_vs_values",
-                                                                       done[["trial", *hps, name]])})
-    if not done.empty:
-        fig, ax = plt.subplots(figsize=(5.5, 3.0))
-        best = done[name].cummin() if direction == "min" else done[name].cummax()
-        ax.plot(done["trial"], done[name], "o", color=sns.color_palette(PALETTE)[0], label="trial")
-        ax.step(done["trial"], best, where="post", color=sns.color_palette(PALETTE)[1], label="best so far")
-        for t in df[df["status"] != "completed"]["trial"]:
-            ax.axvline(t, color="0.8", lw=1, zorder=0)
-        ax.set_xlabel("trial (grey lines: pruned / diverged / failed)")
-        ax.set_ylabel(name)
-        ax.legend()
-        ax.set_title("Trial history")
-        figs.append({"title": "Trial history", **_save(fig, out, f"{tag}trial_history",
-                                                       df[["trial", "status", name] if name in df else
-                                                          ["trial", "status"]])})
-    return figs
+    figs = [_objective_vs_values(done, hps, name, direction, space, out, tag)] if hps else []
+    return figs + [_trial_history(df, done, name, direction, out, tag)]
 
 
-def _flow_fig(sroot: Path, df: pd.DataFrame, name: str, direction: str, out: Path, tag: str) -> dict | None:
+def _flow_fig(sroot: Path, df: pd.DataFrame, name: str, direction: str, out: Path, tag: str) -> Figure | None:
     done = df[df["status"] == "completed"].sort_values(name, ascending=direction == "min")
     if done.empty:
         return None
     picks = {"best": done.iloc[0], "worst": done.iloc[-1]}
-    params = store.load_table(sroot, "params")
+    params = load_table(sroot, "params")
     if params.empty:
         return None
     rows = []
@@ -111,11 +110,11 @@ def _flow_fig(sroot: Path, df: pd.DataFrame, name: str, direction: str, out: Pat
     g = sns.relplot(data=data, x="depth", y="grad_norm", hue="which", col="when", kind="line", marker="o",
                     palette=PALETTE, height=2.8, aspect=1.3, errorbar=("ci", 95), n_boot=200, seed=0)
     g.set(yscale="log")
-    g.set_axis_labels("block (0 = nearest the input)", "||dL/dW|| (L2, log)")
-    g.figure.suptitle("Gradient flow of the best and worst trials", y=1.04)
-    return {"title": "Gradient flow: best vs worst trial",
-            **_save(g.figure, out, f"{tag}best_worst_gradient_flow",
-                    data[["which", "when", "arm_id", "depth", "grad_norm"]])}
+    g.set_axis_labels(BLOCK_AXIS, "||dL/dW|| (L2, log)")
+    return save(g, out, f"{tag}best_worst_gradient_flow", data[["which", "when", "arm_id", "depth", "grad_norm"]],
+                "Gradient flow of the best and worst trials",
+                "Block kernel-gradient norm against depth at the first (init) and last (end) captured step of the "
+                "best and the worst completed trial (band: 95% CI over their arms).", section=SECTION)
 
 
 def build_tuning_report(run_dir: Path, out: Path | None = None) -> Path:
@@ -129,7 +128,7 @@ def build_tuning_report(run_dir: Path, out: Path | None = None) -> Path:
     name, direction = (obj, OBJECTIVES[obj]) if isinstance(obj, str) else (obj["name"], obj["direction"])
     out = Path(out) if out else Path("reports") / exp["name"]
     out.mkdir(parents=True, exist_ok=True)
-    sns.set_theme(context="notebook", style="whitegrid", palette=PALETTE)
+    theme()
     sections = []
     for sroot in _searches(root):
         df = _trials(sroot)
@@ -144,12 +143,9 @@ def build_tuning_report(run_dir: Path, out: Path | None = None) -> Path:
         sections.append({"label": sroot.name if sroot.name != "search" else "search", "figures": figs,
                          "trials": table, "columns": [c for c in df.columns if c != "arms"]})
     best_yaml = (root / "best.yaml").read_text() if (root / "best.yaml").exists() else ""
-    env = Environment(loader=PackageLoader("ablations.report", "templates"), autoescape=select_autoescape(default=True))
-    env.filters["cell"] = lambda v: (f"{v:.4g}" if isinstance(v, float) and math.isfinite(v) else
-                                     ("–" if isinstance(v, float) else v))
-    html = env.get_template("tuning.html").render(name=exp["name"], description=exp.get("description", ""),
-                                                  objective=name, direction=direction, sections=sections,
-                                                  best_yaml=best_yaml, config=(root / "experiment.yaml").read_text())
+    html = environment().get_template("tuning.html").render(
+        name=exp["name"], description=exp.get("description", ""), objective=name, direction=direction,
+        sections=sections, best_yaml=best_yaml, config=(root / "experiment.yaml").read_text())
     index = out / "index.html"
     index.write_text(html)
     if (root / "final" / "experiment.yaml").exists():  # per-arm tuning: the final comparison as a normal report
