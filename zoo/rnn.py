@@ -3,7 +3,7 @@
 Elman 1990 (simple RNN); Hochreiter & Schmidhuber 1997 (LSTM); Cho et al. 2014 (GRU); Pascanu et al. 2013
 (vanishing/exploding through time); Le et al. 2015 (IRNN). Recurrent layer ``i`` is named
 ``block_<i>_rnn`` (its cell holds ``kernel``, ``recurrent_kernel``, ``bias``), so the probe orders the
-stacked layers by depth; :mod:`ablations.timegrad` finds them by that name for the through-time gradients.
+stacked layers by depth; :mod:`ablations.instruments.time_grads` finds them by that name for the through-time gradients.
 
 Inputs: ``[T, features]`` float sequences, or ``[T]`` integer tokens (one-hot encoded by a ``stem_onehot``
 layer, ``vocab_size`` defaulting to ``num_outputs`` as in the copy task). Images must first become sequences

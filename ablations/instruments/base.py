@@ -15,8 +15,6 @@ registry (names, options, columns) serves the TF-free config layer; TensorFlow l
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import types
 from typing import Any, Callable, ClassVar, Optional
 
 import numpy as np
@@ -24,19 +22,8 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class _Lazy(types.ModuleType):
-    """A module imported on first attribute access (keeps instrument modules importable without TensorFlow)."""
-
-    def __init__(self, target: str):
-        super().__init__(target)
-        self._target = target
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(importlib.import_module(self._target), attr)
-
-
-tf: Any = _Lazy("tensorflow")
-keras: Any = _Lazy("keras")
+from ablations.instruments.kernels import all_reduce_sum, norms, num_replicas, sq_sums
+from ablations.lazy import keras, tf  # noqa: F401 - re-exported for the instrument modules
 
 SHARED_TABLES = ("history", "params", "blocks")  # tables several instruments write columns of
 
@@ -191,8 +178,6 @@ class StepContext:
         The per-replica losses are already divided by the replica count, so the SUM is the gradient of the
         global mean loss; this copy is for the statistics only (the optimizer reduces its own).
         """
-        from ablations.instruments.kernels import all_reduce_sum
-
         def make() -> list[Any]:
             grads = [self.unscale(g) if g is not None else tf.zeros(v.shape)
                      for g, v in zip(self.grads, self.variables)]
@@ -241,8 +226,6 @@ class Reducer:
         self._kinds: list[tuple[str, int]] = []  # handle -> ("norm" | "sum" | "local", index)
 
     def norms(self, tensors: list[Any], skip: Any = None, local: bool = False) -> int:
-        from ablations.instruments.kernels import num_replicas, sq_sums
-
         if local and num_replicas() > 1:
             self._kinds.append(("local", len(self._sum_reqs)))
             self._sum_reqs.append(sq_sums(tensors))
@@ -257,8 +240,6 @@ class Reducer:
         return len(self._kinds) - 1
 
     def finish(self) -> Resolved:
-        from ablations.instruments.kernels import all_reduce_sum, norms
-
         norm_vals: list[Any] = []
         if self._norm_reqs:
             tensors = [t for ts, _ in self._norm_reqs for t in ts]

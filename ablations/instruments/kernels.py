@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ablations import compat
-from ablations.instruments.base import tf
+from ablations.lazy import tf
 
 
 def _half_sq(t: tf.Tensor) -> tf.Tensor:
