@@ -30,38 +30,39 @@ L = keras.layers
 
 
 @contextlib.contextmanager
-def eps_patch(tape: tf.GradientTape, targets: list[tuple[keras.layers.Layer, str, int]], eps: dict):
+def eps_patch(tape: tf.GradientTape, targets: list[tuple[keras.layers.Layer, str, int]], eps: dict, seen: dict):
     """Wraps each ``(layer, where, i)``: ``where`` = "out" adds a watched zero tensor to the layer's first
-    output, "in" to its ``i``-th input (Add layers take a list). The first call of each layer only."""
+    output, "in" to its ``i``-th input (in the list an Add layer takes, else the ``i``-th argument), and records the tensor's value in ``seen``.
+    The first call of each layer only."""
     originals = {}
-    for layer, where, i in targets:
+    for layer, _, _ in targets:
         if id(layer) in originals:
             continue
-        orig = originals[id(layer)] = layer.call
+        originals[id(layer)] = orig = layer.call
         mine = [(w, j) for lay, w, j in targets if lay is layer]
+
+        def add_eps(key, value):
+            e = tf.zeros_like(value)
+            tape.watch(e)
+            eps[key], seen[key] = e, value.numpy()
+            return value + e
 
         def call(*args, _orig=orig, _layer=layer, _mine=mine, **kwargs):
             args = list(args)
             for w, j in _mine:
                 key = (id(_layer), w, j)
                 if w == "in" and key not in eps:
-                    x = args[0][j] if isinstance(args[0], (list, tuple)) else args[0]
-                    e = tf.zeros_like(x)
-                    tape.watch(e)
-                    eps[key] = e
-                    if isinstance(args[0], (list, tuple)):
-                        args[0] = [a + e if k == j else a for k, a in enumerate(args[0])]
-                    else:
-                        args[0] = x + e
+                    if isinstance(args[0], (list, tuple)):  # Add()([a, b])
+                        args[0] = [add_eps(key, a) if k == j else a for k, a in enumerate(args[0])]
+                    else:  # one input, or an operation's positional inputs (a + b)
+                        args[j] = add_eps(key, args[j])
             out = _orig(*args, **kwargs)
             key = (id(_layer), "out", 0)
-            if any(w == "out" for w, _ in _mine) and key not in eps:
-                first = tree.flatten(out)[0]
-                e = tf.zeros_like(first)
-                tape.watch(e)
-                eps[key] = e
-                out = first + e if not isinstance(out, (list, tuple, dict)) else \
-                    tree.pack_sequence_as(out, [first + e, *tree.flatten(out)[1:]])
+            if ("out", 0) in _mine and key not in eps:
+                flat = tree.flatten(out)
+                first = add_eps(key, flat[0])
+                out = first if len(flat) == 1 and not isinstance(out, (list, tuple, dict)) else \
+                    tree.pack_sequence_as(out, [first, *flat[1:]])
             return out
 
         layer.call = call
@@ -73,21 +74,22 @@ def eps_patch(tape: tf.GradientTape, targets: list[tuple[keras.layers.Layer, str
                 del layer.call
 
 
-def reference_grads(model, x, loss_fn, targets, training=False):
-    """dL/d(tensor) at each target of the original model, by the eps trick (one forward pass)."""
+def reference(model, x, loss_fn, targets, training=False):
+    """Values and dL/d(value) at each target of the original model, by the eps trick (one forward pass)."""
     eps: dict = {}
+    seen: dict = {}
     with tf.GradientTape() as tape:
-        with eps_patch(tape, targets, eps):
+        with eps_patch(tape, targets, eps, seen):
             loss = loss_fn(model(x, training=training))
     keys = [(id(layer), where, i) for layer, where, i in targets]
-    return [g.numpy() for g in tape.gradient(loss, [eps[k] for k in keys])]
+    return [seen[k] for k in keys], [g.numpy() for g in tape.gradient(loss, [eps[k] for k in keys])]
 
 
-def tap_grads(d, x, loss_fn, group, training=False):
+def tap_values_and_grads(d, x, loss_fn, group, training=False):
     with tf.GradientTape() as tape:
         flat, taps = d.split(d.tap_model(x, training=training))
         loss = loss_fn(d.pack_outputs(flat))
-    return [g.numpy() for g in tape.gradient(loss, taps[group])]
+    return [t.numpy() for t in taps[group]], [g.numpy() for g in tape.gradient(loss, taps[group])]
 
 
 def mse_all(seed=0):
@@ -134,8 +136,16 @@ def check_rows_unique_and_complete(model, d):
             assert d.blocks[p.depth].name == p.block
 
 
+def _add_of(block):
+    """The block's last 2-input Add (a layer, or the operation behind ``a + b``)."""
+    from keras.src.ops.numpy import Add as AddOp
+
+    return [op for op in block.layers.values() if isinstance(op, (L.Add, AddOp))][-1]
+
+
 def check_taps(model, d, x, groups=("pre", "act_in"), loss_fn=None, training=False):
-    """Gradients at the discovered taps equal the eps reference on the original model, for each group."""
+    """The discovered taps hold the same values as the original model's tensors at those points, and the
+    gradient at ``pre`` (the one the probe differentiates) equals the eps reference."""
     loss_fn = loss_fn or mse_all()
     for group in groups:
         idx = d.taps[group]
@@ -144,10 +154,13 @@ def check_taps(model, d, x, groups=("pre", "act_in"), loss_fn=None, training=Fal
         elif group == "act_in":
             targets = [(d.blocks[i].act, "in", 0) for i in idx]
         else:  # skip / branch: the inputs of the block's Add, in Keras' Add()([shortcut, x]) order
-            targets = [(d.blocks[i].layers["add"], "in", 0 if group == "skip" else 1) for i in idx]
+            targets = [(_add_of(d.blocks[i]), "in", 0 if group == "skip" else 1) for i in idx]
         assert targets, group
-        assert_close(tap_grads(d, x, loss_fn, group, training), reference_grads(model, x, loss_fn, targets, training),
-                     group)
+        got_v, got_g = tap_values_and_grads(d, x, loss_fn, group, training)
+        want_v, want_g = reference(model, x, loss_fn, targets, training)
+        assert_close(got_v, want_v, f"{group} values")
+        if group == "pre":
+            assert_close(got_g, want_g, "dL/d(pre)")
 
 
 # ----------------------------------------------------------------------------------------- zoo: unchanged
@@ -205,3 +218,136 @@ def test_zoo_model_nested_in_a_user_model_keeps_its_blocks(tmp_path):
     check_taps(model, d, xs)
     model.save(tmp_path / "user.keras")  # opening the nested model left the user's model intact
     np.testing.assert_allclose(keras.saving.load_model(tmp_path / "user.keras")(xs), model(xs), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- keras.applications
+
+IMG = (32, 32, 3)
+# name -> (constructor, number of blocks, first, last, stem layers, tapped groups)
+APPS = {
+    "ResNet50": (keras.applications.ResNet50, 16, "conv2_block1", "conv5_block3", ["conv1_conv", "conv1_bn"],
+                 ("pre", "act_in", "skip", "branch")),
+    "DenseNet121": (keras.applications.DenseNet121, 6 + 12 + 24 + 16, "conv2_block1", "conv5_block16",
+                    ["conv1_conv", "conv1_bn"], ("pre", "act_in")),
+    "MobileNetV2": (keras.applications.MobileNetV2, 17, "expanded_conv", "block_16", ["Conv1", "bn_Conv1"],
+                    ("pre", "act_in", "skip", "branch")),
+    "VGG16": (keras.applications.VGG16, 5, "block1", "block5", [], ("pre",)),
+}
+
+
+def _images(n=2, seed=0):
+    return np.random.default_rng(seed).uniform(0, 1, size=(n, *IMG)).astype("float32")
+
+
+@pytest.mark.parametrize("app", list(APPS))
+def test_keras_applications_blocks_in_depth_order_and_gradients_at_taps(app):
+    ctor, n, first, last, stem, groups = APPS[app]
+    keras.utils.set_random_seed(0)
+    model = ctor(weights=None, input_shape=IMG, classes=4)
+    d = discover(model)
+    names = [b.name for b in d.blocks]
+    assert len(names) == n and names[0] == first and names[-1] == last, names
+    assert all(b.source == "names" for b in d.blocks)
+    assert sorted({p.layer for p in d.params if p.role == "stem"}) == sorted(stem)
+    assert {p.layer for p in d.params if p.role == "head"} >= {"predictions"}
+    check_rows_unique_and_complete(model, d)
+    assert not any("no blocks" in note for note in d.notes)
+    check_taps(model, d, _images(), groups)
+    if app == "ResNet50":  # the residual branch, not the projection shortcut, holds pre; Keras adds [shortcut, x]
+        b = d.blocks[0]
+        assert b.pre_layer == "conv2_block1_1_conv" and b.act.name == "conv2_block1_1_relu"
+        assert b.skip is b.layers["add"].input[0] and b.branch is b.layers["add"].input[1]
+        assert {p.layer for p in d.params if p.block == "conv2_block1"} >= {"conv2_block1_0_conv", "conv2_block1_3_bn"}
+    if app == "DenseNet121":  # transitions sit between dense blocks
+        assert {p.layer for p in d.params if p.role == "other"} == {f"pool{i}_{k}" for i in (2, 3, 4) for k in ("bn", "conv")}
+    if app == "VGG16":  # Conv2D(activation="relu"): the gradient is taken at the post-activation output
+        assert all(b.pre_fused and b.pre_kind == "fused" for b in d.blocks)
+        assert any("fused activation" in note for note in d.notes)
+
+
+def test_keras_application_under_a_new_head_is_opened_and_tapped_with_shared_weights():
+    keras.utils.set_random_seed(0)
+    base = keras.applications.MobileNetV2(weights=None, input_shape=IMG, include_top=False, alpha=0.35)
+    x = keras.Input(IMG)
+    y = L.Dense(3, name="new_head")(L.GlobalAveragePooling2D()(base(x, training=False)))  # Keras' fine-tuning idiom
+    model = keras.Model(x, y, name="transfer")
+    n_vars = len(model.trainable_variables)
+    d = discover(model)
+    assert len(model.trainable_variables) == n_vars  # nothing copied
+    names = [b.name for b in d.blocks]
+    assert len(names) == 17 and names[0] == f"{base.name}/expanded_conv" and names[-1] == f"{base.name}/block_16"
+    assert {p.layer for p in d.params if p.role == "head"} == {f"{base.name}/Conv_1", f"{base.name}/Conv_1_bn", "new_head"}
+    check_rows_unique_and_complete(model, d)
+    xs = _images()
+    for training in (False, True):  # BatchNorm: the flattened layers see the same training flag
+        np.testing.assert_allclose(d.split(d.tap_model(xs, training=training))[0][0], model(xs, training=training),
+                                   rtol=1e-5, atol=1e-6)
+    check_taps(model, d, xs, ("pre", "skip"))
+
+
+# ----------------------------------------------------------------------------------------- Sequential, RNN
+
+
+def _x(shape, n=4, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, *shape)).astype("float32")
+
+
+def test_sequential_sigmoid_mlp_with_fused_activations_is_eight_blocks_tapped_at_layer_outputs():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((16,))] + [L.Dense(16, activation="sigmoid") for _ in range(8)]
+                             + [L.Dense(4, name="out")], name="sigmoid8")
+    d = discover(model)
+    assert len(d.blocks) == 8 and all(b.pre_fused and b.pre_kind == "fused" and b.source == "graph" for b in d.blocks)
+    assert [b.pre_layer for b in d.blocks] == [layer.name for layer in model.layers[:8]]
+    assert [p.role for p in d.params] == ["block"] * 16 + ["head"] * 2
+    assert [p.depth for p in d.params[:16:2]] == list(range(8))
+    assert any("fused activation" in note for note in d.notes)
+    xs = _x((16,))
+    check_taps(model, d, xs, ("pre",))
+    # dL/d(output) of sigmoid layers: the vanishing shows at the taps, a factor of ~4 or more per layer.
+    _, grads = tap_values_and_grads(d, xs, mse_all(), "pre")
+    norms = [np.linalg.norm(g) for g in grads]
+    assert norms[0] < norms[-1] * 1e-2, norms
+
+
+def test_sequential_with_separate_activation_layers_taps_the_pre_activation():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,))] + sum([[L.Dense(8), L.Activation("tanh")] for _ in range(3)], [])
+                             + [L.Dense(3), L.Softmax()], name="unfused")
+    d = discover(model)
+    assert len(d.blocks) == 3 and all(b.pre_kind == "pre_activation" and not b.pre_fused for b in d.blocks)
+    assert [b.act.name for b in d.blocks] == [model.layers[i].name for i in (1, 3, 5)]
+    assert all(b.act_input is b.pre for b in d.blocks)  # Dense output -> Activation input
+    check_taps(model, d, _x((8,)), ("pre", "act_in"))
+
+
+def test_functional_lstm_blocks_are_the_recurrent_layers():
+    keras.utils.set_random_seed(0)
+    x = keras.Input((7, 3))
+    h = L.LSTM(5, return_sequences=True, name="lstm_a")(x)
+    h = L.LSTM(5, name="lstm_b")(h)
+    model = keras.Model(x, L.Dense(2, name="out")(h), name="lstm_net")
+    d = discover(model)
+    assert [b.name for b in d.blocks] == ["lstm_a", "lstm_b"]
+    assert [b.recurrent.name for b in d.blocks] == ["lstm_a", "lstm_b"] and all(b.pre_kind == "fused" for b in d.blocks)
+    assert [(p.layer, p.param) for p in d.params[:3]] == [("lstm_a", "kernel"), ("lstm_a", "recurrent_kernel"),
+                                                          ("lstm_a", "bias")]
+    check_rows_unique_and_complete(model, d)
+    check_taps(model, d, _x((7, 3)), ("pre",))
+
+
+def test_residual_model_with_default_names_is_grouped_by_its_add_nodes():
+    keras.utils.set_random_seed(0)
+    x = keras.Input((8, 8, 2))
+    h = L.Conv2D(4, 3, padding="same")(x)
+    for _ in range(3):
+        b = L.ReLU()(L.BatchNormalization()(L.Conv2D(4, 3, padding="same")(h)))
+        h = L.ReLU()(L.Add()([h, L.Conv2D(4, 3, padding="same")(b)]))
+    h = h + L.Dense(4)(h)  # a residual written with `+`
+    model = keras.Model(x, L.Dense(2)(L.GlobalAveragePooling2D()(h)), name="plain_names")
+    d = discover(model)
+    assert len(d.blocks) == 4 and all(b.source == "graph" and b.skip is not None for b in d.blocks)
+    assert [p.role for p in d.params][:2] == ["stem", "stem"] and [p.role for p in d.params][-2:] == ["head", "head"]
+    check_rows_unique_and_complete(model, d)
+    assert d.blocks[-1].pre_layer.startswith("dense")  # the branch of `h + Dense(h)`
+    check_taps(model, d, _x((8, 8, 2)), ("pre", "act_in", "skip", "branch"))
