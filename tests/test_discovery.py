@@ -351,3 +351,143 @@ def test_residual_model_with_default_names_is_grouped_by_its_add_nodes():
     check_rows_unique_and_complete(model, d)
     assert d.blocks[-1].pre_layer.startswith("dense")  # the branch of `h + Dense(h)`
     check_taps(model, d, _x((8, 8, 2)), ("pre", "act_in", "skip", "branch"))
+
+
+# ----------------------------------------------------------------------------------------- no graph, outputs
+
+
+class Net(keras.Model):
+    def __init__(self):
+        super().__init__(name="net")
+        self.body = L.Dense(6, activation="relu", name="body")
+        self.attn = L.MultiHeadAttention(2, 3, name="attn")
+        self.out = L.Dense(2, name="out")
+
+    def call(self, x):
+        h = self.body(x)
+        return self.out(self.attn(h[:, None], h[:, None])[:, 0])
+
+
+def test_subclassed_model_gets_rows_and_a_note_never_a_traceback():
+    keras.utils.set_random_seed(0)
+    model = Net()
+    xs = _x((5,))
+    model(xs)
+    d = discover(model)
+    assert d.blocks == [] and len(d.notes) == 1 and "functional API" in d.notes[0]
+    assert all(p.role == "other" and p.depth == -1 for p in d.params)
+    check_rows_unique_and_complete(model, d)
+    rows = [(p.layer, p.param) for p in d.params]
+    assert rows[:2] == [("body", "kernel"), ("body", "bias")] and rows[-2:] == [("out", "kernel"), ("out", "bias")]
+    assert ("attn", "query/kernel") in rows and ("attn", "attention_output/bias") in rows
+    # The per-tensor statistics need no taps: the rows line up with the gradients of a plain tape.
+    with tf.GradientTape() as tape:
+        flat, taps = d.split(d.tap_model(xs))
+        loss = mse_all()(d.pack_outputs(flat))
+    grads = tape.gradient(loss, model.trainable_variables)
+    assert all(g is not None for g in grads) and not any(taps.values())
+    with pytest.raises(AttributeError):  # what make_spec does today
+        make_spec(model)
+
+
+def test_model_without_blocks_says_so_and_what_to_do():
+    x = keras.Input((4,))
+    d = discover(keras.Model(x, L.Dense(2, name="only")(x), name="logreg"))
+    assert d.blocks == [] and [p.role for p in d.params] == ["other", "other"]
+    assert any("no blocks found" in n and "block_<i>_<part>" in n for n in d.notes)
+    unbuilt = keras.Sequential([L.Dense(3)])
+    d = discover(unbuilt)
+    assert d.blocks == [] and "keras.Input" in d.notes[0]
+
+
+def test_multi_output_model_keeps_every_output_and_the_compiled_loss_maps_them_by_name():
+    keras.utils.set_random_seed(0)
+    x = keras.Input((6,), name="x")
+    h = L.Activation("tanh", name="act1")(L.Dense(8, name="trunk1")(x))
+    h = L.Activation("tanh", name="act2")(L.Dense(8, name="trunk2")(h))
+    model = keras.Model(x, {"cls": L.Dense(3, name="cls")(h), "reg": L.Dense(1, name="reg")(h)}, name="two_heads")
+    model.compile(loss={"cls": keras.losses.SparseCategoricalCrossentropy(from_logits=True), "reg": "mse"},
+                  loss_weights={"cls": 1.0, "reg": 0.5})
+    d = discover(model)
+    assert d.n_outputs == 2 and d.output_names == ["cls", "reg"] and len(d.blocks) == 2
+    assert {p.layer for p in d.params if p.role == "head"} == {"cls", "reg"}
+    assert any("2 outputs" in n for n in d.notes)
+    xs, y = _x((6,)), {"cls": np.array([0, 1, 2, 0]), "reg": _x((1,), seed=1)}
+
+    def compiled(outputs):  # the model's own compiled loss over all outputs
+        return model.compute_loss(x=xs, y=y, y_pred=outputs)
+
+    packed = d.pack_outputs(d.split(d.tap_model(xs))[0])
+    assert set(packed) == {"cls", "reg"}
+    np.testing.assert_allclose(compiled(packed), compiled(model(xs)), rtol=1e-6)
+    check_taps(model, d, xs, ("pre", "act_in"), loss_fn=compiled)
+    # A wrapper returning the packed structure (what a probe's train_step does) compiles and fits with the
+    # same per-output losses as the model itself.
+    wrapper = _Wrapper(d)
+    wrapper.compile(loss={"cls": keras.losses.SparseCategoricalCrossentropy(from_logits=True), "reg": "mse"},
+                    loss_weights={"cls": 1.0, "reg": 0.5})
+    np.testing.assert_allclose(wrapper.compute_loss(x=xs, y=y, y_pred=wrapper(xs)), compiled(model(xs)), rtol=1e-6)
+
+
+class _Wrapper(keras.Model):
+    def __init__(self, d):
+        super().__init__()
+        self.tap = d.tap_model
+        self.output_names = d.output_names  # what a loss dict is matched against for list outputs
+        object.__setattr__(self, "d", d)
+
+    def call(self, x, training=False):
+        return self.d.pack_outputs(self.d.split(self.tap(x, training=training))[0])
+
+
+# ----------------------------------------------------------------------------------------- keras-hub
+
+hub = pytest.mark.skipif(importlib.util.find_spec("keras_hub") is None,
+                         reason="keras-hub not installed (optional extra: pip install .[hub])")
+TINY = dict(vocabulary_size=50, num_layers=2, num_heads=2, hidden_dim=64, intermediate_dim=128, max_sequence_length=16)
+
+
+def _tokens(n=2, t=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"token_ids": rng.integers(1, 50, (n, t)).astype("int32"), "padding_mask": np.ones((n, t), "int32")}
+
+
+@hub
+@pytest.mark.parametrize("arch", ["BertBackbone", "GPT2Backbone"])
+def test_keras_hub_backbones_are_blocks_of_transformer_layers_tapped_at_their_outputs(arch):
+    import keras_hub
+
+    keras.utils.set_random_seed(0)
+    model = getattr(keras_hub.models, arch)(**TINY)
+    d = discover(model)
+    assert [b.name for b in d.blocks] == ["transformer_layer_0", "transformer_layer_1"]
+    assert all(b.pre_kind == "block_output" and b.pre_fused for b in d.blocks)
+    assert {p.layer for p in d.params if p.role == "stem"} >= {"token_embedding", "position_embedding"}
+    check_rows_unique_and_complete(model, d)
+    rows = {(p.layer, p.param) for p in d.params}
+    attn = "self_attention_layer" if arch == "BertBackbone" else "self_attention"  # keras-hub's sublayer names
+    assert (f"transformer_layer_0/{attn}", "query/kernel") in rows
+    assert d.n_outputs == len(model.outputs)
+    feed = _tokens()
+    if arch == "BertBackbone":
+        feed["segment_ids"] = np.zeros_like(feed["token_ids"])
+    check_taps(model, d, feed, ("pre",))
+
+
+@hub
+def test_keras_hub_backbone_under_a_head_is_opened_with_unique_rows():
+    import keras_hub
+
+    keras.utils.set_random_seed(0)
+    bert = keras_hub.models.BertBackbone(**TINY, name="bert_backbone")  # auto-names count up across tests
+    inputs = {k: keras.Input((None,), dtype="int32", name=k) for k in ("token_ids", "segment_ids", "padding_mask")}
+    model = keras.Model(inputs, L.Dense(3, name="cls_head")(bert(inputs)["pooled_output"]), name="bert_cls")
+    d = discover(model)
+    assert [b.name for b in d.blocks] == ["bert_backbone/transformer_layer_0", "bert_backbone/transformer_layer_1"]
+    check_rows_unique_and_complete(model, d)
+    assert ("bert_backbone/transformer_layer_1/feedforward_output_dense", "kernel") in {(p.layer, p.param)
+                                                                                        for p in d.params}
+    assert {p.layer for p in d.params if p.role == "head"} == {"bert_backbone/pooled_dense", "cls_head"}
+    feed = {**_tokens(), "segment_ids": np.zeros((2, 8), "int32")}
+    np.testing.assert_allclose(d.split(d.tap_model(feed))[0][0], model(feed), rtol=1e-5, atol=1e-6)
+    check_taps(model, d, feed, ("pre",))
