@@ -142,11 +142,15 @@ class Discovery:
     outputs_struct: Any = None
 
     def split(self, outs: Any) -> tuple[list[Any], dict[str, list[Any]]]:
-        """``tap_model`` results -> (flat outputs, {group: [tensor per block in ``taps[group]``]})."""
-        outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
-        if len(outs) == 1 and self.n_outputs > 1:  # a subclassed model returning a structure
-            outs = tree.flatten(outs[0])
-        flat, rest, groups = outs[: self.n_outputs], outs[self.n_outputs:], {}
+        """``tap_model`` results -> (flat outputs, {group: [tensor per block in ``taps[group]``]}).
+
+        Without taps the whole result is output (for a subclassed model, its own structure as one item).
+        """
+        groups: dict[str, list[Any]] = {g: [] for g in TAP_GROUPS}
+        if not any(self.taps.get(g) for g in TAP_GROUPS):
+            return (tree.flatten(outs) if self.outputs_struct is not None else [outs]), groups
+        outs = list(outs)
+        flat, rest = outs[: self.n_outputs], outs[self.n_outputs:]
         for g in TAP_GROUPS:
             n = len(self.taps.get(g, []))
             groups[g], rest = rest[:n], rest[n:]
@@ -192,22 +196,11 @@ def discover(model: keras.Model) -> Discovery:
 def _view(index: int, g: rules.Group, anc: dict[int, int], counted: set[int]) -> BlockView:
     """The tap tensors of one group (zoo: by part names; otherwise by layer kinds and structure)."""
     b = BlockView(index, g.name, {k: u.op for k, u in g.parts.items()}, source=g.source)
-    ordered = sorted(g.units, key=lambda u: (u.level, u.order))
     if g.source == "zoo":
-        lin, act, add, gate = (g.parts.get(p) for p in ("linear", "act", "add", "gate"))
-        rec = g.parts.get("rnn")
-        res = (0, 1) if add is not None and len(add.inputs) == 2 else None
+        lin, act, add, gate, rec = (g.parts.get(p) for p in ("linear", "act", "add", "gate", "rnn"))
+        res = (0, 1) if add is not None and len(add.inputs) == 2 else None  # zoo: Add()([skip, branch])
     else:
-        adds = [u for u in ordered if rules.kind(u.op) == "add" and len(u.inputs) == 2]
-        add = adds[-1] if adds else None
-        res = rules.residual_inputs(add, anc, counted) if add is not None else None
-        branch_side = anc.get(add.sources[res[1]], 0) & ~anc.get(add.sources[res[0]], 0) if res and \
-            add.sources[res[1]] is not None else None
-        linear = [u for u in ordered if rules.kind(u.op) == "linear"]
-        on_branch = [u for u in linear if branch_side is None or (branch_side >> u.order) & 1]
-        lin = (on_branch or linear or [u for u in ordered if rules.kind(u.op) == "opaque"] or [None])[0]
-        act = next((u for u in ordered if rules.kind(u.op) == "act"), None)
-        rec = next((u for u in ordered if isinstance(u.op, (keras.layers.RNN, keras.layers.Bidirectional))), None)
+        lin, act, add, res, rec = _structural_parts(g, anc, counted)
         gate = None
     if lin is not None:
         b.pre, b.pre_layer = lin.outputs[0], lin.path
@@ -226,6 +219,25 @@ def _view(index: int, g: rules.Group, anc: dict[int, int], counted: set[int]) ->
             if w.name in ("alpha", "active") and tuple(w.shape) == ():
                 b.scalars.setdefault(w.name, w)
     return b
+
+
+def _structural_parts(g: rules.Group, anc: dict[int, int], counted: set[int]) -> tuple:
+    """``(linear, act, add, (skip, branch) input indices, recurrent)`` units of a names/graph block."""
+    ordered = sorted(g.units, key=lambda u: (u.level, u.order))
+    adds = [u for u in ordered if rules.kind(u.op) == "add" and len(u.inputs) == 2]
+    add = adds[-1] if adds else None  # the Add the block ends in
+    res = rules.residual_inputs(add, anc, counted) if add is not None else None
+    linear = [u for u in ordered if rules.kind(u.op) == "linear"]
+    if res is not None:
+        # Prefer the residual branch: ResNet's projection shortcut (conv2_block1_0_conv) is as deep as the
+        # branch's first conv (conv2_block1_1_conv), but the branch is what the block computes.
+        skip_src, branch_src = add.sources[res[0]], add.sources[res[1]]
+        own = anc.get(branch_src, 0) & ~anc.get(skip_src, 0) if branch_src is not None else 0
+        linear = [u for u in linear if (own >> u.order) & 1] or linear
+    lin = (linear or [u for u in ordered if rules.kind(u.op) == "opaque"] or [None])[0]
+    act = next((u for u in ordered if rules.kind(u.op) == "act"), None)
+    rec = next((u for u in ordered if isinstance(u.op, (keras.layers.RNN, keras.layers.Bidirectional))), None)
+    return lin, act, add, res, rec
 
 
 def _roles(units: list[Unit], groups: list[rules.Group], anc: dict[int, int], zoo: bool) -> dict[int, str]:

@@ -85,11 +85,14 @@ def reference(model, x, loss_fn, targets, training=False):
     return [seen[k] for k in keys], [g.numpy() for g in tape.gradient(loss, [eps[k] for k in keys])]
 
 
-def tap_values_and_grads(d, x, loss_fn, group, training=False):
+def tap_values_and_grads(d, x, loss_fn, groups, training=False):
+    """Values and gradients of the tap model's taps, group by group (one forward pass)."""
     with tf.GradientTape() as tape:
         flat, taps = d.split(d.tap_model(x, training=training))
         loss = loss_fn(d.pack_outputs(flat))
-    return [t.numpy() for t in taps[group]], [g.numpy() for g in tape.gradient(loss, taps[group])]
+    tensors = [t for g in groups for t in taps[g]]
+    grads = tape.gradient(loss, tensors)
+    return [t.numpy() for t in tensors], [g.numpy() if g is not None else None for g in grads]
 
 
 def mse_all(seed=0):
@@ -147,20 +150,22 @@ def check_taps(model, d, x, groups=("pre", "act_in"), loss_fn=None, training=Fal
     """The discovered taps hold the same values as the original model's tensors at those points, and the
     gradient at ``pre`` (the one the probe differentiates) equals the eps reference."""
     loss_fn = loss_fn or mse_all()
+    targets, what = [], []
     for group in groups:
         idx = d.taps[group]
+        assert idx, group
         if group == "pre":
-            targets = [(get(model, d.blocks[i].pre_layer), "out", 0) for i in idx]
+            targets += [(get(model, d.blocks[i].pre_layer), "out", 0) for i in idx]
         elif group == "act_in":
-            targets = [(d.blocks[i].act, "in", 0) for i in idx]
+            targets += [(d.blocks[i].act, "in", 0) for i in idx]
         else:  # skip / branch: the inputs of the block's Add, in Keras' Add()([shortcut, x]) order
-            targets = [(_add_of(d.blocks[i]), "in", 0 if group == "skip" else 1) for i in idx]
-        assert targets, group
-        got_v, got_g = tap_values_and_grads(d, x, loss_fn, group, training)
-        want_v, want_g = reference(model, x, loss_fn, targets, training)
-        assert_close(got_v, want_v, f"{group} values")
-        if group == "pre":
-            assert_close(got_g, want_g, "dL/d(pre)")
+            targets += [(_add_of(d.blocks[i]), "in", 0 if group == "skip" else 1) for i in idx]
+        what += [(group, i) for i in idx]
+    got_v, got_g = tap_values_and_grads(d, x, loss_fn, groups, training)
+    want_v, want_g = reference(model, x, loss_fn, targets, training)
+    assert_close(got_v, want_v, f"values of {what}")
+    pre = [k for k, (g, _) in enumerate(what) if g == "pre"]
+    assert_close([got_g[k] for k in pre], [want_g[k] for k in pre], "dL/d(pre)")
 
 
 # ----------------------------------------------------------------------------------------- zoo: unchanged
@@ -279,7 +284,7 @@ def test_keras_application_under_a_new_head_is_opened_and_tapped_with_shared_wei
     assert {p.layer for p in d.params if p.role == "head"} == {f"{base.name}/Conv_1", f"{base.name}/Conv_1_bn", "new_head"}
     check_rows_unique_and_complete(model, d)
     xs = _images()
-    for training in (False, True):  # BatchNorm: the flattened layers see the same training flag
+    for training in (False, True, None):  # BatchNorm: the flattened layers see the same training flag
         np.testing.assert_allclose(d.split(d.tap_model(xs, training=training))[0][0], model(xs, training=training),
                                    rtol=1e-5, atol=1e-6)
     check_taps(model, d, xs, ("pre", "skip"))
@@ -305,7 +310,7 @@ def test_sequential_sigmoid_mlp_with_fused_activations_is_eight_blocks_tapped_at
     xs = _x((16,))
     check_taps(model, d, xs, ("pre",))
     # dL/d(output) of sigmoid layers: the vanishing shows at the taps, a factor of ~4 or more per layer.
-    _, grads = tap_values_and_grads(d, xs, mse_all(), "pre")
+    _, grads = tap_values_and_grads(d, xs, mse_all(), ["pre"])
     norms = [np.linalg.norm(g) for g in grads]
     assert norms[0] < norms[-1] * 1e-2, norms
 
@@ -365,7 +370,7 @@ class Net(keras.Model):
 
     def call(self, x):
         h = self.body(x)
-        return self.out(self.attn(h[:, None], h[:, None])[:, 0])
+        return {"y": self.out(self.attn(h[:, None], h[:, None])[:, 0]), "hidden": h}
 
 
 def test_subclassed_model_gets_rows_and_a_note_never_a_traceback():
@@ -383,9 +388,11 @@ def test_subclassed_model_gets_rows_and_a_note_never_a_traceback():
     # The per-tensor statistics need no taps: the rows line up with the gradients of a plain tape.
     with tf.GradientTape() as tape:
         flat, taps = d.split(d.tap_model(xs))
-        loss = mse_all()(d.pack_outputs(flat))
+        outputs = d.pack_outputs(flat)
+        loss = mse_all()(outputs)
+    assert set(outputs) == {"y", "hidden"} and not any(taps.values())  # its own output structure, whole
     grads = tape.gradient(loss, model.trainable_variables)
-    assert all(g is not None for g in grads) and not any(taps.values())
+    assert all(g is not None for g in grads)
     with pytest.raises(AttributeError):  # what make_spec does today
         make_spec(model)
 
