@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from typing import Any, Callable
 
 import keras
 from keras.src.layers.convolutional.base_conv import BaseConv
@@ -154,18 +154,65 @@ def residual_inputs(add: Unit, anc: dict[int, int], counted: set[int]) -> tuple[
     return (1, 0) if own[1] < own[0] else (0, 1)
 
 
-def graph_groups(units: list[Unit], anc: dict[int, int]) -> list[Group]:
-    """Structure: each 2-input residual Add with its branch; without any, each linear layer that feeds
-    another linear layer starts a block. Parameter-free, norm and activation layers that follow a block
-    (only from it) join it."""
-    by_order = {u.order: u for u in units}
-    seeds: list[set[int]] = []
+def residual_sets(units: list[Unit], anc: dict[int, int]) -> list[set[int]]:
+    """Per 2-input Add with parametrised layers on a side: the ``order`` of the Add and of every unit on
+    exactly one side of it (the branch, and a projection shortcut if any)."""
+    orders = [u.order for u in units]
+    params = {u.order for u in units if has_params(u.op)}
+    sets = []
     for u in units:
         if kind(u.op) == "add" and len(u.sources) == 2:
             a, b = (anc.get(s, 0) if s is not None else 0 for s in u.sources)
-            members = {o for o in by_order if ((a ^ b) >> o) & 1} | {u.order}
-            if any(has_params(by_order[o].op) for o in members):
-                seeds.append(members)
+            members = {o for o in orders if ((a ^ b) >> o) & 1} | {u.order}
+            if members & params:
+                sets.append(members)
+    return sets
+
+
+def _grow(owner: dict[int, int], units: list[Unit], may_join: Callable[[Unit], bool]) -> None:
+    """Units fed only by one block (all their inputs come from it) join it, in topological order."""
+    for u in units:
+        if u.order in owner or not u.parents or not may_join(u):
+            continue
+        blocks = {owner.get(p) for p in u.parents}
+        if len(blocks) == 1 and None not in blocks:
+            owner[u.order] = blocks.pop()
+
+
+def _regroup(owner: dict[int, int], units: list[Unit], names: list[str], source: str,
+             part_of: Callable[[int, Unit], str]) -> list[Group]:
+    groups = []
+    for i, name in enumerate(names):
+        members = [u for u in units if owner.get(u.order) == i]
+        parts: dict[str, Unit] = {}
+        for m in members:
+            _add_parts(parts, part_of(i, m), m)
+        if members:
+            groups.append(Group(name, source, members, parts))
+    return groups
+
+
+def complete_named(groups: list[Group], units: list[Unit], anc: dict[int, int]) -> list[Group]:
+    """Adds to name-rule blocks what Keras left unnamed: the layers of a residual Add whose named layers
+    all belong to one block (Xception's shortcut ``conv2d`` + ``add``, ConvNeXt's ``add``), and
+    parameter-free layers fed only by a block (MobileNetV3's ``re_lu_3``)."""
+    owner = {u.order: i for i, g in enumerate(groups) for u in g.units}
+    for members in residual_sets(units, anc):
+        named = {owner[o] for o in members if o in owner}
+        if len(named) == 1:
+            i = named.pop()
+            for o in members:
+                owner.setdefault(o, i)
+    _grow(owner, units, lambda u: not has_params(u.op))
+    known = {id(u): k for g in groups for k, u in g.parts.items()}
+    return _regroup(owner, units, [g.name for g in groups], "names", lambda i, u: known.get(id(u), u.name))
+
+
+def graph_groups(units: list[Unit], anc: dict[int, int]) -> list[Group]:
+    """Structure: each 2-input residual Add with its branch; without any, each linear layer that feeds
+    another linear layer starts a block. Parameter-free, norm and activation layers fed only by a block
+    join it."""
+    seeds = residual_sets(units, anc)
     if not seeds:
         starts = [u.order for u in units if kind(u.op) in ("linear", "opaque")]
         down = 0
@@ -173,24 +220,14 @@ def graph_groups(units: list[Unit], anc: dict[int, int]) -> list[Group]:
             down |= anc[s] & ~(1 << s)
         seeds = [{s} for s in starts if (down >> s) & 1]
     owner: dict[int, int] = {}
-    for o in by_order:  # a unit inside nested residuals belongs to the innermost one
-        fits = [i for i, m in enumerate(seeds) if o in m]
+    for u in units:  # a unit inside nested residuals belongs to the innermost one
+        fits = [i for i, m in enumerate(seeds) if u.order in m]
         if fits:
-            owner[o] = min(fits, key=lambda i: len(seeds[i]))
-    for u in units:
-        if u.order in owner or kind(u.op) in ("linear", "opaque", "embedding") or not u.parents:
-            continue
-        blocks = {owner.get(p) for p in u.parents}
-        if len(blocks) == 1 and None not in blocks:
-            owner[u.order] = blocks.pop()
-    groups = []
+            owner[u.order] = min(fits, key=lambda i: len(seeds[i]))
+    _grow(owner, units, lambda u: kind(u.op) not in ("linear", "opaque", "embedding"))
+    names = []
     for i in range(len(seeds)):
-        members = [by_order[o] for o in sorted(o for o, g in owner.items() if g == i)]
-        if not members:
-            continue
-        first = next((m for m in members if kind(m.op) in ("linear", "opaque")), members[0])
-        parts: dict[str, Unit] = {}
-        for m in members:
-            _add_parts(parts, m.name, m)
-        groups.append(Group(first.path, "graph", members, parts))
-    return groups
+        members = [u for u in units if owner.get(u.order) == i]
+        first = next((m for m in members if kind(m.op) in ("linear", "opaque")), members[0] if members else None)
+        names.append(first.path if first is not None else "")
+    return _regroup(owner, units, names, "graph", lambda i, u: u.name)

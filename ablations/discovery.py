@@ -15,7 +15,9 @@ The rule, in order (the first one that finds blocks is used for the whole model)
    letter after the index: EfficientNet's ``block1a``), e.g. ``conv3_block2_`` (ResNet, DenseNet),
    ``block_1_`` (MobileNetV2), ``block3_`` (VGG), ``transformer_layer_3`` (keras-hub), plus MobileNet's
    ``expanded_conv[_<i>]``. Keras' automatic names count as a series (``my_block``, ``my_block_1``...).
-   Needs at least two such prefixes that hold a parametrised layer.
+   Needs at least two such prefixes that hold a parametrised layer. What Keras left unnamed joins a named
+   block when the structure says so: the layers of a residual Add whose named layers are all in that block
+   (Xception's shortcut ``conv2d`` and ``add``), and parameter-free layers fed only by it (a ``re_lu``).
 3. **graph** - structure: every 2-input residual ``Add`` (layer or ``+``) is a block holding the layers
    on both sides that are not shared by the two (its branch, and a projection shortcut if any); nested
    residuals go to the innermost. Without residual Adds, every linear layer (Dense, EinsumDense, Conv*,
@@ -178,7 +180,10 @@ def discover(model: keras.Model) -> Discovery:
         return _no_graph(model, str(e))
     units = [u for u in fg.units if u.call == 0]
     anc = rules.ancestry(fg.units)
-    groups = rules.zoo_groups(units) or rules.name_groups(units) or rules.graph_groups(units, anc)
+    groups = rules.zoo_groups(units)
+    if not groups:
+        groups = rules.name_groups(units)
+        groups = rules.complete_named(groups, units, anc) if groups else rules.graph_groups(units, anc)
     groups.sort(key=lambda g: (min(u.level for u in g.units), min(u.order for u in g.units)))
     counted = {u.order for u in units if rules.kind(u.op) in ("linear", "opaque")}
     blocks = [_view(i, g, anc, counted) for i, g in enumerate(groups)]

@@ -32,7 +32,8 @@ L = keras.layers
 @contextlib.contextmanager
 def eps_patch(tape: tf.GradientTape, targets: list[tuple[keras.layers.Layer, str, int]], eps: dict, seen: dict):
     """Wraps each ``(layer, where, i)``: ``where`` = "out" adds a watched zero tensor to the layer's first
-    output, "in" to its ``i``-th input (in the list an Add layer takes, else the ``i``-th argument), and records the tensor's value in ``seen``.
+    output, "in" to its ``i``-th input (in the list an Add layer takes, else the ``i``-th argument), and
+    records the tensor's value in ``seen``.
     The first call of each layer only."""
     originals = {}
     for layer, _, _ in targets:
@@ -264,7 +265,8 @@ def test_keras_applications_blocks_in_depth_order_and_gradients_at_taps(app):
         assert b.skip is b.layers["add"].input[0] and b.branch is b.layers["add"].input[1]
         assert {p.layer for p in d.params if p.block == "conv2_block1"} >= {"conv2_block1_0_conv", "conv2_block1_3_bn"}
     if app == "DenseNet121":  # transitions sit between dense blocks
-        assert {p.layer for p in d.params if p.role == "other"} == {f"pool{i}_{k}" for i in (2, 3, 4) for k in ("bn", "conv")}
+        transitions = {f"pool{i}_{k}" for i in (2, 3, 4) for k in ("bn", "conv")}
+        assert {p.layer for p in d.params if p.role == "other"} == transitions
     if app == "VGG16":  # Conv2D(activation="relu"): the gradient is taken at the post-activation output
         assert all(b.pre_fused and b.pre_kind == "fused" for b in d.blocks)
         assert any("fused activation" in note for note in d.notes)
@@ -281,7 +283,8 @@ def test_keras_application_under_a_new_head_is_opened_and_tapped_with_shared_wei
     assert len(model.trainable_variables) == n_vars  # nothing copied
     names = [b.name for b in d.blocks]
     assert len(names) == 17 and names[0] == f"{base.name}/expanded_conv" and names[-1] == f"{base.name}/block_16"
-    assert {p.layer for p in d.params if p.role == "head"} == {f"{base.name}/Conv_1", f"{base.name}/Conv_1_bn", "new_head"}
+    heads = {f"{base.name}/Conv_1", f"{base.name}/Conv_1_bn", "new_head"}
+    assert {p.layer for p in d.params if p.role == "head"} == heads
     check_rows_unique_and_complete(model, d)
     xs = _images()
     for training in (False, True, None):  # BatchNorm: the flattened layers see the same training flag
@@ -355,6 +358,26 @@ def test_residual_model_with_default_names_is_grouped_by_its_add_nodes():
     assert [p.role for p in d.params][:2] == ["stem", "stem"] and [p.role for p in d.params][-2:] == ["head", "head"]
     check_rows_unique_and_complete(model, d)
     assert d.blocks[-1].pre_layer.startswith("dense")  # the branch of `h + Dense(h)`
+    check_taps(model, d, _x((8, 8, 2)), ("pre", "act_in", "skip", "branch"))
+
+
+def test_named_blocks_take_in_their_unnamed_shortcut_and_activation():
+    """Xception / ConvNeXt / MobileNetV3 style: the block's own layers are named, Keras left the projection
+    shortcut, the Add and a ReLU with automatic names."""
+    keras.utils.set_random_seed(0)
+    x = keras.Input((8, 8, 2))
+    h = L.Conv2D(4, 3, padding="same", name="stem_conv")(x)
+    for i in (1, 2):
+        b = L.Conv2D(8, 3, padding="same", name=f"block{i}_conv1")(h)
+        b = L.ReLU()(L.BatchNormalization(name=f"block{i}_bn1")(b))  # unnamed activation
+        b = L.Conv2D(8, 3, padding="same", name=f"block{i}_conv2")(b)
+        h = L.Add()([L.Conv2D(8, 1)(h), b])  # unnamed projection shortcut and Add
+    model = keras.Model(x, L.Dense(2, name="out")(L.GlobalAveragePooling2D()(h)), name="xception_like")
+    d = discover(model)
+    assert [b.name for b in d.blocks] == ["block1", "block2"]
+    assert all(b.act is not None and b.skip is not None for b in d.blocks)
+    assert [p.role for p in d.params].count("other") == 0
+    assert [b.pre_layer for b in d.blocks] == ["block1_conv1", "block2_conv1"]  # the branch, not the shortcut
     check_taps(model, d, _x((8, 8, 2)), ("pre", "act_in", "skip", "branch"))
 
 
@@ -456,7 +479,9 @@ TINY = dict(vocabulary_size=50, num_layers=2, num_heads=2, hidden_dim=64, interm
 
 def _tokens(n=2, t=8, seed=0):
     rng = np.random.default_rng(seed)
-    return {"token_ids": rng.integers(1, 50, (n, t)).astype("int32"), "padding_mask": np.ones((n, t), "int32")}
+    mask = np.ones((n, t), "int32")
+    mask[0, t // 2:] = 0  # padding that the attention must skip: the mask reaches the flattened layers
+    return {"token_ids": rng.integers(1, 50, (n, t)).astype("int32"), "padding_mask": mask}
 
 
 @hub
