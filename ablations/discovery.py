@@ -47,6 +47,13 @@ has several of that name (``query/kernel``).
 
 Subclassed models have no graph: rows only (role ``other``), no blocks, a note. The tap model keeps every
 output of the model (flattened, ``model.outputs`` order) before the taps.
+
+Outputs and the compiled loss (Keras 3.15 ``CompileLoss``, checked in tests/test_discovery.py): one loss
+is applied to every output (the targets must have the outputs' structure) and the per-output losses are
+summed with ``loss_weights``; a dict loss is matched to a dict output's keys, or to ``model.output_names``
+when the outputs are a list; a list loss goes by position. A probe that wraps the model should therefore
+give its compiled loss ``pack_outputs(flat outputs)`` and copy ``output_names`` onto the wrapper (without
+it a dict loss on a list-output model fails with ``TypeError: 'NoneType' object is not iterable``).
 """
 
 from __future__ import annotations

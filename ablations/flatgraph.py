@@ -12,9 +12,11 @@ arguments: same layer objects, so the same weights (nothing is copied). Layers d
 are called again too, because their inputs are new tensors; everything else keeps its original tensors, so
 a model without nested models gets its own tensors back and no layer gains a node.
 
-Side effect of opening a nested model: its layers (and the outer layers after it) gain an inbound node, so
-their ``layer.output`` becomes ambiguous (Keras raises for layers with several nodes). The original model's
-outputs, ``model.save`` and its config are unaffected (they only follow the model's own nodes).
+Side effect of opening a nested model: its layers (and the outer layers after it) gain an inbound node.
+Keras' ``layer.output`` / ``layer.input`` keep returning the first call's tensors, i.e. the nested model's
+own graph, which the tap model cannot compute: take tensors from the units (or discovery's ``BlockView``),
+never from ``layer.output``. The original model's outputs, ``model.save`` and its config are unaffected
+(they follow the model's own nodes only).
 """
 
 from __future__ import annotations
