@@ -185,3 +185,75 @@ def get_space_with_timeout(client: Any, timeout: float) -> Any:
     """
     protos = tuner_protos()
     return client.stub.GetSpace(protos.get_service().GetSpaceRequest(), wait_for_ready=True, timeout=timeout)
+
+
+# ------------------------------------------------------------------------------ Keras functional graphs
+
+
+def functional_graph(model: Any) -> Any:
+    """The ``Functional`` graph behind ``model`` (itself, or a built Sequential's), else None.
+
+    Why: walking a model's nodes (block discovery, opening nested models) needs Keras' ``Functional`` class
+    and a Sequential's internal ``_functional`` graph; neither is public. Checked on Keras 3.15.
+    """
+    import keras
+    from keras.src.models.functional import Functional
+
+    if isinstance(model, keras.Sequential):
+        return getattr(model, "_functional", None)
+    return model if isinstance(model, Functional) else None
+
+
+def graph_nodes(fn: Any) -> list[Any]:
+    """``fn``'s nodes from its inputs to its outputs (``Functional._nodes_by_depth``, deepest first)."""
+    return [node for depth in sorted(fn._nodes_by_depth, reverse=True) for node in fn._nodes_by_depth[depth]]  # noqa: SLF001
+
+
+def inputs_struct(fn: Any) -> Any:
+    """The structure ``fn`` was built with for its inputs (``Functional._inputs_struct``)."""
+    return fn._inputs_struct  # noqa: SLF001
+
+
+def outputs_struct(fn: Any) -> Any:
+    """The structure of ``fn``'s outputs (``Functional._outputs_struct``)."""
+    return fn._outputs_struct  # noqa: SLF001
+
+
+def node_arguments(node: Any, tensors: dict[int, Any]) -> tuple[tuple, dict]:
+    """A node's call arguments with its input tensors replaced (``node.arguments.fill_in``), to call its
+    operation again on other tensors with the same keyword arguments (keras-hub's ``padding_mask``)."""
+    return node.arguments.fill_in(tensors)
+
+
+def takes_training(op: Any) -> bool:
+    """Whether a layer's ``call`` takes ``training`` (``Layer._call_has_training_arg``)."""
+    return bool(getattr(op, "_call_has_training_arg", False))
+
+
+def own_trainable_variables(layer: Any) -> list[Any]:
+    """The trainable variables a layer created itself, not its sublayers' (``Layer._trainable_variables``)."""
+    return list(getattr(layer, "_trainable_variables", []))
+
+
+def sublayers(layer: Any) -> list[Any]:
+    """A layer's direct sublayers (``Layer._layers``), to name variables by their path below the layer."""
+    return list(getattr(layer, "_layers", []))
+
+
+def linear_layer_bases() -> tuple[type, ...]:
+    """Keras' convolution base classes (``keras.src.layers.convolutional``): every Conv*D, transposed,
+    depthwise and separable convolution is a "linear" layer for block discovery."""
+    from keras.src.layers.convolutional.base_conv import BaseConv
+    from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
+    from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
+    from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
+
+    return BaseConv, BaseConvTranspose, BaseDepthwiseConv, BaseSeparableConv
+
+
+def add_op_class() -> type:
+    """The operation class of ``a + b`` between KerasTensors (``keras.src.ops.numpy.Add``): a residual sum
+    written with ``+`` instead of an ``Add`` layer."""
+    from keras.src.ops.numpy import Add
+
+    return Add

@@ -20,7 +20,7 @@ import tensorflow as tf
 from keras import tree
 
 import zoo
-from ablations.discovery import discover
+from ablations.probe.discovery import discover
 from ablations.probe import make_spec
 
 L = keras.layers
@@ -185,22 +185,49 @@ def _zoo_small(name):
     return zoo.build(name, input_shape=shape, num_outputs=3, **kw)
 
 
+def _zoo_reference(model):
+    """The zoo convention read straight off the layer names (the probe's rule before discovery existed):
+    rows as ``(depth, block, layer, param, role, size)`` and per block the tensors of each tap."""
+    import numpy as np
+
+    layer_of = {id(v): layer.name for layer in model.layers for v in layer.trainable_weights}
+    rows = []
+    for v in model.trainable_variables:
+        name = layer_of[id(v)]
+        role, depth = zoo.layer_role(name)
+        parsed = zoo.parse_layer_name(name)
+        rows.append(dict(depth=depth, block=name[: -len(parsed[1]) - 1] if parsed else name, layer=name,
+                         param=v.name, role=role, size=int(np.prod(v.shape)), path=v.path))
+    names = [(r["layer"], r["param"]) for r in rows]
+    for r in rows:  # several tensors of one name in a layer: the path below the layer
+        if names.count((r["layer"], r["param"])) > 1:
+            r["param"] = r["path"].split("/", 1)[1]
+    taps = []
+    for b in zoo.blocks(model):
+        add = b.layers.get("add")
+        taps.append(dict(pre=b.linear.output if b.linear is not None else None,
+                         act_input=b.act.input if b.act is not None else None,
+                         skip=add.input[0] if add is not None else None, branch=add.input[1] if add is not None else None,
+                         gate=b.layers["gate"].output if "gate" in b.layers else None))
+    return [{k: v for k, v in r.items() if k != "path"} for r in rows], zoo.blocks(model), taps
+
+
 @pytest.mark.parametrize("name", zoo.names())
-def test_zoo_models_give_exactly_make_spec(name):
+def test_zoo_models_give_exactly_the_zoo_convention(name):
     model = _zoo_small(name)
-    d, spec = discover(model), make_spec(model)
-    assert d.params_frame().to_dict("records") == spec.params.to_dict("records")
-    assert [(b.index, b.name) for b in d.blocks] == list(zip(spec.blocks["depth"], spec.blocks["block"]))
+    d = discover(model)
+    rows, blocks, taps = _zoo_reference(model)
+    assert d.params_frame().to_dict("records") == rows
+    assert [(b.index, b.name) for b in d.blocks] == [(b.index, b.prefix) for b in blocks]
     assert all(b.source == "zoo" for b in d.blocks)
-    # The very same KerasTensors, in the same order and groups (no layer was called again).
-    assert len(d.tap_model.outputs) == len(spec.tap_model.outputs)
-    assert all(a is b for a, b in zip(d.tap_model.outputs, spec.tap_model.outputs))
-    assert {k: len(v) for k, v in d.taps.items()} == {k: b - a for k, (a, b) in spec.groups.items()}
-    assert d.taps["pre"] == spec.pre_rows and d.taps["act_in"] == spec.act_rows
-    assert d.taps["skip"] == spec.res_rows and d.taps["gate"] == spec.gate_rows
-    assert [d.blocks[i].act for i in d.taps["act_in"]] == spec.act_layers
-    assert {k: [(r, id(v)) for r, v in rows] for k, rows in spec.scalars.items()} == \
-        {k: [(b.index, id(b.scalars[k])) for b in d.blocks if k in b.scalars] for k in spec.scalars}
+    # The very same KerasTensors (no layer was called again).
+    for view, want in zip(d.blocks, taps):
+        for attr, tensor in want.items():
+            assert getattr(view, attr) is tensor, (view.name, attr)
+    assert [v.act for v in d.blocks] == [b.act for b in blocks]
+    scalars = {(b.index, w.name): id(w) for b in blocks for layer in b.layers.values() for w in layer.weights
+               if w.name in ("alpha", "active") and tuple(w.shape) == ()}
+    assert {(v.index, k): id(w) for v in d.blocks for k, w in v.scalars.items()} == scalars
     check_rows_unique_and_complete(model, d)
 
 
@@ -416,8 +443,8 @@ def test_subclassed_model_gets_rows_and_a_note_never_a_traceback():
     assert set(outputs) == {"y", "hidden"} and not any(taps.values())  # its own output structure, whole
     grads = tape.gradient(loss, model.trainable_variables)
     assert all(g is not None for g in grads)
-    with pytest.raises(AttributeError):  # what make_spec does today
-        make_spec(model)
+    spec = make_spec(model)  # the probe's spec of a subclassed model: rows and the note, no traceback
+    assert not spec.graph and len(spec.params) == len(d.params) and spec.notes == d.notes
 
 
 def test_model_without_blocks_says_so_and_what_to_do():

@@ -76,6 +76,11 @@ class BlockView:
         gate: a highway transform gate's output.
         scalars: scalar weights read as block statistics (ReZero ``alpha``, stochastic depth's ``active``).
         recurrent: the block's recurrent layer.
+        pre_kind: ``pre_activation``; ``fused`` (the output of a layer with a fused activation, or of a
+            recurrent layer: after the activation); ``block_output`` (the output of a custom layer whose
+            inside cannot be tapped, e.g. keras-hub's transformer layers).
+        pre_layer: the path of the layer whose output ``pre`` is.
+        source: the discovery rule that found the block: ``zoo``, ``names`` or ``graph``.
     """
 
     index: int
@@ -83,6 +88,8 @@ class BlockView:
     layers: dict = dataclasses.field(default_factory=dict)
     pre: Any = None
     pre_fused: bool = False
+    pre_kind: str = ""
+    pre_layer: str = ""
     act: Any = None
     act_input: Any = None
     skip: Any = None
@@ -90,6 +97,7 @@ class BlockView:
     gate: Any = None
     scalars: dict = dataclasses.field(default_factory=dict)
     recurrent: Any = None
+    source: str = "zoo"
 
 
 @dataclasses.dataclass
@@ -102,7 +110,10 @@ class ProbeSpec:
             ``net.trainable_variables`` order.
         blocks: one row per block (``depth, block``).
         views: the blocks' :class:`BlockView`, in the order of ``blocks``.
-        notes: what the spec could not find, in words (shown by ``measure``/``run``).
+        notes: what discovery found and what not, in words (shown by ``measure``/``run``/``diagnose``).
+        inputs, outputs: the (flattened) graph's input structure and flat outputs a tap model is built from;
+            ``inputs`` is None for a model without a functional graph (subclassed).
+        outputs_struct, output_names: the model's output structure and names (its compiled loss's keys).
     """
 
     net: Any
@@ -110,6 +121,23 @@ class ProbeSpec:
     blocks: pd.DataFrame
     views: list
     notes: list = dataclasses.field(default_factory=list)
+    inputs: Any = None
+    outputs: list = dataclasses.field(default_factory=list)
+    outputs_struct: Any = None
+    output_names: Any = None
+
+    @property
+    def graph(self) -> bool:
+        """Whether the model has a functional graph (taps possible)."""
+        return self.inputs is not None
+
+    def pack_outputs(self, flat: list) -> Any:
+        """Flat outputs -> the model's own output structure (dict, list or tensor), for its compiled loss."""
+        if self.outputs_struct is None:
+            return flat[0] if len(flat) == 1 else flat
+        from keras import tree
+
+        return tree.pack_sequence_as(self.outputs_struct, flat)
 
     @property
     def n_params(self) -> int:

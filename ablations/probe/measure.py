@@ -12,7 +12,8 @@ import tensorflow as tf
 from ablations import instruments
 from ablations.instruments.base import SHARED_TABLES, Reducer, StepContext
 from ablations.instruments.block_scalars import off_mask
-from ablations.probe.model import assemble, build_instruments, capture_dict, collect_taps, table_layout
+from ablations.probe.model import (assemble, build_instruments, capture_dict, collect_taps, split_outputs,
+                                   table_layout, tap_model)
 from ablations.probe.recorder import derive, long_table
 from ablations.probe.spec import make_spec
 
@@ -39,18 +40,12 @@ def measure_tables(model: keras.Model, batch: Any, loss: Any, *, training: bool 
     spec = make_spec(model)
     insts = [i for i in build_instruments(spec, capture_dict(capture)) if not i.snapshot_only]
     taps = collect_taps(insts)
-    flat = [t for ts in taps.values() for t in ts]
-    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
-    tap_model = keras.Model(inputs, [model.outputs[0], *flat])
+    model_taps = tap_model(spec, taps)
     variables = model.trainable_variables
     grad_taps = list(dict.fromkeys(n for i in insts for n in i.grad_taps))
     with tf.GradientTape() as tape:
-        outs = tap_model(x, training=training)
-        outs = outs if isinstance(outs, (list, tuple)) else [outs]
-        value = tf.reduce_mean(loss_fn(y, outs[0]))
-    got, k = {}, 1
-    for name, ts in taps.items():
-        got[name], k = list(outs[k:k + len(ts)]), k + len(ts)
+        y_pred, got = split_outputs(spec, {k: len(v) for k, v in taps.items()}, model_taps(x, training=training))
+        value = tf.reduce_mean(loss_fn(y, y_pred))
     tap_list = [t for n in grad_taps for t in got[n]]
     grads = tape.gradient(value, variables + tap_list)
     ctx = StepContext(spec=spec, model=_LossOnly(loss_fn), x=x, y=y, sample_weight=None,

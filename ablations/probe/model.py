@@ -80,9 +80,12 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
         insts = build_instruments(spec, cap, time=time)
         taps = collect_taps(insts)
         self.every = int(cap.get("every", 1))
-        inputs = net.inputs[0] if len(net.inputs) == 1 else net.inputs  # same structure as the data
-        self.tap_model = keras.Model(inputs, [net.outputs[0], *[t for ts in taps.values() for t in ts]],
-                                     name=f"{net.name}_taps")
+        self.tap_model = tap_model(spec, taps)
+        if spec.output_names:  # a compiled loss given as a dict is matched to these (several outputs)
+            try:
+                self.output_names = list(spec.output_names)
+            except AttributeError:
+                pass
         object.__setattr__(self, "net", net)
         object.__setattr__(self, "spec", spec)
         object.__setattr__(self, "instruments", insts)
@@ -95,8 +98,7 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
         return [i for i in self.instruments if not i.snapshot_only]
 
     def call(self, inputs: Any, training: bool = False) -> Any:
-        outs = self.tap_model(inputs, training=training)
-        return outs[0] if isinstance(outs, (list, tuple)) else outs
+        return split_outputs(self.spec, self.tap_groups, self.tap_model(inputs, training=training))[0]
 
     def train_step(self, data: Any) -> dict[str, Any]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -128,17 +130,12 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
     def _forward(self, x: Any, y: Any, sample_weight: Any) -> tuple[Any, Any, Any, dict[str, list[Any]]]:
         """One forward pass under the tape: ``(tape, y_pred, loss, taps)``; the loss tracker is updated."""
         with tf.GradientTape() as tape:
-            outs = self.tap_model(x, training=True)
-            outs = outs if isinstance(outs, (list, tuple)) else [outs]  # no taps: Keras returns the bare output
-            y_pred = outs[0]
+            y_pred, taps = split_outputs(self.spec, self.tap_groups, self.tap_model(x, training=True))
             loss = compat.compute_loss(self, x, y, y_pred, sample_weight)
             local_loss = compat.unscale_loss(loss)
             batch = tf.shape(next(i for i in tf.nest.flatten(x) if i is not None))[0]
             compat.track_loss(self, local_loss, batch)
             scaled_loss = self.optimizer.scale_loss(loss)
-        taps, k = {}, 1
-        for name, n in self.tap_groups.items():
-            taps[name], k = list(outs[k:k + n]), k + n
         return tape, y_pred, (local_loss, scaled_loss), taps
 
     def _step(self, x: Any, y: Any, sample_weight: Any, step: Any, capture: bool, due: Any = None) -> Any:
@@ -208,6 +205,30 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
             else:
                 value = unlowered_cond(now, run, lambda inst=inst: tf.fill(inst.shape(), float("nan")))
             self.ring.write(inst.every, step, {inst.table: value}, due=now)
+
+
+# ------------------------------------------------------------------------------------- the tap model
+
+
+def tap_model(spec: Any, taps: dict[str, list[Any]]) -> Any:
+    """``x -> [*outputs, *taps]`` from one forward pass; a model without a graph (subclassed) is its own,
+    tapless tap model."""
+    if not spec.graph:
+        return spec.net
+    return keras.Model(spec.inputs, [*spec.outputs, *[t for ts in taps.values() for t in ts]],
+                       name=f"{spec.net.name}_taps")
+
+
+def split_outputs(spec: Any, groups: dict[str, int], outs: Any) -> tuple[Any, dict[str, list[Any]]]:
+    """Tap-model results -> (the model's outputs in its own structure, {tap name: tensors})."""
+    if not spec.graph:
+        return outs, {}
+    outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]  # Keras unpacks one-element lists
+    n = len(spec.outputs)
+    taps, k = {}, n
+    for name, count in groups.items():
+        taps[name], k = outs[k:k + count], k + count
+    return spec.pack_outputs(outs[:n]), taps
 
 
 # ------------------------------------------------------------------------------------------- layout

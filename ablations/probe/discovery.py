@@ -24,7 +24,7 @@ The rule, in order (the first one that finds blocks is used for the whole model)
    attention, recurrent, or a custom layer with weights) that feeds another linear layer starts a block.
    Parameter-free, normalisation and activation layers fed only by a block join it.
 
-Nested functional and Sequential models are opened (:mod:`ablations.flatgraph`): their layers are named
+Nested functional and Sequential models are opened (:mod:`ablations.probe.flatgraph`): their layers are named
 with the nesting (``resnet50/conv2_block1_1_conv``) and block names carry it (``plain_mlp/block_000``).
 Blocks are ordered by their depth in the graph (longest path from the inputs); ``index`` 0 is nearest the
 input. A parametrised layer outside every block is ``stem`` when it only feeds blocks (before the first),
@@ -65,52 +65,12 @@ import keras
 import numpy as np
 from keras import tree
 
-from ablations import blockrules as rules
-from ablations.flatgraph import FlatGraph, NotAGraph, Unit, flatten
+from ablations import compat
+from ablations.instruments.base import BlockView
+from ablations.probe import blockrules as rules
+from ablations.probe.flatgraph import FlatGraph, NotAGraph, Unit, flatten
 
 TAP_GROUPS = ("pre", "act_in", "skip", "branch", "gate")  # order of the taps after the outputs
-
-
-@dataclasses.dataclass
-class BlockView:
-    """One block and the tensors the probe reads (KerasTensors of ``Discovery.tap_model``'s graph).
-
-    Attributes:
-        index: depth order, 0 nearest the input.
-        name: e.g. ``block_007``, ``conv3_block2``, ``bert_backbone/transformer_layer_0``.
-        layers: part -> layer (zoo: ``linear``, ``act``, ``add``, ``gate``, ``rnn``...; names rule: the
-            name after the prefix, e.g. ``1_conv``; graph rule: the layer name).
-        pre: tensor whose gradient is the block's dL/dz: output of its first linear layer.
-        pre_fused: True when ``pre`` is not a pre-activation (``pre_kind`` is not ``pre_activation``).
-        pre_kind: ``pre_activation``; ``fused`` (output of a layer with a fused activation or of a
-            recurrent layer: post-activation); ``block_output`` (output of a custom layer, e.g. keras-hub's
-            TransformerEncoder, whose inside cannot be tapped).
-        pre_layer: path of the layer whose output ``pre`` is.
-        act: first element-wise activation layer of the block.
-        act_input: its input.
-        skip: residual sum input on the shortcut side, when the block ends in a 2-input Add.
-        branch: the other input of that Add.
-        gate: highway gate output (zoo: ``block_<i>_gate``).
-        scalars: scalar weights read as block statistics (ReZero ``alpha``, stochastic depth ``active``).
-        recurrent: the block's recurrent layer, if any.
-        source: ``zoo``, ``names`` or ``graph`` (the rule that found it).
-    """
-
-    index: int
-    name: str
-    layers: dict[str, keras.layers.Layer]
-    pre: Any = None
-    pre_fused: bool = False
-    pre_kind: str = ""
-    pre_layer: str = ""
-    act: keras.layers.Layer | None = None
-    act_input: Any = None
-    skip: Any = None
-    branch: Any = None
-    gate: Any = None
-    scalars: dict[str, Any] = dataclasses.field(default_factory=dict)
-    recurrent: keras.layers.Layer | None = None
-    source: str = "zoo"
 
 
 @dataclasses.dataclass
@@ -149,6 +109,8 @@ class Discovery:
     n_outputs: int = 1
     output_names: list[str] | None = None
     outputs_struct: Any = None
+    inputs: Any = None  # the flattened graph's inputs (what a tap model is built from); None: no graph
+    outputs: list[Any] = dataclasses.field(default_factory=list)  # its outputs, flattened
 
     def split(self, outs: Any) -> tuple[list[Any], dict[str, list[Any]]]:
         """``tap_model`` results -> (flat outputs, {group: [tensor per block in ``taps[group]``]}).
@@ -202,7 +164,8 @@ def discover(model: keras.Model) -> Discovery:
         notes.append(dup_note)
     tap_model, taps = _tap_model(model, fg, blocks)
     return Discovery(blocks, params, tap_model, notes, taps, len(fg.outputs),
-                     list(getattr(model, "output_names", None) or []) or None, fg.outputs_struct)
+                     list(getattr(model, "output_names", None) or []) or None, fg.outputs_struct,
+                     inputs=fg.inputs, outputs=list(fg.outputs))
 
 
 def _view(index: int, g: rules.Group, anc: dict[int, int], counted: set[int]) -> BlockView:
@@ -278,8 +241,8 @@ def _roles(units: list[Unit], groups: list[rules.Group], anc: dict[int, int], zo
 
 def _relnames(layer: Any) -> list[tuple[str, Any]]:
     """``(name below layer, variable)`` of a built-in layer's trainable variables (``query/kernel``)."""
-    out = [(v.name, v) for v in getattr(layer, "_trainable_variables", [])]
-    for sub in getattr(layer, "_layers", []):
+    out = [(v.name, v) for v in compat.own_trainable_variables(layer)]
+    for sub in compat.sublayers(layer):
         out += [(f"{sub.name}/{n}", v) for n, v in _relnames(sub)]
     return out
 
@@ -291,8 +254,8 @@ def _layer_vars(layer: Any, path: str) -> list[tuple[str, str, Any]]:
         seen = {id(v) for _, v in named}
         named += [(v.name, v) for v in layer.trainable_weights if id(v) not in seen]  # untracked by _layers
         return [(path, n, v) for n, v in named]
-    out = [(path, v.name, v) for v in getattr(layer, "_trainable_variables", [])]
-    for sub in getattr(layer, "_layers", []):
+    out = [(path, v.name, v) for v in compat.own_trainable_variables(layer)]
+    for sub in compat.sublayers(layer):
         out += _layer_vars(sub, f"{path}/{sub.name}")
     return out
 

@@ -26,7 +26,8 @@ from typing import Any
 
 import keras
 from keras import tree
-from keras.src.models.functional import Functional
+
+from ablations import compat
 
 
 class NotAGraph(ValueError):
@@ -90,13 +91,9 @@ class FlatGraph:
     notes: list[str]
 
 
-def graph_of(model: Any) -> Functional | None:
+def graph_of(model: Any) -> Any:
     """The functional graph behind ``model``: itself, a built Sequential's, else ``None``."""
-    if isinstance(model, keras.Sequential):
-        return getattr(model, "_functional", None)
-    if isinstance(model, Functional):
-        return model
-    return None
+    return compat.functional_graph(model)
 
 
 def flatten(model: keras.Model) -> FlatGraph:
@@ -113,10 +110,10 @@ def flatten(model: keras.Model) -> FlatGraph:
     for t in fn.inputs:
         walk.level[id(t)] = 0
     walk.run(fn, tensors, scope="", training=None)
-    struct = fn._inputs_struct
+    struct = compat.inputs_struct(fn)
     if isinstance(struct, (list, tuple)) and len(struct) == 1:
         struct = struct[0]  # same structure as the data, like the probe's tap model so far
-    return FlatGraph(struct, [tensors[id(t)] for t in fn.outputs], fn._outputs_struct, walk.units, walk.opened,
+    return FlatGraph(struct, [tensors[id(t)] for t in fn.outputs], compat.outputs_struct(fn), walk.units, walk.opened,
                      walk.notes)
 
 
@@ -131,19 +128,18 @@ class _Walk:
         self.opened: list[str] = []
         self.notes: list[str] = []
 
-    def run(self, fn: Functional, tensors: dict[int, Any], scope: str, training: Any) -> None:
+    def run(self, fn: Any, tensors: dict[int, Any], scope: str, training: Any) -> None:
         """Walks ``fn``'s nodes; ``tensors`` maps ``fn``'s tensors to the flattened graph (updated in place)."""
-        for depth in sorted(fn._nodes_by_depth, reverse=True):
-            for node in fn._nodes_by_depth[depth]:
-                if node.operation is None or node.is_input:
-                    continue
-                self._node(node, tensors, scope, training)
+        for node in compat.graph_nodes(fn):
+            if node.operation is None or node.is_input:
+                continue
+            self._node(node, tensors, scope, training)
 
     def _node(self, node: Any, tensors: dict[int, Any], scope: str, training: Any) -> None:
         op = node.operation
         new_in = [tensors[id(t)] for t in node.input_tensors]
-        args, kwargs = node.arguments.fill_in(tensors)
-        if training is not None and getattr(op, "_call_has_training_arg", False):
+        args, kwargs = compat.node_arguments(node, tensors)
+        if training is not None and compat.takes_training(op):
             kwargs = {**kwargs, "training": training}  # an outer `base(x, training=False)` reaches its layers
         inner = graph_of(op)
         if inner is not None:
@@ -157,7 +153,7 @@ class _Walk:
             tensors[id(old)] = new
         self._add(op, scope, new_in, outs)
 
-    def _open(self, op: Any, inner: Functional, node: Any, args: tuple, kwargs: dict, tensors: dict[int, Any],
+    def _open(self, op: Any, inner: Any, node: Any, args: tuple, kwargs: dict, tensors: dict[int, Any],
               scope: str) -> None:
         """Calls the nested model's layers on the outer tensors (its graph, flattened into this one)."""
         value = args[0] if args else kwargs.get("inputs")
@@ -188,9 +184,9 @@ class _Walk:
             self.producer[id(t)] = order
 
 
-def _match_inputs(inner: Functional, value: Any) -> dict[int, Any]:
+def _match_inputs(inner: Any, value: Any) -> dict[int, Any]:
     """Maps a nested model's ``Input`` tensors to the values it was called with (as its own call would)."""
-    struct = inner._inputs_struct
+    struct = compat.inputs_struct(inner)
     if isinstance(value, dict) and not isinstance(struct, dict):
         value = [value[t.name] for t in tree.flatten(struct)]  # Functional matches dict keys to Input names
     flat = tree.flatten(value)

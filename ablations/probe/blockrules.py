@@ -1,6 +1,6 @@
 """Layer kinds and the three rules that group a flattened graph's layer calls into blocks.
 
-Used by :mod:`ablations.discovery` (its docstring states the rules for users). Each rule returns
+Used by :mod:`ablations.probe.discovery` (its docstring states the rules for users). Each rule returns
 :class:`Group` objects in no particular order; discovery sorts them by depth in the graph.
 """
 
@@ -11,17 +11,15 @@ import re
 from typing import Any, Callable
 
 import keras
-from keras.src.layers.convolutional.base_conv import BaseConv
-from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
-from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
-from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
-from keras.src.ops.numpy import Add as AddOp
 
-from ablations.flatgraph import Unit
+from ablations import compat
+from ablations.probe.flatgraph import Unit
+
+AddOp = compat.add_op_class()
 
 L = keras.layers
 # Layers whose output is the pre-activation of a block (or, with a fused activation, its post-activation).
-LINEAR_TYPES = (L.Dense, L.EinsumDense, BaseConv, BaseConvTranspose, BaseDepthwiseConv, BaseSeparableConv,
+LINEAR_TYPES = (L.Dense, L.EinsumDense, *compat.linear_layer_bases(),
                 L.MultiHeadAttention, L.GroupQueryAttention, L.RNN, L.Bidirectional)
 NORM_TYPES = (L.BatchNormalization, L.LayerNormalization, L.GroupNormalization, L.RMSNormalization,
               L.UnitNormalization)
