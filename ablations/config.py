@@ -115,6 +115,23 @@ class TrainConfig(Strict):
     loss: Literal["auto", "sparse_categorical_crossentropy", "mse"] = "auto"  # auto: from the dataset's task
     steps_per_execution: int = Field(1, gt=0)  # steps per compiled call (fewer host round trips)
     jit_compile: bool = False
+    # Resume inside an arm (ablations/checkpoint.py): save the state every N steps and/or every N epochs
+    # (null: never), so a killed arm loses at most one interval.
+    checkpoint_steps: Optional[int] = Field(None, gt=0)
+    checkpoint_epochs: Optional[int] = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _whole_executions(self) -> "TrainConfig":
+        # Keras runs whole executions: with a fixed number of steps per epoch it would run the remainder of
+        # the last execution too (24 steps for 22 at steps_per_execution 4), and epochs would drift.
+        if self.steps_per_epoch and self.steps_per_epoch % self.steps_per_execution:
+            raise ValueError(f"train.steps_per_epoch ({self.steps_per_epoch}) must be a multiple of "
+                             f"train.steps_per_execution ({self.steps_per_execution})")
+        if self.checkpoint_steps and self.checkpoint_steps % self.steps_per_execution:
+            raise ValueError(f"train.checkpoint_steps ({self.checkpoint_steps}) must be a multiple of "
+                             f"train.steps_per_execution ({self.steps_per_execution}): checkpoints are taken "
+                             f"between executions")
+        return self
 
 
 class CaptureConfig(Strict):

@@ -34,6 +34,7 @@ class Session:
     net: Any
     model: Any
     drain: Any
+    resumed_from: int = 0  # the step training continued from (0: a fresh start)
 
 
 def run_arm(arm: Arm, arm_dir: Path, *, index: int = 0, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
@@ -67,7 +68,7 @@ def run_arm(arm: Arm, arm_dir: Path, *, index: int = 0, callbacks: Sequence[Any]
         session = setup(cfg)
         extra = [cb(session.drain) if callable(cb) and not isinstance(cb, keras.callbacks.Callback) else cb
                  for cb in callbacks]
-        tables, history = train(cfg, session, extra)
+        tables, history = train(cfg, session, extra, arm_dir)
         epochs = epochs_table(history)
         write_tables(arm_dir, cfg, tables, epochs, session.net)
         summary.update(results(cfg, session, tables, history, extra))
@@ -78,6 +79,10 @@ def run_arm(arm: Arm, arm_dir: Path, *, index: int = 0, callbacks: Sequence[Any]
         keras.mixed_precision.set_global_policy(policy)
     summary["wall_time_s"] = round(time.time() - start, 3)
     store.write_json(arm_dir / "summary.json", summary)
+    from ablations import checkpoint
+
+    if summary["status"] != "failed":  # a failed arm keeps its checkpoint: the rerun continues from it
+        checkpoint.clear(arm_dir)  # after the summary: a kill in between leaves a finished arm and a stale file
     return summary
 
 
@@ -103,6 +108,9 @@ def setup(cfg: ArmConfig) -> Session:
     steps = cfg.train.steps_per_epoch or data.steps_per_epoch
     strategy = make_strategy(cfg.runtime)
     data.train, data.val = shard_data(strategy, data.train), shard_data(strategy, data.val)
+    epochs, stream = data.epochs, data.stream
+    data.epochs = lambda: shard_data(strategy, epochs())
+    data.stream = lambda start: shard_data(strategy, stream(start))
     with strategy.scope():
         net = zoo.build(cfg.model.arch, input_shape=data.info.input_shape, num_outputs=data.info.num_outputs,
                         **cfg.model.options())
@@ -121,17 +129,64 @@ def setup(cfg: ArmConfig) -> Session:
     return Session(data=data, steps=steps, net=net, model=model, drain=DrainCallback(cfg.capture.drain_every, steps))
 
 
-def train(cfg: ArmConfig, s: Session, callbacks: Sequence[Any]) -> tuple[dict[str, Any], dict[str, list[float]]]:
-    """``model.fit`` with the drain; returns the probe's tables and Keras' per-epoch history."""
-    train_data = s.data.train.repeat() if cfg.train.steps_per_epoch else s.data.train
-    snapshots = any(i.snapshot_only for i in s.model.instruments)
-    if snapshots:  # e.g. LSTM/GRU gates at init; reads one batch of a fresh iterator, as at the end
+def train(cfg: ArmConfig, s: Session, callbacks: Sequence[Any], arm_dir: Path | None = None,
+          ) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """``model.fit`` with the drain, resumed from the arm's checkpoint when it has one; returns the probe's
+    tables and Keras' per-epoch history (of the whole arm, resumed or not)."""
+    from ablations import checkpoint
+
+    key = checkpoint.digest(cfg.model_dump(mode="json"))
+    resume = checkpoint.load(arm_dir, key) if arm_dir is not None else None
+    if resume is not None:
+        checkpoint.restore(s.model, s.drain, resume, next(iter(s.data.train)))
+    elif any(i.snapshot_only for i in s.model.instruments):  # e.g. LSTM/GRU gates at init
         s.drain.snapshot(s.model, next(iter(s.data.train))[0], "init")
-    hist = s.model.fit(train_data, epochs=cfg.train.epochs, steps_per_epoch=cfg.train.steps_per_epoch,
-                       validation_data=s.data.val, callbacks=[s.drain, *callbacks], verbose=0, shuffle=False)
-    if snapshots:
+    saver = checkpoint.Checkpointer(arm_dir, s.drain, s.steps, key, every_steps=cfg.train.checkpoint_steps,
+                                    every_epochs=cfg.train.checkpoint_epochs, resume=resume,
+                                    history=resume.history if resume else None) if arm_dir is not None else None
+    start = resume.step if resume else 0
+    history = {k: list(v) for k, v in (resume.history if resume else {}).items()}
+    s.resumed_from = start
+    cbs = [s.drain, *([saver] if saver else []), *callbacks]
+    for dataset, first, last, steps in fit_plan(s.data, cfg.train.steps_per_epoch, s.steps, start, cfg.train.epochs):
+        hist = s.model.fit(dataset, initial_epoch=first, epochs=last, steps_per_epoch=steps, callbacks=cbs,
+                           validation_data=s.data.val, verbose=0, shuffle=False)
+        for k, v in hist.history.items():
+            history.setdefault(k, []).extend(v)
+        if s.model.stop_training:
+            break
+    if any(i.snapshot_only for i in s.model.instruments):
         s.drain.snapshot(s.model, next(iter(s.data.train))[0], "end")
-    return s.drain.tables(s.model), hist.history
+    return s.drain.tables(s.model), history
+
+
+def fit_plan(data: Any, fixed_steps: int | None, steps_per_epoch: int, start: int,
+             epochs: int) -> list[tuple[Any, int, int, int | None]]:
+    """``(dataset, initial_epoch, epochs, steps_per_epoch)`` of the fits that train from step ``start`` on.
+
+    Natural epochs (``train.steps_per_epoch`` null): one epoch pipeline, one iterator per epoch as Keras makes
+    them, so epoch k reads the k-th shuffle; a resume first creates the iterators of the finished epochs
+    (that advances the shuffle's seed stream, nothing is read), then finishes the interrupted epoch from its
+    next batch. Fixed steps per epoch: one stream of batches from step ``start`` on.
+    """
+    epoch, done = divmod(start, steps_per_epoch)
+    plan: list[tuple[Any, int, int, int | None]] = []
+    if fixed_steps is None:
+        ds = data.epochs()
+        for _ in range(epoch):
+            iter(ds)
+        if done:
+            plan.append((ds.skip(done), epoch, epoch + 1, None))
+            epoch += 1
+        if epoch < epochs:
+            plan.append((ds, epoch, epochs, None))
+        return plan
+    if done:
+        plan.append((data.stream(start), epoch, epoch + 1, steps_per_epoch - done))
+        epoch += 1
+    if epoch < epochs:
+        plan.append((data.stream(epoch * steps_per_epoch), epoch, epochs, steps_per_epoch))
+    return plan
 
 
 def write_tables(arm_dir: Path, cfg: ArmConfig, tables: dict[str, Any], epochs: Any, net: Any) -> None:
@@ -157,7 +212,7 @@ def results(cfg: ArmConfig, s: Session, tables: dict[str, Any], epochs: dict[str
     status = "diverged" if s.drain.diverged_at is not None else ("pruned" if stop_reason else "completed")
     return dict(
         status=status, diverged_at_step=s.drain.diverged_at, pruned_reason=stop_reason, final=last,
-        steps=int(history["step"].max()) + 1 if len(history) else 0,
+        steps=int(history["step"].max()) + 1 if len(history) else 0, resumed_from_step=s.resumed_from or None,
         epochs_run=max((len(v) for v in epochs.values()), default=0),
         lost_captures=s.drain.lost, num_params=int(s.net.count_params()), dataset=s.data.info.name,
         baseline_loss=_finite(s.data.info.metadata.get("baseline_loss")),  # trivial predictor (sequence tasks)

@@ -61,6 +61,20 @@ def write_parquet(path: Path, df: pd.DataFrame) -> None:
     _atomic(Path(path), lambda tmp: df.to_parquet(tmp, index=False))
 
 
+def write_npz(path: Path, arrays: dict[str, Any]) -> None:
+    """NumPy arrays by name, atomically (the temp file keeps the ``.npz`` suffix NumPy expects)."""
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_model(path: Path, model: Any) -> None:
     # Keras checks the extension, so the temp file must end with .keras too.
     path = Path(path)

@@ -200,3 +200,114 @@ def test_an_arm_is_current_whatever_the_key_order_of_its_stored_config(tmp_path:
     assert not arm_is_current(arm, tmp_path)
     (tmp_path / "arm.yaml").write_text("model: [unclosed")
     assert not arm_is_current(arm, tmp_path)
+
+
+# ----------------------------------------------------------------------------------- resume inside an arm
+
+RESUME_TABLES = ("history", "params", "blocks", "epochs", "grad_hist")
+
+
+def resumable(**train) -> dict:
+    """A deterministic arm with something random in every step (stochastic depth, dropout), histograms, a
+    schedule, momentum, a fixed number of steps per epoch or natural epochs."""
+    return {"name": "resume", "model": {"arch": "stochastic_depth_mlp", "depth": 3, "width": 16, "dropout": 0.1,
+                                        "survival_prob": 0.5},
+            "data": {"batch_size": 32},
+            "train": {"epochs": 3, "optimizer": {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9,
+                                                 "schedule": {"name": "cosine", "warmup_steps": 5}},
+                      "checkpoint_steps": 7, **train},
+            "capture": {"every": 2, "histograms": True}}
+
+
+def _assert_same_tables(a: Path, b: Path) -> None:
+    import numpy as np
+
+    for t in RESUME_TABLES:
+        x, y = pd.read_parquet(a / f"{t}.parquet"), pd.read_parquet(b / f"{t}.parquet")
+        assert list(x.columns) == list(y.columns) and len(x) == len(y), t
+        for col in x.columns:  # bitwise: NaN where NaN, the same float32 everywhere else
+            np.testing.assert_array_equal(x[col].to_numpy(), y[col].to_numpy(), err_msg=f"{t}.{col}")
+
+
+class _Kill(BaseException):
+    """What a kill looks like to the arm: nothing after it runs (not an Exception: run_arm records those)."""
+
+
+@pytest.mark.parametrize("train", [{}, {"steps_per_epoch": 20}], ids=["natural epochs", "fixed steps"])
+def test_an_interrupted_arm_resumes_to_the_tables_of_an_uninterrupted_run(tfds_dir: str, tmp_path: Path,
+                                                                          train: dict) -> None:
+    import keras
+
+    from ablations.runner import run_arm
+
+    arm = parse_experiment(resumable(**train)).arms()[0]
+    full = run_arm(arm, tmp_path / "full")
+    assert full["status"] == "completed" and full["resumed_from_step"] is None
+
+    class Stop(keras.callbacks.Callback):
+        async_safe = True
+
+        def __init__(self, at: int):
+            super().__init__()
+            self.at, self.seen = at, 0
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if self.seen == self.at:
+                raise _Kill()
+            self.seen += 1
+
+    folder = tmp_path / "killed"
+    for at in (17, 9):  # killed twice (the second time 9 steps after the resume), then left to finish
+        with pytest.raises(_Kill):
+            run_arm(arm, folder, callbacks=[Stop(at)])
+        assert not (folder / "summary.json").exists() and (folder / ".resume" / "state.json").exists()
+    resumed = run_arm(arm, folder)
+    # The last checkpoint before the second kill (every 7 steps, and at each epoch's end).
+    assert resumed["status"] == "completed" and 17 <= resumed["resumed_from_step"] <= 26
+    assert not (folder / ".resume").exists()
+    _assert_same_tables(tmp_path / "full", folder)
+    assert resumed["final"] == full["final"]
+
+
+def test_a_checkpoint_of_another_config_is_not_resumed(tfds_dir: str, tmp_path: Path) -> None:
+    from ablations.checkpoint import digest, load
+
+    a = parse_experiment(resumable()).arms()[0].config.model_dump(mode="json")
+    b = parse_experiment({**resumable(), "seeds": [1]}).arms()[0].config.model_dump(mode="json")
+    assert digest(a) != digest(b)
+    assert load(tmp_path, digest(a)) is None  # no checkpoint at all: a fresh start
+
+
+@pytest.mark.slow
+def test_sigkill_at_ten_random_moments_then_resume_gives_the_uninterrupted_tables(tfds_dir: str,
+                                                                                   tmp_path: Path) -> None:
+    """`ablate run` killed with SIGKILL 10 times at random moments, rerun each time: same tables, bitwise."""
+    import random
+
+    cfg = tmp_path / "resume.yaml"
+    cfg.write_text(json.dumps({**resumable(checkpoint_steps=5), "train": {**resumable()["train"], "epochs": 6,
+                                                                          "checkpoint_steps": 5}}))
+    cmd = [sys.executable, "-m", "ablations", "run", str(cfg), "--no-report"]
+    assert subprocess.run([*cmd, "--out", str(tmp_path / "full")], cwd=ROOT, capture_output=True).returncode == 0
+    rng, kills = random.Random(7), []
+    out = tmp_path / "killed"
+    arm = out / "resume" / "arms" / "seed=0"
+    while len(kills) < 10:
+        proc = subprocess.Popen([*cmd, "--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        delay = rng.uniform(2.0, 12.0)  # TensorFlow's start-up is part of the window: some kills land there
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            state = arm / ".resume" / "state.json"
+            kills.append(json.loads(state.read_text())["step"] if state.exists() else 0)
+            continue
+        break  # finished before the kill: start the next kill sooner
+    final = subprocess.run([*cmd, "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert final.returncode == 0, final.stdout[-2000:]
+    summary = json.loads((arm / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    print(f"kills at checkpoint steps {kills}; final run resumed from step {summary.get('resumed_from_step')}")
+    _assert_same_tables(tmp_path / "full" / "resume" / "arms" / "seed=0", arm)

@@ -41,10 +41,12 @@ class DataInfo:
 
 @dataclasses.dataclass
 class Data:
-    train: Any  # tf.data.Dataset of (x, y) batches
+    train: Any  # tf.data.Dataset of (x, y) batches: one epoch (a batch for LSUV, snapshots)
     val: Any | None
     info: DataInfo
     steps_per_epoch: int
+    epochs: Any = None  # epochs() -> a fresh one-epoch pipeline with its own reshuffling stream (training)
+    stream: Any = None  # stream(start_step) -> every epoch back to back from that batch on (training)
 
 
 def default_data_dir() -> str:
@@ -166,13 +168,26 @@ def load(cfg: Any, seed: int) -> Data:
     train = tfds.load(cfg.name, split=cfg.train_split, **load_kw)
     if cfg.max_train_examples:
         train = train.take(cfg.max_train_examples)
-    train = train.map(prep, num_parallel_calls=tf.data.AUTOTUNE).cache()
-    if cfg.shuffle_buffer:
-        train = train.shuffle(min(cfg.shuffle_buffer, n_train), seed=seed, reshuffle_each_iteration=True)
-    train = train.batch(cfg.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    cached = train.map(prep, num_parallel_calls=tf.data.AUTOTUNE).cache()
+
+    def epochs() -> Any:
+        # One epoch, reshuffled at each new iterator (the k-th iterator of this object reads the k-th order
+        # of the seeded stream). A fresh shuffle op per call: iterating one pipeline (a batch for LSUV or the
+        # gate snapshot) never changes the order another one trains on.
+        ds = cached.shuffle(min(cfg.shuffle_buffer, n_train), seed=seed, reshuffle_each_iteration=True) \
+            if cfg.shuffle_buffer else cached
+        return ds.batch(cfg.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+    def stream(start: int = 0) -> Any:
+        # Every epoch back to back from batch `start` on (train.steps_per_epoch set: Keras keeps one iterator
+        # across epochs): training resumed at step `start` sees the batches of an uninterrupted run.
+        return epochs().repeat().skip(start).prefetch(tf.data.AUTOTUNE)
+
+    train = epochs()
     val = None
     if cfg.val_split:
         val = tfds.load(cfg.name, split=cfg.val_split, **load_kw)
         val = val.map(prep, num_parallel_calls=tf.data.AUTOTUNE).cache().batch(cfg.batch_size)
         val = val.prefetch(tf.data.AUTOTUNE)
-    return Data(train=train, val=val, info=info, steps_per_epoch=n_train // cfg.batch_size)
+    return Data(train=train, val=val, info=info, steps_per_epoch=n_train // cfg.batch_size, epochs=epochs,
+                stream=stream)
