@@ -46,7 +46,7 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 from ablations import store
-from ablations.config import Arm, ArmConfig, ConfigError, Experiment, _set_path, _short_keys, _slug, dump_yaml
+from ablations.config import Arm, ArmConfig, ConfigError, Experiment, dump_yaml, set_path, short_keys, slug
 
 TUNER_DIR = ".tuner"
 TRIALS_DIR = "trials"  # one JSON record per finished trial: workers never write the same file
@@ -124,11 +124,11 @@ def trial_arm(exp: Experiment, base: dict[str, Any], values: dict[str, Any], see
     raw = copy.deepcopy(base)
     searched = {k: _decode(exp, k, v) for k, v in values.items() if not k.startswith("tuner/")}
     for key, value in searched.items():
-        _set_path(raw, key, value)
+        set_path(raw, key, value)
     if "tuner/epochs" in values:  # Hyperband's budget for this trial
         raw["train"]["epochs"] = int(values["tuner/epochs"])
-    shorts = _short_keys(list(searched))
-    parts = [label] + [f"{shorts[k]}={_slug(_fmt(v))}" for k, v in searched.items()] + [f"seed={seed}"]
+    shorts = short_keys(list(searched))
+    parts = [label] + [f"{shorts[k]}={slug(_fmt(v))}" for k, v in searched.items()] + [f"seed={seed}"]
     arm_id = ",".join(parts)
     raw.update(arm_id=arm_id, seed=seed, values={**base.get("values", {}), **searched})
     return Arm(id=arm_id, config=ArmConfig(**raw))
@@ -261,10 +261,10 @@ def best_experiment(exp: Experiment, values: dict[str, Any], point: dict[str, An
             continue
         value = _decode(exp, key, value)
         raw["grid"].pop(key, None)
-        _set_path(raw, key, value)
+        set_path(raw, key, value)
     for key, value in (point or {}).items():
         raw["grid"].pop(key, None)
-        _set_path(raw, key, value)
+        set_path(raw, key, value)
     if not raw["grid"]:
         raw.pop("grid")
     return raw
@@ -294,7 +294,7 @@ def _search_points(exp: Experiment) -> list[tuple[str, dict[str, Any], dict[str,
         return _grid_points(exp)
     base = exp.arms()[0].config.model_dump(mode="json")
     for key in exp.grid:  # the base config, not the first grid point
-        _set_path(base, key, _get_path(exp.base_dict(), key))
+        set_path(base, key, _get_path(exp.base_dict(), key))
     base["values"] = {}
     return [("all", {}, base)]
 
@@ -538,7 +538,7 @@ def _run_final(exp: Experiment, root: Path, results: list[dict[str, Any]], ui: A
         raw = arm.config.model_dump(mode="json")
         for key, value in best["values"].items():
             if not key.startswith("tuner/"):
-                _set_path(raw, key, _decode(exp, key, value))
+                set_path(raw, key, _decode(exp, key, value))
         tuned = Arm(id=arm.id, config=ArmConfig(**raw))
         arm_dir = final_root / "arms" / arm.id
         summary = store.read_summary(arm_dir) if arm_is_current(tuned, arm_dir) else \
