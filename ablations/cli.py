@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ablations.data import DataError
         from ablations.store import StoreError
         from ablations.strategy import StrategyError
-        from ablations.sweep import SweepError
+        from ablations.distributed import SweepError
 
         if isinstance(err, (StoreError, DataError, FileNotFoundError, StrategyError, SweepError)):
             console.print(f"[bold red]error:[/] {err}", highlight=False)
@@ -165,7 +165,7 @@ def _validate(args: argparse.Namespace, console: Console) -> int:
 
 def _run(args: argparse.Namespace, console: Console) -> int:
     exp = _load(args)
-    from ablations.runner import run_experiment
+    from ablations.sweep import run_sweep
     from ablations.ui import SweepUI, summary_table
 
     if args.workers < 0:
@@ -173,7 +173,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         return EXIT_USAGE
     t0 = time.time()
     ui = SweepUI(console)
-    summaries = run_experiment(exp, args.out, ui=ui, workers=args.workers)
+    summaries = run_sweep(exp, args.out, ui=ui, workers=args.workers)
     from ablations.sweep import worker_role
 
     role = worker_role(exp)

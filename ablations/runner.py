@@ -1,7 +1,7 @@
-"""The glue: one function runs one arm (config + folder in, summary out); a loop runs a sweep.
+"""The glue: one function runs one arm (config + folder in, summary out).
 
-``run_arm`` is the unit the sweep engine schedules; it records NaN/Inf losses as ``diverged`` and
-exceptions as ``failed`` instead of raising, so one bad arm never stops a sweep.
+``run_arm`` is the unit the sweep engine (:mod:`ablations.sweep`) schedules; it records NaN/Inf losses as
+``diverged`` and exceptions as ``failed`` instead of raising, so one bad arm never stops a sweep.
 """
 
 from __future__ import annotations
@@ -10,13 +10,12 @@ import math
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import pandas as pd
-import yaml
 
 from ablations import store
-from ablations.config import Arm, Experiment, dump_yaml
+from ablations.config import Arm, dump_yaml
 
 
 def _finite(x: Any) -> float | None:
@@ -154,35 +153,3 @@ def _epochs_table(history: dict[str, list[float]]):
     for k, v in history.items():
         df[k] = list(v) + [float("nan")] * (n - len(v))
     return df
-
-
-def arm_is_current(arm: Arm, arm_dir: Path) -> bool:
-    """True when the arm has a finished result for exactly this config (a changed config re-runs it)."""
-    if not store.is_done(arm_dir):
-        return False
-    try:
-        stored = yaml.safe_load((arm_dir / "arm.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return False
-    # Compared as data, not text: the same config with its mapping keys in another order is the same arm.
-    return stored == yaml.safe_load(dump_yaml(arm.config.model_dump(mode="json")))
-
-
-def run_experiment(exp: Experiment, out: Path, *, ui: Any = None, workers: int = 0,
-                   on_arm: Callable[[Arm, dict[str, Any], bool], None] | None = None) -> list[dict[str, Any]]:
-    """Runs every arm not already done into ``out/<name>`` under the folder lock (see :mod:`ablations.sweep`).
-
-    Args:
-        exp: the validated experiment.
-        out: parent of the run folder.
-        ui: progress display (:class:`ablations.ui.SweepUI`) or ``None``.
-        workers: local worker processes (0: train in this process); ``KERASTUNER_*`` variables make this
-            process a chief or a worker.
-        on_arm: called after each arm with ``(arm, summary, skipped)``.
-
-    Returns:
-        The summaries, in arm order, as the run folder holds them.
-    """
-    from ablations.sweep import run_sweep
-
-    return run_sweep(exp, out, ui=ui, workers=workers, on_arm=on_arm)

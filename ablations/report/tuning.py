@@ -19,20 +19,19 @@ from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
 
 from ablations import store  # noqa: E402
 from ablations.diagnose import block_kernels  # noqa: E402
-from ablations.tune import has_trials, read_trials  # noqa: E402
 
 PALETTE = "colorblind"
 
 
 def _searches(root: Path) -> list[Path]:
     base = root / "search"
-    if has_trials(base):
+    if store.has_trials(base):
         return [base]
-    return sorted(p for p in base.iterdir() if has_trials(p)) if base.exists() else []
+    return sorted(p for p in base.iterdir() if store.has_trials(p)) if base.exists() else []
 
 
 def _trials(sroot: Path) -> pd.DataFrame:
-    rows = read_trials(sroot)
+    rows = store.read_trials(sroot)
     out = []
     for r in rows:
         flat = {"trial": int(r["trial"]), "status": r["status"], "reason": r.get("reason", ""),
