@@ -18,6 +18,7 @@ from urllib.parse import quote
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from ablations.report.data import RunData, load_run, merge_runs, short_names
+from ablations.store import StoreError
 
 
 def _fmt(x: Any, spec: str = ".3g") -> str:
@@ -85,7 +86,10 @@ def build_report(run_dir: Path | Sequence[Path], out: Path | None = None, worker
         raise ValueError("build_report needs at least one run folder")
     run = merge_runs([load_run(d) for d in dirs])
     out = Path(out) if out else _default_out(run)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StoreError(f"cannot write the report to {out}: {err.strerror}; choose another --out") from None
     plan = plan_for(run)
     slugs = _slugs([s["arm_id"] for s in run.summaries])
     pages = {a: f"arms/{quote(s)}/index.html" for a, s in slugs.items()}
@@ -109,7 +113,7 @@ def build_report(run_dir: Path | Sequence[Path], out: Path | None = None, worker
     page = env.get_template("index.html").render(
         run=run, name=run.name, description=run.experiment.get("description", ""), rows=rows,
         points=point_rows(run, rows), figures=figures, sections=sections, axes=run.axes, counts=counts,
-        problems=problems, sources=run.sources, plan=plan, render_s=time.time() - t0, home="index.html", up="",
+        problems=run.notes + problems, damaged=run.damaged, others=run.others, sources=run.sources, plan=plan, render_s=time.time() - t0, home="index.html", up="",
         tensorboard=[d for d in dirs if next(d.glob("arms/*/tb"), None)], axis_names=short_names(run.axes))
     index = out / "index.html"
     index.write_text(page)
