@@ -25,16 +25,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-DEFAULTS: dict[str, float] = {
-    "vanishing_ratio": 1e-3,
-    "vanishing_floor": 1e-8,
-    "exploding_ratio": 70.0,
-    "stall_ratio": 1e-3,
-    "saturated_fraction": 0.8,
-    "dead_fraction": 0.4,
-    "plateau_improvement": 0.01,
-    "window": 200,
-}
+from ablations.config import DiagnoseConfig  # the one source of the thresholds' defaults
+
+DEFAULTS: dict[str, float] = DiagnoseConfig().model_dump()
 
 
 def block_kernels(params: pd.DataFrame) -> pd.DataFrame:
