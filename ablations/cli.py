@@ -196,13 +196,19 @@ def _validate(args: argparse.Namespace, console: Console) -> int:
 
 
 def _check_report_folder(report: Path) -> None:
-    """Refuses an unwritable report folder before training, rather than after it."""
-    from ablations.store import StoreError, check_writable
+    """Refuses an unwritable report folder before training, rather than after it. It is created and written
+    to (permission bits alone say nothing for root, or for /proc-like and read-only mounts)."""
+    import tempfile
+
+    from ablations.store import StoreError
 
     try:
-        check_writable(report)
-    except StoreError as err:
-        raise StoreError(f"{err}; choose another --report, or --no-report") from None
+        report.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=report):
+            pass
+    except OSError as err:
+        raise StoreError(f"the report folder {report} is not writable ({err.strerror}); choose another "
+                         f"--report, or --no-report") from None
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
