@@ -6,10 +6,11 @@ command line. Heavy modules (TensorFlow) are imported on first use.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off the terminal
+from ablations.quiet import quiet_environment
+
+quiet_environment()  # before anything imports TensorFlow: keep its C++ start-up chatter off the terminal
 
 __version__ = "0.1.0"
 

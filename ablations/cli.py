@@ -1,27 +1,41 @@
 """The ``ablate`` command line (also ``python -m ablations``).
 
 Kept short on purpose: parsing here, logic in testable modules. TensorFlow is imported only by the
-commands that train or build models, so ``--help`` answers at once.
+commands that train (``run``, ``tune``, ``theory``), after the config is valid, so ``--help``, ``validate``
+and ``zoo`` answer at once and a config error costs no TensorFlow start-up. Exit codes: 0 every arm
+completed or diverged, 1 an arm failed, 2 bad input (config, data, devices, locked/unwritable/full/damaged
+folder), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 
-EXIT_OK, EXIT_FAILED_ARMS, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED_ARMS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# OS errors that are the environment's, not a bug: reported in one line (exit 2) instead of a traceback.
+_ENV_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR,
+               errno.EISDIR, errno.ENAMETOOLONG)
 
 
 def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show TensorFlow's own log lines (hidden by default)")
     p = argparse.ArgumentParser(prog="ablate", description="gradzoo: ablations of vanishing/exploding gradients.")
+    p.add_argument("--verbose", action="store_true", default=False,
+                   help="show TensorFlow's own log lines (hidden by default)")
     sub = p.add_subparsers(dest="command", required=True)
+    add = lambda name, **kw: sub.add_parser(name, parents=[common], **kw)  # noqa: E731
 
-    run = sub.add_parser("run", help="train every arm of an experiment, then write its report")
+    run = add("run", help="train every arm of an experiment, then write its report")
     run.add_argument("config", type=Path)
     run.add_argument("--out", type=Path, default=Path("runs"), help="parent of the run folder (default: runs)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
@@ -32,19 +46,19 @@ def _parser() -> argparse.ArgumentParser:
                      help="train in N local worker processes served by this one (keras-tuner chief); "
                           "KERASTUNER_* variables join workers from other machines (README: Scaling out)")
 
-    val = sub.add_parser("validate", help="parse a config and list its arms; trains nothing")
+    val = add("validate", help="parse a config and list its arms; trains nothing")
     val.add_argument("config", type=Path)
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
 
-    rep = sub.add_parser("report", help="write the HTML report of a run folder (several: side by side)")
+    rep = add("report", help="write the HTML report of a run folder (several: side by side)")
     rep.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR",
                      help="run folder(s), e.g. runs/quickstart; two or more are compared with the same axes")
     rep.add_argument("--out", type=Path, default=None,
                      help="report folder (default: reports/<name>, or reports/compare_<a>_vs_<b>)")
 
-    sub.add_parser("zoo", help="list the models, their options and defaults")
+    add("zoo", help="list the models, their options and defaults")
 
-    tune = sub.add_parser("tune", help="keras-tuner search over the config's `search:` space (resumable)")
+    tune = add("tune", help="keras-tuner search over the config's `search:` space (resumable)")
     tune.add_argument("config", type=Path)
     tune.add_argument("--out", type=Path, default=Path("runs"), help="parent of the run folder (default: runs)")
     tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
@@ -55,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
                            "KERASTUNER_* variables join workers from other machines (README: Searching)")
     tune.add_argument("--point", default=None, help=argparse.SUPPRESS)  # set by a chief for its local workers
 
-    th = sub.add_parser("theory", help="activation-derivative and attenuation tables, computed with autodiff")
+    th = add("theory", help="activation-derivative and attenuation tables, computed with autodiff")
     th.add_argument("--activations", nargs="+", default=None, metavar="NAME",
                     help="activations of the derivative table (default: every registered one)")
     th.add_argument("--d", dest="factors", nargs="+", default=None, metavar="D",
@@ -73,38 +87,63 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Long paths and messages stay whole; in logs (no terminal) tables get room instead of 80 columns.
     console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+    if args.verbose:
+        from ablations.quiet import verbose_environment
+
+        verbose_environment()
     from ablations.config import ConfigError
+    from ablations.store import StoreError
 
     try:
         return {"run": _run, "validate": _validate, "report": _report, "zoo": _zoo,
                 "theory": _theory, "tune": _tune}[args.command](args, console)
     except ConfigError as err:
-        console.print(f"[bold red]config error[/]\n{err}", highlight=False)
+        console.print(f"[bold red]config error[/]\n{escape(str(err))}", highlight=False)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        console.print("\n[bold yellow]interrupted[/]; finished arms are kept: rerun the same command to resume",
+                      highlight=False)
+        return EXIT_INTERRUPTED
+    except StoreError as err:
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
+        return EXIT_USAGE
+    except OSError as err:
+        if err.errno is None and err.args:  # ours, with its own message (e.g. "not a run folder")
+            console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
+            return EXIT_USAGE
+        if err.errno not in _ENV_ERRNOS:
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        console.print(f"[bold red]error:[/] cannot use{escape(where)}: {err.strerror}", highlight=False)
         return EXIT_USAGE
     except Exception as err:  # known user-facing errors carry their own message
-        from ablations.data import DataError
-        from ablations.store import StoreError
-        from ablations.strategy import StrategyError
-        from ablations.sweep import SweepError
-
-        if isinstance(err, (StoreError, DataError, FileNotFoundError, StrategyError, SweepError)):
-            console.print(f"[bold red]error:[/] {err}", highlight=False)
+        if _known(err):
+            console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
             return EXIT_USAGE
         raise
 
 
+def _known(err: Exception) -> bool:
+    """Errors of bad input that carry their own message (imported only once one happened: they live in
+    modules that import TensorFlow-adjacent code)."""
+    from ablations.data import DataError
+    from ablations.distributed import SweepError
+    from ablations.strategy import StrategyError
+
+    return isinstance(err, (DataError, StrategyError, SweepError))
+
+
 def _load(args: argparse.Namespace):
-    from ablations.config import ConfigError, load_experiment
+    """The validated experiment: every key, value and model option checked, arms expanded once (no TF)."""
+    from ablations.config import load_experiment
 
-    exp = load_experiment(args.config, args.overrides)
-    import zoo
+    return load_experiment(args.config, args.overrides)
 
-    for arm in exp.arms():  # model names and options are checked before anything trains
-        try:
-            zoo.check_options(arm.config.model.arch, arm.config.model.options())
-        except (zoo.UnknownNameError, zoo.BadOptionError) as err:
-            raise ConfigError(f"{args.config}: model (arm {arm.id}): {err}") from None
-    return exp
+
+def _start_tensorflow(args: argparse.Namespace) -> None:
+    from ablations.quiet import import_tensorflow
+
+    import_tensorflow(verbose=getattr(args, "verbose", False))
 
 
 def _tune(args: argparse.Namespace, console: Console) -> int:
@@ -118,19 +157,9 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
 
     if exp.search is None:
         raise ConfigError(f"{args.config}: no `search:` section; `ablate tune` needs one (README: Searching)")
-    import zoo
-
-    for key, entry in exp.search.space.items():  # searched model options are checked like grid values
-        if not key.startswith("model."):
-            continue
-        option = key.split(".")[1]  # model.initializer_options.gain checks the option initializer_options
-        for v in entry.choice if entry.kind == "choice" else entry.bounds:
-            arch = v if option == "arch" else exp.model.arch
-            opts = exp.model.options() if option == "arch" else {**exp.model.options(), option: v}
-            try:
-                zoo.check_options(arch, opts)
-            except (zoo.UnknownNameError, zoo.BadOptionError) as err:
-                raise ConfigError(f"{args.config}: search.space '{key}': {err}") from None
+    if not args.no_report:
+        _check_report_folder(args.report or Path("reports") / exp.name)
+    _start_tensorflow(args)
     t0 = time.time()
     result = run_search(exp, args.out, ui=SweepUI(console), console=console, workers=args.workers,
                         point=args.point)
@@ -160,20 +189,42 @@ def _validate(args: argparse.Namespace, console: Console) -> int:
                   f"({' x '.join(f'{len(v)} {k}' for k, v in exp.grid.items()) or '1 point'} x {len(exp.seeds)} seeds)")
     for arm in arms:
         console.print(f"  {arm.id}", highlight=False)
+    names = sorted({a.config.data.name for a in arms})
+    console.print(f"[dim]config and model options checked; data ({', '.join(names)}) and devices are checked by "
+                  f"`ablate run` before any arm trains[/dim]", highlight=False)
     return EXIT_OK
+
+
+def _check_report_folder(report: Path) -> None:
+    """Refuses an unwritable report folder before training, rather than after it. It is created and written
+    to (permission bits alone say nothing for root, or for /proc-like and read-only mounts)."""
+    import tempfile
+
+    from ablations.store import StoreError
+
+    try:
+        report.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=report):
+            pass
+    except OSError as err:
+        raise StoreError(f"the report folder {report} is not writable ({err.strerror}); choose another "
+                         f"--report, or --no-report") from None
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
     exp = _load(args)
-    from ablations.runner import run_experiment
-    from ablations.ui import SweepUI, summary_table
-
     if args.workers < 0:
         console.print(f"[bold red]error:[/] --workers must be >= 0 (got {args.workers})", highlight=False)
         return EXIT_USAGE
+    if not args.no_report:
+        _check_report_folder(args.report or Path("reports") / exp.name)
+    _start_tensorflow(args)
+    from ablations.sweep import run_sweep
+    from ablations.ui import SweepUI, summary_table
+
     t0 = time.time()
     ui = SweepUI(console)
-    summaries = run_experiment(exp, args.out, ui=ui, workers=args.workers)
+    summaries = run_sweep(exp, args.out, ui=ui, workers=args.workers)
     from ablations.sweep import worker_role
 
     role = worker_role(exp)
@@ -207,6 +258,9 @@ def _zoo(args: argparse.Namespace, console: Console) -> int:
     from rich.table import Table
 
     import zoo
+    from zoo.activations import ACTIVATIONS
+    from zoo.initializers import INITIALIZERS
+    from zoo.options import sub_options
 
     t = Table(title="gradzoo models")
     for col in ("model", "family", "options (defaults)", "paper"):
@@ -215,11 +269,21 @@ def _zoo(args: argparse.Namespace, console: Console) -> int:
         opts = ", ".join(f"{k}={v[0]!r}" for k, v in zoo.options(name).items())
         t.add_row(name, zoo.family(name), opts, zoo.paper(name))
     console.print(t)
+    f = Table(title="activations and initializers: their options (activation_options, initializer_options)")
+    for col in ("kind", "name", "options (defaults)"):
+        f.add_column(col)
+    for registry in (ACTIVATIONS, INITIALIZERS):
+        for name in registry.names():
+            opts = ", ".join(f"{p.name}={p.default!r}" for p in sub_options(registry, name).values())
+            f.add_row(registry.kind, name, opts or "-")
+    console.print(f)
     return EXIT_OK
 
 
 def _theory(args: argparse.Namespace, console: Console) -> int:
     import math
+
+    _start_tensorflow(args)
 
     from rich.table import Table
 

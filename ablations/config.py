@@ -13,13 +13,17 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
+from ablations import safe_yaml
 from zoo.registry import suggest
 
 
@@ -59,6 +63,19 @@ class DataConfig(Strict):
     transform: TransformConfig = TransformConfig()  # e.g. {sequence: {mode: pixels, permute: 0}}
 
 
+def _refuse_unused(section: BaseModel, used_by: dict[str, tuple[str, ...]]) -> None:
+    """Refuses a field away from its default that the chosen ``name`` ignores (an arm identical to the
+    default one would be trained and recorded as different)."""
+    for field, names in used_by.items():
+        value, default = getattr(section, field), type(section).model_fields[field].default
+        if section.name not in names and value != default:
+            raise PydanticCustomError(
+                "unused_option", "{message}",
+                {"message": f"'{field}: {value}' has no effect with name '{section.name}' (used by "
+                            f"{' and '.join(names)} only); remove it, or bundle it with its name in one grid value",
+                 "option": field})
+
+
 class ScheduleConfig(Strict):
     """A learning-rate schedule over the optimizer steps (``schedule: cosine`` is short for ``{name: cosine}``)."""
 
@@ -79,6 +96,11 @@ class ScheduleConfig(Strict):
         if any(not 0.0 < m < 1.0 for m in v) or v != sorted(v):
             raise ValueError(f"milestones must be increasing fractions of the run in (0, 1), got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _used(self) -> "ScheduleConfig":
+        _refuse_unused(self, {"milestones": ("step",), "gamma": ("step",), "min_fraction": ("cosine",)})
+        return self
 
 
 class OptimizerConfig(Strict):
@@ -103,6 +125,7 @@ class OptimizerConfig(Strict):
     def _one_clip(self) -> "OptimizerConfig":
         if self.clipnorm is not None and self.global_clipnorm is not None:
             raise ValueError("set at most one of clipnorm and global_clipnorm (Keras allows only one)")
+        _refuse_unused(self, {"momentum": ("sgd", "rmsprop"), "nesterov": ("sgd",)})
         return self
 
 
@@ -238,6 +261,18 @@ class ArmConfig(Strict):
     runtime: RuntimeConfig
 
     @model_validator(mode="after")
+    def _model_options(self) -> "ArmConfig":
+        import zoo
+
+        try:
+            zoo.check_options(self.model.arch, self.model.options())
+        except (zoo.BadOptionError, zoo.UnknownNameError) as err:
+            option = getattr(err, "option", None)
+            raise PydanticCustomError("model_option", "{message}", {
+                "message": str(err), "option": f"model.{option}" if option else "model.arch"}) from None
+        return self
+
+    @model_validator(mode="after")
     def _xla_needs_nondeterminism(self) -> "ArmConfig":
         # Keras drops jit_compile with only a warning while TF op determinism is on; say so before training.
         if self.train.jit_compile and self.runtime.deterministic:
@@ -348,10 +383,23 @@ class SearchConfig(Strict):
         return self.objective.name, self.objective.direction
 
 
+class PointSettings(Strict):
+    """Settings for the arms of some grid points (``per_point``): ``point`` names grid values (a subset of the
+    axes), ``set`` the dotted keys to change in every arm at such a point (ids stay the grid's)."""
+
+    point: dict[str, Any]
+    set: dict[str, Any]
+
+
+_NOT_VARIED = ("name", "description", "grid", "seeds", "search", "per_point", "max_arms")
+SEED_MAX = 2**32 - 1  # NumPy and Keras seeds are unsigned 32-bit
+DEFAULT_MAX_ARMS = 10_000
+
+
 class Experiment(Strict):
     """A YAML experiment: a base config, the axes to vary and the seeds."""
 
-    name: str = Field(pattern=_NAME)  # becomes the run folder name: runs/<name>
+    name: str = Field(pattern=_NAME, max_length=255)  # becomes the run folder name: runs/<name>
     description: str = ""
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -359,17 +407,40 @@ class Experiment(Strict):
     capture: CaptureConfig = CaptureConfig()
     diagnose: DiagnoseConfig = DiagnoseConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    # Refuse grids larger than this (a typo such as `seeds: 1000000` would otherwise expand for minutes).
+    max_arms: int = Field(DEFAULT_MAX_ARMS, gt=0)
     grid: dict[str, list[Any]] = {}  # dotted key -> values; arms are the cartesian product
+    per_point: list[PointSettings] = []  # settings for some grid points (ablate tune's per_arm best.yaml)
     seeds: list[int] = [0]  # every grid point runs once per seed; an integer n means 0..n-1
     search: Optional[SearchConfig] = None  # keras-tuner search for `ablate tune`
+    _arms: Optional[list[Arm]] = PrivateAttr(None)
+    _where: Any = PrivateAttr(None)  # how arm errors are located (file lines, --set items), from parsing
 
     @field_validator("seeds", mode="before")
     @classmethod
-    def _seeds(cls, v: Any) -> Any:
+    def _seeds_count(cls, v: Any, info: ValidationInfo) -> Any:
         if isinstance(v, int) and not isinstance(v, bool):
             if v <= 0:
                 raise ValueError("an integer number of seeds must be > 0")
+            cap = info.data.get("max_arms", DEFAULT_MAX_ARMS)
+            if v > cap:
+                raise ValueError(f"{v:,} seeds are more than max_arms = {cap:,}; raise the cap to run them "
+                                 f"(max_arms: N in the config, or --set max_arms=N)")
             return list(range(v))
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_list(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("seeds is empty: give at least one seed, e.g. [0] or an integer count")
+        for seed in v:
+            if not 0 <= seed <= SEED_MAX:
+                raise ValueError(f"seed {seed} is out of range: seeds are integers from 0 to {SEED_MAX}")
+        twice = sorted({s for s in v if v.count(s) > 1})
+        if twice:
+            raise ValueError(f"seed {twice[0]} is listed twice: each seed is one replicate, so a repeat would be "
+                             f"counted as a second, independent one")
         return v
 
     @field_validator("grid")
@@ -378,102 +449,202 @@ class Experiment(Strict):
         for key, values in grid.items():
             if not values:
                 raise ValueError(f"grid axis '{key}' has no values")
-            if key.split(".")[0] in ("name", "description", "grid", "seeds"):
+            if not key or any(not part for part in key.split(".")):
+                raise ValueError(f"grid axis '{key}' is not a dotted config key (e.g. model.depth)")
+            if key.split(".")[0] in _NOT_VARIED:
                 raise ValueError(f"grid axis '{key}' cannot be varied (use seeds for seeds)")
         return grid
 
+    @model_validator(mode="after")
+    def _bounded(self) -> "Experiment":
+        n = math.prod(len(v) for v in self.grid.values()) * len(self.seeds)
+        if n > self.max_arms:
+            sizes = " x ".join([f"{len(v)} {k}" for k, v in self.grid.items()] + [f"{len(self.seeds)} seeds"])
+            raise ValueError(f"the grid expands to {n:,} arms ({sizes}), more than max_arms = {self.max_arms:,}; "
+                             f"shrink the grid, or raise the cap (max_arms: N in the config, or --set max_arms=N)")
+        for i, entry in enumerate(self.per_point):
+            for key, value in entry.point.items():
+                if key not in self.grid:
+                    raise ValueError(f"per_point[{i}].point: '{key}' is not a grid axis "
+                                     f"(axes: {', '.join(self.grid) or 'none'})")
+                if _canon(value) not in {_canon(v) for v in self.grid[key]}:
+                    raise ValueError(f"per_point[{i}].point: {value!r} is not a value of grid axis '{key}'")
+            for key in entry.set:
+                if key.split(".")[0] in _NOT_VARIED or key in self.grid:
+                    raise ValueError(f"per_point[{i}].set: '{key}' cannot be set per point (grid axes, seeds and "
+                                     f"names are fixed by the grid)")
+        return self
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if not name.startswith("_") and self.__pydantic_private__:
+            self.__pydantic_private__["_arms"] = None  # a changed field changes the arms
+
     def base_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude={"grid", "seeds", "search"})
+        """The base config (every section, no grid): what each arm starts from."""
+        return self.model_dump(mode="json", exclude={"grid", "seeds", "search", "per_point", "max_arms"})
 
     def arms(self) -> list[Arm]:
-        """Expands the grid times the seeds into arms (grid order, seeds innermost)."""
-        keys = list(self.grid)
-        shorts = short_keys(keys)
-        arms: list[Arm] = []
-        seen: set[str] = set()
-        for combo in itertools.product(*(self.grid[k] for k in keys)):
-            for seed in self.seeds:
-                raw = self.base_dict()
-                values = dict(zip(keys, combo))
-                for key, value in values.items():
+        """The grid times the seeds as arms (grid order, seeds innermost); expanded once per experiment.
+
+        Raises:
+            ConfigError: an arm's config is invalid (its id and, where known, the file line are named).
+        """
+        if self._arms is None:
+            self._arms = _expand(self, self._where or _Where())
+        return list(self._arms)
+
+
+def _canon(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _expand(exp: Experiment, where: "_Where") -> list[Arm]:
+    keys = list(exp.grid)
+    shorts = short_keys(keys)
+    base = exp.base_dict()
+    name = base.pop("name")
+    base.pop("description")
+    arms: list[Arm] = []
+    seen: set[str] = set()
+    for combo in itertools.product(*(exp.grid[k] for k in keys)):
+        values = dict(zip(keys, combo))
+        point = copy.deepcopy(base)
+        for key, value in values.items():
+            try:
+                set_path(point, key, copy.deepcopy(value))
+            except ConfigError as err:
+                raise ConfigError(f"{where.at('grid.' + key)}: grid axis '{key}': {err}") from None
+        for i, entry in enumerate(exp.per_point):
+            if all(_canon(values.get(k)) == _canon(v) for k, v in entry.point.items()):
+                for key, value in entry.set.items():
                     try:
-                        _set_path(raw, key, copy.deepcopy(value))
+                        set_path(point, key, copy.deepcopy(value))
                     except ConfigError as err:
-                        raise ConfigError(f"grid axis '{key}': {err}") from None
-                parts = [f"{shorts[k]}={_slug(v)}" for k, v in values.items()] + [f"seed={seed}"]
-                arm_id = _limit(",".join(parts))
-                if arm_id in seen:  # two values that slug alike: keep ids unique and stable
-                    arm_id = _limit(arm_id + "~" + _digest(json.dumps(values, sort_keys=True, default=str)))
-                seen.add(arm_id)
-                name = raw.pop("name")
-                raw.pop("description")
-                try:
-                    cfg = ArmConfig(experiment=name, arm_id=arm_id, values=values, seed=seed, **raw)
-                except ValidationError as err:
-                    raise ConfigError(_format_errors(err, f"arm {arm_id}", grid_keys=keys)) from None
-                arms.append(Arm(id=arm_id, config=cfg))
-        return arms
+                        raise ConfigError(f"{where.at('per_point')}: per_point[{i}].set: {err}") from None
+        label = ",".join(f"{shorts[k]}={slug(v)}" for k, v in values.items())
+        for seed in exp.seeds:
+            arm_id = _limit(f"{label},seed={seed}" if label else f"seed={seed}")
+            if arm_id in seen:  # two values that slug alike: keep ids unique and stable
+                arm_id = _limit(arm_id + "~" + _digest(_canon(values)))
+            seen.add(arm_id)
+            try:
+                cfg = ArmConfig(experiment=name, arm_id=arm_id, values=values, seed=seed, **copy.deepcopy(point))
+            except ValidationError as err:
+                raise ConfigError(_format_errors(err, where, arm_id=arm_id, values=values)) from None
+            arms.append(Arm(id=arm_id, config=cfg))
+    return arms
 
 
 # ----------------------------------------------------------------------------------------------- loading
 
 
-def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
-    """Reads, overrides and validates a YAML experiment; raises :class:`ConfigError` on any mistake."""
-    path = Path(path)
+class _Where:
+    """Where a dotted key was written, for error messages: the file and line, or the ``--set`` item."""
+
+    def __init__(self, source: str = "<config>", lines: dict[str, int] | None = None,
+                 set_items: dict[str, str] | None = None):
+        self.source, self.lines, self.set_items = source, lines or {}, set_items or {}
+
+    def set_item(self, path: str) -> str | None:
+        for key, item in self.set_items.items():
+            if path == key or path.startswith(key + ".") or key.startswith(path + "."):
+                return item
+        return None
+
+    def at(self, path: str) -> str:
+        """``file:line`` of ``path`` (or of its nearest written parent), or ``--set 'item'``."""
+        plain = path[len("grid."):] if path.startswith("grid.") else path
+        item = self.set_item(plain)
+        if item is not None:
+            return f"--set '{item}'"
+        parts = path.split(".")
+        for n in range(len(parts), 0, -1):
+            line = self.lines.get(".".join(parts[:n]))
+            if line:
+                return f"{self.source}:{line}"
+        return self.source
+
+
+def read_config_text(path: Path) -> str:
+    """The text of a config file (UTF-8); a clear :class:`ConfigError` otherwise."""
     try:
-        text = path.read_text()
+        data = Path(path).read_bytes()
     except OSError as err:
         raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
     try:
-        raw = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: YAML syntax error: {err.problem or err}") from None
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+                          f"save the config as UTF-8") from None
+
+
+def load_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
+    """Parses config YAML safely (bounded aliases and nesting, duplicate keys refused); see :mod:`safe_yaml`."""
+    try:
+        return safe_yaml.load(text, source)
+    except safe_yaml.YAMLInputError as err:
+        raise ConfigError(str(err)) from None
+
+
+def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
+    """Reads, overrides and validates a YAML experiment; raises :class:`ConfigError` on any mistake."""
+    path = Path(path)
+    raw, lines = load_yaml(read_config_text(path), str(path))
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys (name, data, model, ...)")
-    lines = _key_lines(text)
-    raw = apply_overrides(raw, overrides)
-    return parse_experiment(raw, source=str(path), lines=lines)
+    raw, set_items = _apply_overrides(raw, overrides)
+    return parse_experiment(raw, source=str(path), lines=lines, set_items=set_items)
 
 
-def parse_experiment(raw: dict[str, Any], source: str = "<config>", lines: dict[str, int] | None = None) -> Experiment:
-    """Validates a config dict; also expands the arms so every grid value is checked up front."""
+def parse_experiment(raw: dict[str, Any], source: str = "<config>", lines: dict[str, int] | None = None,
+                     set_items: dict[str, str] | None = None) -> Experiment:
+    """Validates a config dict and expands its arms (once), so every grid value is checked up front.
+
+    Args:
+        raw: the config as a dict.
+        source: its file name, for messages.
+        lines: ``{dotted key: line}`` of the file, for messages.
+        set_items: ``{dotted key: '--set' item}`` of the overrides applied, so their errors name them.
+    """
+    where = _Where(source, lines, set_items)
     try:
         exp = Experiment(**raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source, lines or {})) from None
-    except TypeError as err:
-        raise ConfigError(f"{source}: {err}") from None
-    try:
-        exp.arms()
-    except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from None
+        raise ConfigError(_format_errors(err, where)) from None
+    except (TypeError, RecursionError) as err:
+        raise ConfigError(f"{source}: {type(err).__name__}: {err}") from None
+    exp._where = where
+    exp.arms()
     if exp.search is not None:
-        _check_space(exp, source)
+        _check_space(exp, where)
     return exp
 
 
-def _check_space(exp: Experiment, source: str) -> None:
+def _check_space(exp: Experiment, where: _Where) -> None:
     """Every searched key must be a real config key taking the searched values (checked with the bounds)."""
     for key, entry in exp.search.space.items():
-        if key.split(".")[0] in ("name", "description", "grid", "seeds", "search"):
-            raise ConfigError(f"{source}: search.space '{key}' cannot be searched")
+        if key.split(".")[0] in _NOT_VARIED:
+            raise ConfigError(f"{where.at('search.space.' + key)}: search.space '{key}' cannot be searched")
+        if exp.search.per_arm and key in exp.grid:
+            raise ConfigError(f"{where.at('search.space.' + key)}: search.space '{key}' is also a grid axis; with "
+                              f"per_arm: true every grid point fixes it, so search other keys or drop the axis")
         samples = entry.choice if entry.kind == "choice" else entry.bounds
         for value in samples:
             raw = exp.base_dict()
             try:
-                _set_path(raw, key, copy.deepcopy(value))
+                set_path(raw, key, copy.deepcopy(value))
             except ConfigError as err:
-                raise ConfigError(f"{source}: search.space '{key}': {err}") from None
+                raise ConfigError(f"{where.source}: search.space '{key}': {err}") from None
             raw.pop("name"), raw.pop("description")
             try:
                 ArmConfig(experiment=exp.name, arm_id="check", values={}, seed=0, **raw)
             except ValidationError as err:
-                raise ConfigError(_format_errors(err, f"{source}: search.space '{key}' = {value!r}")) from None
+                inner = _Where(f"{where.source}: search.space '{key}' = {value!r}")
+                raise ConfigError(_format_errors(err, inner)) from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -482,29 +653,43 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
     A key that is also a grid axis pins that axis (``--set model.depth=2`` makes every arm depth 2; a list
     value replaces the axis); ``grid.<key>=[...]`` sets an axis; ``seeds=1`` runs seed 0 only.
     """
+    return _apply_overrides(raw, overrides)[0]
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> tuple[dict[str, Any], dict[str, str]]:
+    """:func:`apply_overrides`, also returning ``{dotted key: item}`` so errors can name the ``--set``."""
     raw = copy.deepcopy(raw)
+    origins: dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set '{item}': expected key.path=value, e.g. train.epochs=1")
         key, text = item.split("=", 1)
         key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set '{item}': '{key}' is not a dotted config key, e.g. train.epochs=1")
+        if not text.strip():
+            raise ConfigError(f"--set '{item}': no value after '='; write {key}=null for null or {key}=\"\" for an "
+                              f"empty string")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
-            raise ConfigError(f"--set '{item}': the value is not valid YAML") from None
+            value, _ = safe_yaml.load(text, "--set")
+        except safe_yaml.YAMLInputError as err:
+            raise ConfigError(f"--set '{item}': the value is not valid YAML ({err.detail})") from None
         grid = raw.setdefault("grid", {}) if isinstance(raw.get("grid", {}), dict) else {}
         if key.startswith("grid."):
             grid[key[len("grid."):]] = value if isinstance(value, list) else [value]
+            origins[key[len("grid."):]] = item
         elif key in grid:
             grid[key] = value if isinstance(value, list) else [value]
+            origins[key] = item
         else:
             try:
-                _set_path(raw, key, value)
+                set_path(raw, key, value)
             except ConfigError as err:
                 raise ConfigError(f"--set '{item}': {err}") from None
+            origins[key] = item
         if not raw.get("grid"):
             raw.pop("grid", None)
-    return raw
+    return raw, origins
 
 
 def dump_yaml(data: Any) -> str:
@@ -515,7 +700,7 @@ def dump_yaml(data: Any) -> str:
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
+def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
     """Sets ``raw[a][b][c] = value`` for ``a.b.c``; a mapping value is merged into an existing section, so a
     grid axis can bundle settings (``model: [{arch: plain_mlp}, {arch: resnet_mlp, branch_scale: 0.5}]``)."""
     node = raw
@@ -539,9 +724,14 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def short_keys(keys: list[str]) -> dict[str, str]:
-    """Display names for dotted keys (arm ids, report legends): the last component, unless ambiguous."""
+    """Id prefixes for grid keys: the last component unless ambiguous, as a safe file-name fragment."""
     last = [k.split(".")[-1] for k in keys]
-    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
+    return {k: _safe_key(s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
+
+
+def _safe_key(key: str) -> str:
+    # Ids are folder names: a key never contributes a path separator, a leading dot or anything to quote.
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", key).strip("-.") or "_"
 
 
 def value_label(value: Any) -> str:
@@ -551,7 +741,8 @@ def value_label(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def _slug(value: Any) -> str:
+def slug(value: Any) -> str:
+    """A grid value as a file-name fragment (``[A-Za-z0-9._+-]``)."""
     text = value_label(value)
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-") or "_"
 
@@ -561,25 +752,8 @@ def _digest(text: str) -> str:
 
 
 def _limit(arm_id: str, n: int = 120) -> str:
+    # Well below the 255-byte limit of a file name (ids are ASCII), leaving room for temp-file prefixes.
     return arm_id if len(arm_id) <= n else arm_id[: n - 9] + "~" + _digest(arm_id)
-
-
-def _key_lines(text: str) -> dict[str, int]:
-    """Maps dotted keys to their 1-based line in the YAML text (best effort, for error messages)."""
-    out: dict[str, int] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                key = f"{prefix}.{k.value}" if prefix else str(k.value)
-                out[key] = k.start_mark.line + 1
-                walk(v, key)
-
-    try:
-        walk(yaml.compose(text), "")
-    except yaml.YAMLError:
-        pass
-    return out
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str] | None:
@@ -593,14 +767,37 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str] | None:
     return list(model.model_fields)
 
 
-def _format_errors(err: ValidationError, source: str, lines: dict[str, int] | None = None,
-                   grid_keys: list[str] | None = None) -> str:
+def _short(value: Any, n: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= n else f"{text[: n - 3]}... ({len(text)} characters)"
+
+
+def _grid_key(path: str, values: dict[str, Any]) -> str | None:
+    """The grid axis whose value of this arm set ``path`` (a bundle sets the keys it names), or None."""
+    for key, value in values.items():
+        if path == key:
+            return key
+        if path.startswith(key + "."):
+            node = value
+            for part in path[len(key) + 1:].split("."):
+                if not isinstance(node, dict) or part not in node:
+                    node = None
+                    break
+                node = node[part]
+            if node is not None:
+                return key
+    return None
+
+
+def _format_errors(err: ValidationError, where: _Where, arm_id: str | None = None,
+                   values: dict[str, Any] | None = None) -> str:
     msgs = []
     for e in err.errors():
         loc = tuple(e["loc"])
-        path = ".".join(str(p) for p in loc)
-        line = (lines or {}).get(path)
-        where = f"{source}:{line}" if line else source
+        ctx = e.get("ctx") or {}
+        path = ".".join(str(p) for p in loc + ((ctx["option"],) if "option" in ctx else ()))
+        grid_key = _grid_key(path, values or {})
+        at = where.at(("grid." + grid_key) if grid_key and not where.set_item(path) else path)
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(loc[:-1]) or []
             msg = f"unknown key '{path}'.{suggest(str(loc[-1]), allowed)} Allowed keys"
@@ -608,11 +805,14 @@ def _format_errors(err: ValidationError, source: str, lines: dict[str, int] | No
             msg += f": {', '.join(allowed)}"
         elif e["type"] == "missing":
             msg = f"'{path}' is required"
+        elif e["type"] in ("model_option", "unused_option"):
+            msg = f"'{path}': {ctx['message']}"
         else:
             got = e.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            msg = f"'{path}': {e['msg']}{shown}"
-        if grid_keys and any(path == k or path.startswith(k + ".") for k in grid_keys):
+            shown = "" if isinstance(got, (dict, list)) or e["type"] == "value_error" else f" (got {_short(got)})"
+            text = e["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's message
+            msg = f"'{path}': {text}{shown}" if path else f"{text}{shown}"
+        if grid_key:
             msg += " [value from grid]"
-        msgs.append(f"{where}: {msg}")
+        msgs.append(f"{at}: {f'arm {arm_id}: ' if arm_id else ''}{msg}")
     return "\n".join(msgs)

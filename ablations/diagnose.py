@@ -25,20 +25,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ablations.config import DiagnoseConfig  # the one source of the thresholds' defaults
 from ablations.instruments.block_scalars import drop_inactive
 from ablations.instruments.param_norms import (block_kernels, decay_rates, first_last_ratio,  # noqa: F401
                                                gradient_summary)
 
-DEFAULTS: dict[str, float] = {
-    "vanishing_ratio": 1e-3,
-    "vanishing_floor": 1e-8,
-    "exploding_ratio": 70.0,
-    "stall_ratio": 1e-3,
-    "saturated_fraction": 0.8,
-    "dead_fraction": 0.4,
-    "plateau_improvement": 0.01,
-    "window": 200,
-}
+DEFAULTS: dict[str, float] = DiagnoseConfig().model_dump()
 
 
 def block_ranges(blocks: list[int]) -> str:

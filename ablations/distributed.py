@@ -72,21 +72,6 @@ def search_loop(tuner: Any) -> None:
         tuner.on_trial_end(trial)
 
 
-def prepare_data(datas: Any) -> None:
-    """Prepares each distinct dataset (``data`` sections as dicts) once, in the chief, before workers start:
-    several workers preparing one TFDS data dir at once race each other. A dataset that cannot be prepared
-    is left to the arms, which record the error as failed arms."""
-    import json
-
-    from ablations.data import builder
-
-    for data in {json.dumps(d, sort_keys=True): d for d in datas}.values():
-        try:
-            builder(data["name"], data.get("data_dir"), data.get("download", True))
-        except Exception:  # noqa: BLE001 - each arm then fails with this error in its own summary
-            pass
-
-
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -1,7 +1,7 @@
 """The glue: one function runs one arm (config + folder in, summary out).
 
-``run_arm`` is the unit the sweep engine schedules; it records NaN/Inf losses as ``diverged`` and
-exceptions as ``failed`` instead of raising, so one bad arm never stops a sweep.
+``run_arm`` is the unit the sweep engine (:mod:`ablations.sweep`) schedules; it records NaN/Inf losses as
+``diverged`` and exceptions as ``failed`` instead of raising, so one bad arm never stops a sweep.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from ablations import store
 from ablations.config import Arm, ArmConfig, dump_yaml
@@ -229,25 +229,3 @@ def epochs_table(history: dict[str, list[float]]) -> Any:
     for k, v in history.items():
         df[k] = list(v) + [float("nan")] * (n - len(v))
     return df
-
-
-def arm_is_current(arm: Arm, arm_dir: Path) -> bool:
-    """True when the arm has a finished result for exactly this config (a changed config re-runs it)."""
-    import yaml
-
-    if not store.is_done(arm_dir):
-        return False
-    try:
-        stored = yaml.safe_load((arm_dir / "arm.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return False
-    # Compared as data, not text: the same config with its mapping keys in another order is the same arm.
-    return stored == yaml.safe_load(dump_yaml(arm.config.model_dump(mode="json")))
-
-
-def run_experiment(exp: Any, out: Path, *, ui: Any = None, workers: int = 0,
-                   on_arm: Callable[[Arm, dict[str, Any], bool], None] | None = None) -> list[dict[str, Any]]:
-    """Forwards to :func:`ablations.sweep.run_sweep` (kept until the store/sweep move lands)."""
-    from ablations.sweep import run_sweep
-
-    return run_sweep(exp, out, ui=ui, workers=workers, on_arm=on_arm)

@@ -16,7 +16,11 @@ told a worker to stop and no trial is running (or when the caller says so).
 
 The run folder is the source of truth (ARCHITECTURE.md section 3): keras-tuner's files live in
 ``runs/<exp>/.tuner/`` and are recreated on every start, so a sweep killed at any moment resumes from what
-the run folder holds (an arm is done when its ``summary.json`` says completed/diverged for the same config).
+the run folder holds (an arm is done when :func:`ablations.store.is_current` finds an undamaged result for
+the same config). Before training, :mod:`ablations.preflight` opens every dataset once (bad data stops the
+sweep before any arm), and the sweep says which finished arms it trains again and why (config changed,
+damaged). An arm folder trained again is first moved to ``runs/<exp>/.replaced/<arm_id>``, so files of the
+old result never mix with the new one.
 
 Started by hand on other machines (the run folder on a shared file system)::
 
@@ -43,10 +47,13 @@ from typing import Any, Callable
 
 from ablations import store
 from ablations.config import Arm, Experiment, dump_yaml
-from ablations.distributed import (SweepError, free_port, prepare_data, process_role,  # noqa: F401 - re-exported
-                                   search_loop, serve_oracle, worker_env)
+from ablations.distributed import (SweepError, free_port, process_role, search_loop,  # noqa: F401 - re-exported
+                                   serve_oracle, worker_env)
+from ablations.preflight import check_inputs
+from ablations.runner import run_arm
 
 TUNER_DIR = ".tuner"  # keras-tuner's project files and local worker logs, inside the run folder
+REPLACED_DIR = ".replaced"  # the previous folder of each arm trained again (one generation kept)
 MULTI_WORKER_DIR = ".multi_worker"  # outputs of non-chief multi_worker processes (the chief's go to arms/)
 STATUS_CODE = {"completed": 0, "diverged": 1, "failed": 2}
 
@@ -122,7 +129,6 @@ def make_tuner(oracle: Any, arms: list[Arm], root: Path, *, out_root: Path | Non
         tuner_dir: keras-tuner's folder (default ``root/.tuner``).
     """
     kt = _kt()
-    from ablations.runner import arm_is_current, run_arm
 
     class ArmTuner(kt.engine.base_tuner.BaseTuner):
         """Trial = arm: ``run_trial`` trains the arm named by the trial's ``arm`` hyperparameter."""
@@ -132,6 +138,7 @@ def make_tuner(oracle: Any, arms: list[Arm], root: Path, *, out_root: Path | Non
                              overwrite=True)
             self.by_id = {a.id: (i, a) for i, a in enumerate(arms)}
             self.results: list[dict[str, Any]] = []
+            self.fatal: store.StoreError | None = None  # the run folder cannot be written: stop the sweep
 
         def arm_for_trial(self, trial: Any) -> tuple[int, Arm]:
             values = trial.hyperparameters.values
@@ -146,7 +153,11 @@ def make_tuner(oracle: Any, arms: list[Arm], root: Path, *, out_root: Path | Non
 
         def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> dict[str, float]:
             index, arm = self.arm_for_trial(trial)
-            summary, skipped = run_one(arm, index, root, out_root or root, ui, arm_is_current, run_arm)
+            try:
+                summary, skipped = run_one(arm, index, root, out_root or root, ui)
+            except store.StoreError as err:  # disk full, folder gone: every later arm would fail the same way
+                self.fatal = err
+                raise kt.errors.FatalError(str(err)) from None
             self.results.append(summary)
             if ui and (out_root or root) == root:
                 ui.arm_done(arm, summary, skipped)
@@ -157,7 +168,12 @@ def make_tuner(oracle: Any, arms: list[Arm], root: Path, *, out_root: Path | Non
                     "status_code": float(STATUS_CODE.get(summary.get("status"), 2))}
 
         def search(self, *args: Any, **kwargs: Any) -> None:
-            search_loop(self)
+            try:
+                search_loop(self)
+            except kt.errors.FatalError:
+                if self.fatal is not None:
+                    raise self.fatal from None
+                raise
 
         def save_model(self, trial_id: str, model: Any, step: int = 0) -> None:
             pass  # the arm's folder holds final.keras
@@ -165,17 +181,40 @@ def make_tuner(oracle: Any, arms: list[Arm], root: Path, *, out_root: Path | Non
     return ArmTuner()
 
 
-def run_one(arm: Arm, index: int, root: Path, out_root: Path, ui: Any, arm_is_current: Callable,
-            run_arm: Callable) -> tuple[dict[str, Any], bool]:
-    """Runs one arm unless the run folder already has its result; returns ``(summary, skipped)``."""
+def is_current(arm: Arm, arm_dir: Path) -> bool:
+    """Whether ``arm_dir`` holds an undamaged result of exactly this arm's config."""
+    return store.is_current(arm_dir, arm.config.model_dump(mode="json"))
+
+
+def run_one(arm: Arm, index: int, root: Path, out_root: Path, ui: Any) -> tuple[dict[str, Any], bool]:
+    """Runs one arm unless the run folder already has its result; returns ``(summary, skipped)``.
+
+    ``root`` decides what is done; the arm is written under ``out_root`` (``root`` except on non-chief
+    multi_worker processes). An earlier folder of the arm (another config, damaged, interrupted) is moved to
+    ``root/.replaced/<arm_id>`` first, so none of its files is read as part of the new result.
+    """
     arm_dir = root / "arms" / arm.id
-    if arm_is_current(arm, arm_dir):  # done earlier, or by another worker
+    if is_current(arm, arm_dir):  # done earlier, or by another worker
         return store.read_summary(arm_dir), True
     out_dir = out_root / "arms" / arm.id
+    if out_root == root:
+        _set_aside(out_dir, root / REPLACED_DIR / arm.id)
     for tmp in list(out_dir.glob(".*.tmp*")):  # a killed attempt's partial writes, never read
         tmp.unlink(missing_ok=True)
     callbacks = [ui.arm_callback(arm)] if ui and out_root == root else []
     return run_arm(arm, out_dir, index=index, callbacks=callbacks), False
+
+
+def _set_aside(arm_dir: Path, dest: Path) -> None:
+    if not arm_dir.is_dir() or not any(p for p in arm_dir.iterdir() if ".tmp" not in p.name):
+        return
+    try:
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(arm_dir, dest)
+    except OSError as err:
+        raise store.StoreError(f"cannot move the earlier folder of arm {arm_dir.name} aside to {dest}: "
+                               f"{err.strerror}") from None
 
 
 # ----------------------------------------------------------------------------------------------- modes
@@ -237,10 +276,36 @@ def _configure_process(arms: list[Arm], configure_devices: Callable) -> None:
     configure_devices(arms[0].config.runtime)
 
 
-def _pending(arms: list[Arm], root: Path) -> list[Arm]:
-    from ablations.runner import arm_is_current
+def _pending(arms: list[Arm], root: Path, ui: Any = None) -> list[Arm]:
+    """The arms without a current result; says (on ``ui``) which finished arms are trained again, and why."""
+    pending, why = [], []
+    for a in arms:
+        arm_dir = root / "arms" / a.id
+        if is_current(a, arm_dir):
+            continue
+        pending.append(a)
+        reason = retrain_reason(a, arm_dir)
+        if reason:
+            why.append(f"  {a.id}: {reason}")
+    if ui and why:
+        ui.note(f"{len(why)} arm(s) that have a result in {root} are trained again:\n" + "\n".join(why))
+    return pending
 
-    return [a for a in arms if not arm_is_current(a, root / "arms" / a.id)]
+
+def retrain_reason(arm: Arm, arm_dir: Path) -> str | None:
+    """Why an arm folder that is not current holds something (None for a new or interrupted arm)."""
+    check = store.check_arm(arm_dir)
+    if check.problems:
+        return "damaged: " + "; ".join(check.problems)
+    if check.summary is None:
+        return None
+    if check.summary["status"] == "failed":
+        return "failed earlier, trying again"
+    config = arm.config.model_dump(mode="json")
+    keys = store.changed_keys(arm_dir, config)
+    if not keys:
+        return "its arm.yaml is unreadable"
+    return "config changed: " + ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
 
 
 def _collect(arms: list[Arm], root: Path, extra: dict[str, dict[str, Any]] | None = None,
@@ -269,19 +334,23 @@ def _run_local(exp: Experiment, root: Path, arms: list[Arm], *, ui: Any, on_arm:
     """All pending arms in this process, through the same oracle + tuner as the distributed modes."""
     store.check_writable(root)
     with store.RunLock(root) if lock else contextlib.nullcontext():
-        pending = _pending(arms, root)
+        pending = _pending(arms, root, ui if lock else None)
+        if pending:
+            check_inputs(pending, trains_here=True)
         if lock:
             _start(exp, root, arms, ui, pending)
-        for a in arms:
-            if a not in pending and on_arm:
-                on_arm(a, store.read_summary(root / "arms" / a.id), True)
-        if pending:
-            # A non-chief multi_worker process decides "done" from the chief's folder and writes to scratch.
-            tuner = make_tuner(make_oracle(pending, config_digest(exp)), arms, root, out_root=out_root, ui=ui,
-                               on_arm=on_arm, tuner_dir=(out_root / TUNER_DIR) if out_root else None)
-            tuner.search()
-        if ui and lock:
-            ui.stop()
+        try:
+            for a in arms:
+                if a not in pending and on_arm:
+                    on_arm(a, store.read_summary(root / "arms" / a.id), True)
+            if pending:
+                # A non-chief multi_worker process decides "done" from the chief's folder and writes to scratch.
+                tuner = make_tuner(make_oracle(pending, config_digest(exp)), arms, root, out_root=out_root, ui=ui,
+                                   on_arm=on_arm, tuner_dir=(out_root / TUNER_DIR) if out_root else None)
+                tuner.search()
+        finally:
+            if ui and lock:
+                ui.stop()
     return _collect(arms, root, first=out_root)
 
 
@@ -293,29 +362,37 @@ def serve_chief(exp: Experiment, root: Path, arms: list[Arm], *, workers: int, u
     """Chief: holds the lock, serves the oracle, starts ``workers`` local workers, reports arms as they end."""
     store.check_writable(root)
     with store.RunLock(root):
-        pending = _pending(arms, root)
+        pending = _pending(arms, root, ui)
+        if pending:  # prepares each dataset once, here: several workers preparing one data dir would race
+            check_inputs(pending, trains_here=False)
         _start(exp, root, arms, ui, pending)
         for a in arms:
             if a not in pending and on_arm:
                 on_arm(a, store.read_summary(root / "arms" / a.id), True)
         lost: dict[str, dict[str, Any]] = {}
-        if pending:
-            shutil.rmtree(root / TUNER_DIR / "oracle", ignore_errors=True)  # the run folder decides
-            prepare_data(a.config.data.model_dump(mode="json") for a in pending)
-            oracle = make_oracle(pending, config_digest(exp), root / TUNER_DIR / "oracle")
-            todo = {a.id for a in pending}
-            on_end = _arm_reporter(arms, root, todo, lost, ui, on_arm)
-            cmd = [sys.executable, "-m", "ablations", "run", str(root / "experiment.yaml"), "--out",
-                   str(root.parent), "--no-report"]
-            serve_oracle(oracle, command=cmd, workers=workers, logs=root / TUNER_DIR, on_end=on_end,
-                         done=lambda: not todo, poll_s=poll_s)
-            by_id = {a.id: a for a in arms}
-            for arm_id in sorted(todo):  # no local worker left and no other worker can join
-                lost[arm_id] = _lost(by_id[arm_id], f"all local workers exited before this arm ran; see "
-                                                    f"{root / TUNER_DIR}")
-        if ui:
-            ui.stop()
+        try:
+            if pending:
+                _serve_pending(exp, root, arms, pending, lost, workers=workers, ui=ui, on_arm=on_arm, poll_s=poll_s)
+        finally:
+            if ui:
+                ui.stop()
     return _collect(arms, root, lost)
+
+
+def _serve_pending(exp: Experiment, root: Path, arms: list[Arm], pending: list[Arm], lost: dict[str, Any], *,
+                   workers: int, ui: Any, on_arm: Any, poll_s: float) -> None:
+    """Serves the pending arms to workers until every one has ended; records in ``lost`` those never run."""
+    shutil.rmtree(root / TUNER_DIR / "oracle", ignore_errors=True)  # the run folder decides
+    oracle = make_oracle(pending, config_digest(exp), root / TUNER_DIR / "oracle")
+    todo = {a.id for a in pending}
+    on_end = _arm_reporter(arms, root, todo, lost, ui, on_arm)
+    cmd = [sys.executable, "-m", "ablations", "run", str(root / "experiment.yaml"), "--out",
+           str(root.parent), "--no-report"]
+    serve_oracle(oracle, command=cmd, workers=workers, logs=root / TUNER_DIR, on_end=on_end,
+                 done=lambda: not todo, poll_s=poll_s)
+    by_id = {a.id: a for a in arms}
+    for arm_id in sorted(todo):  # no local worker left and no other worker can join
+        lost[arm_id] = _lost(by_id[arm_id], f"all local workers exited before this arm ran; see {root / TUNER_DIR}")
 
 
 def _lost(arm: Arm, error: str) -> dict[str, Any]:
@@ -366,7 +443,7 @@ def _printer(ui: Any, on_arm: Any) -> Callable[[Arm, dict[str, Any], bool], None
     def show(arm: Arm, summary: dict[str, Any], skipped: bool) -> None:
         if ui:
             ui.console.print(f"{summary.get('status', '?'):9} {arm.id} {summary.get('error') or ''}",
-                             highlight=False)
+                             highlight=False, markup=False)
         if on_arm:
             on_arm(arm, summary, skipped)
 

@@ -13,9 +13,11 @@ Pruning stops a trial early on a pathology found in its first captured steps (a 
 its best values (``final/``), so an ablation compares arms each at a fair learning rate.
 
 Layout: ``runs/<name>/search[/<grid point>]/`` holds the trials' arm folders (``arms/trial_0003,...``), one
-record per finished trial (``trials/<trial id>.json``, written whole by whichever process ran the trial) and
-keras-tuner's oracle state (``.tuner/oracle``), so a killed search resumes without redoing finished trials;
-``best.yaml`` is the experiment with the best values filled in, runnable by ``ablate run``.
+record per finished trial (``trials/<trial id>.json``, written whole by whichever process ran the trial,
+through :func:`ablations.store.write_trial`) and keras-tuner's oracle state (``.tuner/oracle``), so a killed
+search resumes without redoing finished trials; ``best.yaml`` is the experiment with the best values filled
+in, runnable by ``ablate run`` (with ``per_arm``: the grid kept, each grid point's best values as a
+``per_point`` entry; ``final/`` is that experiment's run folder).
 
 Scaling out uses the sweep engine's chief/worker machinery (:func:`ablations.distributed.serve_oracle`):
 ``ablate tune CONFIG --workers N`` makes this process the chief: it holds the run-folder lock, serves each
@@ -46,10 +48,10 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 from ablations import store
-from ablations.config import Arm, ArmConfig, ConfigError, Experiment, _set_path, _slug, dump_yaml, short_keys
+from ablations.config import (Arm, ArmConfig, ConfigError, DataConfig, Experiment, RuntimeConfig, dump_yaml,
+                               parse_experiment, set_path, short_keys, slug)
 
 TUNER_DIR = ".tuner"
-TRIALS_DIR = "trials"  # one JSON record per finished trial: workers never write the same file
 POINT, CONFIG, LAST = "gradzoo/point", "gradzoo/config", "gradzoo/last"  # what the chief announces to workers
 NEXT_POINT_WAIT_S = 120.0  # how long a worker started by hand waits for the chief's next grid point
 
@@ -124,11 +126,11 @@ def trial_arm(exp: Experiment, base: dict[str, Any], values: dict[str, Any], see
     raw = copy.deepcopy(base)
     searched = {k: _decode(exp, k, v) for k, v in values.items() if not k.startswith("tuner/")}
     for key, value in searched.items():
-        _set_path(raw, key, value)
+        set_path(raw, key, value)
     if "tuner/epochs" in values:  # Hyperband's budget for this trial
         raw["train"]["epochs"] = int(values["tuner/epochs"])
     shorts = short_keys(list(searched))
-    parts = [label] + [f"{shorts[k]}={_slug(_fmt(v))}" for k, v in searched.items()] + [f"seed={seed}"]
+    parts = [label] + [f"{shorts[k]}={slug(_fmt(v))}" for k, v in searched.items()] + [f"seed={seed}"]
     arm_id = ",".join(parts)
     raw.update(arm_id=arm_id, seed=seed, values={**base.get("values", {}), **searched})
     return Arm(id=arm_id, config=ArmConfig(**raw))
@@ -163,14 +165,14 @@ def make_tuner(exp: Experiment, root: Path, base: dict[str, Any], oracle: Any, *
     """
     import keras_tuner as kt
 
-    from ablations.runner import arm_is_current, run_arm
     from ablations.distributed import search_loop
+    from ablations.runner import run_arm
 
     name, _ = exp.search.objective_spec()
     prune = exp.search.prune
 
     def finish(record: dict[str, Any]) -> None:
-        _write_trial(root, record)
+        store.write_trial(root, record)
         if on_trial:
             on_trial(record)
 
@@ -181,7 +183,7 @@ def make_tuner(exp: Experiment, root: Path, base: dict[str, Any], oracle: Any, *
             for seed in range(exp.search.executions_per_trial):
                 arm = trial_arm(exp, base, values, seed=base["seed"] + seed, label=f"trial_{trial.trial_id}")
                 arm_dir = root / "arms" / arm.id
-                if arm_is_current(arm, arm_dir):
+                if store.is_current(arm_dir, arm.config.model_dump(mode="json")):
                     summary = store.read_summary(arm_dir)
                 else:
                     callbacks = [ui.arm_callback(arm)] if ui else []
@@ -217,35 +219,6 @@ def make_tuner(exp: Experiment, root: Path, base: dict[str, Any], oracle: Any, *
     return SearchTuner(oracle=oracle, directory=str(root / TUNER_DIR), project_name=project, overwrite=worker)
 
 
-def _write_trial(root: Path, record: dict[str, Any]) -> None:
-    """``trials/<trial id>.json``: the record of one finished trial (the report's and the tables' source)."""
-    store.write_json(Path(root) / TRIALS_DIR / f"{record['trial']}.json", record)
-
-
-def read_trials(root: Path) -> list[dict[str, Any]]:
-    """The finished trials of a search root, by trial number (``trials.jsonl`` of older searches included)."""
-    root = Path(root)
-    by_id: dict[str, dict[str, Any]] = {}
-    legacy = root / "trials.jsonl"
-    if legacy.exists():
-        for line in legacy.read_text().splitlines():
-            record = json.loads(line)
-            by_id[str(record["trial"])] = record
-    for path in (root / TRIALS_DIR).glob("*.json"):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):  # written atomically, so only a foreign file can be unreadable
-            continue
-        by_id[str(record["trial"])] = record
-    return sorted(by_id.values(), key=lambda r: int(r["trial"]))
-
-
-def has_trials(root: Path) -> bool:
-    """Whether ``root`` is a search root with at least one finished trial."""
-    root = Path(root)
-    return (root / "trials.jsonl").exists() or any((root / TRIALS_DIR).glob("*.json"))
-
-
 def best_trial(trials: list[dict[str, Any]], name: str, direction: str) -> dict[str, Any] | None:
     ok = [t for t in trials if t.get("status") == "completed" and t.get(name) is not None]
     if not ok:
@@ -253,20 +226,30 @@ def best_trial(trials: list[dict[str, Any]], name: str, direction: str) -> dict[
     return (min if direction == "min" else max)(ok, key=lambda t: t[name])
 
 
-def best_experiment(exp: Experiment, values: dict[str, Any], point: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The experiment (as a dict, without ``search``) with the best values filled in."""
+def _searched(exp: Experiment, values: dict[str, Any]) -> dict[str, Any]:
+    """A trial's values without keras-tuner's own (``tuner/epochs``...), choices decoded."""
+    return {k: _decode(exp, k, v) for k, v in values.items() if not k.startswith("tuner/")}
+
+
+def best_experiment(exp: Experiment, values: dict[str, Any]) -> dict[str, Any]:
+    """The experiment (as a dict, without ``search``) with the best values filled in (a searched key that
+    is also a grid axis is pinned)."""
     raw = exp.model_dump(mode="json", exclude={"search"})
-    for key, value in values.items():
-        if key.startswith("tuner/"):
-            continue
-        value = _decode(exp, key, value)
+    for key, value in _searched(exp, values).items():
         raw["grid"].pop(key, None)
-        _set_path(raw, key, value)
-    for key, value in (point or {}).items():
-        raw["grid"].pop(key, None)
-        _set_path(raw, key, value)
+        set_path(raw, key, value)
     if not raw["grid"]:
         raw.pop("grid")
+    return raw
+
+
+def best_per_point(exp: Experiment, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The experiment (without ``search``) whose grid points each run with their own best values: the grid
+    as it is, plus a ``per_point`` entry per grid point that has a best trial (the others keep the base
+    values). ``ablate run`` on it trains what ``final/`` holds."""
+    raw = exp.model_dump(mode="json", exclude={"search"})
+    raw["per_point"] = list(raw.get("per_point") or []) + [
+        {"point": r["point"], "set": _searched(exp, r["best"]["values"])} for r in results if r["best"]]
     return raw
 
 
@@ -294,7 +277,7 @@ def _search_points(exp: Experiment) -> list[tuple[str, dict[str, Any], dict[str,
         return _grid_points(exp)
     base = exp.arms()[0].config.model_dump(mode="json")
     for key in exp.grid:  # the base config, not the first grid point
-        _set_path(base, key, _get_path(exp.base_dict(), key))
+        set_path(base, key, _get_path(exp.base_dict(), key))
     base["values"] = {}
     return [("all", {}, base)]
 
@@ -327,7 +310,8 @@ def run_search(exp: Experiment, out: Path, *, ui: Any = None, console: Any = Non
     """
     if exp.search is None:
         raise ConfigError("this config has no `search:` section; `ablate tune` needs one (see README, Searching)")
-    from ablations.distributed import SweepError, prepare_data, process_role
+    from ablations.distributed import SweepError, process_role
+    from ablations.preflight import check_data, check_devices
 
     role = process_role(workers)
     root = Path(out) / exp.name
@@ -340,9 +324,10 @@ def run_search(exp: Experiment, out: Path, *, ui: Any = None, console: Any = Non
     name, direction = exp.search.objective_spec()
     results = []
     with store.RunLock(root):
+        check_data((label, DataConfig(**base["data"])) for label, _, base in points)
+        if role == "local":  # a chief only serves: its workers claim the devices
+            check_devices((label, RuntimeConfig(**base["runtime"])) for label, _, base in points)
         store.write_text(root / "experiment.yaml", dump_yaml(exp.model_dump(mode="json")))
-        if role == "chief":
-            prepare_data(base["data"] for _, _, base in points)
         for i, (label, values, base) in enumerate(points):
             if console:
                 console.print(f"[bold]search[/] {label}: {exp.search.tuner}, objective {name} ({direction}), "
@@ -350,15 +335,15 @@ def run_search(exp: Experiment, out: Path, *, ui: Any = None, console: Any = Non
             sroot = _search_root(root, exp, label)
             _search_one(exp, root, sroot, label, base, workers=workers if role == "chief" else None,
                         last=i == len(points) - 1, ui=ui)
-            trials = read_trials(sroot)
+            trials = store.read_trials(sroot)
             best = best_trial(trials, name, direction)
             results.append({"label": label, "point": values, "root": str(sroot), "trials": trials, "best": best})
         best_yaml = None
         if exp.search.per_arm:
-            final = _run_final(exp, root, results, ui)
+            best = best_per_point(exp, results)
             best_yaml = root / "best.yaml"
-            store.write_text(best_yaml, dump_yaml([best_experiment(exp, r["best"]["values"], r["point"])
-                                                   for r in results if r["best"]]))
+            store.write_text(best_yaml, dump_yaml(best))
+            final = _run_final(parse_experiment(best, source=str(best_yaml)), root, results, ui)
             return {"points": results, "best_yaml": str(best_yaml), "final": final}
         if results and results[0]["best"]:
             best_yaml = root / "best.yaml"
@@ -419,7 +404,7 @@ def _ended_record(sroot: Path, trial: Any) -> dict[str, Any]:
     import keras_tuner as kt
 
     try:
-        return json.loads((sroot / TRIALS_DIR / f"{trial.trial_id}.json").read_text())
+        return json.loads((sroot / store.TRIALS_DIR / f"{trial.trial_id}.json").read_text())
     except (OSError, ValueError):
         pass
     record = {"trial": trial.trial_id, "values": trial.hyperparameters.values, "status": "failed",
@@ -427,7 +412,7 @@ def _ended_record(sroot: Path, trial: Any) -> dict[str, Any]:
               "arms": []}
     # A completed trial whose record is missing is a slow shared file system: never overwrite the worker's.
     if trial.status != kt.engine.trial.TrialStatus.COMPLETED:
-        _write_trial(sroot, record)
+        store.write_trial(sroot, record)
     return record
 
 
@@ -520,33 +505,29 @@ def _get_path(raw: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def _run_final(exp: Experiment, root: Path, results: list[dict[str, Any]], ui: Any) -> list[dict[str, Any]]:
-    """Every grid point's seeds with its best values, into ``root/final`` (a normal run folder)."""
-    from ablations.runner import arm_is_current, run_arm
+def _run_final(best: Experiment, root: Path, results: list[dict[str, Any]], ui: Any) -> list[dict[str, Any]]:
+    """The seeds of every grid point that has a best trial, at its best values (``best`` is the experiment
+    of :func:`best_per_point`), into ``root/final`` (a normal run folder whose experiment.yaml is ``best``)."""
+    from ablations.runner import run_arm
 
     final_root = root / "final"
+    tuned = {r["label"]: r["best"]["values"] for r in results if r["best"]}
+    arms = best.arms()
+    store.write_text(final_root / "experiment.yaml", dump_yaml(best.model_dump(mode="json")))
     summaries = []
-    arms = exp.arms()
-    best_by_label = {r["label"]: r["best"] for r in results}
-    store.write_text(final_root / "experiment.yaml", dump_yaml(exp.model_dump(mode="json", exclude={"search"})))
     if ui:
         ui.start(len(arms))
     for i, arm in enumerate(arms):
-        best = best_by_label.get(_point_label(arm.id))
-        if best is None:
+        values = tuned.get(_point_label(arm.id))
+        if values is None:  # every trial of this grid point was pruned or failed: nothing to run it at
             continue
-        raw = arm.config.model_dump(mode="json")
-        for key, value in best["values"].items():
-            if not key.startswith("tuner/"):
-                _set_path(raw, key, _decode(exp, key, value))
-        tuned = Arm(id=arm.id, config=ArmConfig(**raw))
         arm_dir = final_root / "arms" / arm.id
-        summary = store.read_summary(arm_dir) if arm_is_current(tuned, arm_dir) else \
-            run_arm(tuned, arm_dir, index=i, callbacks=[ui.arm_callback(tuned)] if ui else [])
-        summary["tuned"] = {k: v for k, v in best["values"].items() if not k.startswith("tuner/")}
+        summary = store.read_summary(arm_dir) if store.is_current(arm_dir, arm.config.model_dump(mode="json")) \
+            else run_arm(arm, arm_dir, index=i, callbacks=[ui.arm_callback(arm)] if ui else [])
+        summary["tuned"] = {k: v for k, v in values.items() if not k.startswith("tuner/")}
         summaries.append(summary)
         if ui:
-            ui.arm_done(tuned, summary, False)
+            ui.arm_done(arm, summary, False)
     if ui:
         ui.stop()
     return summaries

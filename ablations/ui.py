@@ -1,11 +1,25 @@
-"""Terminal output with rich: a sweep progress bar, a per-arm bar, a line per arm and a summary table."""
+"""Terminal output with rich: a sweep progress bar, a per-arm bar, a line per arm and a summary table.
+
+On a terminal the bars redraw in place; in a log (stdout not a terminal) there are no bars, only one line per
+arm, numbered, so a log never holds the same bar again and again.
+"""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
+# rich imports these lazily while it renders, which is on its refresh thread for the progress bars; under
+# TFDS/etils' lazy-import hooks such an import from a thread once failed ("Relative import statements not
+# supported"), killing the display. Imported here, in the main thread, they are never imported later.
+import rich._emoji_replace  # noqa: F401
+import rich.ansi  # noqa: F401
+import rich.markup  # noqa: F401
+import rich.pretty  # noqa: F401
+import rich.progress_bar  # noqa: F401
+import rich.spinner  # noqa: F401
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -37,14 +51,26 @@ class SweepUI:
 
     def __init__(self, console: Console | None = None):
         self.console = console or Console()
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=self.console, transient=False)
+        self.live = self.console.is_terminal and not self.console.is_dumb_terminal
+        # markup=False: arm ids are shown as they are (and no markup parsing on the refresh thread).
+        self.progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=self.console, transient=False, disable=not self.live)
         self.sweep_task = None
         self.arm_task = None
+        self.total = 0
+        self.finished = 0
 
     def start(self, n_arms: int) -> None:
+        self.total, self.finished = n_arms, 0
         self.progress.start()
         self.sweep_task = self.progress.add_task("sweep", total=n_arms)
+
+    def note(self, message: str) -> None:
+        """A message above the bars (e.g. which finished arms are trained again, and why)."""
+        self.progress.console.print(message, highlight=False, markup=False)
+
+    def _count(self) -> str:
+        return "" if self.live or not self.total else f"[{self.finished}/{self.total}] "
 
     def arm_callback(self, arm: Any) -> Any:
         import keras
@@ -75,19 +101,22 @@ class SweepUI:
             self.progress.remove_task(self.arm_task)
             self.arm_task = None
         self.progress.advance(self.sweep_task)
+        self.finished += 1
         status = summary.get("status", "?")
         final = summary.get("final") or {}
         if skipped:
-            self.progress.console.print(f"[dim]= {arm.id}: {status} earlier, skipped[/dim]")
+            self.progress.console.print(f"[dim]{self._count()}= {arm.id}: {status} earlier, skipped[/dim]",
+                                        highlight=False)
             return
         extra = summary.get("error") or (f"diverged at step {summary['diverged_at_step']}"
                                          if status == "diverged" else "")
         self.progress.console.print(
-            f"{styled(status)}{' ' * max(1, 10 - len(status))}{arm.id}  loss {fmt(final.get('loss'))}  "
+            f"{self._count()}{styled(status)}{' ' * max(1, 10 - len(status))}{arm.id}  loss {fmt(final.get('loss'))}  "
             f"acc {fmt(final.get('accuracy'))}  first/last grad {fmt(summary.get('ratio_final'), '.2e')}  "
-            f"{fmt(summary.get('wall_time_s'), '.1f')}s {extra}", highlight=False)
+            f"{fmt(summary.get('wall_time_s'), '.1f')}s {escape(str(extra))}", highlight=False)
         for v in summary.get("verdicts") or []:
-            self.progress.console.print(f"          [yellow]{v['kind']}[/yellow]: {v['message']}", highlight=False)
+            self.progress.console.print(f"          [yellow]{v['kind']}[/yellow]: {escape(str(v['message']))}",
+                                        highlight=False)
 
     def stop(self) -> None:
         self.progress.stop()

@@ -166,12 +166,13 @@ def test_integer_seeds_mean_range(tmp_path):
 
 
 def test_same_last_key_uses_full_path_in_ids():
-    exp = parse_experiment({"name": "x", "grid": {"data.name": ["digits"], "model.name": ["m"]}})
-    assert [a.id for a in exp.arms()] == ["data.name=digits,model.name=m,seed=0"]
+    exp = parse_experiment({"name": "x", "grid": {"data.name": ["digits"], "train.optimizer.name": ["sgd"]}})
+    assert [a.id for a in exp.arms()] == ["data.name=digits,train.optimizer.name=sgd,seed=0"]
 
 
 def test_ids_of_awkward_values_are_filesystem_safe_and_unique():
-    exp = parse_experiment({"name": "x", "grid": {"data.name": ["a/b", "a:b", "c d"],
+    exp = parse_experiment({"name": "x", "model": {"activation": "leaky_relu"},
+                            "grid": {"data.name": ["a/b", "a:b", "c d"],
                                                   "model.activation_options": [{"negative_slope": 0.1}]}})
     ids = [a.id for a in exp.arms()]
     assert len(ids) == 3 and len(set(ids)) == 3
@@ -390,3 +391,182 @@ def test_jit_compile_with_op_determinism_is_refused(tmp_path):
     assert "set runtime.deterministic: false" in msg
     exp = load_experiment(write(tmp_path, "name: a\ntrain: {jit_compile: true}\nruntime: {deterministic: false}\n"))
     assert exp.arms()[0].config.train.jit_compile is True
+
+
+# ------------------------------------------------------------------------------------------ never a wrong result
+
+
+@pytest.mark.parametrize("seeds,needle", [
+    ("[0, 0]", "seed 0 is listed twice"),
+    ("[1, -1]", "seed -1 is out of range"),
+    ("[]", "seeds is empty"),
+])
+def test_bad_seed_lists(tmp_path, seeds, needle):
+    msg = config_error(tmp_path, f"name: a\nseeds: {seeds}\n")
+    assert msg.startswith(f"{tmp_path / 'exp.yaml'}:2: 'seeds': ") and needle in msg
+
+
+@pytest.mark.parametrize("depth", [0, -3])
+def test_depth_below_one_is_a_config_error_with_its_line(tmp_path, depth):
+    msg = config_error(tmp_path, f"name: a\nmodel:\n  arch: plain_mlp\n  depth: {depth}\n")
+    assert msg.startswith(f"{tmp_path / 'exp.yaml'}:4: arm seed=0: 'model.depth': depth must be >= 1")
+
+
+def test_model_option_errors_name_the_grid_line_and_the_arm(tmp_path):
+    msg = config_error(tmp_path, """
+        name: a
+        grid:
+          model.initializer_options.gain: [1.0, 5.0]
+    """)
+    assert msg.startswith(f"{tmp_path / 'exp.yaml'}:3: arm gain=1.0,seed=0: 'model.initializer_options.gain': ")
+    assert "initializer 'glorot_uniform' has no option 'gain'" in msg and msg.endswith("[value from grid]")
+    msg = config_error(tmp_path, "name: a\nmodel: {activation: leaky_relu, activation_options: {negative_slop: 1}}\n")
+    assert ":2: " in msg and "Did you mean 'negative_slope'?" in msg
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("train: {optimizer: {name: adam, momentum: 0.9}}", "'momentum: 0.9' has no effect with name 'adam'"),
+    ("train: {optimizer: {name: adagrad, nesterov: true}}", "'nesterov: True' has no effect with name 'adagrad'"),
+    ("train: {optimizer: {schedule: {name: cosine, milestones: [0.3]}}}", "used by step only"),
+    ("train: {optimizer: {schedule: {name: step, min_fraction: 0.1}}}", "used by cosine only"),
+])
+def test_optimizer_and_schedule_settings_the_chosen_one_ignores(tmp_path, text, needle):
+    assert needle in config_error(tmp_path, f"name: a\n{text}\n")
+
+
+def test_a_grid_that_gives_an_optimizer_a_setting_it_ignores_names_the_arm(tmp_path):
+    msg = config_error(tmp_path, """
+        name: a
+        train: {optimizer: {name: sgd, momentum: 0.9}}
+        grid:
+          train.optimizer.name: [sgd, adam]
+    """)
+    assert "arm name=adam,seed=0" in msg and "momentum" in msg
+
+
+def test_grid_keys_never_leave_the_run_folder(tmp_path):
+    msg = config_error(tmp_path, "name: a\n", ["grid.model.activation_options./elsewhere/evil=[1]"])
+    assert msg.startswith("--set 'grid.model.activation_options./elsewhere/evil=[1]'")
+    assert "has no option '/elsewhere/evil'" in msg
+    assert "unknown key 'nowhere'" in config_error(tmp_path, "name: a\n", ["grid.nowhere.x=[1]"])
+    assert "is not a dotted config key" in config_error(tmp_path, "name: a\n", ["grid.model..depth=[1]"])
+    # A real key with characters a folder name must not hold still gives a single, safe path component.
+    exp = parse_experiment({"name": "x", "model": {"activation": "leaky_relu"},
+                            "grid": {"model.activation_options": [{"negative_slope": 0.1}], "data.name": ["../x/y"]}})
+    for arm in exp.arms():
+        assert SAFE_ID.match(arm.id) and "/" not in arm.id and not arm.id.startswith(".")
+        assert len(arm.id.encode()) <= 255 and Path(arm.id).name == arm.id
+
+
+def test_the_number_of_arms_is_capped_before_expanding(tmp_path):
+    import time
+
+    text = "name: big\ngrid:\n  model.width: [" + ", ".join(str(i) for i in range(1, 101)) + "]\n" \
+           "  model.depth: [" + ", ".join(str(i) for i in range(1, 101)) + "]\nseeds: 100\n"
+    t0 = time.time()
+    msg = config_error(tmp_path, text)
+    assert time.time() - t0 < 5
+    assert "the grid expands to 1,000,000 arms (100 model.width x 100 model.depth x 100 seeds)" in msg
+    assert "more than max_arms = 10,000" in msg and "--set max_arms=N" in msg
+    assert "more than max_arms" in config_error(tmp_path, "name: a\nseeds: 100000000\n")
+    exp = load_experiment(write(tmp_path, "name: a\nmax_arms: 3\nseeds: 3\n"))
+    assert len(exp.arms()) == 3
+    assert "more than max_arms = 2" in config_error(tmp_path, "name: a\nseeds: 3\n", ["max_arms=2"])
+
+
+def test_arms_are_expanded_once(monkeypatch):
+    import ablations.config as config
+    from ablations.cli import main
+
+    calls = []
+    real = config._expand
+    monkeypatch.setattr(config, "_expand", lambda *a: calls.append(1) or real(*a))
+    assert main(["validate", str(QUICKSTART)]) == 0
+    assert len(calls) == 1
+
+
+def test_yaml_alias_bombs_are_refused_quickly(tmp_path):
+    import time
+
+    lol = '["lol","lol","lol","lol","lol","lol","lol","lol","lol"]'
+    for where in ("description:\n", "model:\n  activation_options:\n"):
+        indent = "  " if where.startswith("description") else "    "
+        lines = [f"{indent}- &a0 {lol}"] if where.startswith("description") else [f"{indent}a0: &a0 {lol}"]
+        for i in range(1, 9):
+            refs = ",".join([f"*a{i - 1}"] * 9)
+            lines.append(f"{indent}- &a{i} [{refs}]" if where.startswith("description") else f"{indent}a{i}: &a{i} [{refs}]")
+        t0 = time.time()
+        msg = config_error(tmp_path, "name: bomb\n" + where + "\n".join(lines) + "\n")
+        assert time.time() - t0 < 5
+        assert "expands to more than 200,000 values" in msg and "alias" in msg
+    msg = config_error(tmp_path, "name: a\ndescription: &r [*r]\n")
+    assert "recursive" in msg
+
+
+def test_deep_nesting_is_a_config_error(tmp_path):
+    assert "nested" in config_error(tmp_path, "name: d\ndescription: " + "[" * 3000 + "]" * 3000 + "\n")
+    assert "nested more than 50 levels" in config_error(tmp_path, "name: d\ndescription: " + "[" * 60 + "]" * 60 + "\n")
+
+
+def test_duplicate_keys_name_both_lines(tmp_path):
+    msg = config_error(tmp_path, "name: d\ntrain:\n  epochs: 2\n  epochs: 3\n")
+    assert msg == (f"{tmp_path / 'exp.yaml'}:4: duplicate key 'epochs' under 'train' (first at line 3): YAML would "
+                   f"keep only the last one; remove one of them")
+    msg = config_error(tmp_path, "name: d\ngrid:\n  model:\n    - {norm: batch, norm: layer}\n")
+    assert ":4: duplicate key 'norm'" in msg
+
+
+def test_a_config_that_is_not_utf8_is_a_config_error(tmp_path):
+    path = tmp_path / "latin.yaml"
+    path.write_bytes("name: d\ndescription: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.yaml:2: not UTF-8 text \(byte 0xe9"):
+        load_experiment(path)
+
+
+def test_a_name_too_long_for_a_folder_is_a_config_error(tmp_path):
+    msg = config_error(tmp_path, "name: " + "x" * 300 + "\n")
+    assert "'name': String should have at most 255 characters" in msg and len(msg) < 300
+
+
+def test_set_errors_name_the_set_not_the_file_line(tmp_path):
+    text = "name: a\ntrain:\n  epochs: 3\n"
+    msg = config_error(tmp_path, text, ["train.epochs=0"])
+    assert msg.startswith("--set 'train.epochs=0': 'train.epochs': Input should be greater than 0")
+    msg = config_error(tmp_path, text, ["grid.model.depth=[2, 0]"])
+    assert msg.startswith("--set 'grid.model.depth=[2, 0]': arm depth=0,seed=0: 'model.depth'")
+    msg = config_error(tmp_path, text, ["model.depth="])
+    assert msg == "--set 'model.depth=': no value after '='; write model.depth=null for null or model.depth=\"\" " \
+                  "for an empty string"
+
+
+def test_per_point_settings_change_only_their_points(tmp_path):
+    exp = load_experiment(write(tmp_path, """
+        name: p
+        grid:
+          model.activation: [relu, tanh]
+        per_point:
+          - point: {model.activation: tanh}
+            set: {train.optimizer.learning_rate: 0.5}
+        seeds: 2
+    """))
+    lrs = {a.id: a.config.train.optimizer.learning_rate for a in exp.arms()}
+    assert lrs == {"activation=relu,seed=0": 0.01, "activation=relu,seed=1": 0.01,
+                   "activation=tanh,seed=0": 0.5, "activation=tanh,seed=1": 0.5}
+    base = "name: p\ngrid:\n  model.activation: [relu]\nper_point:\n  - point: {%s}\n    set: {%s}\n"
+    assert "'model.depth' is not a grid axis" in config_error(tmp_path, base % ("model.depth: 2", "model.width: 4"))
+    assert "'sigmoid' is not a value of grid axis" in config_error(
+        tmp_path, base % ("model.activation: sigmoid", "model.width: 4"))
+    assert "cannot be set per point" in config_error(tmp_path, base % ("model.activation: relu", "seeds: 2"))
+    assert "width must be >= 1" in config_error(tmp_path, base % ("model.activation: relu", "model.width: 0"))
+
+
+def test_per_arm_search_of_a_grid_axis_is_refused(tmp_path):
+    msg = config_error(tmp_path, """
+        name: s
+        grid:
+          model.depth: [2, 4]
+        search:
+          per_arm: true
+          space: {model.depth: {int: [1, 3]}}
+    """)
+    assert "search.space 'model.depth' is also a grid axis" in msg

@@ -12,7 +12,7 @@ import pytest
 from ablations import store
 from ablations.cli import main
 from ablations.config import parse_experiment
-from ablations.runner import run_experiment
+from ablations.sweep import run_sweep
 
 SHRINK = ["--set", "model.depth=2", "--set", "train.epochs=1", "--set", "seeds=[0]"]
 
@@ -92,15 +92,18 @@ def test_diverged_and_failed_arms_are_recorded(tfds_dir: str, tmp_path: Path) ->
         "name": "bad",
         "model": {"arch": "plain_mlp", "depth": 2, "width": 16},
         "train": {"epochs": 2, "optimizer": {"name": "sgd", "learning_rate": 0.05}},
-        "grid": {"train.optimizer.learning_rate": [0.05, 1.0e6], "data.max_train_examples": [None, 10]},
+        "grid": {"train.optimizer.learning_rate": [0.05, 1.0e6], "model.initializer": ["glorot_uniform", "lsuv"]},
+        # LSUV that cannot converge: a config and data that are valid, an arm that fails while it starts
+        "per_point": [{"point": {"model.initializer": "lsuv"},
+                       "set": {"model.initializer_options": {"tol": 1e-12, "max_iter": 1}}}],
     })
-    summaries = {s["arm_id"]: s for s in run_experiment(exp, tmp_path)}
-    ok = summaries["learning_rate=0.05,max_train_examples=null,seed=0"]
-    nan = summaries["learning_rate=1000000.0,max_train_examples=null,seed=0"]
-    failed = summaries["learning_rate=0.05,max_train_examples=10,seed=0"]
+    summaries = {s["arm_id"]: s for s in run_sweep(exp, tmp_path)}
+    ok = summaries["learning_rate=0.05,initializer=glorot_uniform,seed=0"]
+    nan = summaries["learning_rate=1000000.0,initializer=glorot_uniform,seed=0"]
+    failed = summaries["learning_rate=0.05,initializer=lsuv,seed=0"]
     assert ok["status"] == "completed"
     assert nan["status"] == "diverged" and nan["diverged_at_step"] is not None
-    assert failed["status"] == "failed" and "batch_size" in failed["error"]
+    assert failed["status"] == "failed" and "LSUV did not converge" in failed["error"]
     arm = tmp_path / "bad" / "arms" / nan["arm_id"]
     history = pd.read_parquet(arm / "history.parquet")
     assert history.step.max() <= nan["diverged_at_step"]  # nothing recorded after the blow-up
@@ -111,7 +114,8 @@ def test_diverged_and_failed_arms_are_recorded(tfds_dir: str, tmp_path: Path) ->
 
 def test_failed_arm_gives_nonzero_exit(tfds_dir: str, tmp_path: Path) -> None:
     cfg = tmp_path / "f.yaml"
-    cfg.write_text("name: f\nmodel: {depth: 1, width: 8}\ntrain: {epochs: 1}\ndata: {max_train_examples: 10}\n")
+    cfg.write_text("name: f\nmodel: {depth: 1, width: 8, initializer: lsuv,\n"
+                   "        initializer_options: {tol: 1.0e-12, max_iter: 1}}\ntrain: {epochs: 1}\n")
     assert main(["run", str(cfg), "--out", str(tmp_path / "runs"), "--no-report"]) == 1
 
 

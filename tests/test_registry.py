@@ -277,3 +277,30 @@ def test_keras_round_trip_gives_identical_outputs(arch, tmp_path):
     assert loaded.get_layer("block_000_act").negative_slope == pytest.approx(0.2)
     for a, b in zip(model.get_weights(), loaded.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_source_read_signatures_match_the_imported_builders():
+    """zoo.options reads builders from their source (no TensorFlow); it must equal what Python compiled."""
+    import inspect
+
+    from zoo.signatures import DATA_ARGS
+
+    registry = zoo._load()
+    assert registry.names() == zoo.names()
+    for name in registry.names():
+        sig = inspect.signature(registry.get(name))
+        compiled = {p.name: (p.default, p.annotation) for p in sig.parameters.values()
+                    if p.kind == p.KEYWORD_ONLY and p.name not in DATA_ARGS}
+        assert zoo.options(name) == compiled, name
+        assert zoo.family(name) == registry.meta(name)["family"] and zoo.paper(name) == registry.meta(name)["paper"]
+
+
+def test_factories_take_no_option_they_would_ignore():
+    from zoo.activations import make_activation
+    from zoo.initializers import make_initializer
+
+    with pytest.raises(TypeError):
+        make_activation("relu", "block_000_act", negative_slope=0.1)
+    with pytest.raises(TypeError):
+        make_initializer("glorot_uniform", gain=5.0)
+    assert make_initializer("orthogonal", gain=2.0).gain == 2.0

@@ -1,8 +1,8 @@
 """The report of a tiny real run: figures with their data, links, arm pages, escaping, comparison, TensorBoard.
 
 The run (built once per session by :func:`tiny_report`, also used by ``test_browser.py``): plain MLPs of depth 2
-and width 8 on 256 digits, 1 epoch, sigmoid and ReLU x 2 seeds, plus one arm that diverges (linear, learning
-rate 1e6) and one that fails (an unknown model option).
+and width 8 on 256 digits, 1 epoch, sigmoid and ReLU x 2 seeds, plus (through ``per_point``) linear arms that
+diverge (learning rate 1e6) and tanh arms that fail (LSUV that cannot converge), all one experiment.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def tiny_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     if "root" not in _CACHE:
         from ablations.config import parse_experiment
         from ablations.report import build_report
-        from ablations.runner import run_arm, run_experiment
+        from ablations.sweep import run_sweep
 
         out = tmp_path_factory.mktemp("report_runs")
         raw = {"name": "tiny", "description": XSS,
@@ -39,18 +39,14 @@ def tiny_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
                "model": {"arch": "plain_mlp", "depth": 2, "width": 8},
                "train": {"epochs": 1, "optimizer": {"name": "sgd", "learning_rate": 0.1}},
                "runtime": {"tensorboard": True},
-               "grid": {"model.activation": ["sigmoid", "relu"]}, "seeds": [0, 1]}
-        run_experiment(parse_experiment(raw), out)
+               "grid": {"model.activation": ["sigmoid", "relu", "linear", "tanh"]}, "seeds": [0, 1],
+               "per_point": [  # arms that diverge and arms that fail, in the same experiment
+                   {"point": {"model.activation": "linear"}, "set": {"train.optimizer.learning_rate": 1e6}},
+                   {"point": {"model.activation": "tanh"},
+                    "set": {"model.initializer": "lsuv", "model.initializer_options": {"tol": 1e-12, "max_iter": 1}}},
+               ]}
+        run_sweep(parse_experiment(raw), out)
         root = out / "tiny"
-        extra = [  # one arm that diverges and one that fails, in the same run folder
-            {**raw, "train": {"epochs": 1, "optimizer": {"name": "sgd", "learning_rate": 1e6}},
-             "grid": {"model.activation": ["linear"]}, "seeds": [0]},
-            {**raw, "model": {**raw["model"], "no_such_option": 1}, "grid": {"model.activation": ["tanh"]},
-             "seeds": [0]},
-        ]
-        for i, r in enumerate(extra):
-            arm = parse_experiment(r).arms()[0]
-            run_arm(arm, root / "arms" / arm.id, index=4 + i)
         rep = tmp_path_factory.mktemp("report") / "tiny"
         build_report(root, rep, workers=1)
         _CACHE.update(root=root, rep=rep)
@@ -73,7 +69,7 @@ def _links(html: str) -> list[str]:
 def test_the_run_has_a_diverged_and_a_failed_arm(tiny) -> None:
     root, _ = tiny
     status = {s["arm_id"]: s["status"] for s in _summaries(root)}
-    assert sorted(status.values()) == ["completed"] * 4 + ["diverged", "failed"], status
+    assert sorted(status.values()) == ["completed"] * 4 + ["diverged"] * 2 + ["failed"] * 2, status
 
 
 def test_every_figure_has_png_and_csv(tiny) -> None:
@@ -91,7 +87,7 @@ def test_every_figure_has_png_and_csv(tiny) -> None:
 def test_links_point_to_existing_files(tiny) -> None:
     _, rep = tiny
     pages = [rep / "index.html", *sorted(rep.glob("arms/*/index.html"))]
-    assert len(pages) == 1 + 6
+    assert len(pages) == 1 + 8
     for page in pages:
         for link in _links(page.read_text()):
             assert (page.parent / unquote(link)).exists(), f"{page}: broken link {link}"
@@ -107,7 +103,7 @@ def test_arm_pages_link_back_and_show_their_figures(tiny) -> None:
         assert 'href="../../index.html"' in html
         figs = {p[:-4] for p in re.findall(r'<img src="([^"]+\.png)"', html)}
         if s["status"] == "failed":
-            assert figs == set() and "no_such_option" in html and "Traceback" in html
+            assert figs == set() and "LSUV did not converge" in html and "Traceback" in html
         else:
             assert ARM_FIGURES <= figs, (s["arm_id"], figs)
         if s["status"] == "diverged":
@@ -120,7 +116,7 @@ def test_diverged_and_failed_arms_are_in_the_tables(tiny) -> None:
     for s in _summaries(root):
         assert s["arm_id"] in html
     assert '<td class="l status diverged">diverged</td>' in html and '<td class="l status failed">failed</td>' in html
-    assert "1 diverged" in html and "1 failed" in html
+    assert "2 diverged" in html and "2 failed" in html
     for s in _summaries(root):  # the lead's verdicts, where the run wrote them
         for v in s.get("verdicts") or []:
             assert f">{v['kind']}</span>" in html
@@ -255,7 +251,7 @@ def test_comparison_of_two_runs_side_by_side(tiny, tmp_path: Path, monkeypatch: 
     assert main(["report", str(root), str(other), "--out", str(rep)]) == 0
     html = (rep / "index.html").read_text()
     assert "tiny vs tiny_b" in html and '<p class="warn">' not in html
-    assert len(list(rep.glob("arms/*/index.html"))) == 12
+    assert len(list(rep.glob("arms/*/index.html"))) == 16
     csv = pd.read_csv(rep / "grad_vs_depth.csv")
     assert set(csv.run) == {"tiny", "tiny_b"}
     a = csv[csv.run == "tiny"].drop(columns=["arm_id", "run"]).reset_index(drop=True)
@@ -317,7 +313,7 @@ def test_architecture_extras_are_plotted_from_the_stored_blocks(tfds_dir: str, t
     """Residual branch ratio, highway gate, ReZero alpha and stochastic-depth survival get their figures."""
     from ablations.config import parse_experiment
     from ablations.report import build_report
-    from ablations.runner import run_experiment
+    from ablations.sweep import run_sweep
 
     raw = {"name": "extras", "data": {"name": "digits", "max_train_examples": 256, "batch_size": 32},
            "model": {"depth": 3, "width": 8},
@@ -325,7 +321,7 @@ def test_architecture_extras_are_plotted_from_the_stored_blocks(tfds_dir: str, t
            "capture": {"histograms": True},
            "grid": {"model": [{"arch": "resnet_mlp"}, {"arch": "highway_mlp"}, {"arch": "rezero_mlp"},
                               {"arch": "stochastic_depth_mlp", "survival_prob": 0.5}]}, "seeds": [0]}
-    run_experiment(parse_experiment(raw), tmp_path)
+    run_sweep(parse_experiment(raw), tmp_path)
     rep = tmp_path / "report"
     build_report(tmp_path / "extras", rep, workers=1)
     html = (rep / "index.html").read_text()
@@ -436,3 +432,62 @@ def test_every_figure_needs_stored_tables_and_columns() -> None:
     for scope in figures.SCOPES:
         orders = [s.order for s in figures.specs(scope)]
         assert len(set(orders)) == len(orders), (scope, orders)  # the page order is not left to the key
+# ------------------------------------------------------------------------------------------ damaged and stale folders
+
+
+def test_damaged_arms_are_named_and_the_healthy_ones_reported(tiny, tmp_path: Path) -> None:
+    from ablations.cli import main
+
+    root, _ = tiny
+    copy = tmp_path / "tiny"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("tb", "*.keras"))
+    arms = sorted(d for d in (copy / "arms").iterdir() if json.loads((d / "summary.json").read_text())["status"]
+                  == "completed")
+    cut, bad_summary, no_blocks = arms[0], arms[1], arms[2]
+    data = (cut / "params.parquet").read_bytes()
+    (cut / "params.parquet").write_bytes(data[: len(data) // 2])
+    (bad_summary / "summary.json").write_text("[1]")
+    (no_blocks / "blocks.parquet").unlink()
+    rep = tmp_path / "rep"
+    assert main(["report", str(copy), "--out", str(rep)]) == 0
+    html = (rep / "index.html").read_text()
+    assert "3 damaged arm(s)" in html
+    assert f"<code>{cut.name}</code>: params.parquet is damaged" in html
+    assert f"<code>{bad_summary.name}</code>: summary.json is not an arm summary (it holds a list)" in html
+    assert f"<code>{no_blocks.name}</code>: blocks.parquet is missing" in html
+    assert len(list(rep.glob("arms/*/index.html"))) == 8 - 3  # every healthy arm has its page
+    assert "2 diverged" in html and '<img src="grad_vs_depth.png"' in html
+    csv = pd.read_csv(rep / "grad_vs_depth.csv")
+    assert not {cut.name, bad_summary.name, no_blocks.name} & set(csv.arm_id)
+
+
+def test_arms_of_an_earlier_grid_or_config_are_listed_apart(tiny, tmp_path: Path) -> None:
+    from ablations.report.data import load_run
+
+    root, _ = tiny
+    copy = tmp_path / "tiny"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("tb", "*.keras"))
+    arm = next(d for d in sorted((copy / "arms").iterdir()) if "relu" in d.name)
+    shutil.copytree(arm, copy / "arms" / "activation=elu,seed=0")  # an arm of an earlier grid
+    cfg = yaml.safe_load((arm / "arm.yaml").read_text())
+    cfg["train"]["epochs"] = 3  # this arm was trained before the base value changed
+    (arm / "arm.yaml").write_text(yaml.safe_dump(cfg))
+    run = load_run(copy)
+    assert len(run.summaries) == 7 and arm.name not in {s["arm_id"] for s in run.summaries}
+    assert run.others == {"activation=elu,seed=0": "not an arm of the current experiment.yaml (an earlier grid?)",
+                          arm.name: "trained with an earlier config (train.epochs)"}
+    assert set(run.params.arm_id) == {s["arm_id"] for s in run.summaries if s["status"] != "failed"}
+
+
+def test_an_arm_missing_a_table_its_peers_have_is_named(tiny, tmp_path: Path) -> None:
+    from ablations.report.data import load_run
+
+    root, _ = tiny
+    copy = tmp_path / "tiny"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("tb", "*.keras"))
+    done = [d for d in sorted((copy / "arms").iterdir()) if (d / "history.parquet").exists()]
+    rows = pd.DataFrame([{"step": 0, "layer": "rnn", "t": i, "act_grad_norm": 1.0} for i in range(3)])
+    for d in done[1:]:
+        rows.to_parquet(d / "time_grads.parquet")
+    (note,) = load_run(copy).notes
+    assert note.startswith(f"{done[0].name}: no time_grads.parquet, which {len(done) - 1} arm(s)")

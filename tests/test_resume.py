@@ -125,7 +125,6 @@ def test_a_crash_during_a_write_leaves_no_file_to_misread(tmp_path: Path, monkey
 
 
 def test_leftover_temp_files_of_a_killed_arm_are_removed_before_it_reruns(tfds_dir: str, tmp_path: Path) -> None:
-    from ablations.runner import arm_is_current, run_arm
     from ablations.sweep import run_one
 
     exp = parse_experiment({"name": "t", "model": {"depth": 1, "width": 8}, "train": {"epochs": 1, "steps_per_epoch": 2}})
@@ -134,7 +133,7 @@ def test_leftover_temp_files_of_a_killed_arm_are_removed_before_it_reruns(tfds_d
     arm_dir.mkdir(parents=True)
     (arm_dir / ".params.parquet.abc123.tmp").write_bytes(b"half")
     (arm_dir / ".final.999.tmp.keras").write_bytes(b"half")
-    summary, skipped = run_one(arm, 0, tmp_path, tmp_path, None, arm_is_current, run_arm)
+    summary, skipped = run_one(arm, 0, tmp_path, tmp_path, None)
     assert summary["status"] == "completed" and not skipped
     assert not [p for p in arm_dir.iterdir() if ".tmp" in p.name]
 
@@ -181,9 +180,8 @@ def test_a_killed_worker_loses_only_its_arm_and_a_rerun_trains_it(tfds_dir: str,
 def test_an_arm_is_current_whatever_the_key_order_of_its_stored_config(tmp_path: Path) -> None:
     import yaml
 
-    from ablations.runner import arm_is_current
-
-    exp = parse_experiment({"name": "t", "model": {"depth": 1, "width": 8, "activation_options": {"a": 1, "b": 2}},
+    exp = parse_experiment({"name": "t", "model": {"depth": 1, "width": 8, "activation": "leaky_relu",
+                                                   "activation_options": {"negative_slope": 0.2}},
                             "train": {"epochs": 1}})
     arm = exp.arms()[0]
     cfg = arm.config.model_dump(mode="json")
@@ -192,14 +190,16 @@ def test_an_arm_is_current_whatever_the_key_order_of_its_stored_config(tmp_path:
         return {k: reorder(v) for k, v in reversed(d.items())} if isinstance(d, dict) else d
 
     store.write_json(tmp_path / "summary.json", {"arm_id": arm.id, "status": "completed"})
+    for table in store.REQUIRED_TABLES:
+        store.write_parquet(tmp_path / f"{table}.parquet", pd.DataFrame({"step": [0]}))
     (tmp_path / "arm.yaml").write_text(yaml.safe_dump(reorder(cfg), sort_keys=False))
-    assert arm_is_current(arm, tmp_path)
+    assert store.is_current(tmp_path, cfg)
     changed = reorder(cfg)
     changed["model"]["width"] = 9
     (tmp_path / "arm.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
-    assert not arm_is_current(arm, tmp_path)
+    assert not store.is_current(tmp_path, cfg)
     (tmp_path / "arm.yaml").write_text("model: [unclosed")
-    assert not arm_is_current(arm, tmp_path)
+    assert not store.is_current(tmp_path, cfg)
 
 
 # ----------------------------------------------------------------------------------- resume inside an arm

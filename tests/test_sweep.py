@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from ablations.config import parse_experiment
-from ablations.runner import run_experiment
+from ablations.sweep import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def test_worker_env_splits_devices_and_threads() -> None:
 def test_engine_runs_each_arm_once_and_the_run_folder_decides(tfds_dir: str, tmp_path: Path) -> None:
     exp = parse_experiment(small())
     calls: list[tuple[str, bool]] = []
-    summaries = run_experiment(exp, tmp_path, on_arm=lambda a, s, skipped: calls.append((a.id, skipped)))
+    summaries = run_sweep(exp, tmp_path, on_arm=lambda a, s, skipped: calls.append((a.id, skipped)))
     ids = [a.id for a in exp.arms()]
     assert [s["arm_id"] for s in summaries] == ids
     assert sorted(calls) == sorted((i, False) for i in ids)  # each arm trained exactly once
@@ -94,7 +94,7 @@ def test_engine_runs_each_arm_once_and_the_run_folder_decides(tfds_dir: str, tmp
     (root / "arms" / ids[1] / "summary.json").unlink()
     before = {p: p.stat().st_mtime_ns for p in (root / "arms" / ids[0]).iterdir()}
     calls.clear()
-    summaries = run_experiment(exp, tmp_path, on_arm=lambda a, s, skipped: calls.append((a.id, skipped)))
+    summaries = run_sweep(exp, tmp_path, on_arm=lambda a, s, skipped: calls.append((a.id, skipped)))
     assert sorted(calls) == sorted([(ids[0], True), (ids[1], False), (ids[2], True)])
     assert {p: p.stat().st_mtime_ns for p in (root / "arms" / ids[0]).iterdir()} == before
     assert all(s["status"] == "completed" for s in summaries)
@@ -174,3 +174,80 @@ def test_serve_oracle_fails_the_trial_of_a_local_worker_that_died(tmp_path: Path
     assert "worker-0 exited (code 3) during this trial" in trial.message
     assert str(tmp_path / "logs" / "worker-0.log") in trial.message
     assert "x" in oracle.get_space().values and "gradzoo/point" not in oracle.get_space().values
+
+
+# ------------------------------------------------------------------------------------------ damaged and stale folders
+
+
+def test_damaged_arms_are_named_and_trained_again_and_old_files_set_aside(tfds_dir: str, tmp_path: Path,
+                                                                          capsys) -> None:
+    from ablations import store
+    from ablations.cli import main
+
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text(json.dumps(small("dmg", activations=("relu", "tanh", "sigmoid"))))
+    out = tmp_path / "runs"
+    assert main(["run", str(cfg), "--out", str(out), "--no-report"]) == 0
+    root = out / "dmg"
+    ids = [a.id for a in parse_experiment(small("dmg")).arms()]
+    params = root / "arms" / ids[0] / "params.parquet"
+    params.write_bytes(params.read_bytes()[: params.stat().st_size // 2])  # cut in half
+    (root / "arms" / ids[1] / "summary.json").write_text("[1]")
+    (root / "arms" / ids[2] / "stray.parquet").write_bytes(b"not a table")  # any damaged table
+    capsys.readouterr()
+    assert main(["run", str(cfg), "--out", str(out), "--no-report"]) == 0
+    text = capsys.readouterr().out
+    assert "3 arm(s) that have a result" in text
+    assert f"{ids[0]}: damaged: params.parquet is damaged" in text
+    assert f"{ids[1]}: damaged: summary.json is not an arm summary (it holds a list)" in text
+    assert f"{ids[2]}: damaged: stray.parquet is damaged" in text
+    for arm_id in ids:  # trained again, nothing of the damaged folders left in them
+        assert store.is_done(root / "arms" / arm_id)
+        assert (root / ".replaced" / arm_id / "arm.yaml").exists()
+    assert not (root / "arms" / ids[2] / "stray.parquet").exists()
+
+
+def test_a_changed_base_value_says_which_arms_and_keys_before_training_them(tfds_dir: str, tmp_path: Path,
+                                                                          capsys) -> None:
+    from ablations.cli import main
+
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(json.dumps(small("stale", activations=("relu", "tanh"))))
+    out = tmp_path / "runs"
+    assert main(["run", str(cfg), "--out", str(out), "--no-report"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(cfg), "--out", str(out), "--no-report", "--set", "train.steps_per_epoch=3"]) == 0
+    text = capsys.readouterr().out
+    assert "2 arm(s) that have a result" in text
+    assert "activation=relu,seed=0: config changed: train.steps_per_epoch" in text
+    assert text.index("config changed") < text.index("completed")  # said before training
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("data.val_split=nope", "has no split 'nope'"),
+    ("data.max_train_examples=10", "data.batch_size 64 is larger than the 10 training examples"),
+    ("data.name=no_such_dataset", "dataset 'no_such_dataset' is not a TFDS dataset"),
+])
+def test_bad_data_stops_the_run_before_any_arm(tfds_dir: str, tmp_path: Path, capsys, override: str,
+                                               needle: str) -> None:
+    from ablations.cli import main
+
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text(json.dumps(small("bad")))
+    assert main(["run", str(cfg), "--out", str(tmp_path / "runs"), "--no-report", "--set", override]) == 2
+    text = capsys.readouterr().out
+    assert needle in text and "nothing was trained" in text
+    assert not (tmp_path / "runs" / "bad" / "arms").exists()
+
+
+def test_an_unreachable_tpu_stops_the_run_before_any_arm(tmp_path: Path, capsys) -> None:
+    from ablations.cli import main
+
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(json.dumps(small("tpu")))
+    code = main(["run", str(cfg), "--out", str(tmp_path / "runs"), "--no-report", "--set", "runtime.strategy=tpu",
+                 "--set", "runtime.tpu=no-such-tpu"])
+    assert code == 2
+    text = capsys.readouterr().out
+    assert "no TPU could be started" in text and "nothing was trained" in text
+    assert not (tmp_path / "runs" / "tpu" / "arms").exists()

@@ -13,7 +13,7 @@ import tensorflow as tf
 import zoo
 from ablations.config import parse_experiment
 from ablations.probe import DrainCallback, ProbedModel
-from ablations.runner import run_experiment
+from ablations.sweep import run_sweep
 from test_rnn import unrolled_reference
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -56,7 +56,7 @@ def test_recurrent_arm_writes_time_grads(tfds_dir: str, tmp_path: Path) -> None:
         "train": {"epochs": 1, "optimizer": {"name": "adam", "learning_rate": 1e-3}},
         "capture": {"every": 2},
     })
-    (summary,) = run_experiment(exp, tmp_path)
+    (summary,) = run_sweep(exp, tmp_path)
     assert summary["status"] == "completed", summary
     t = pd.read_parquet(tmp_path / "rnn" / "arms" / summary["arm_id"] / "time_grads.parquet")
     assert sorted(t.step.unique()) == [0, 2]

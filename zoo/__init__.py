@@ -1,48 +1,45 @@
-"""gradzoo's model zoo: ``register``, ``build``, ``names``, ``blocks``.
+"""gradzoo's model zoo: ``register``, ``build``, ``names``, ``options``, ``check_options``, ``blocks``.
 
 Every builder is a function with keyword-only typed arguments returning a functional ``keras.Model`` whose
 repeated blocks are tagged (see :mod:`zoo.blocks`). ``depth`` counts the repeated blocks; ``input_shape``
 and ``num_outputs`` come from the dataset.
+
+Everything but :func:`build` works without TensorFlow: names, families, papers and options are read from
+the builders' source (:mod:`zoo.signatures`) and checked against :mod:`zoo.schema`, so ``ablate validate``
+and ``ablate zoo`` never import Keras. To add a model, write ``zoo/<arch>.py`` with a ``@register`` builder
+and add the module to :data:`zoo.signatures.BUILDER_MODULES`.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 import os
 import sys
 from typing import TYPE_CHECKING, Any, Callable
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off the terminal
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's C++ start-up chatter off the terminal
 
 from zoo.blocks import Block, blocks, block_name, layer_role, parse_layer_name
+from zoo.options import check_model, spec
 from zoo.registry import Registry, UnknownNameError, suggest
+from zoo.rules import BadOptionError
+from zoo.signatures import BUILDER_MODULES, DATA_ARGS, builders
 
 if TYPE_CHECKING:
     import keras
 
 MODELS: Registry[Callable[..., "keras.Model"]] = Registry("model")
-
-# Builder modules, imported on first use so that `import zoo` (and the config layer) stays free of TensorFlow.
-_BUILDER_MODULES = ("zoo.mlp", "zoo.cnn", "zoo.highway", "zoo.densenet", "zoo.stochastic_depth", "zoo.rezero",
-                    "zoo.rnn", "zoo.transformer")
 _loaded = False
 
 
 def _load() -> Registry:
+    """Imports the builder modules (Keras) so that :data:`MODELS` holds the builders themselves."""
     global _loaded
     if not _loaded:
         _loaded = True
-        for mod in _BUILDER_MODULES:
+        for mod in BUILDER_MODULES:
             importlib.import_module(mod)
     return MODELS
-
-# Arguments the runner supplies from the dataset; users do not set them in YAML.
-DATA_ARGS = ("input_shape", "num_outputs")
-
-
-class BadOptionError(ValueError):
-    """A model option that the builder does not accept."""
 
 
 def register(name: str, *, family: str, paper: str) -> Callable[[Callable[..., keras.Model]], Callable[..., keras.Model]]:
@@ -57,29 +54,24 @@ def register(name: str, *, family: str, paper: str) -> Callable[[Callable[..., k
 
 
 def names() -> list[str]:
-    """Returns the registered model names."""
-    return _load().names()
+    """Returns the registered model names (sorted; without importing the builders)."""
+    return sorted(builders())
 
 
 def options(name: str) -> dict[str, tuple[Any, str]]:
     """Returns ``{option: (default, annotation)}`` for the builder ``name`` (data arguments excluded)."""
-    sig = inspect.signature(_load().get(name))
-    return {
-        p.name: (p.default, str(p.annotation))
-        for p in sig.parameters.values()
-        if p.kind == p.KEYWORD_ONLY and p.name not in DATA_ARGS
-    }
+    return {p.name: (p.default, p.annotation) for p in spec(name).params.values()}
 
 
 def check_options(name: str, opts: dict[str, Any]) -> None:
-    """Raises :class:`BadOptionError` naming the first option ``name``'s builder does not take."""
-    allowed = options(name)
-    for key in opts:
-        if key not in allowed:
-            raise BadOptionError(
-                f"model '{name}' has no option '{key}'.{suggest(key, list(allowed))} "
-                f"Options of {name}: {', '.join(sorted(allowed))}"
-            )
+    """Checks every option of model ``name``: its name, type and range, the options of the chosen activation
+    and initializer, and whether the chosen functions use them (:mod:`zoo.options`).
+
+    Raises:
+        BadOptionError: an option the builder does not take or a value it does not accept (``.option`` names it).
+        UnknownNameError: an unknown model, activation, initializer or norm name.
+    """
+    check_model(name, opts)
 
 
 def build(name: str, **kwargs: Any) -> keras.Model:
@@ -98,12 +90,13 @@ def build(name: str, **kwargs: Any) -> keras.Model:
 
 def paper(name: str) -> str:
     """Returns the one-line paper reference of model ``name``."""
-    return _load().meta(name).get("paper", "")
+    return spec(name).paper
 
 
 def family(name: str) -> str:
     """Returns the family (mlp, cnn, rnn, transformer) of model ``name``."""
-    return _load().meta(name).get("family", "")
+    return spec(name).family
+
 
 __all__ = [
     "Block", "BadOptionError", "MODELS", "UnknownNameError", "block_name", "blocks", "build",

@@ -18,8 +18,7 @@ from keras import layers
 from zoo import register
 from zoo.common import Axes, axes, check_choice, check_depth, cnn_head, cnn_input, namer, stage_sizes
 from zoo.layers.shortcut import PadShortcut
-
-SHORTCUTS = ("A", "B")
+from zoo.schema import SHORTCUTS
 
 # combine(skip, branch, index, name) -> block output: how a residual block joins its two paths.
 Combine = Callable[[Any, Any, int, Callable[[str], str]], Any]

@@ -19,9 +19,7 @@ from zoo.activations import ACTIVATIONS, make_activation
 from zoo.blocks import block_name
 from zoo.initializers import INITIALIZERS, make_bias_initializer, make_initializer
 from zoo.norms import NORMS, make_norm
-
-NORM_POSITIONS = ("pre_act", "post_act")
-DTYPES = ("float32", "float64")
+from zoo.schema import DTYPES, NORM_POSITIONS  # re-exported: the builders' shared choices
 
 
 def check_choice(option: str, value: Any, allowed: tuple[str, ...]) -> None:

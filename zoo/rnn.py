@@ -20,19 +20,14 @@ from keras import layers
 
 from zoo import register
 from zoo.blocks import block_name
+from zoo.common import check_choice, check_depth
 from zoo.initializers import make_initializer
-from zoo.rnn_init import RECURRENT_BASES, GateBias, RecurrentInitializer
+from zoo.rnn_init import GateBias, RecurrentInitializer
+from zoo.schema import CELL_ACTIVATIONS, RECURRENT_BASES
+from zoo.schema import RNN_OUTPUTS as OUTPUTS
 
-# Activations a Keras recurrent cell accepts by name (cells take functions, not layers).
-CELL_ACTIVATIONS = ("tanh", "relu", "sigmoid", "hard_sigmoid", "linear", "elu", "selu", "gelu", "silu")
-OUTPUTS = ("last", "sequence")
 # Square recurrent blocks per cell kind, in the Keras gate order (LSTM: i f c o; GRU: z r h).
 GATES = {"simple_rnn": 1, "lstm": 4, "gru": 3}
-
-
-def _check(value: Any, allowed: tuple, what: str) -> None:
-    if value not in allowed:
-        raise ValueError(f"{what} must be one of {', '.join(map(str, allowed))}; got '{value}'")
 
 
 def _stem(input_shape: tuple[int, ...], vocab_size: int | None, num_outputs: int, dtype: str):
@@ -82,11 +77,10 @@ def _recurrent_layer(kind: str, index: int, depth: int, *, units: int, return_se
 def recurrent_model(kind: str, *, input_shape: tuple[int, ...], num_outputs: int, depth: int, units: int,
                     output: str, vocab_size: int | None, dtype: str, **opts: Any) -> keras.Model:
     """Builds a stacked recurrent model of cell ``kind`` (simple_rnn | lstm | gru); see the builders."""
-    _check(output, OUTPUTS, "output")
-    _check(opts["activation"], CELL_ACTIVATIONS, "activation")
-    _check(opts["recurrent_initializer"], RECURRENT_BASES, "recurrent_initializer")
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
+    check_choice("output", output, OUTPUTS)
+    check_choice("activation", opts["activation"], CELL_ACTIVATIONS)
+    check_choice("recurrent_initializer", opts["recurrent_initializer"], RECURRENT_BASES)
+    check_depth(depth)
     opts = dict(opts, dtype=dtype, initializer_options=dict(opts.get("initializer_options") or {}))
     inputs, x = _stem(input_shape, vocab_size, num_outputs, dtype)
     for i in range(depth):

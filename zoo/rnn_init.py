@@ -13,8 +13,9 @@ from typing import Any
 import keras
 import numpy as np
 
-# Recurrent bases: how each square [units, units] gate block is drawn before any spectral rescaling.
-RECURRENT_BASES = ("orthogonal", "identity", "glorot_uniform", "glorot_normal", "he_normal", "lecun_normal")
+
+from zoo.schema import RECURRENT_BASES  # how each square gate block is drawn
+
 _BASE_CLASSES = {
     "orthogonal": keras.initializers.Orthogonal,
     "glorot_uniform": keras.initializers.GlorotUniform,

@@ -19,8 +19,7 @@ from zoo.cnn import resnet_body, resnet_head, resnet_stem
 from zoo.common import (Axes, axes, branch_scale_value, check_choice, check_depth, cnn_input, mlp_head, mlp_input,
                         namer)
 from zoo.layers.stochastic_depth import MODES, StochasticDepth
-
-RULES = ("linear", "uniform")
+from zoo.schema import SURVIVAL_RULES as RULES
 
 
 def survival_probs(depth: int, survival_prob: float, rule: str) -> list[float]:

@@ -26,14 +26,13 @@ from keras import layers
 from zoo import register
 from zoo.activations import make_activation
 from zoo.blocks import block_name
+from zoo.common import check_choice, check_depth
 from zoo.initializers import make_initializer
 from zoo.layers.positions import LearnedPositions, SinusoidalPositions
 from zoo.layers.rezero_alpha import ReZeroAlpha
-
-NORM_POSITIONS = ("pre", "post", "none")
-RESIDUALS = ("standard", "rezero")
-POSITIONS = ("sinusoidal", "learned", "none")
-OUTPUTS = ("mean", "sequence")
+from zoo.schema import POSITIONS, RESIDUALS
+from zoo.schema import TRANSFORMER_NORM_POSITIONS as NORM_POSITIONS
+from zoo.schema import TRANSFORMER_OUTPUTS as OUTPUTS
 
 # Part name -> sub-layer kind, for plots of gradient by layer index split by attention and FFN.
 SUBLAYER_KIND = {
@@ -42,11 +41,6 @@ SUBLAYER_KIND = {
     "ffn_in": "ffn", "norm2": "ffn", "linear": "ffn", "act": "ffn", "linear2": "ffn", "drop2": "ffn",
     "rezero2": "ffn", "add2": "ffn",
 }
-
-
-def _check(value: Any, allowed: tuple, what: str) -> None:
-    if value not in allowed:
-        raise ValueError(f"{what} must be one of {', '.join(allowed)}; got '{value}'")
 
 
 def _residual(stream, branch, name, opts: dict):
@@ -149,12 +143,11 @@ def transformer(
         vocab_size: token vocabulary for ``[T]`` inputs (default ``num_outputs``).
         dtype: float32, or float64 for precise studies at init.
     """
-    _check(norm_position, NORM_POSITIONS, "norm_position")
-    _check(residual, RESIDUALS, "residual")
-    _check(positions, POSITIONS, "positions")
-    _check(output, OUTPUTS, "output")
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
+    check_choice("norm_position", norm_position, NORM_POSITIONS)
+    check_choice("residual", residual, RESIDUALS)
+    check_choice("positions", positions, POSITIONS)
+    check_choice("output", output, OUTPUTS)
+    check_depth(depth)
     if d_model % heads:
         raise ValueError(f"d_model ({d_model}) must be divisible by heads ({heads})")
     opts = dict(d_model=d_model, heads=heads, ffn_width=ffn_width or 4 * d_model, activation=activation,

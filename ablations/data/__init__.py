@@ -115,17 +115,20 @@ def _describe(name: str, info: Any) -> DataInfo:
                     train_examples=0, val_examples=None, metadata=dict(info.metadata or {}))
 
 
-def load(cfg: Any, seed: int) -> Data:
-    """Builds the training and validation pipelines for a :class:`~ablations.config.DataConfig`.
+def check(cfg: Any) -> DataInfo:
+    """Opens the dataset of a :class:`~ablations.config.DataConfig` as :func:`load` would (preparing it if
+    needed) and checks the splits, the batch size and the transform, without building any pipeline.
 
-    Images are scaled to [0, 1] floats; training data is cached, shuffled with the arm's seed (reshuffled
-    every epoch), batched with a fixed batch size (drop remainder, so every step sees the same batch size)
-    and prefetched.
+    Raises:
+        DataError: unknown or unpreparable dataset, missing split, batch larger than the data, bad transform.
     """
-    import tensorflow as tf
+    return _describe_config(cfg, builder(cfg.name, cfg.data_dir, cfg.download))[0]
+
+
+def _describe_config(cfg: Any, b: Any) -> tuple[DataInfo, Any]:
+    """``(info, to_sequence or None)`` of a prepared builder for this data config (see :func:`check`)."""
     import tensorflow_datasets as tfds
 
-    b = builder(cfg.name, cfg.data_dir, cfg.download)
     info = _describe(cfg.name, b.info)
     seq = getattr(getattr(cfg, "transform", None), "sequence", None)
     to_sequence = None
@@ -153,7 +156,25 @@ def load(cfg: Any, seed: int) -> Data:
     n_val = split_size(cfg.val_split) if cfg.val_split else None
     info.train_examples, info.val_examples = n_train, n_val
     if n_train < cfg.batch_size:
-        raise DataError(f"data.batch_size {cfg.batch_size} is larger than the {n_train} training examples")
+        raise DataError(f"data.batch_size {cfg.batch_size} is larger than the {n_train} training examples "
+                        f"of '{cfg.name}' (split {cfg.train_split}"
+                        f"{f', max_train_examples {cfg.max_train_examples}' if cfg.max_train_examples else ''})")
+    return info, to_sequence
+
+
+def load(cfg: Any, seed: int) -> Data:
+    """Builds the training and validation pipelines for a :class:`~ablations.config.DataConfig`.
+
+    Images are scaled to [0, 1] floats; training data is cached, shuffled with the arm's seed (reshuffled
+    every epoch), batched with a fixed batch size (drop remainder, so every step sees the same batch size)
+    and prefetched.
+    """
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    b = builder(cfg.name, cfg.data_dir, cfg.download)
+    info, to_sequence = _describe_config(cfg, b)
+    n_train = info.train_examples
 
     def prep(x: Any, y: Any) -> tuple[Any, Any]:
         if x.dtype == tf.uint8:

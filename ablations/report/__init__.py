@@ -18,6 +18,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from ablations.config import short_keys
 from ablations.report.data import RunData, load_run, merge_runs
+from ablations.store import StoreError
 from ablations.ui import fmt
 
 
@@ -93,7 +94,10 @@ def build_report(run_dir: Path | Sequence[Path], out: Path | None = None, worker
         raise ValueError("build_report needs at least one run folder")
     run = merge_runs([load_run(d) for d in dirs])
     out = Path(out) if out else _default_out(run)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StoreError(f"cannot write the report to {out}: {err.strerror}; choose another --out") from None
     plan = plan_for(run)
     slugs = _slugs([s["arm_id"] for s in run.summaries])
     pages = {a: f"arms/{quote(s)}/index.html" for a, s in slugs.items()}
@@ -117,7 +121,8 @@ def build_report(run_dir: Path | Sequence[Path], out: Path | None = None, worker
     page = env.get_template("index.html").render(
         run=run, name=run.name, description=run.experiment.get("description", ""), rows=rows,
         points=point_rows(run, rows), figures=figures, sections=sections, axes=run.axes, counts=counts,
-        problems=problems, sources=run.sources, plan=plan, render_s=time.time() - t0, home="index.html", up="",
+        problems=run.notes + problems, damaged=run.damaged, others=run.others, sources=run.sources, plan=plan,
+        render_s=time.time() - t0, home="index.html", up="",
         tensorboard=[d for d in dirs if next(d.glob("arms/*/tb"), None)], axis_names=short_keys(run.axes))
     index = out / "index.html"
     index.write_text(page)

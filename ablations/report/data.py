@@ -4,6 +4,11 @@ One :class:`RunData` holds a whole run: the summaries (one dict per arm, in swee
 concatenated in long format with ``arm_id``, ``seed`` and the arm's grid values as extra columns, and the
 list of grid ``axes`` that actually vary. :func:`merge_runs` stacks several runs into one RunData with an
 extra ``run`` axis, so a comparison report is drawn by exactly the same figure code.
+
+Only the arms of the experiment in ``experiment.yaml`` are reported, each only if its stored config is that
+arm's (a folder keeps the arms of earlier grids and earlier base values: they are listed apart, in
+``others``, never mixed into figures or confidence intervals). A damaged arm (unreadable summary or table, a
+required table missing) is left out and named in ``damaged``; the healthy arms are reported.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from ablations import instruments, store
 # Every table a run folder may hold: Keras' per-epoch history plus every instrument's table (instruments that
 # are off or do not apply leave theirs out; the figures then draw nothing from it).
 TABLES = tuple(dict.fromkeys(["history", "epochs", *instruments.tables()]))
+OPTIONAL_TABLES = tuple(t for t in TABLES if t not in store.REQUIRED_TABLES)
 RUN_AXIS = "run"  # the extra axis of a comparison of several runs
 
 
@@ -37,6 +43,9 @@ class RunData:
     arm_configs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # arm_id -> arm.yaml
     errors: dict[str, str] = dataclasses.field(default_factory=dict)  # arm_id -> error.txt of failed arms
     sources: list[Path] = dataclasses.field(default_factory=list)  # run folders (several for a comparison)
+    damaged: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # arm_id -> what is damaged
+    others: dict[str, str] = dataclasses.field(default_factory=dict)  # arm_id -> why it is not reported
+    notes: list[str] = dataclasses.field(default_factory=list)  # e.g. an arm lacking a table its peers have
 
     @property
     def name(self) -> str:
@@ -76,37 +85,133 @@ def _varying(grid: dict[str, list[Any]]) -> list[str]:
     return [k for k, v in grid.items() if len({json.dumps(x, sort_keys=True) for x in v}) > 1]
 
 
-def load_run(root: Path) -> RunData:
-    """Reads ``experiment.yaml``, every arm's summary, config and tables of the run folder ``root``.
+def _experiment(root: Path) -> tuple[dict[str, Any], str]:
+    """``(experiment dict, text)`` of ``root/experiment.yaml``.
 
     Raises:
         FileNotFoundError: ``root`` is not a run folder.
+        StoreError: the file is unreadable or not an experiment.
     """
-    root = Path(root)
     exp_file = root / "experiment.yaml"
     if not exp_file.exists():
         raise FileNotFoundError(f"{root} is not a run folder (no experiment.yaml); run `ablate run` first")
-    text = exp_file.read_text()
-    exp = yaml.safe_load(text) or {}
-    summaries = sorted(store.load_summaries(root), key=lambda s: s.get("index", 0))
-    tables = {t: load_table(root, t) for t in TABLES}
-    configs, errors = {}, {}
+    try:
+        text = exp_file.read_text(encoding="utf-8")
+        exp = yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise store.StoreError(f"{exp_file} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
+                               f"rerun `ablate run` on the experiment's config to rewrite it") from None
+    if not isinstance(exp, dict):
+        raise store.StoreError(f"{exp_file} is damaged (it holds a {type(exp).__name__}, not an experiment); "
+                               f"rerun `ablate run` on the experiment's config to rewrite it")
+    return exp, text
+
+
+def _current_arms(exp: dict[str, Any], notes: list[str]) -> dict[str, dict[str, Any]] | None:
+    """``{arm id: resolved config}`` of the experiment, or None (with a note) when it no longer expands."""
+    from ablations.config import ConfigError, parse_experiment
+
+    try:
+        arms = parse_experiment({k: v for k, v in exp.items() if k != "search"}, source="experiment.yaml").arms()
+    except ConfigError as err:
+        notes.append(f"experiment.yaml does not validate with this version ({str(err).splitlines()[0][:200]}); "
+                     f"every finished arm in the folder is shown")
+        return None
+    return {a.id: a.config.model_dump(mode="json") for a in arms}
+
+
+def _arm_tables(arm_dir: Path, summary: dict[str, Any]) -> dict[str, pd.DataFrame | None]:
+    """Every table of one arm (None where it has none); raises StoreError naming a damaged file."""
+    return {t: store.read_table(arm_dir, t, summary) for t in TABLES}
+
+
+def load_run(root: Path) -> RunData:
+    """Reads ``experiment.yaml`` and the summary, config and tables of every arm of it in the run folder.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a run folder.
+        StoreError: ``experiment.yaml`` is damaged.
+    """
+    root = Path(root)
+    exp, text = _experiment(root)
+    notes: list[str] = []
+    current = _current_arms(exp, notes)
+    summaries, configs, errors, damaged, others = [], {}, {}, {}, {}
+    frames: dict[str, list[pd.DataFrame]] = {t: [] for t in TABLES}
     for arm_dir in sorted((root / "arms").glob("*")):
-        summary = store.read_summary(arm_dir)
-        if summary is None:
+        check = store.check_arm(arm_dir)
+        arm_id = check.summary["arm_id"] if check.summary else arm_dir.name
+        if check.summary is None and not check.problems:
+            continue  # not finished (interrupted, or training now)
+        if current is not None and arm_dir.name not in current:
+            others[arm_dir.name] = "not an arm of the current experiment.yaml (an earlier grid?)"
             continue
+        if check.problems:
+            damaged[arm_id] = check.problems
+            continue
+        if current is not None:
+            keys = _changed(arm_dir, current[arm_dir.name])
+            if keys:
+                others[arm_id] = "trained with an earlier config (" + ", ".join(keys[:4]) + ")"
+                continue
         try:
-            configs[summary["arm_id"]] = yaml.safe_load((arm_dir / "arm.yaml").read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            configs[summary["arm_id"]] = {}
-        if summary.get("status") == "failed" and (arm_dir / "error.txt").exists():
-            errors[summary["arm_id"]] = (arm_dir / "error.txt").read_text()
+            tables = _arm_tables(arm_dir, check.summary)
+        except store.StoreError as err:
+            damaged[arm_id] = [str(err)]
+            continue
+        summaries.append(check.summary)
+        configs[arm_id] = _stored_arm_yaml(arm_dir)
+        if check.summary.get("status") == "failed" and (arm_dir / "error.txt").exists():
+            errors[arm_id] = (arm_dir / "error.txt").read_text(errors="replace")
+        for t, df in tables.items():
+            if df is not None:
+                frames[t].append(df)
+    summaries.sort(key=lambda s: s.get("index", 0))
+    notes += _missing_tables(root, summaries, configs)
     order = {s["arm_id"]: i for i, s in enumerate(summaries)}
+    tables = {t: pd.concat(parts, ignore_index=True) if parts else pd.DataFrame() for t, parts in frames.items()}
     for df in tables.values():
         if not df.empty:
             df["arm_order"] = df["arm_id"].map(order)
-    return RunData(root=root, experiment=exp, experiment_yaml=text, summaries=summaries, tables=tables,
-                   axes=_varying(exp.get("grid") or {}), arm_configs=configs, errors=errors, sources=[root])
+    return RunData(root=root, experiment=exp, experiment_yaml=text, summaries=summaries,
+                   axes=_varying(exp.get("grid") or {}), arm_configs=configs, errors=errors, sources=[root],
+                   damaged=damaged, others=others, notes=notes, tables=tables)
+
+
+def _changed(arm_dir: Path, config: dict[str, Any]) -> list[str]:
+    """Keys where the arm's stored config differs from the experiment's arm (the experiment's name is a label:
+    a run folder copied under another name still holds the same arms)."""
+    keys = store.changed_keys(arm_dir, config)
+    return ["arm.yaml unreadable"] if keys is None else [k for k in keys if k != "experiment"]
+
+
+def _stored_arm_yaml(arm_dir: Path) -> dict[str, Any]:
+    try:
+        cfg = yaml.safe_load((arm_dir / "arm.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _missing_tables(root: Path, summaries: list[dict[str, Any]], configs: dict[str, dict[str, Any]]) -> list[str]:
+    """Notes for arms that lack an optional table (time_grads, grad_hist, gates) which arms of the same model
+    and capture settings have: such a file was deleted or lost, and its figures would silently lack the arm."""
+    groups: dict[str, list[str]] = {}
+    for s in summaries:
+        if s.get("status") not in store.DONE_STATUSES:
+            continue  # a failed arm may have stopped before any table
+        cfg = configs.get(s["arm_id"], {})
+        key = json.dumps([(cfg.get("model") or {}).get("arch"), cfg.get("capture")], sort_keys=True)
+        groups.setdefault(key, []).append(s["arm_id"])
+    notes = []
+    for ids in groups.values():
+        for t in OPTIONAL_TABLES:
+            have = [a for a in ids if (root / "arms" / a / f"{t}.parquet").exists()]
+            if have and len(have) < len(ids):
+                missing = [a for a in ids if a not in have]
+                notes.append(f"{', '.join(missing)}: no {t}.parquet, which {len(have)} arm(s) of the same model "
+                             f"and capture settings have (deleted?); its figures lack these arms")
+    return notes
 
 
 def merge_runs(runs: list[RunData]) -> RunData:
@@ -149,9 +254,13 @@ def merge_runs(runs: list[RunData]) -> RunData:
     title = " vs ".join(names)
     yaml_text = "\n".join(f"# ---- {name} ({r.root})\n{r.experiment_yaml}" for name, r in zip(names, runs))
     descriptions = [f"{name}: {r.experiment.get('description', '')}".strip() for name, r in zip(names, runs)]
+    damaged = {f"{name}/{a}": p for name, r in zip(names, runs) for a, p in r.damaged.items()}
+    others = {f"{name}/{a}": w for name, r in zip(names, runs) for a, w in r.others.items()}
+    notes = [f"{name}: {n}" for name, r in zip(names, runs) for n in r.notes]
     return RunData(root=runs[0].root, experiment={"name": title, "description": "\n".join(descriptions)},
-                   experiment_yaml=yaml_text, summaries=summaries, tables=tables, axes=axes, arm_configs=configs,
-                   errors=errors, sources=[r.root for r in runs])
+                   experiment_yaml=yaml_text, summaries=summaries, axes=axes, arm_configs=configs,
+                   errors=errors, sources=[r.root for r in runs], damaged=damaged, others=others, notes=notes,
+                   tables=tables)
 
 
 def _lookup(cfg: dict[str, Any], dotted: str) -> Any:

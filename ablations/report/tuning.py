@@ -19,20 +19,20 @@ from ablations.report import environment
 from ablations.report.data import load_table
 from ablations.report.figures import theme
 from ablations.report.plotting import BLOCK_AXIS, PALETTE, Figure, save, subplots
-from ablations.tune import has_trials, read_trials
+from ablations import store
 
 SECTION = "Search"
 
 
 def _searches(root: Path) -> list[Path]:
     base = root / "search"
-    if has_trials(base):
+    if store.has_trials(base):
         return [base]
-    return sorted(p for p in base.iterdir() if has_trials(p)) if base.exists() else []
+    return sorted(p for p in base.iterdir() if store.has_trials(p)) if base.exists() else []
 
 
 def _trials(sroot: Path) -> pd.DataFrame:
-    rows = read_trials(sroot)
+    rows = store.read_trials(sroot)
     out = []
     for r in rows:
         flat = {"trial": int(r["trial"]), "status": r["status"], "reason": r.get("reason", ""),

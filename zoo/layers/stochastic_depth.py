@@ -12,7 +12,7 @@ from typing import Any
 import keras
 from keras import ops
 
-MODES = ("batch", "sample")
+from zoo.schema import DROP_MODES as MODES
 
 
 @keras.saving.register_keras_serializable(package="gradzoo")
