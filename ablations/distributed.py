@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ablations import compat
+
 
 def _kt():
     import keras_tuner as kt
@@ -58,7 +60,7 @@ def search_loop(tuner: Any) -> None:
     """
     kt = _kt()
     status = kt.engine.trial.TrialStatus
-    if not tuner._is_worker():
+    if not compat.is_worker(tuner):
         tuner.oracle.verbose = 0  # the sweep UI reports trials
     while True:
         trial = tuner.oracle.create_trial(tuner.tuner_id)
@@ -68,7 +70,7 @@ def search_loop(tuner: Any) -> None:
             time.sleep(0.5)
             continue
         tuner.on_trial_begin(trial)
-        tuner._try_run_and_update_trial(trial)
+        compat.run_and_update_trial(tuner, trial)
         tuner.on_trial_end(trial)
 
 
@@ -93,13 +95,11 @@ def _serve(oracle: Any, ip: str, port: int, facts: dict[str, str] | None = None)
     import grpc
     from concurrent import futures
 
-    from keras_tuner.src import protos
-    from keras_tuner.src.distribute.oracle_chief import OracleServicer
 
     # keras-tuner's own servicer; its start_server() is not used because it polls only every 20 s.
-    servicer = OracleServicer(_Announcing(oracle, facts) if facts else oracle)
+    servicer = compat.oracle_servicer(_Announcing(oracle, facts) if facts else oracle)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-    protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
+    compat.tuner_protos().get_service_grpc().add_OracleServicer_to_server(servicer, server)
     if server.add_insecure_port(f"{ip}:{port}") == 0:
         raise SweepError(f"the chief cannot listen on {ip}:{port} (port in use or address not local); set "
                          f"KERASTUNER_ORACLE_PORT to a free port")

@@ -1,4 +1,4 @@
-"""Lazily imported heavy modules: ``tf`` and ``keras`` load on first attribute access.
+"""Lazily imported heavy modules: ``tf``, ``keras`` and ``pd`` (pandas) load on first attribute access.
 
 Modules that declare things the TF-free layers read (instrument names, options, columns) but compute with
 TensorFlow use these, so importing them costs nothing until a step is built.
@@ -24,3 +24,4 @@ class _Lazy(types.ModuleType):
 
 tf: Any = _Lazy("tensorflow")
 keras: Any = _Lazy("keras")
+pd: Any = _Lazy("pandas")

@@ -45,7 +45,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ablations import store
+from ablations import compat, store
 from ablations.config import Arm, Experiment, dump_yaml
 from ablations.distributed import (SweepError, free_port, process_role, search_loop,  # noqa: F401 - re-exported
                                    serve_oracle, worker_env)
@@ -108,7 +108,7 @@ def make_oracle(arms: list[Arm], digest: str, project_dir: Path | None = None) -
                        max_consecutive_failed_trials=len(arms) + 1)  # a failed arm never stops the sweep
     oracle.verbose = 0  # the sweep UI reports arms
     if project_dir is not None:
-        oracle._set_project_dir(str(project_dir.parent), project_dir.name)
+        compat.set_oracle_dir(oracle, str(project_dir.parent), project_dir.name)
     return oracle
 
 
@@ -140,19 +140,8 @@ def make_tuner(oracle: Any, arms: list[Arm], root: Path, *, out_root: Path | Non
             self.results: list[dict[str, Any]] = []
             self.fatal: store.StoreError | None = None  # the run folder cannot be written: stop the sweep
 
-        def arm_for_trial(self, trial: Any) -> tuple[int, Arm]:
-            values = trial.hyperparameters.values
-            if digest and values.get("config") not in (None, digest):
-                raise kt.errors.FatalError(
-                    f"this worker's config differs from the chief's (digest {digest} vs {values.get('config')}); "
-                    f"start workers with the same CONFIG and --set options as the chief")
-            if values.get("arm") not in self.by_id:
-                raise kt.errors.FatalError(f"the chief asked for arm {values.get('arm')!r}, which this worker's "
-                                           f"config does not have; start workers with the chief's CONFIG")
-            return self.by_id[values["arm"]]
-
         def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> dict[str, float]:
-            index, arm = self.arm_for_trial(trial)
+            index, arm = arm_for_trial(trial, self.by_id, digest)
             try:
                 summary, skipped = run_one(arm, index, root, out_root or root, ui)
             except store.StoreError as err:  # disk full, folder gone: every later arm would fail the same way
@@ -163,9 +152,7 @@ def make_tuner(oracle: Any, arms: list[Arm], root: Path, *, out_root: Path | Non
                 ui.arm_done(arm, summary, skipped)
             if on_arm:
                 on_arm(arm, summary, skipped)
-            loss = (summary.get("final") or {}).get("loss")
-            return {"loss": float(loss) if loss is not None else float("inf"),
-                    "status_code": float(STATUS_CODE.get(summary.get("status"), 2))}
+            return trial_metrics(summary)
 
         def search(self, *args: Any, **kwargs: Any) -> None:
             try:
@@ -179,6 +166,27 @@ def make_tuner(oracle: Any, arms: list[Arm], root: Path, *, out_root: Path | Non
             pass  # the arm's folder holds final.keras
 
     return ArmTuner()
+
+
+def arm_for_trial(trial: Any, by_id: dict[str, tuple[int, Arm]], digest: str) -> tuple[int, Arm]:
+    """``(index, arm)`` named by a trial, after checking the chief's config is this process's."""
+    kt = _kt()
+    values = trial.hyperparameters.values
+    if digest and values.get("config") not in (None, digest):
+        raise kt.errors.FatalError(
+            f"this worker's config differs from the chief's (digest {digest} vs {values.get('config')}); "
+            f"start workers with the same CONFIG and --set options as the chief")
+    if values.get("arm") not in by_id:
+        raise kt.errors.FatalError(f"the chief asked for arm {values.get('arm')!r}, which this worker's "
+                                   f"config does not have; start workers with the chief's CONFIG")
+    return by_id[values["arm"]]
+
+
+def trial_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """What the oracle records of an arm: its final loss and status."""
+    loss = (summary.get("final") or {}).get("loss")
+    return {"loss": float(loss) if loss is not None else float("inf"),
+            "status_code": float(STATUS_CODE.get(summary.get("status"), 2))}
 
 
 def is_current(arm: Arm, arm_dir: Path) -> bool:

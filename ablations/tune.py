@@ -47,7 +47,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from ablations import store
+from ablations import compat, store
 from ablations.config import (Arm, ArmConfig, ConfigError, DataConfig, Experiment, RuntimeConfig, dump_yaml,
                                parse_experiment, set_path, short_keys, slug)
 
@@ -109,7 +109,7 @@ def load_oracle(exp: Experiment, sroot: Path, max_epochs: int) -> Any:
     """
     oracle = make_oracle(exp, hyperparameters(exp), max_epochs)
     oracle.verbose = 0  # the sweep UI reports trials
-    oracle._set_project_dir(str(sroot / TUNER_DIR), "oracle")
+    compat.set_oracle_dir(oracle, str(sroot / TUNER_DIR), "oracle")
     if (sroot / TUNER_DIR / "oracle" / "oracle.json").exists():
         oracle.reload()
     return oracle
@@ -117,7 +117,7 @@ def load_oracle(exp: Experiment, sroot: Path, max_epochs: int) -> Any:
 
 def _finished(oracle: Any) -> bool:
     """Whether a reloaded oracle has nothing left to hand out (known without asking it for a trial)."""
-    return bool(oracle.max_trials) and len(oracle.trials) >= oracle.max_trials and not oracle._retry_queue \
+    return bool(oracle.max_trials) and len(oracle.trials) >= oracle.max_trials and not compat.oracle_retry_queue(oracle) \
         and not oracle.ongoing_trials
 
 
@@ -166,10 +166,6 @@ def make_tuner(exp: Experiment, root: Path, base: dict[str, Any], oracle: Any, *
     import keras_tuner as kt
 
     from ablations.distributed import search_loop
-    from ablations.runner import run_arm
-
-    name, _ = exp.search.objective_spec()
-    prune = exp.search.prune
 
     def finish(record: dict[str, Any]) -> None:
         store.write_trial(root, record)
@@ -178,33 +174,7 @@ def make_tuner(exp: Experiment, root: Path, base: dict[str, Any], oracle: Any, *
 
     class SearchTuner(kt.engine.base_tuner.BaseTuner):
         def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> dict[str, float]:
-            values = trial.hyperparameters.values
-            scores, summaries = [], []
-            for seed in range(exp.search.executions_per_trial):
-                arm = trial_arm(exp, base, values, seed=base["seed"] + seed, label=f"trial_{trial.trial_id}")
-                arm_dir = root / "arms" / arm.id
-                if store.is_current(arm_dir, arm.config.model_dump(mode="json")):
-                    summary = store.read_summary(arm_dir)
-                else:
-                    callbacks = [ui.arm_callback(arm)] if ui else []
-                    if prune.vanishing_at_init:
-                        callbacks.append(pruning(prune.check_steps, exp.diagnose.model_dump()))
-                    summary = run_arm(arm, arm_dir, index=int(trial.trial_id), callbacks=callbacks)
-                summaries.append(summary)
-                if ui:
-                    ui.arm_done(arm, summary, False)
-                score = objective_value(summary, name)
-                if summary.get("status") != "completed" or score is None:
-                    why = summary.get("pruned_reason") or summary.get("error") or \
-                        f"{summary.get('status')} at step {summary.get('diverged_at_step')}"
-                    finish({"trial": trial.trial_id, "values": values, "status": summary.get("status"),
-                            "reason": why, "arms": [s["arm_id"] for s in summaries]})
-                    raise kt.errors.FailedTrialError(f"{summary.get('status')}: {why}")
-                scores.append(score)
-            mean = sum(scores) / len(scores)
-            finish({"trial": trial.trial_id, "values": values, "status": "completed", name: mean,
-                    "arms": [s["arm_id"] for s in summaries]})
-            return {name: mean}
+            return run_trial(exp, root, base, trial, ui, finish)
 
         def search(self, *args: Any, **kwargs: Any) -> None:
             search_loop(self)
@@ -217,6 +187,48 @@ def make_tuner(exp: Experiment, root: Path, base: dict[str, Any], oracle: Any, *
 
     worker = project != "oracle"
     return SearchTuner(oracle=oracle, directory=str(root / TUNER_DIR), project_name=project, overwrite=worker)
+
+
+def run_trial(exp: Experiment, root: Path, base: dict[str, Any], trial: Any, ui: Any,
+              finish: Callable[[dict[str, Any]], None]) -> dict[str, float]:
+    """One trial: its executions (one arm per seed, skipped when already done), then its record.
+
+    Returns ``{objective: mean over the executions}``; raises keras-tuner's ``FailedTrialError`` (after
+    recording why) when an execution did not complete or has no objective value.
+    """
+    import keras_tuner as kt
+
+    from ablations.runner import run_arm
+
+    name, _ = exp.search.objective_spec()
+    prune = exp.search.prune
+    values = trial.hyperparameters.values
+    scores, summaries = [], []
+    for seed in range(exp.search.executions_per_trial):
+        arm = trial_arm(exp, base, values, seed=base["seed"] + seed, label=f"trial_{trial.trial_id}")
+        arm_dir = root / "arms" / arm.id
+        if store.is_current(arm_dir, arm.config.model_dump(mode="json")):
+            summary = store.read_summary(arm_dir)
+        else:
+            callbacks = [ui.arm_callback(arm)] if ui else []
+            if prune.vanishing_at_init:
+                callbacks.append(pruning(prune.check_steps, exp.diagnose.model_dump()))
+            summary = run_arm(arm, arm_dir, index=int(trial.trial_id), callbacks=callbacks)
+        summaries.append(summary)
+        if ui:
+            ui.arm_done(arm, summary, False)
+        score = objective_value(summary, name)
+        if summary.get("status") != "completed" or score is None:
+            why = summary.get("pruned_reason") or summary.get("error") or \
+                f"{summary.get('status')} at step {summary.get('diverged_at_step')}"
+            finish({"trial": trial.trial_id, "values": values, "status": summary.get("status"),
+                    "reason": why, "arms": [s["arm_id"] for s in summaries]})
+            raise kt.errors.FailedTrialError(f"{summary.get('status')}: {why}")
+        scores.append(score)
+    mean = sum(scores) / len(scores)
+    finish({"trial": trial.trial_id, "values": values, "status": "completed", name: mean,
+            "arms": [s["arm_id"] for s in summaries]})
+    return {name: mean}
 
 
 def best_trial(trials: list[dict[str, Any]], name: str, direction: str) -> dict[str, Any] | None:
@@ -321,23 +333,14 @@ def run_search(exp: Experiment, out: Path, *, ui: Any = None, console: Any = Non
     if point is not None:
         raise SweepError("--point is for the local workers a chief starts; leave it out")
     store.check_writable(root)
-    name, direction = exp.search.objective_spec()
-    results = []
     with store.RunLock(root):
         check_data((label, DataConfig(**base["data"])) for label, _, base in points)
         if role == "local":  # a chief only serves: its workers claim the devices
             check_devices((label, RuntimeConfig(**base["runtime"])) for label, _, base in points)
         store.write_text(root / "experiment.yaml", dump_yaml(exp.model_dump(mode="json")))
-        for i, (label, values, base) in enumerate(points):
-            if console:
-                console.print(f"[bold]search[/] {label}: {exp.search.tuner}, objective {name} ({direction}), "
-                              f"{exp.search.max_trials} trials", highlight=False)
-            sroot = _search_root(root, exp, label)
-            _search_one(exp, root, sroot, label, base, workers=workers if role == "chief" else None,
-                        last=i == len(points) - 1, ui=ui)
-            trials = store.read_trials(sroot)
-            best = best_trial(trials, name, direction)
-            results.append({"label": label, "point": values, "root": str(sroot), "trials": trials, "best": best})
+        results = [_search_point(exp, root, label, values, base, workers=workers if role == "chief" else None,
+                                 last=i == len(points) - 1, ui=ui, console=console)
+                   for i, (label, values, base) in enumerate(points)]
         best_yaml = None
         if exp.search.per_arm:
             best = best_per_point(exp, results)
@@ -349,6 +352,20 @@ def run_search(exp: Experiment, out: Path, *, ui: Any = None, console: Any = Non
             best_yaml = root / "best.yaml"
             store.write_text(best_yaml, dump_yaml(best_experiment(exp, results[0]["best"]["values"])))
     return {"points": results, "best_yaml": str(best_yaml) if best_yaml else None}
+
+
+def _search_point(exp: Experiment, root: Path, label: str, values: dict[str, Any], base: dict[str, Any], *,
+                  workers: int | None, last: bool, ui: Any, console: Any) -> dict[str, Any]:
+    """One search (one grid point with ``per_arm``): run or resume it, then its trials and best trial."""
+    name, direction = exp.search.objective_spec()
+    if console:
+        console.print(f"[bold]search[/] {label}: {exp.search.tuner}, objective {name} ({direction}), "
+                      f"{exp.search.max_trials} trials", highlight=False)
+    sroot = _search_root(root, exp, label)
+    _search_one(exp, root, sroot, label, base, workers=workers, last=last, ui=ui)
+    trials = store.read_trials(sroot)
+    return {"label": label, "point": values, "root": str(sroot), "trials": trials,
+            "best": best_trial(trials, name, direction)}
 
 
 def _search_one(exp: Experiment, root: Path, sroot: Path, label: str, base: dict[str, Any], *,
@@ -432,7 +449,6 @@ def join_search(exp: Experiment, root: Path, points: list[tuple[str, dict[str, A
     A local worker (``point`` given) serves that one search; one started by hand goes on with the chief's
     next grid point until the chief announces its last one, or announces none for a while.
     """
-    from keras_tuner.src.distribute.oracle_client import OracleClient
 
     from ablations.sweep import config_digest
 
@@ -446,7 +462,7 @@ def join_search(exp: Experiment, root: Path, points: list[tuple[str, dict[str, A
         if console:
             console.print(f"{record['status']:9} trial {record['trial']} {record.get('reason', '')}", highlight=False)
 
-    client = OracleClient(make_oracle(exp, hyperparameters(exp), 1))
+    client = compat.oracle_client(make_oracle(exp, hyperparameters(exp), 1))
     facts: dict[str, Any] | None = client.get_space().values  # waits for the chief (keras-tuner: up to an hour)
     while facts is not None:
         label = _check_facts(facts, digest, bases, point)
@@ -482,13 +498,11 @@ def _next_point(client: Any, label: str, wait_s: float = NEXT_POINT_WAIT_S) -> d
     (the chief ended, or went on to ``final/``)."""
     import grpc
     import keras_tuner as kt
-    from keras_tuner.src import protos
 
     deadline = time.time() + wait_s
     while time.time() < deadline:
         try:  # keras-tuner's own client would wait an hour for a chief that is gone
-            response = client.stub.GetSpace(protos.get_service().GetSpaceRequest(), wait_for_ready=True,
-                                            timeout=max(0.1, deadline - time.time()))
+            response = compat.get_space_with_timeout(client, timeout=max(0.1, deadline - time.time()))
         except grpc.RpcError:
             return None
         values = kt.HyperParameters.from_proto(response.hyperparameters).values

@@ -28,7 +28,10 @@ def _close(got: np.ndarray, want: np.ndarray, what: str, atol: float = 1e-7) -> 
     assert got.shape == want.shape, f"{what}: shape {got.shape} vs {want.shape}"
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=f"{what}: NaN pattern")
     ok = ~np.isnan(want)
-    np.testing.assert_allclose(got[ok], want[ok], rtol=RTOL, atol=atol, err_msg=what)
+    # float32 cancellation leaves ~1e-7 of the column's scale where the exact value is 0 (the bias of a conv
+    # before batch norm has no gradient in exact arithmetic): that much absolute error is round-off.
+    scale = float(np.abs(want[ok]).max()) if ok.any() else 0.0
+    np.testing.assert_allclose(got[ok], want[ok], rtol=RTOL, atol=max(atol, 1e-6 * scale), err_msg=what)
 
 
 def _shared(c: harness.Case, inst, want: dict[str, np.ndarray]) -> None:

@@ -51,7 +51,7 @@ def test_oracle_hands_every_pending_arm_to_parallel_workers_once(tmp_path: Path)
 def test_worker_with_another_config_is_refused(tmp_path: Path) -> None:
     import keras_tuner as kt
 
-    from ablations.sweep import make_oracle, make_tuner
+    from ablations.sweep import arm_for_trial, make_oracle, make_tuner
 
     arms = parse_experiment(small()).arms()
     tuner = make_tuner(make_oracle(arms, "mine"), arms, tmp_path / "x", digest="mine")
@@ -59,12 +59,12 @@ def test_worker_with_another_config_is_refused(tmp_path: Path) -> None:
     hp.Fixed("arm", arms[0].id)
     hp.Fixed("config", "chiefs")
     with pytest.raises(kt.errors.FatalError, match="config differs from the chief's"):
-        tuner.arm_for_trial(kt.engine.trial.Trial(hp))
+        arm_for_trial(kt.engine.trial.Trial(hp), tuner.by_id, "mine")
     hp2 = kt.HyperParameters()
     hp2.Fixed("arm", "model=unknown,seed=0")
     hp2.Fixed("config", "mine")
     with pytest.raises(kt.errors.FatalError, match="does not have"):
-        tuner.arm_for_trial(kt.engine.trial.Trial(hp2))
+        arm_for_trial(kt.engine.trial.Trial(hp2), tuner.by_id, "mine")
 
 
 def test_worker_env_splits_devices_and_threads() -> None:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import keras
 import numpy as np
-import pandas as pd
+from ablations.lazy import pd
 import tensorflow as tf
 
 import zoo

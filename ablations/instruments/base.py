@@ -18,7 +18,7 @@ import dataclasses
 from typing import Any, Callable, ClassVar, Optional
 
 import numpy as np
-import pandas as pd
+from ablations.lazy import pd
 from pydantic import BaseModel, ConfigDict, Field
 
 

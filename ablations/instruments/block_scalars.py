@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pandas as pd
+from ablations.lazy import pd
 
 from ablations.instruments.base import Column, Finish, Instrument, ProbeSpec, Reducer, StepContext, tf
 from ablations.instruments.kernels import num_replicas

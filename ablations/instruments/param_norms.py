@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 import numpy as np
-import pandas as pd
+from ablations.lazy import pd
 
 from ablations.instruments.base import Column, Finish, Instrument, Options, Reducer, StepContext, tf
 from ablations.instruments.block_scalars import drop_inactive

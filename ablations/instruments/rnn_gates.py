@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import pandas as pd
+from ablations.lazy import pd
 
 from ablations.instruments.base import Column, Instrument
 

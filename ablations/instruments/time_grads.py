@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pandas as pd
+from ablations.lazy import pd
 
 from ablations import compat
 from ablations.instruments.base import Column, Finish, Instrument, Reducer, StepContext, tf
