@@ -211,7 +211,8 @@ def test_sgd_bounds_match_keras_on_a_quadratic(kwargs):
 
 
 def test_bounds_without_a_value_say_why():
-    for opt in (keras.optimizers.Adagrad(), keras.optimizers.Adam(amsgrad=True), keras.optimizers.RMSprop(momentum=0.9)):
+    opts = keras.optimizers
+    for opt in (opts.Adagrad(), opts.Adam(amsgrad=True), opts.RMSprop(momentum=0.9)):
         b = cv.edge_of_stability(opt)
         assert b.value is None and b.quantity is None and "no stability bound" in b.reason
     assert cv.stability_bound("sgd", 0.5).value == pytest.approx(4.0)

@@ -16,7 +16,8 @@ def test_distances_match_numpy_after_training():
     w0 = idist.initial_copy(model.trainable_variables)
     assert float(tf.reduce_max(idist.init_distances(model.trainable_variables, w0)[:, 0])) == 0.0
     rng = np.random.default_rng(0)
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(optimizer=keras.optimizers.SGD(0.1),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(rng.normal(size=(32, 8)), rng.integers(0, 3, 32), epochs=2, batch_size=8, verbose=0)
     got = tf.function(idist.init_distances)(model.trainable_variables, w0).numpy()
     for i, (v, v0) in enumerate(zip(model.trainable_variables, w0)):

@@ -27,7 +27,8 @@ LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 def _data(shape, n_classes, batch=8, seed=0):
     rng = np.random.default_rng(seed)
-    return tf.constant(rng.normal(size=(batch, *shape)).astype("float32")), tf.constant(rng.integers(0, n_classes, batch))
+    x = rng.normal(size=(batch, *shape)).astype("float32")
+    return tf.constant(x), tf.constant(rng.integers(0, n_classes, batch))
 
 
 def _loss(model, x, y, training=False):
@@ -38,14 +39,14 @@ def _batch(x):
     return int(tf.nest.flatten(x)[0].shape[0])
 
 
-def reference_norms(model, layers, x, y):
+def reference_norms(model, layers, x, y, variables=None):
     """{variable path: [B] ||grad l_i||} from one tape per example, and the flattened per-example gradients."""
-    variables = [w for layer in layers for w in pe.layer_variables(layer)]
+    variables = variables or [w for layer in layers for w in pe.layer_variables(layer)]
     norms, flat = {v.path: [] for v in variables}, []
     for i in range(_batch(x)):
         with tf.GradientTape() as tape:
             loss = _loss(model, tf.nest.map_structure(lambda t: t[i:i + 1], x), y[i:i + 1])
-        grads = tape.gradient(loss, variables)
+        grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]  # Embedding: IndexedSlices
         for v, g in zip(variables, grads):
             norms[v.path].append(float(tf.norm(tf.cast(g, tf.float64))))
         flat.append(np.concatenate([np.ravel(g.numpy()).astype(np.float64) for g in grads]))
@@ -90,7 +91,8 @@ def _assert_close(ours, ref, what=""):
 
 def _linear_layers(model):
     return [l for l in model.layers if type(l).__name__ in ("Dense", "EinsumDense", "Conv1D", "Conv2D",
-                                                             "DepthwiseConv1D", "DepthwiseConv2D")]
+                                                             "DepthwiseConv1D", "DepthwiseConv2D",
+                                                             "LayerNormalization", "Embedding")]
 
 
 def _check_model(model, x, y, sublayers=(), methods=(None,)):
@@ -124,14 +126,31 @@ def test_zoo_cnn_matches_per_example_tapes(arch, opts):
 
 def test_zoo_transformer_attention_and_ffn_match_per_example_tapes():
     """EinsumDense query/key/value (abc,cde->abde) and output (abcd,cde->abe) projections inside
-    MultiHeadAttention, the stem and FFN Dense on [B, T, d], the head on the pooled [B, d]; Gram and explicit."""
+    MultiHeadAttention, the stem and FFN Dense on [B, T, d], the LayerNorms, the head on the pooled [B, d];
+    Gram and explicit. Every trainable tensor of the model is covered (sinusoidal positions have none)."""
     keras.utils.set_random_seed(3)
     model = zoo.build("transformer", input_shape=(6, 5), num_outputs=4, depth=2, d_model=8, heads=2)
     x, y = _data((6, 5), 4, batch=6)
     subs = [s for l in model.layers if isinstance(l, keras.layers.MultiHeadAttention)
             for s in pe.attention_projections(l)]
     assert len(subs) == 8
-    _check_model(model, x, y, sublayers=subs, methods=(None, pe.GRAM, pe.EXPLICIT))
+    pairs = _check_model(model, x, y, sublayers=subs, methods=(None, pe.GRAM, pe.EXPLICIT))
+    covered = {id(v) for l, _, _ in pairs for v in pe.layer_variables(l)}
+    assert all(id(v) in covered for v in model.trainable_variables)
+
+
+def test_token_transformer_embedding_and_pre_ln():
+    """Token inputs (Embedding rows shared by repeated tokens), Pre-LN with the final head_norm."""
+    keras.utils.set_random_seed(12)
+    model = zoo.build("transformer", input_shape=(7,), num_outputs=5, depth=1, d_model=8, heads=2,
+                      norm_position="pre", vocab_size=4)
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.integers(0, 4, (6, 7)), tf.int32)  # 7 tokens from 4: repeats in every example
+    y = tf.constant(rng.integers(0, 5, 6))
+    subs = [s for l in model.layers if isinstance(l, keras.layers.MultiHeadAttention)
+            for s in pe.attention_projections(l)]
+    pairs = _check_model(model, x, y, sublayers=subs)
+    assert {"stem_embed", "head_norm", "block_000_norm1"} <= {l.name for l, _, _ in pairs}
 
 
 @pytest.mark.parametrize("arch,output", [("simple_rnn", "sequence"), ("lstm", "last")])
@@ -145,6 +164,25 @@ def test_rnn_dense_layers_match_per_example_tapes(arch, output):
     assert [l.name for l in layers] == ["head_linear"]
     assert pe.unsupported_reason(model.get_layer("block_000_rnn")) is not None
     _check_model(model, x, y, methods=(None, pe.GRAM, pe.EXPLICIT))
+
+
+def test_simple_rnn_kernels_from_through_time_gradients():
+    """SimpleRNN kernel, recurrent kernel and bias of a 2-layer stack, from the through-time probe's total
+    dL/dh_t (zero eps added to h_t inside the cell) and each layer's input sequence."""
+    from ablations.timegrad import time_grads, time_probe_view
+
+    keras.utils.set_random_seed(10)
+    model = zoo.build("simple_rnn", input_shape=(5, 3), num_outputs=4, units=6, depth=2)
+    x, y = _data((5, 3), 4, batch=6)
+    rnns = [model.get_layer("block_000_rnn"), model.get_layer("block_001_rnn")]
+    variables = [w for l in rnns for w in l.cell.trainable_weights]
+    ref, _ = reference_norms(model, [], x, y, variables=variables)
+    _, dh = time_grads(time_probe_view(model), x, y, lambda yt, yp: LOSS(yt, yp))
+    ins = keras.Model(model.inputs, [l.input for l in rnns])(x)
+    for method in (None, pe.GRAM, pe.EXPLICIT):
+        ours = {v.path: 6 * np.sqrt(sq.numpy().astype(np.float64))
+                for l, a, g in zip(rnns, ins, dh) for v, sq in pe.simple_rnn_sq_norms(l, a, g, method)}
+        _assert_close(ours, ref, what=f"method={method}")
 
 
 def test_conv_variants_match_per_example_tapes():
@@ -178,10 +216,26 @@ def test_method_choice_by_static_cost():
     assert pe.choose_method(None, 64, 64) == pe.EXPLICIT
 
 
+def test_plan_lists_what_is_covered():
+    keras.utils.set_random_seed(11)
+    model = zoo.build("transformer", input_shape=(6, 5), num_outputs=4, depth=1, d_model=8, heads=2)
+    p = pe.plan(model)
+    assert [l.name for l in p["layers"]] == ["stem_linear", "block_000_norm1", "block_000_linear",
+                                             "block_000_linear2", "block_000_norm2", "head_linear"]
+    assert len(p["sublayers"]) == 4 and not p["rnn"]
+    assert not p["unsupported"]
+    covered = {id(v) for v in p["variables"]}
+    assert all(id(v) in covered for v in model.trainable_variables)
+    cnn = pe.plan(zoo.build("resnet_cnn", input_shape=(8, 8, 1), num_outputs=3, depth=3, width=4))
+    assert cnn["unsupported"] and all("BatchNormalization" in r for r in cnn["unsupported"].values())
+    rnn = pe.plan(zoo.build("simple_rnn", input_shape=(5, 3), num_outputs=4, units=6))
+    assert [l.name for l in rnn["rnn"]] == ["block_000_rnn"] and not rnn["unsupported"]
+
+
 def test_unsupported_layers_say_why():
     assert "fused activation" in pe.unsupported_reason(keras.layers.Dense(3, activation="relu"))
     assert pe.unsupported_reason(keras.layers.Dense(3)) is None
-    assert "recurrent" in pe.unsupported_reason(keras.layers.LSTM(3))
+    assert "every time step" in pe.unsupported_reason(keras.layers.LSTM(3))
 
 
 # ------------------------------------------------------------------------------------------ statistics

@@ -327,7 +327,8 @@ def stability_bound(kind: str, lr: Any, momentum: float = 0.0, nesterov: bool = 
         if nesterov:
             return StabilityBound((2.0 + 2.0 * b) / ((1.0 + 2.0 * b) * lr), "sharpness",
                                   "Nesterov momentum: (2 + 2 beta)/((1 + 2 beta) lr) (Cohen et al. 2021, appendix)")
-        return StabilityBound((2.0 + 2.0 * b) / lr, "sharpness", "heavy-ball momentum: (2 + 2 beta)/lr (Cohen et al. 2021)")
+        return StabilityBound((2.0 + 2.0 * b) / lr, "sharpness",
+                              "heavy-ball momentum: (2 + 2 beta)/lr (Cohen et al. 2021)")
     if kind in ("adam", "adamw"):
         b1 = float(beta_1)
         note = "; AdamW's decoupled decay shifts it by O(lr wd), ignored" if kind == "adamw" else ""

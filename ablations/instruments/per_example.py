@@ -21,15 +21,16 @@ Exact (to float rounding), whatever the layer's position in the net:
 * ``Conv1D``/``Conv2D`` (any strides, dilation, ``same``/``valid``/``causal`` padding, ``groups``) and
   ``DepthwiseConv1D``/``DepthwiseConv2D``: input patches are unfolded (``tf.image.extract_patches``) and
   the output positions treated as a sequence;
-* biases of all of them (``||sum_t g_it||^2``).
+* biases of all of them (``||sum_t g_it||^2``);
+* ``LayerNormalization`` (gamma, beta: sums over positions of ``x_hat g`` and ``g``) and ``Embedding``
+  (a token-equality-masked Gram matrix).
 
 Not supported (:func:`unsupported_reason` says why): layers with a fused non-linear activation (their
 pre-activation gradient is not in the graph: zoo layers keep the activation separate); Conv3D and transposed
-convolutions; SeparableConv (its intermediate tensor is not tapped); normalisation, embedding and ReZero
-parameters; the fused recurrent layers (``SimpleRNN``/``LSTM``/``GRU``: their kernels act on every time step
-inside one op; with dL/dz_t of the gate pre-activations, tapped by adding a zero ``eps_t`` to them inside the
-cell as the through-time probe does for dL/dh_t, the input and recurrent kernels are the sequence case of
-:func:`einsum_sq_norms` with inputs ``x_t`` and ``h_{t-1}``, exactly; that tap is not built here).
+convolutions; SeparableConv (its intermediate tensor is not tapped); BatchNorm/GroupNorm and ReZero/gate
+scalars; LSTM and GRU kernels (see :func:`simple_rnn_sq_norms`). ``SimpleRNN`` kernels are exact from the
+through-time probe's total dL/dh_t (:func:`simple_rnn_sq_norms`), not from the layer's input and output
+alone: their weights act at every step inside one layer call.
 
 BatchNorm in training mode couples the examples: the ``c_i`` are then the examples' terms of the batch
 gradient, not the gradients of the ``l_i`` alone (no per-example gradient exists without fixing the batch
@@ -254,6 +255,45 @@ def _is_depthwise(layer: Any) -> bool:
     return type(layer).__name__.startswith("DepthwiseConv")
 
 
+# ------------------------------------------------------------------------------ layer norm, embedding
+
+
+def layer_norm_sq_norms(layer: Any, inputs: tf.Tensor,
+                        grad_out: tf.Tensor) -> tuple[tf.Tensor | None, tf.Tensor | None]:
+    """Per-example squared norms of a LayerNormalization's ``gamma`` and ``beta`` contributions.
+
+    Ba, Kiros & Hinton 2016 (layer normalisation): ``y = x_hat gamma + beta`` per position, so example i's
+    gradients are ``sum_t x_hat_it g_it`` and ``sum_t g_it`` over the axes the parameters broadcast along.
+    ``x_hat`` is the layer's own op with ``gamma = 1``, ``beta = 0`` (same epsilon and axes; the deprecated
+    ``rms_scaling`` is refused by :func:`unsupported_reason`).
+    """
+    rank = len(inputs.shape)
+    axes = [a % rank for a in (layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis])]
+    summed = [a for a in range(1, rank) if a not in axes]
+    pshape = [inputs.shape[a] for a in axes]
+    x = tf.stop_gradient(tf.convert_to_tensor(inputs))
+    x_hat = keras.ops.layer_normalization(x, tf.ones(pshape, x.dtype), tf.zeros(pshape, x.dtype), layer.axis,
+                                          layer.epsilon)
+    g = tf.cast(grad_out, x_hat.dtype)
+    gamma = _sq_rows(tf.reduce_sum(x_hat * g, summed)) if layer.gamma is not None else None
+    beta = _sq_rows(tf.reduce_sum(g, summed)) if layer.beta is not None else None
+    return gamma, beta
+
+
+def embedding_sq_norms(ids: tf.Tensor, grad_out: tf.Tensor) -> tf.Tensor:
+    """``[B]`` squared norms of an Embedding's per-example contributions ``sum_t onehot(id_t) g_t^T``.
+
+    Rows of equal tokens add: ``||.||^2 = sum_{t,s} [id_t = id_s] g_t . g_s`` (a Gram matrix masked by token
+    equality, ``B T^2 d``; never the ``vocab x d`` per-example gradient).
+    """
+    g = tf.cast(grad_out, tf.float64 if grad_out.dtype == tf.float64 else tf.float32)
+    nb = tf.shape(g)[0]
+    g = tf.reshape(g, [nb, -1, g.shape[-1]])
+    ids = tf.reshape(ids, [nb, -1])
+    same = tf.cast(tf.equal(ids[:, :, None], ids[:, None, :]), g.dtype)
+    return tf.cast(tf.reduce_sum(same * tf.matmul(g, g, transpose_b=True), [1, 2]), tf.float32)
+
+
 # ------------------------------------------------------------------------------------------ dispatch
 
 
@@ -274,8 +314,13 @@ def unsupported_reason(layer: Any) -> str | None:
             except NotImplementedError as e:
                 return str(e)
         return None
+    if kind == "Embedding":
+        return None if not getattr(layer, "lora_enabled", False) else f"Embedding {layer.name}: LoRA not supported"
+    if kind == "LayerNormalization":
+        return f"LayerNormalization {layer.name}: rms_scaling not supported" if layer.rms_scaling else None
     if kind in ("SimpleRNN", "LSTM", "GRU", "RNN", "Bidirectional"):
-        return f"{kind}: recurrent kernels act inside one op (needs dL/dz_t of the gate pre-activations)"
+        return (f"{kind}: its kernels act at every time step inside one layer call (SimpleRNN: "
+                "simple_rnn_sq_norms with the through-time dL/dh_t; LSTM/GRU: not implemented)")
     if not layer.trainable_weights:
         return None
     return f"{kind}: no exact per-example rule implemented"
@@ -283,6 +328,11 @@ def unsupported_reason(layer: Any) -> str | None:
 
 def layer_variables(layer: Any) -> list[Any]:
     """The trainable variables :func:`layer_sq_norms` covers for ``layer``, in its order (kernel, bias)."""
+    kind = type(layer).__name__
+    if kind == "Embedding":
+        return [layer.embeddings] if layer.embeddings.trainable else []
+    if kind == "LayerNormalization":
+        return [w for w in (layer.gamma, layer.beta) if w is not None and w.trainable]
     kernel = layer.kernel  # Keras 3 names the depthwise kernel `kernel` too
     bias = layer.bias if getattr(layer, "use_bias", False) or getattr(layer, "bias", None) is not None else None
     return [w for w in (kernel, bias) if w is not None and w.trainable]
@@ -293,7 +343,8 @@ def layer_sq_norms(layer: Any, inputs: tf.Tensor, grad_out: tf.Tensor,
     """``[(variable, [B] float32 ||c_i||^2)]`` for a supported layer's trainable kernel and bias.
 
     Args:
-        layer: Dense, EinsumDense, Conv1D/2D or DepthwiseConv1D/2D with a linear activation.
+        layer: Dense, EinsumDense, Conv1D/2D or DepthwiseConv1D/2D with a linear activation,
+            LayerNormalization or Embedding (``inputs``: the token ids).
         inputs: the tensor the layer was called on in this step.
         grad_out: dL/d(layer output) of the (replica's) batch loss.
         method: force ``gram``/``explicit`` (tests, benchmarks); None: by static cost.
@@ -302,6 +353,12 @@ def layer_sq_norms(layer: Any, inputs: tf.Tensor, grad_out: tf.Tensor,
     if reason is not None:
         raise ValueError(reason)
     kind = type(layer).__name__
+    if kind == "Embedding":
+        return [(w, embedding_sq_norms(inputs, grad_out)) for w in layer_variables(layer)]
+    if kind == "LayerNormalization":
+        gamma, beta = layer_norm_sq_norms(layer, inputs, grad_out)
+        pairs = ((layer.gamma, gamma), (layer.beta, beta))
+        return [(w, v) for w, v in pairs if w is not None and v is not None and w.trainable]
     if kind == "Dense":
         kernel, bias = einsum_sq_norms(dense_equation(len(inputs.shape)), inputs, grad_out,
                                        "Z" if layer.use_bias else None, method)
@@ -312,6 +369,50 @@ def layer_sq_norms(layer: Any, inputs: tf.Tensor, grad_out: tf.Tensor,
     kernel_var = layer.kernel
     bias_var = getattr(layer, "bias", None) if bias is not None else None
     return [(w, v) for w, v in ((kernel_var, kernel), (bias_var, bias)) if w is not None and w.trainable]
+
+
+# ---------------------------------------------------------------------------------------- recurrent
+
+
+def simple_rnn_sq_norms(layer: Any, inputs: tf.Tensor, grad_h: tf.Tensor,
+                        method: str | None = None) -> list[tuple[Any, tf.Tensor]]:
+    """Per-example squared norms of a ``SimpleRNN``'s kernel, recurrent kernel and bias contributions.
+
+    Goodfellow 2015 for each time step, summed exactly over steps: with ``z_t = W x_t + U h_{t-1} + b`` and
+    ``delta_t = dL/dz_t = (dL/dh_t) phi'(z_t)``, example i's gradients are ``sum_t x_t delta_t^T``,
+    ``sum_t h_{t-1} delta_t^T`` and ``sum_t delta_t``: the sequence case of :func:`einsum_sq_norms`.
+
+    Args:
+        layer: a unidirectional ``keras.layers.SimpleRNN`` (no dropout, zero initial state, forward order).
+        inputs: its input sequence ``[B, T, in]`` in this step.
+        grad_h: the *total* dL/dh_t ``[B, T, units]`` (through the output and all later states), as the
+            through-time probe gives it (:func:`ablations.timegrad.time_grads`: the gradient of a zero
+            ``eps_t`` added to h_t inside the cell).
+
+    The states are recomputed from ``inputs`` (one scan of this layer; the same weights the step used).
+    LSTM and GRU need dL/dz of every gate, i.e. also the total dL/dc_t (LSTM: a backward scan
+    ``dc_t = dh_t o_t tanh'(c_t) + dc_{t+1} f_{t+1}``); not implemented.
+    """
+    cell = getattr(layer, "cell", None)
+    if type(cell).__name__ != "SimpleRNNCell" or layer.go_backwards or cell.dropout or cell.recurrent_dropout:
+        raise ValueError(f"{layer.name}: needs a forward SimpleRNN without dropout")
+    x = tf.stop_gradient(tf.convert_to_tensor(inputs))
+    zx = tf.einsum("bti,iu->btu", x, cell.kernel) + (cell.bias if cell.use_bias else 0.0)
+    h0 = tf.zeros_like(zx[:, 0])
+    states = tf.scan(lambda h, z: cell.activation(z + tf.matmul(h, cell.recurrent_kernel)),
+                     tf.transpose(zx, [1, 0, 2]), initializer=h0)  # [T, B, u]: h_1 .. h_T
+    h_prev = tf.concat([h0[:, None], tf.transpose(states, [1, 0, 2])[:, :-1]], axis=1)  # h_0 .. h_{T-1}
+    z = zx + tf.einsum("btu,uv->btv", h_prev, cell.recurrent_kernel)
+    with tf.GradientTape() as tape:  # phi'(z) of any element-wise activation
+        tape.watch(z)
+        act = cell.activation(z)
+    delta = tf.cast(grad_h, z.dtype) * tape.gradient(act, z)
+    eq = dense_equation(3)
+    out = [(cell.kernel, einsum_sq_norms(eq, x, delta, None, method)[0]),
+           (cell.recurrent_kernel, einsum_sq_norms(eq, h_prev, delta, None, method)[0])]
+    if cell.use_bias:
+        out.append((cell.bias, _sq_rows(tf.reduce_sum(delta, 1))))
+    return [(w, v) for w, v in out if w.trainable]
 
 
 # ------------------------------------------------------------------------------------- sub-layer taps
@@ -352,6 +453,35 @@ def attention_projections(layer: Any) -> list[Any]:
     """The EinsumDense projections of a ``keras.layers.MultiHeadAttention`` (query, key, value, output)."""
     return [getattr(layer, n) for n in ("_query_dense", "_key_dense", "_value_dense", "_output_dense")
             if getattr(layer, n, None) is not None]
+
+
+def plan(model: keras.Model) -> dict[str, Any]:
+    """What :func:`layer_sq_norms` covers in ``model``, found statically (build once, outside the step).
+
+    Returns ``layers`` (functional layers to tap: input and dL/d output), ``sublayers`` (MultiHeadAttention
+    projections, to record with :func:`record_io` around the forward pass), ``rnn`` (SimpleRNN layers, from
+    the through-time dL/dh_t), ``variables`` (every covered variable, in that order) and ``unsupported``
+    (``{layer name: reason}`` for layers with trainable weights that are not covered).
+    """
+    layers, subs, rnn, unsupported = [], [], [], {}
+    for layer in model.layers:
+        if not layer.trainable_weights:
+            continue
+        if isinstance(layer, keras.layers.MultiHeadAttention):
+            subs.extend(attention_projections(layer))
+            continue
+        if isinstance(layer, keras.layers.SimpleRNN) and not (layer.go_backwards or layer.cell.dropout
+                                                              or layer.cell.recurrent_dropout):
+            rnn.append(layer)
+            continue
+        reason = unsupported_reason(layer)
+        if reason is None:
+            layers.append(layer)
+        else:
+            unsupported[layer.name] = reason
+    variables = [w for l in layers + subs for w in layer_variables(l)] + \
+                [w for l in rnn for w in l.cell.trainable_weights]
+    return dict(layers=layers, sublayers=subs, rnn=rnn, variables=variables, unsupported=unsupported)
 
 
 # ------------------------------------------------------------------------------------------ statistics
