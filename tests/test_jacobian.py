@@ -46,6 +46,23 @@ def test_sub_model_between_intermediate_tensors():
         jc.path_model(model, model.get_layer("block_001_linear").output, bounds[-1][2])
 
 
+def test_block_boundaries_of_given_blocks():
+    """Blocks handed in as (name, layers), e.g. from the probe's block discovery on an untagged model."""
+    L = keras.layers
+    inp = keras.Input((5,))
+    h = L.Dense(5, name="a1")(inp)
+    h2 = L.Dense(5, name="a2")(L.Activation("tanh", name="t1")(h))
+    y = L.Add(name="s1")([h, h2])
+    out = L.Dense(2, name="head")(L.Dense(5, name="b1")(y))
+    model = keras.Model(inp, out)
+    blocks = [("first", [model.get_layer(n) for n in ("a2", "t1", "s1")]), ("second", [model.get_layer("b1")])]
+    (n1, i1, o1), (n2, i2, o2) = jc.block_boundaries(model, blocks)
+    assert i1 is model.get_layer("a1").output and o1 is model.get_layer("s1").output
+    assert i2 is o1 and o2 is model.get_layer("b1").output
+    with pytest.raises(ValueError, match="cross its boundary"):
+        jc.block_boundaries(model, [("bad", [model.get_layer("t1"), model.get_layer("b1")])])
+
+
 @pytest.mark.parametrize("arch,opts,shape", [
     ("plain_mlp", dict(depth=3, width=12, activation="tanh"), (10,)),
     ("resnet_cnn", dict(depth=3, width=2, norm="none"), (6, 6, 1)),

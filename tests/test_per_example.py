@@ -169,7 +169,7 @@ def test_rnn_dense_layers_match_per_example_tapes(arch, output):
 def test_simple_rnn_kernels_from_through_time_gradients():
     """SimpleRNN kernel, recurrent kernel and bias of a 2-layer stack, from the through-time probe's total
     dL/dh_t (zero eps added to h_t inside the cell) and each layer's input sequence."""
-    from ablations.timegrad import time_grads, time_probe_view
+    from ablations.instruments._rnn_views import time_grads, time_probe_view
 
     keras.utils.set_random_seed(10)
     model = zoo.build("simple_rnn", input_shape=(5, 3), num_outputs=4, units=6, depth=2)
@@ -316,7 +316,7 @@ def test_noise_statistics_additive_over_replicas():
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         import keras, zoo
         from ablations.instruments import per_example as pe
-        from ablations.statistics import all_reduce_sum
+        from ablations.instruments.kernels import all_reduce_sum
         keras.utils.set_random_seed(9)
         rng = np.random.default_rng(0)
         x = rng.normal(size=(8, 64)).astype("float32"); y = rng.integers(0, 10, (8,))

@@ -22,9 +22,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, NamedTuple, Sequence
 
-import tensorflow as tf
-
-from ablations.statistics import all_reduce_sum, num_replicas
+from ablations import compat
+from ablations.instruments.kernels import all_reduce_sum, num_replicas
+from ablations.lazy import tf
 
 Vector = list  # list of tensors shaped like the variables
 FORWARD_OVER_REVERSE, REVERSE_OVER_REVERSE = "forward_over_reverse", "reverse_over_reverse"
@@ -375,7 +375,7 @@ def adam_preconditioner(optimizer: Any, variables: Sequence[Any]) -> Vector:
     c2 = tf.sqrt(1.0 - tf.pow(b2, t))
     out = []
     for var in variables:
-        v = tf.cast(optimizer._velocities[optimizer._get_variable_index(var)], tf.float32)  # noqa: SLF001
+        v = tf.cast(compat.optimizer_slot(optimizer, var, "velocities"), tf.float32)
         p = (1.0 - tf.pow(b1, t)) * (tf.sqrt(v) / c2 + optimizer.epsilon / c2)
         out.append(tf.cast(tf.math.rsqrt(p), var.dtype))
     return out

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import tensorflow as tf
-
-from ablations.statistics import norms
+from ablations.instruments.kernels import norms
+from ablations.lazy import tf
 
 DISTANCE_STATS = ("init_distance", "init_distance_ratio")
 
@@ -29,7 +28,7 @@ def init_distances(weights: Sequence[Any], initial: Sequence[Any]) -> tf.Tensor:
     """``[n, 2]`` float32: ``||w_t - w_0||`` and ``||w_t - w_0|| / ||w_0||`` per tensor.
 
     The difference is taken in the variable's dtype before the float32 norm (casting first would round
-    float64 weights and swamp a small distance). Norms go through :func:`ablations.statistics.norms`, so
+    float64 weights and swamp a small distance). Norms go through :func:`ablations.instruments.kernels.norms`, so
     distances far below float32's squared range (a barely moved layer) stay exact instead of reading 0. The
     ratio is NaN for a tensor initialised to zero (biases): use the absolute distance there.
     """

@@ -29,10 +29,9 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import tensorflow as tf
-import keras
 
 import zoo
+from ablations.lazy import keras, tf
 
 # Largest m * n per example for the exact SVD: 512 x 512 (1 MiB per example in float32; batch_jacobian
 # costs min(m, n) vectorised backward passes and the SVD ~ m n min(m, n) flops: milliseconds at this size).
@@ -48,43 +47,48 @@ def path_model(model: keras.Model, start: Any, end: Any) -> keras.Model:
     return keras.Model(start, end, name=f"{model.name}_path")
 
 
-def _layer_io(layer: Any) -> tuple[list[Any], list[Any]]:
-    node = layer._inbound_nodes[0]  # noqa: SLF001 - zoo layers are called once
-    return list(node.input_tensors), list(node.output_tensors)
+def _inputs(layer: Any) -> list[Any]:
+    x = layer.input  # public: the tensors of the layer's single call (zoo layers are called once)
+    return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def block_boundaries(model: keras.Model) -> list[tuple[str, Any, Any]]:
-    """``[(block prefix, input tensor, output tensor)]`` of every tagged block, in depth order.
+def block_boundaries(model: keras.Model, blocks: Sequence[tuple[str, Sequence[Any]]] | None = None
+                     ) -> list[tuple[str, Any, Any]]:
+    """``[(block name, input tensor, output tensor)]`` of every block, in depth order.
+
+    Args:
+        model: a functional model.
+        blocks: ``[(name, layers)]`` (e.g. the probe spec's block views); default the zoo's tagged blocks.
 
     A block's input is the one tensor its layers read from outside the block; its output the one tensor
-    they produce that layers outside the block (or the model's outputs) read.
+    they produce that layers outside the block (or the model's outputs) read. Public API only
+    (``layer.input``/``layer.output`` of single-call layers).
     """
-    out = []
-    consumers: dict[int, list[Any]] = {}
+    if blocks is None:
+        blocks = [(b.prefix, list(b.layers.values())) for b in zoo.blocks(model)]
+    producer = {id(l.output): l for l in model.layers if not isinstance(l, keras.layers.InputLayer)}
+    readers: dict[int, list[Any]] = {}
     for layer in model.layers:
-        for t in _layer_io(layer)[0] if layer._inbound_nodes else []:  # noqa: SLF001
-            consumers.setdefault(id(t), []).append(layer)
-    model_outputs = {id(t) for t in model.outputs}
-    for b in zoo.blocks(model):
-        members = set(map(id, b.layers.values()))
-        ins, outs = {}, {}
-        for layer in b.layers.values():
-            i, o = _layer_io(layer)
-            for t in i:
-                if id(t._keras_history.operation) not in members:  # noqa: SLF001
-                    ins[id(t)] = t
-            for t in o:
-                if id(t) in model_outputs or any(id(c) not in members for c in consumers.get(id(t), [])):
-                    outs[id(t)] = t
+        if not isinstance(layer, keras.layers.InputLayer):
+            for t in _inputs(layer):
+                readers.setdefault(id(t), []).append(layer)
+    outputs = {id(t) for t in model.outputs}
+    out = []
+    for name, layers in blocks:
+        members = {id(l) for l in layers}
+        ins = {id(t): t for l in layers for t in _inputs(l) if id(producer.get(id(t))) not in members}
+        outs = {id(l.output): l.output for l in layers
+                if id(l.output) in outputs or any(id(r) not in members for r in readers.get(id(l.output), []))}
         if len(ins) != 1 or len(outs) != 1:
-            raise ValueError(f"block {b.prefix}: {len(ins)} inputs and {len(outs)} outputs from outside; need 1 and 1")
-        out.append((b.prefix, next(iter(ins.values())), next(iter(outs.values()))))
+            raise ValueError(f"block {name}: {len(ins)} inputs and {len(outs)} outputs cross its boundary, "
+                             "need 1 and 1")
+        out.append((name, next(iter(ins.values())), next(iter(outs.values()))))
     return out
 
 
-def io_path(model: keras.Model) -> keras.Model:
+def io_path(model: keras.Model, blocks: Sequence[tuple[str, Sequence[Any]]] | None = None) -> keras.Model:
     """The sub-model from the first block's input to the last block's output (the head's input in the zoo)."""
-    bounds = block_boundaries(model)
+    bounds = block_boundaries(model, blocks)
     return path_model(model, bounds[0][1], bounds[-1][2])
 
 
@@ -245,14 +249,16 @@ def jacobian_spectrum(fn: Callable[[tf.Tensor], tf.Tensor], x: tf.Tensor, method
 # ------------------------------------------------------------------------------------------- blocks
 
 
-def block_paths(model: keras.Model) -> list[tuple[str, keras.Model]]:
-    """``[(block prefix, sub-model from the block's input to its output)]`` (build once, outside the step)."""
-    return [(name, path_model(model, i, o)) for name, i, o in block_boundaries(model)]
+def block_paths(model: keras.Model, blocks: Sequence[tuple[str, Sequence[Any]]] | None = None
+                ) -> list[tuple[str, keras.Model]]:
+    """``[(block name, sub-model from the block's input to its output)]`` (build once, outside the step)."""
+    return [(name, path_model(model, i, o)) for name, i, o in block_boundaries(model, blocks)]
 
 
-def block_inputs_model(model: keras.Model) -> keras.Model:
+def block_inputs_model(model: keras.Model, blocks: Sequence[tuple[str, Sequence[Any]]] | None = None
+                       ) -> keras.Model:
     """``model.inputs -> [input of every block]`` (the values to differentiate the blocks at)."""
-    return keras.Model(model.inputs, [i for _, i, _ in block_boundaries(model)])
+    return keras.Model(model.inputs, [i for _, i, _ in block_boundaries(model, blocks)])
 
 
 def block_mean_sq_singular_values(paths: Sequence[tuple[str, keras.Model]], inputs: Sequence[tf.Tensor],

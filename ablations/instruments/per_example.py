@@ -46,8 +46,8 @@ import string
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-import tensorflow as tf
-import keras
+
+from ablations.lazy import keras, tf  # TensorFlow loads when a step is built (the registry imports this)
 
 GRAM, EXPLICIT, OUTER = "gram", "explicit", "outer"
 
@@ -386,7 +386,7 @@ def simple_rnn_sq_norms(layer: Any, inputs: tf.Tensor, grad_h: tf.Tensor,
         layer: a unidirectional ``keras.layers.SimpleRNN`` (no dropout, zero initial state, forward order).
         inputs: its input sequence ``[B, T, in]`` in this step.
         grad_h: the *total* dL/dh_t ``[B, T, units]`` (through the output and all later states), as the
-            through-time probe gives it (:func:`ablations.timegrad.time_grads`: the gradient of a zero
+            through-time probe gives it (:func:`ablations.instruments._rnn_views.time_grads`: the gradient of a zero
             ``eps_t`` added to h_t inside the cell).
 
     The states are recomputed from ``inputs`` (one scan of this layer; the same weights the step used).
@@ -451,7 +451,7 @@ def record_io(layers: Sequence[Any]) -> Iterator[dict[int, list[tuple[Any, Any]]
 
 def attention_projections(layer: Any) -> list[Any]:
     """The EinsumDense projections of a ``keras.layers.MultiHeadAttention`` (query, key, value, output)."""
-    return [getattr(layer, n) for n in ("_query_dense", "_key_dense", "_value_dense", "_output_dense")
+    return [getattr(layer, n) for n in ("query_dense", "key_dense", "value_dense", "output_dense")
             if getattr(layer, n, None) is not None]
 
 
