@@ -12,9 +12,15 @@ and identical on every replica. Random vectors are stateless functions of a seed
 
 The loss closure must be deterministic and free of side effects: no dropout (each product would see another
 mask) and BatchNorm in inference mode (``training=True`` would also move its running statistics once per
-product). Cost: one product is about one forward and two backward passes (forward-over-reverse) or one
-forward and three backward-like passes (reverse-over-reverse); a call is ``iterations`` (or ``probes``)
-products.
+product). Which batch: the step's batch needs no extra data but makes the figure as noisy as the batch; a
+fixed probe batch (Cohen et al. 2021 measure sharpness on a fixed subset) gives a curve over training.
+
+Both product modes work eagerly, in a ``tf.function`` and under MirroredStrategy, with identical results
+(tests). Measured on the benchmark MLP (plain_mlp 20x256, 1.27M weights, batch 64, 2-core CPU, quiet
+machine): one product 21-24 ms in either mode against an 11-13 ms SGD step (1.6-2.1 steps of CPU time);
+``top_eigenvalue`` with 20 iterations 0.43-0.53 s (33-47 steps), ``hutchinson_trace`` with 10 probes
+0.29-0.34 s (23-30 steps); forward-over-reverse and reverse-over-reverse are within the noise of each other.
+A warm start (``init``: the previous call's vector) cuts the iterations a call needs.
 """
 
 from __future__ import annotations
