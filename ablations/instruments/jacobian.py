@@ -18,6 +18,10 @@ fluctuations dominate ``var_sq`` of a deep net: measured, it is the steadier fig
   2011, Alg. 4.4: ``(k + oversample)(2 power_iters + 2)`` JVPs/VJPs, never the full matrix) and ``mean_sq``,
   ``var_sq`` by Hutchinson (one JVP and one VJP per probe: ``||J z||^2`` and ``||J^T J z||^2``).
 
+Measured (2-core CPU, 4 examples): the benchmark MLP (plain_mlp 20x256, J 256 x 64) 51 ms exact, 102 ms
+randomized (k = 8), its 20 block gains with 4 probes 7 ms; at the switch point (8x512, J 512 x 512) 250 ms
+exact against 313 ms randomized, so the exact SVD, which gives the whole spectrum, is kept up to there.
+
 Sub-models: in Keras 3.15 ``keras.Model(intermediate, intermediate)`` works (:func:`path_model`; the start
 tensor is cloned into an InputLayer and the path's layers are shared, weights included) and raises
 ``ValueError`` ("is not connected to inputs") when the end depends on anything but the start (a skip from

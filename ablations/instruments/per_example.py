@@ -36,6 +36,11 @@ BatchNorm in training mode couples the examples: the ``c_i`` are then the exampl
 gradient, not the gradients of the ``l_i`` alone (no per-example gradient exists without fixing the batch
 statistics). Squared norms are float32 sums: per-example entries below ~1e-19 underflow (the probe's norms
 rescue them; these do not).
+
+Cost, measured on the 2-core CPU (a training step with the taps, every covered layer's norms and the noise
+statistics, against the plain step, batch 64): plain_mlp 20x256 1.11-1.13x, transformer (2 layers, d_model
+64, T = 8) 1.14-1.21x, resnet_cnn depth 9 width 16 on 8x8 without BatchNorm 1.9x (the convolutions take the
+explicit per-example gradient, as many multiply-adds as the weight gradient itself, plus the patches).
 """
 
 from __future__ import annotations
