@@ -257,3 +257,17 @@ def add_op_class() -> type:
     from keras.src.ops.numpy import Add
 
     return Add
+
+
+# --------------------------------------------------------------------------------------- optimizer state
+
+
+def optimizer_slot(optimizer: Any, variable: Any, slot: str) -> Any:
+    """A Keras 3 optimizer's per-variable state ``slot`` (Adam: ``"velocities"``, ``"momentums"``) for
+    ``variable`` (``Optimizer._get_variable_index`` into the private ``_<slot>`` lists).
+
+    Why: the preconditioned sharpness (Cohen et al. 2022) needs Adam's second moments, which Keras keeps in
+    ``optimizer._velocities`` without a public accessor; ``optimizer.variables`` holds them unlabelled.
+    Checked on Keras 3.15.
+    """
+    return getattr(optimizer, f"_{slot}")[optimizer._get_variable_index(variable)]  # noqa: SLF001

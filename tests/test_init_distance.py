@@ -1,0 +1,44 @@
+"""Distance from initialisation against NumPy, through training, for float32 and float64 weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+import zoo
+from ablations.instruments import init_distance as idist
+
+
+def test_distances_match_numpy_after_training():
+    keras.utils.set_random_seed(0)
+    model = zoo.build("plain_mlp", input_shape=(8,), num_outputs=3, depth=2, width=6)
+    w0 = idist.initial_copy(model.trainable_variables)
+    assert float(tf.reduce_max(idist.init_distances(model.trainable_variables, w0)[:, 0])) == 0.0
+    rng = np.random.default_rng(0)
+    model.compile(optimizer=keras.optimizers.SGD(0.1),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(rng.normal(size=(32, 8)), rng.integers(0, 3, 32), epochs=2, batch_size=8, verbose=0)
+    got = tf.function(idist.init_distances)(model.trainable_variables, w0).numpy()
+    for i, (v, v0) in enumerate(zip(model.trainable_variables, w0)):
+        d = np.linalg.norm(v.numpy().astype(np.float64) - v0.numpy())
+        assert got[i, 0] == np.float32(d) or abs(got[i, 0] - d) < 1e-6 * max(d, 1e-30)
+        n0 = np.linalg.norm(v0.numpy())
+        if n0 > 0:
+            np.testing.assert_allclose(got[i, 1], d / n0, rtol=1e-6)
+        else:  # zero-initialised biases: the ratio is undefined
+            assert np.isnan(got[i, 1])
+
+
+def test_tiny_and_float64_distances_are_exact():
+    """A float64 weight moved by 1e-12 (below float32's resolution of the weight) and a float32 one moved by
+    1e-25 (its square underflows float32) both read their true distance."""
+    w64 = tf.Variable(np.full(10, 0.5), dtype=tf.float64)
+    w32 = tf.Variable(np.zeros(10, np.float32) + 1e-25 * np.arange(10, dtype=np.float32))
+    w0 = [tf.constant(np.full(10, 0.5)), tf.zeros(10)]
+    w64.assign_add(tf.fill([10], tf.constant(1e-12, tf.float64)))
+    got = idist.init_distances([w64, w32], w0).numpy()
+    np.testing.assert_allclose(got[0, 0], 1e-12 * np.sqrt(10), rtol=1e-4)
+    np.testing.assert_allclose(got[0, 1], 1e-12 / 0.5, rtol=1e-4)
+    np.testing.assert_allclose(got[1, 0], 1e-25 * np.linalg.norm(np.arange(10)), rtol=1e-5)
+    assert np.isnan(got[1, 1])

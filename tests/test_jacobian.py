@@ -1,0 +1,167 @@
+"""Input-output Jacobian spectra: against NumPy's SVD, and the dynamical-isometry results at init."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+import zoo
+from ablations.instruments import jacobian as jc
+
+
+def _x(n, shape, seed=0, dtype="float32"):
+    return tf.constant(np.random.default_rng(seed).normal(size=(n, *shape)), dtype)
+
+
+def numpy_jacobian(fn, x):
+    """[B, m, n] float64 by one tape per example (the reference the batch_jacobian path must match)."""
+    out = []
+    for i in range(int(x.shape[0])):
+        xi = tf.reshape(x[i:i + 1], [1, -1])
+        with tf.GradientTape() as tape:
+            tape.watch(xi)
+            y = tf.reshape(fn(tf.reshape(xi, [1, *x.shape[1:]])), [-1])
+        out.append(tape.jacobian(y, xi)[:, 0, :].numpy().astype(np.float64))
+    return np.stack(out)
+
+
+def test_sub_model_between_intermediate_tensors():
+    """keras.Model(intermediate, intermediate) in Keras 3.15: the path's layers, shared weights, same values;
+    a start the end does not depend on exclusively is refused."""
+    keras.utils.set_random_seed(0)
+    model = zoo.build("resnet_mlp", input_shape=(8,), num_outputs=3, depth=3, width=8)
+    bounds = jc.block_boundaries(model)
+    assert [b[0] for b in bounds] == ["block_000", "block_001", "block_002"]
+    assert bounds[0][1] is model.get_layer("stem_linear").output
+    assert bounds[-1][2] is model.get_layer("head_linear").input
+    x = _x(4, (8,))
+    tap = keras.Model(model.inputs, [bounds[1][1], bounds[-1][2]])
+    a, h = tap(x)
+    sub = jc.path_model(model, bounds[1][1], bounds[-1][2])
+    np.testing.assert_array_equal(sub(a).numpy(), h.numpy())
+    assert {id(w) for w in sub.weights} <= {id(w) for w in model.weights}
+    with pytest.raises(ValueError, match="not connected"):
+        jc.path_model(model, model.get_layer("block_001_linear").output, bounds[-1][2])
+
+
+def test_block_boundaries_of_given_blocks():
+    """Blocks handed in as (name, layers), e.g. from the probe's block discovery on an untagged model."""
+    L = keras.layers
+    inp = keras.Input((5,))
+    h = L.Dense(5, name="a1")(inp)
+    h2 = L.Dense(5, name="a2")(L.Activation("tanh", name="t1")(h))
+    y = L.Add(name="s1")([h, h2])
+    out = L.Dense(2, name="head")(L.Dense(5, name="b1")(y))
+    model = keras.Model(inp, out)
+    blocks = [("first", [model.get_layer(n) for n in ("a2", "t1", "s1")]), ("second", [model.get_layer("b1")])]
+    (n1, i1, o1), (n2, i2, o2) = jc.block_boundaries(model, blocks)
+    assert i1 is model.get_layer("a1").output and o1 is model.get_layer("s1").output
+    assert i2 is o1 and o2 is model.get_layer("b1").output
+    with pytest.raises(ValueError, match="cross its boundary"):
+        jc.block_boundaries(model, [("bad", [model.get_layer("t1"), model.get_layer("b1")])])
+
+
+@pytest.mark.parametrize("arch,opts,shape", [
+    ("plain_mlp", dict(depth=3, width=12, activation="tanh"), (10,)),
+    ("resnet_cnn", dict(depth=3, width=2, norm="none"), (6, 6, 1)),
+    ("transformer", dict(depth=1, d_model=4, heads=2), (3, 2)),
+])
+def test_exact_spectrum_matches_numpy_svd(arch, opts, shape):
+    keras.utils.set_random_seed(1)
+    model = zoo.build(arch, input_shape=shape, num_outputs=3, **opts)
+    path = jc.io_path(model)
+    start = keras.Model(model.inputs, jc.block_boundaries(model)[0][1])(_x(3, shape))
+    fn = lambda t: path(t, training=False)  # noqa: E731
+    got = jc.jacobian_spectrum(fn, start)
+    assert got["method"] == jc.EXACT
+    jac = numpy_jacobian(fn, start)
+    n = jac.shape[2]
+    s = np.linalg.svd(jac, compute_uv=False)
+    np.testing.assert_allclose(got["singular_values"].numpy(), s, rtol=1e-4, atol=1e-5 * s.max())
+    s2 = np.zeros((jac.shape[0], n))
+    s2[:, : s.shape[1]] = s ** 2
+    np.testing.assert_allclose(got["mean_sq"].numpy(), s2.mean(1), rtol=1e-4)
+    np.testing.assert_allclose(got["var_sq"].numpy(), s2.var(1), rtol=1e-3, atol=1e-6 * s2.max() ** 2)
+
+
+def test_randomized_matches_exact_on_a_large_enough_case():
+    """Top singular values by subspace iteration and the Hutchinson moments, against the exact ones, on a
+    width-64 tanh MLP (forced: the switch would take the exact SVD at this size)."""
+    keras.utils.set_random_seed(2)
+    model = zoo.build("plain_mlp", input_shape=(64,), num_outputs=3, depth=4, width=64, activation="tanh")
+    path = jc.io_path(model)
+    x = _x(3, (64,))
+    fn = lambda t: path(t, training=False)  # noqa: E731
+    exact = jc.jacobian_spectrum(fn, x, method=jc.EXACT)
+    top = tf.function(lambda: jc.randomized_top_singular_values(fn, x, k=4, oversample=8, power_iters=3))()
+    np.testing.assert_allclose(top.numpy(), exact["singular_values"].numpy()[:, :4], rtol=2e-3)
+    mom = tf.function(lambda: jc.hutchinson_moments(fn, x, probes=64, seed=3))()
+    np.testing.assert_allclose(mom["mean_sq"].numpy(), exact["mean_sq"].numpy(), rtol=0.15)
+    np.testing.assert_allclose(mom["var_sq"].numpy(), exact["var_sq"].numpy(), rtol=0.5)
+    assert jc.choose_method(64, 64) == jc.EXACT and jc.choose_method(1024, 1024) == jc.RANDOMIZED
+
+
+@pytest.mark.parametrize("depth", [2, 12])
+def test_deep_linear_orthogonal_net_is_an_isometry(depth):
+    """Saxe et al. 2014: a product of orthogonal matrices is orthogonal, at any depth."""
+    keras.utils.set_random_seed(3)
+    model = zoo.build("plain_mlp", input_shape=(16,), num_outputs=3, depth=depth, width=16, activation="linear",
+                      initializer="orthogonal")
+    got = jc.jacobian_spectrum(lambda t: jc.io_path(model)(t), _x(2, (16,)))
+    np.testing.assert_allclose(got["singular_values"].numpy(), 1.0, atol=1e-5)
+
+
+def test_rezero_at_init_is_exactly_the_identity():
+    keras.utils.set_random_seed(4)
+    model = zoo.build("rezero_mlp", input_shape=(10,), num_outputs=3, depth=6, width=12)
+    path = jc.io_path(model)
+    x = keras.Model(model.inputs, jc.block_boundaries(model)[0][1])(_x(3, (10,)))
+    jac = numpy_jacobian(lambda t: path(t), x)
+    assert np.array_equal(jac, np.broadcast_to(np.eye(12), jac.shape))
+    got = jc.jacobian_spectrum(lambda t: path(t), x)
+    assert np.array_equal(got["singular_values"].numpy(), np.ones((3, 12), np.float32))
+    blocks = jc.block_mean_sq_singular_values(jc.block_paths(model), jc.block_inputs_model(model)(_x(3, (10,))))
+    np.testing.assert_array_equal(blocks.numpy(), 1.0)  # Rademacher probes: ||I z||^2 = n exactly
+
+
+def test_block_gains_hutchinson_against_exact():
+    keras.utils.set_random_seed(5)
+    model = zoo.build("resnet_mlp", input_shape=(10,), num_outputs=3, depth=3, width=12, activation="tanh")
+    paths, ins = jc.block_paths(model), jc.block_inputs_model(model)(_x(4, (10,)))
+    exact = jc.block_mean_sq_singular_values(paths, ins, exact=True).numpy()
+    est = tf.function(lambda: jc.block_mean_sq_singular_values(paths, ins, probes=64, seed=1))().numpy()
+    np.testing.assert_allclose(est, exact, rtol=0.1)
+    assert np.all(exact > 1.0)  # identity skip + a branch: gains above 1
+
+
+def _spread(arch_opts, depth, width=96, examples=3, seeds=2):
+    """Mean over seeds and examples of var/mean^2 of the eigenvalues of J J^T (exact), at init."""
+    out = []
+    for seed in range(seeds):
+        keras.utils.set_random_seed(seed)
+        model = zoo.build("plain_mlp", input_shape=(width,), num_outputs=2, depth=depth, width=width, **arch_opts)
+        path = jc.io_path(model)
+        got = tf.function(lambda x: jc.exact_spectrum(lambda t: path(t), x))(_x(examples, (width,), seed))
+        out.append(np.mean(got["rel_var_sq"].numpy()))
+    return float(np.mean(out))
+
+
+def test_relu_gaussian_spectrum_spreads_linearly_while_orthogonal_tanh_stays_flat():
+    """Pennington, Schoenholz & Ganguli 2017: the variance of the eigenvalues of J J^T (over their mean squared:
+    the variance at the critical mean 1, free of finite-width gain fluctuations) grows linearly with depth for
+    Gaussian ReLU nets at sigma_w^2 = 2, and for Gaussian linear nets at sigma_w^2 = 1 (slope 1 in theory:
+    products of Ginibre matrices), while orthogonal tanh at sigma_w^2 = 1 (sigma_b = 0) stays nearly flat.
+    Depths 4-32 at width 96, 2 inits x 3 unit-variance examples each."""
+    depths = np.array([4, 8, 16, 32])
+    gauss = lambda scale: dict(initializer="variance_scaling", initializer_options=dict(  # noqa: E731
+        scale=scale, mode="fan_in", distribution="untruncated_normal"))
+    relu = np.array([_spread(dict(activation="relu", **gauss(2.0)), int(d)) for d in depths])
+    linear = np.array([_spread(dict(activation="linear", **gauss(1.0)), int(d)) for d in depths])
+    tanh = np.array([_spread(dict(activation="tanh", initializer="orthogonal", initializer_options=dict(gain=1.0)),
+                             int(d)) for d in depths])
+    slope = {k: np.polyfit(depths, v, 1)[0] for k, v in (("relu", relu), ("linear", linear), ("tanh", tanh))}
+    assert slope["relu"] > 0.8 and np.corrcoef(depths, relu)[0, 1] > 0.98, relu  # measured ~1.3-1.8 per layer
+    assert 0.7 < slope["linear"] < 1.3 and np.corrcoef(depths, linear)[0, 1] > 0.98, linear
+    assert abs(slope["tanh"]) < 0.05 * slope["relu"], (tanh, relu)  # measured ~0.01 per layer
