@@ -117,5 +117,6 @@ def test_keras_tuner_internals(tmp_path, monkeypatch) -> None:
     assert compat.oracle_servicer(oracle) is not None
     monkeypatch.setenv("KERASTUNER_ORACLE_IP", "127.0.0.1")  # a channel is opened lazily: nothing listens
     monkeypatch.setenv("KERASTUNER_ORACLE_PORT", "1")
+    monkeypatch.setenv("KERASTUNER_TUNER_ID", "worker-test")
     client = compat.oracle_client(oracle)
     assert hasattr(client, "stub") and callable(compat.get_space_with_timeout)
