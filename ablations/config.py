@@ -234,13 +234,33 @@ class RuntimeConfig(Strict):
 
 
 class ModelConfig(BaseModel):
-    """``arch`` plus that builder's keyword options (checked against its signature, see ``ablate zoo``)."""
+    """``arch`` plus that builder's keyword options (checked against its signature, see ``ablate zoo``).
+
+    ``arch`` is a zoo name, ``package.module:function`` (your builder) or ``keras_applications/<Name>``;
+    ``file`` loads a saved ``.keras`` model instead (``imports``: modules registering its custom objects).
+    See :mod:`zoo.sources`.
+    """
 
     model_config = ConfigDict(extra="allow")
     arch: str = "plain_mlp"
+    file: Optional[str] = None  # a saved .keras model (then no arch and no options)
+    imports: list[str] = []  # modules to import first (custom objects of `file`, or of your builder)
 
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _file(self) -> "ModelConfig":
+        if self.file is not None:
+            if self.options() or self.arch != "plain_mlp":
+                raise ValueError("model.file loads a saved model: it takes no arch and no builder options "
+                                 f"(got {', '.join(['arch'] * (self.arch != 'plain_mlp') + list(self.options()))})")
+            if not self.file.endswith(".keras"):
+                raise ValueError(f"model.file must be a .keras file (keras.saving), got {self.file!r}")
+            if not Path(self.file).exists():
+                raise ValueError(f"model.file {self.file!r} does not exist (relative paths are from where "
+                                 f"`ablate` runs)")
+        return self
 
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -264,6 +284,8 @@ class ArmConfig(Strict):
     def _model_options(self) -> "ArmConfig":
         import zoo
 
+        if self.model.file is not None:
+            return self
         try:
             zoo.check_options(self.model.arch, self.model.options())
         except (zoo.BadOptionError, zoo.UnknownNameError) as err:

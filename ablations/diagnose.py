@@ -79,7 +79,7 @@ def verdicts(params: pd.DataFrame, blocks: pd.DataFrame, history: pd.DataFrame,
     """
     th = {**DEFAULTS, **(thresholds or {})}
     out: list[dict[str, Any]] = []
-    k = block_kernels(drop_inactive(params, blocks))  # switched-off blocks are left out, not NaN
+    k = block_kernels(drop_inactive(params, blocks), blocks)  # switched-off blocks are left out, not NaN
     bad = _non_finite(k, history, int(th["window"]), at_init)
     if bad is not None:
         out.append(bad)

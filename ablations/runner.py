@@ -112,8 +112,7 @@ def setup(cfg: ArmConfig) -> Session:
     data.epochs = lambda: shard_data(strategy, epochs())
     data.stream = lambda start: shard_data(strategy, stream(start))
     with strategy.scope():
-        net = zoo.build(cfg.model.arch, input_shape=data.info.input_shape, num_outputs=data.info.num_outputs,
-                        **cfg.model.options())
+        net = build_net(cfg, data.info)
         net = apply_precision(net, cfg.runtime.precision)  # float32: unchanged
         if cfg.model.options().get("initializer") == "lsuv":  # data-driven init needs a training batch
             from zoo import lsuv
@@ -127,6 +126,21 @@ def setup(cfg: ArmConfig) -> Session:
         model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
                       steps_per_execution=cfg.train.steps_per_execution, jit_compile=cfg.train.jit_compile)
     return Session(data=data, steps=steps, net=net, model=model, drain=DrainCallback(cfg.capture.drain_every, steps))
+
+
+def build_net(cfg: ArmConfig, info: Any) -> Any:
+    """The arm's model: a zoo or outside builder (``model.arch``) or a saved file (``model.file``)."""
+    import importlib
+
+    import zoo
+    from zoo import sources
+
+    for module in cfg.model.imports:
+        importlib.import_module(module)
+    if cfg.model.file is not None:
+        return sources.load_file(cfg.model.file, cfg.model.imports)
+    return zoo.build(cfg.model.arch, input_shape=info.input_shape, num_outputs=info.num_outputs,
+                     **cfg.model.options())
 
 
 def train(cfg: ArmConfig, s: Session, callbacks: Sequence[Any], arm_dir: Path | None = None,

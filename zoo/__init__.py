@@ -71,11 +71,26 @@ def check_options(name: str, opts: dict[str, Any]) -> None:
         BadOptionError: an option the builder does not take or a value it does not accept (``.option`` names it).
         UnknownNameError: an unknown model, activation, initializer or norm name.
     """
-    check_model(name, opts)
+    from zoo import sources
+
+    if sources.kind(name) == "zoo":
+        check_model(name, opts)
+    else:
+        sources.check(name, opts)
 
 
 def build(name: str, **kwargs: Any) -> keras.Model:
-    """Builds the registered model ``name``; unknown names or options fail with the known ones listed."""
+    """Builds the registered model ``name`` (or an outside one: ``module:function``,
+    ``keras_applications/<Name>``, see :mod:`zoo.sources`); unknown names or options fail with the known
+    ones listed."""
+    from zoo import sources
+
+    if sources.kind(name) == "callable":
+        check_options(name, {k: v for k, v in kwargs.items() if k not in DATA_ARGS})
+        return sources.build_callable(name, **kwargs)
+    if sources.kind(name) == "application":
+        check_options(name, {k: v for k, v in kwargs.items() if k not in DATA_ARGS})
+        return sources.build_application(name, **kwargs)
     builder = _load().get(name)
     check_options(name, {k: v for k, v in kwargs.items() if k not in DATA_ARGS})
     depth = kwargs.get("depth")
