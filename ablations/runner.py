@@ -231,7 +231,8 @@ def results(cfg: ArmConfig, s: Session, tables: dict[str, Any], epochs: dict[str
         lost_captures=s.drain.lost, num_params=int(s.net.count_params()), dataset=s.data.info.name,
         baseline_loss=_finite(s.data.info.metadata.get("baseline_loss")),  # trivial predictor (sequence tasks)
         **{k: _finite(v) for k, v in summarize(tables, s.model.instruments).items()},
-        verdicts=verdicts(tables["params"], tables["blocks"], history, cfg.diagnose.model_dump()))
+        verdicts=verdicts(tables["params"], tables["blocks"], history, cfg.diagnose.model_dump()),
+        capture_cost=s.model.train_function.cost() if hasattr(s.model.train_function, "cost") else None)
 
 
 def epochs_table(history: dict[str, list[float]]) -> Any:

@@ -21,6 +21,7 @@ from ablations import compat, instruments
 from ablations.instruments.base import SHARED_TABLES, Instrument, Reducer, StepContext
 from ablations.instruments.block_scalars import off_mask
 from ablations.instruments.kernels import num_replicas, unlowered_cond
+from ablations.probe.dispatch import Dispatcher
 from ablations.probe.ring import Ring
 from ablations.probe.spec import make_spec
 
@@ -109,13 +110,52 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
             # Under several replicas a tf.cond cannot hold the step's sync points (gradient all-reduce, mirrored
             # variable writes): capture every step and record only the due ones.
             y_pred = self._step(x, y, sample_weight, step, capture=True, due=tf.equal(step % self.every, 0))
-        else:
+        else:  # steps_per_execution > 1: an execution with a captured step runs its other steps bare
             y_pred = tf.cond(
                 tf.equal(step % self.every, 0),
                 lambda: self._step(x, y, sample_weight, step, capture=True),
-                lambda: self._step(x, y, sample_weight, step, capture=False),
+                lambda: self._plain(x, y, sample_weight, step),
             )
         return self._worker_logs(self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
+
+    def plain_train_step(self, data: Any) -> dict[str, Any]:
+        """Keras' own step on the bare model (no taps, no statistics): the steps that capture nothing."""
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = self._plain(x, y, sample_weight, tf.cast(self.optimizer.iterations, tf.int64))
+        return self._worker_logs(self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
+
+    def make_train_function(self, force: bool = False) -> Any:
+        """Compiles the probed and the plain step separately; the fit loop calls a :class:`Dispatcher`."""
+        if self.train_function is not None and not force:
+            return self.train_function
+        super().make_train_function(force=True)
+        probed = self.train_function
+        plain = probed
+        if self.every > 1:
+            self.train_step = self.plain_train_step  # instance attribute: Keras compiles what it finds here
+            try:
+                super().make_train_function(force=True)
+                plain = self.train_function
+            finally:
+                del self.train_step
+        counter = lambda: int(self.optimizer.iterations.numpy())  # noqa: E731 - once per new iterator
+        self.train_function = Dispatcher(plain, probed, self.every, self.steps_per_execution, counter)
+        return self.train_function
+
+    def _plain(self, x: Any, y: Any, sample_weight: Any, step: Any) -> Any:
+        with tf.GradientTape() as tape:
+            y_pred = self.net(x, training=True)
+            loss = compat.compute_loss(self, x, y, y_pred, sample_weight)
+            local_loss = compat.unscale_loss(loss)
+            batch = tf.shape(next(i for i in tf.nest.flatten(x) if i is not None))[0]
+            compat.track_loss(self, local_loss, batch)
+            scaled_loss = self.optimizer.scale_loss(loss)
+        variables = self.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(scaled_loss, variables), variables))
+        bad = tf.logical_not(tf.math.is_finite(tf.cast(local_loss, tf.float32)))
+        first = self.ring.first_nonfinite  # one write per step, captured or not
+        first.assign(tf.where(tf.logical_and(first < 0, bad), step, first))
+        return y_pred
 
     def test_step(self, data: Any) -> dict[str, Any]:
         return self._worker_logs(super().test_step(data))

@@ -1,0 +1,77 @@
+"""Two compiled train functions and a host-side choice between them: steps that capture nothing run Keras'
+plain step on the bare model; an execution that holds a captured step runs the probed one.
+
+The bare model keeps oneDNN's fused MatMul+BiasAdd+activation kernels (the tap model's extra outputs break
+the fusion) and carries no ``tf.cond`` around the probed branch, so ``capture.every: 16`` costs almost nothing
+on the other 15 steps. The choice needs the step number on the host, without reading the device every call:
+the dispatcher counts the steps it hands out (``steps_per_execution`` per call) and reads the optimizer's
+step counter only when Keras hands it a new iterator (once per epoch for finite datasets, once per fit
+otherwise), which also corrects the count after a short last execution.
+
+It also measures, from the steps themselves, what capturing costs in this run: the host-observed time of
+plain and of probed executions (the first calls of each, which trace and compile, left out). On CPU a call
+returns when its steps are done; on a GPU the time between calls approaches the steps' time once the queue
+is full. :meth:`Dispatcher.cost` summarises it for the arm's summary.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+WARMUP_CALLS = 2  # calls of each kind left out of the timing (tracing, compilation, first data)
+
+
+class Dispatcher:
+    """``train_function(iterator)`` for Keras' fit loop: picks the plain or the probed compiled function.
+
+    Args:
+        plain, probed: Keras' compiled multi-step train functions (``steps_per_execution`` steps per call).
+        every: the probe's capture interval; ``steps``: steps per execution.
+        step_counter: reads the optimizer's step (a host read of the device variable).
+    """
+
+    def __init__(self, plain: Callable[[Any], Any], probed: Callable[[Any], Any], every: int, steps: int,
+                 step_counter: Callable[[], int]):
+        self.plain, self.probed, self.every, self.k = plain, probed, int(every), int(steps)
+        self.step_counter = step_counter
+        self.next_step: int | None = None
+        self.iterator_id: int | None = None
+        self.calls = {"plain": 0, "probed": 0}
+        self.time = {"plain": 0.0, "probed": 0.0}
+        self.timed = {"plain": 0, "probed": 0}
+
+    def due(self, start: int) -> bool:
+        """Whether an execution of steps ``[start, start + k)`` holds a captured step."""
+        first = -(-start // self.every) * self.every  # the first multiple of `every` at or after start
+        return first < start + self.k
+
+    def __call__(self, iterator: Any) -> Any:
+        if self.next_step is None or id(iterator) != self.iterator_id:
+            self.iterator_id, self.next_step = id(iterator), int(self.step_counter())
+        kind = "probed" if self.every == 1 or self.due(self.next_step) else "plain"
+        t0 = time.perf_counter()
+        logs = (self.probed if kind == "probed" else self.plain)(iterator)
+        elapsed = time.perf_counter() - t0
+        self.calls[kind] += 1
+        if self.calls[kind] > WARMUP_CALLS:
+            self.time[kind] += elapsed
+            self.timed[kind] += 1
+        self.next_step += self.k
+        return logs
+
+    def cost(self) -> dict[str, Any]:
+        """``capture_cost`` of the arm's summary: ms per step of plain and probed executions, their ratio and
+        the estimated slowdown of the whole run against never capturing (None where a kind never ran)."""
+        ms = {kind: 1e3 * self.time[kind] / (self.timed[kind] * self.k) if self.timed[kind] else None
+              for kind in self.time}
+        out: dict[str, Any] = {"plain_ms_per_step": ms["plain"], "probed_ms_per_step": ms["probed"],
+                               "probed_executions": self.calls["probed"], "plain_executions": self.calls["plain"],
+                               "probed_over_plain": None, "run_over_plain": None}
+        if ms["plain"] and ms["probed"]:
+            out["probed_over_plain"] = ms["probed"] / ms["plain"]
+            n = self.timed["plain"] + self.timed["probed"]
+            out["run_over_plain"] = (self.time["plain"] + self.time["probed"]) * 1e3 / (n * self.k * ms["plain"])
+        elif ms["probed"] and self.every == 1:
+            out["note"] = "every step is captured: no plain steps to compare with (capture.every > 1 measures it)"
+        return out
