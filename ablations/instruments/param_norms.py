@@ -106,11 +106,20 @@ class ParamNorms(Instrument):
 
 def block_kernels(params: pd.DataFrame) -> pd.DataFrame:
     """Rows of each block's first linear kernel, or its recurrent layer's input kernel (the per-block
-    weight-gradient series)."""
+    weight-gradient series).
+
+    Zoo rows are found by their names (``block_<i>_linear``/``block_<i>_rnn``, param ``kernel``); rows of
+    models whose blocks were found otherwise carry a ``block_kernel`` flag (:func:`ablations.probe.spec.
+    block_kernel_rows`). Tables of several arms may mix both (the flag is NaN for zoo arms).
+    """
     if params.empty:
         return params
-    return params[(params["role"] == "block") & (params["param"] == "kernel")
-                  & ((params["layer"] == params["block"] + "_linear") | (params["layer"] == params["block"] + "_rnn"))]
+    zoo = ((params["role"] == "block") & (params["param"] == "kernel")
+           & ((params["layer"] == params["block"] + "_linear") | (params["layer"] == params["block"] + "_rnn")))
+    if "block_kernel" in params:
+        flag = params["block_kernel"]
+        zoo = flag.where(flag.notna(), zoo).astype(bool) & (params["role"] == "block")
+    return params[zoo]
 
 
 def decay_rates(params: pd.DataFrame) -> pd.Series:
