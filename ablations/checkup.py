@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -209,7 +210,9 @@ def probe_run(net: Any, setup: Setup, root: Path, arm_id: str, fix: str, optimiz
     from ablations.probe.api import Probe
 
     keras.utils.set_random_seed(setup.seed)  # every run sees the same batches in the same order
-    probe = Probe(net, name=arm_id, values={"fix": fix}, seed=setup.seed)
+    with warnings.catch_warnings():  # a model without blocks: `run` prints the notes itself
+        warnings.simplefilter("ignore", UserWarning)
+        probe = Probe(net, name=arm_id, values={"fix": fix}, seed=setup.seed)
     # A fresh pipeline per run: a reshuffling dataset iterated again would deal other batches.
     data = setup.data()
     probe.state.dataset = data.info.name

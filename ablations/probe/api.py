@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,8 @@ class Probe(ProbedModel):
         object.__setattr__(self, "state", state)
         object.__setattr__(self, "user_model", model)  # saved as final.keras (the whole model, every output)
         object.__setattr__(self, "capture", capture_dict(capture))
+        if not self.spec.n_blocks:  # never silent: the summary and the report say it too
+            warnings.warn(" ".join(self.spec.notes), UserWarning, stacklevel=2)
 
     @property
     def recorder(self) -> DrainCallback:
@@ -161,7 +164,7 @@ class Probe(ProbedModel):
         st = self.state
         st.start = st.start or time.time()
         st.init_tables = measure_tables(self.net, tuple(batch[:2]), lambda y, p: compat.compute_loss(
-            self, x, y, p, None), capture=self.capture)
+            self, x, y, p, None), capture=self.capture, warn=False)
         return st.init_tables
 
     def tables(self) -> dict[str, Any]:

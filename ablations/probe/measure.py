@@ -31,17 +31,17 @@ class _LossOnly:
 
 
 def measure_tables(model: keras.Model, batch: Any, loss: Any, *, training: bool = False,
-                   capture: Any = None) -> dict[str, pd.DataFrame]:
+                   capture: Any = None, warn: bool = True) -> dict[str, pd.DataFrame]:
     """Every enabled instrument's table for one batch, as the probe would store them at step 0.
 
     No update is applied, so update norms are NaN; the weight norms are those of the weights given. What block
     discovery found is in ``tables["history"].attrs["notes"]``; a model without blocks also warns (its block
-    statistics, ratio and decay rate stay empty).
+    statistics, ratio and decay rate stay empty; ``warn=False`` for callers that report the notes themselves).
     """
     x, y = tf.nest.map_structure(tf.convert_to_tensor, tuple(batch))
     loss_fn = keras.losses.get(loss) if isinstance(loss, str) else loss
     spec = make_spec(model)
-    if not spec.n_blocks:  # never silent: every block column would be NaN without a word
+    if warn and not spec.n_blocks:  # never silent: every block column would be NaN without a word
         warnings.warn(" ".join(spec.notes), UserWarning, stacklevel=3)
     insts = [i for i in build_instruments(spec, capture_dict(capture)) if not i.snapshot_only]
     taps = collect_taps(insts)
