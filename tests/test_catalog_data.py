@@ -50,7 +50,8 @@ def catalog_dir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_catalog_dataset_runs_end_to_end_under_mock_data(name, catalog_dir, tmp_path):
+def test_catalog_dataset_runs_end_to_end_under_mock_data(name, catalog_dir, tmp_path, no_op_determinism):
+    # In-process (the mock patches this process): the arm turns TF op determinism on, the fixture restores it.
     arch, shape = CASES[name]
     cfg = {"name": f"mock_{name}", "data": {"name": name, "data_dir": str(catalog_dir), "download": False,
                                           "batch_size": 8},
