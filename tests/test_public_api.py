@@ -115,6 +115,7 @@ def test_two_probes_in_one_folder_are_compared_and_fits_accumulate(tmp_path):
 
     run = load_run(tmp_path / "cmp")
     assert run.axes == ["model"] and len(run.summaries) == 2
+    assert run.notes == [] and run.others == {} and run.damaged == {}  # read as written, nothing left out
 
 
 def two_heads():

@@ -27,6 +27,7 @@ from ablations.probe.recorder import DrainCallback, ring_capacity
 from ablations.probe.ring import Ring
 
 AXIS = "model"  # the grid axis of a probe run folder: one arm per saved probe
+PROBE_SOURCE = "ablations.Probe"  # = ablations.report.data.PROBE_SOURCE (the report imports no TensorFlow)
 
 
 def select_output(model: keras.Model, output: str | None) -> keras.Model:
@@ -228,6 +229,7 @@ def write_arm(root: Path, probe: Probe, *, description: str = "") -> Path:
         if v not in grid[k]:
             grid[k].append(v)
     exp.setdefault("name", root.name)
+    exp["source"] = PROBE_SOURCE  # the report then reads every arm as it is (no config to expand)
     exp["description"] = description or exp.get("description") or "models probed in their own training loop"
     store.write_text(exp_file, dump_yaml(exp))
     arm_dir = root / "arms" / st.arm_id
