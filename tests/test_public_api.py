@@ -221,3 +221,21 @@ def test_keras_application_block_kernels_are_the_tapped_layers():
     kernels = [next(w for w in layer.trainable_weights if w.name.endswith("kernel")) for layer in layers]
     g = [float(np.linalg.norm(t.numpy())) for t in tape.gradient(loss, kernels)]
     np.testing.assert_allclose(k["grad_norm"], g, rtol=1e-4)
+
+
+def test_functional_lstm_trains_and_says_which_recurrent_statistics_need_zoo_names():
+    keras.utils.set_random_seed(0)
+    xi = keras.Input((7, 3))
+    h = L.LSTM(8, return_sequences=True, name="lstm_a")(xi)
+    model = keras.Model(xi, L.Dense(10, name="out")(L.LSTM(8, name="lstm_b")(h)), name="lstm_net")
+    x = np.random.default_rng(0).normal(size=(16, 7, 3)).astype("float32")
+    y = np.arange(16) % 10
+    _, want = tape_norms(model, x, y, XENT)
+    probe = ablations.Probe(model)
+    probe.compile(optimizer=keras.optimizers.SGD(0.01), loss=XENT)
+    probe.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    s = probe.summary_dict()
+    assert s["n_blocks"] == 2 and np.isfinite(s["ratio_init"])
+    assert any("no gradients through time" in n and "block_<i>_rnn" in n for n in s["notes"])
+    p = probe.tables()["params"]
+    np.testing.assert_allclose(p[p.step == 0]["grad_norm"], want, rtol=1e-5)
