@@ -158,14 +158,16 @@ class Probe(ProbedModel):
 
     def measure_at_init(self, batch: Any) -> dict[str, Any]:
         """Records one batch ``(x, y)`` at the current weights without an update (``ablate diagnose --steps
-        0``), with the compiled loss; these become the probe's tables. Compile first."""
+        0``), with the compiled loss, in training mode like the first step of ``fit`` (batch normalization
+        uses the batch's statistics and updates its moving averages; no weight changes); these become the
+        probe's tables. Compile first."""
         from ablations.probe.measure import measure_tables
 
         x = batch[0]
         st = self.state
         st.start = st.start or time.time()
         st.init_tables = measure_tables(self.net, tuple(batch[:2]), lambda y, p: compat.compute_loss(
-            self, x, y, p, None), capture=self.capture, warn=False)
+            self, x, y, p, None), capture=self.capture, warn=False, training=True)
         return st.init_tables
 
     def tables(self) -> dict[str, Any]:
