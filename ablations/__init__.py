@@ -1,7 +1,8 @@
 """gradzoo's ablation tool: config, data, probe, runner, store, report and CLI.
 
-Public entry points: :func:`measure` (statistics of one batch, for notebooks and tests) and the ``ablate``
-command line. Heavy modules (TensorFlow) are imported on first use.
+Public entry points: :class:`Probe` (your model under the probe in your own ``compile``/``fit``, writing a
+run folder ``ablate report`` reads), :func:`measure` (statistics of one batch, for notebooks and tests) and
+the ``ablate`` command line. Heavy modules (TensorFlow) are imported on first use.
 """
 
 from __future__ import annotations
@@ -22,4 +23,13 @@ def measure(model: Any, batch: Any, loss: Any, **kwargs: Any) -> Any:
     return _measure(model, batch, loss, **kwargs)
 
 
-__all__ = ["measure", "__version__"]
+def __getattr__(name: str) -> Any:
+    """``ablations.Probe`` imports TensorFlow only when it is first used."""
+    if name == "Probe":
+        from ablations.probe.api import Probe
+
+        return Probe
+    raise AttributeError(f"module 'ablations' has no attribute {name!r}")
+
+
+__all__ = ["Probe", "measure", "__version__"]

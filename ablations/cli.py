@@ -14,7 +14,7 @@ import errno
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from rich.console import Console
 from rich.markup import escape
@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
                            "KERASTUNER_* variables join workers from other machines (README: Searching)")
     tune.add_argument("--point", default=None, help=argparse.SUPPRESS)  # set by a chief for its local workers
 
+    _diagnose_parser(add)
+
     th = add("theory", help="activation-derivative and attenuation tables, computed with autodiff")
     th.add_argument("--activations", nargs="+", default=None, metavar="NAME",
                     help="activations of the derivative table (default: every registered one)")
@@ -80,6 +82,38 @@ def _parser() -> argparse.ArgumentParser:
     th.add_argument("--csv", type=Path, default=None, metavar="DIR",
                     help="also write activations.csv and attenuation.csv into DIR")
     return p
+
+
+def _diagnose_parser(add: Any) -> None:
+    d = add("diagnose", help="probe a saved .keras model for N steps on a dataset and judge its gradients",
+                       description="Exit codes: 0 no verdict, 3 verdicts found, 2 bad input, 1 training failed.")
+    d.add_argument("model", type=Path, metavar="MODEL.keras")
+    d.add_argument("--data", default="digits", help="TFDS dataset (default: digits, bundled)")
+    d.add_argument("--steps", type=int, default=50, metavar="N",
+                   help="probed training steps (default 50; 0: one batch at the loaded weights, no update)")
+    d.add_argument("--batch", type=int, default=64, metavar="B", help="batch size (default 64)")
+    d.add_argument("--loss", default="auto", metavar="L",
+                   help="Keras loss name (default auto: the saved one, else from the dataset's task)")
+    d.add_argument("--optimizer", default=None, metavar="O",
+                   help="sgd, adam, adamw, rmsprop, adagrad (default: the saved one, else sgd)")
+    d.add_argument("--lr", type=float, default=None, help="learning rate (default: the saved one, else 0.01)")
+    d.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (registers the model's custom objects); repeatable")
+    d.add_argument("--out", type=Path, default=None, help="run folder (default: runs/diagnose_<model>)")
+    d.add_argument("--seed", type=int, default=0, help="data order and re-initialization seed (default 0)")
+    d.add_argument("--try-fixes", action="store_true",
+                   help="also train a copy with each applicable fix (activation, initializer, clipping, rate)")
+    d.add_argument("--report", type=Path, default=None, help="report folder (default: reports/<run folder name>)")
+    d.add_argument("--no-report", action="store_true", help="skip the report")
+
+
+def _diagnose(args: argparse.Namespace, console: Console) -> int:
+    from ablations import checkup
+
+    opts = checkup.Options(model=args.model, data=args.data, steps=args.steps, batch=args.batch, loss=args.loss,
+                           optimizer=args.optimizer, lr=args.lr, imports=tuple(args.imports), out=args.out,
+                           seed=args.seed, try_fixes=args.try_fixes)
+    return checkup.run(opts, console, report=args.report, no_report=args.no_report)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return {"run": _run, "validate": _validate, "report": _report, "zoo": _zoo,
-                "theory": _theory, "tune": _tune}[args.command](args, console)
+                "theory": _theory, "tune": _tune, "diagnose": _diagnose}[args.command](args, console)
     except ConfigError as err:
         console.print(f"[bold red]config error[/]\n{escape(str(err))}", highlight=False)
         return EXIT_USAGE

@@ -16,6 +16,11 @@ the last 200 steps"``. Thresholds (all overridable under ``diagnose:`` in the YA
 The gradient-decay rate is the least-squares slope of log10(block kernel gradient norm) against block depth:
 decades per block, positive when the gradient shrinks toward the input (vanishing), negative when it grows
 toward the input (exploding); one number that ranks architectures.
+
+Every verdict carries ``fixes``: what to try, why, and the source (:data:`FIXES`), filtered by what is known
+of the model (:func:`fixes_for`; e.g. no "use ReLU" for a ReLU net, no "add skips" for a residual one) and,
+for zoo models, given as config keys (``model.activation: relu``). ``ablate diagnose --try-fixes`` applies
+the ones marked in :data:`TRYABLE` to an outside model and measures them.
 """
 
 from __future__ import annotations
@@ -62,24 +67,28 @@ def _window(df: pd.DataFrame, window: int, at_init: bool) -> tuple[pd.DataFrame,
 
 
 def _verdict(kind: str, blocks: list[int], message: str) -> dict[str, Any]:
+    """One verdict (its ``fixes`` are attached by :func:`verdicts`)."""
     return {"kind": kind, "blocks": sorted(int(b) for b in blocks), "message": message}
 
 
 def verdicts(params: pd.DataFrame, blocks: pd.DataFrame, history: pd.DataFrame,
-             thresholds: dict[str, float] | None = None, at_init: bool = False) -> list[dict[str, Any]]:
+             thresholds: dict[str, float] | None = None, at_init: bool = False,
+             facts: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Diagnoses an arm from its tables.
 
     Args:
         params, blocks, history: the arm's tables (as stored).
         thresholds: overrides of :data:`DEFAULTS`.
         at_init: judge the first captured steps only (used to prune searches early).
+        facts: what is known of the model and optimizer (:func:`ablations.probe.facts.model_facts`), to pick
+            the fixes that apply; None: every fix of the kind.
 
     Returns:
-        A list of ``{"kind", "blocks", "message"}``; empty when nothing is wrong.
+        A list of ``{"kind", "blocks", "message", "fixes"}``; empty when nothing is wrong.
     """
     th = {**DEFAULTS, **(thresholds or {})}
     out: list[dict[str, Any]] = []
-    k = block_kernels(drop_inactive(params, blocks), blocks)  # switched-off blocks are left out, not NaN
+    k = block_kernels(drop_inactive(params, blocks))  # switched-off blocks are left out, not NaN
     bad = _non_finite(k, history, int(th["window"]), at_init)
     if bad is not None:
         out.append(bad)
@@ -92,6 +101,8 @@ def verdicts(params: pd.DataFrame, blocks: pd.DataFrame, history: pd.DataFrame,
         out.extend(_activations(blocks, th, at_init))
     if not at_init and len(history) >= 4:
         out.extend(_plateau(history, th))
+    for v in out:
+        v["fixes"] = fixes_for(v["kind"], facts)
     return out
 
 
@@ -191,3 +202,147 @@ def _plateau(history: pd.DataFrame, th: dict[str, float]) -> list[dict[str, Any]
     if gain < th["plateau_improvement"]:
         return [_verdict("plateau", [], f"{span} ({gain:+.1%}, < {th['plateau_improvement']:.0%} improvement)")]
     return []
+
+
+# ---------------------------------------------------------------------------------------------- fixes
+
+SATURATING = ("sigmoid", "tanh", "hard_sigmoid", "softsign", "hard_tanh", "log_sigmoid")
+RESIDUAL_ARCH = {"plain_mlp": "resnet_mlp", "plain_cnn": "resnet_cnn", "densenet_mlp": "resnet_mlp",
+                 "densenet_cnn": "resnet_cnn", "simple_rnn": "lstm"}
+TRYABLE = ("activation", "initializer", "clipping", "learning_rate")  # what --try-fixes can apply by cloning
+
+# kind of verdict -> (fix kind, what to try, why, source, config keys, Keras spelling); "{lr/10}" and the like
+# are filled from the optimizer's rate.
+FIXES: dict[str, list[tuple[str, str, str, str, dict[str, Any], str]]] = {
+    "vanishing": [
+        ("activation", "a ReLU-family activation (ReLU, Leaky ReLU, GELU) instead of sigmoid/tanh",
+         "sigmoid' <= 0.25 and tanh' < 1 away from 0 shrink the gradient at every layer; ReLU' is 1 where active",
+         "Glorot & Bengio 2010; He et al. 2015", {"model.activation": "relu"}, "activation='relu'"),
+        ("initializer", "He (Kaiming) initialization, or LSUV (unit output variance per layer, from data)",
+         "keeps the variance of activations and gradients the same from layer to layer",
+         "He et al. 2015; Mishkin & Matas 2016", {"model.initializer": "he_normal"}, "kernel_initializer='he_normal'"),
+        ("skip", "identity skip connections (a residual network)",
+         "the identity path carries the gradient to the first layers undiminished", "He et al. 2016",
+         {"model.arch": "{residual}"}, "x = x + block(x)"),
+        ("normalization", "batch or layer normalization before each activation",
+         "keeps pre-activations out of the saturated range and rescales each layer's gradient",
+         "Ioffe & Szegedy 2015; Ba et al. 2016", {"model.norm": "batch"}, "keras.layers.BatchNormalization()"),
+    ],
+    "exploding": [
+        ("clipping", "gradient clipping by global norm",
+         "caps the step when the gradient norm spikes and keeps its direction", "Pascanu et al. 2013",
+         {"train.optimizer.global_clipnorm": 1.0}, "optimizer(global_clipnorm=1.0)"),
+        ("learning_rate", "a smaller learning rate ({lr/10})",
+         "the update grows with the rate; past about 2/curvature it diverges", "LeCun et al. 1998; Bengio 2012",
+         {"train.optimizer.learning_rate": "{lr/10}"}, "optimizer(learning_rate={lr/10})"),
+        ("warmup", "learning-rate warm-up over the first few hundred steps",
+         "the large early gradients meet a small rate while the weights settle", "Goyal et al. 2017",
+         {"train.optimizer.schedule.warmup_steps": 200}, "a LearningRateSchedule that ramps up linearly"),
+    ],
+    "saturated": [
+        ("activation", "a non-saturating activation (ReLU family)",
+         "a saturated unit passes almost no gradient (sigmoid' < 5% of its maximum there)",
+         "Glorot & Bengio 2010; He et al. 2015", {"model.activation": "relu"}, "activation='relu'"),
+        ("initializer", "Glorot (Xavier) initialization, which keeps pre-activations in the linear range",
+         "too large initial weights drive sigmoid/tanh units to their flat tails", "Glorot & Bengio 2010",
+         {"model.initializer": "glorot_uniform"}, "kernel_initializer='glorot_uniform'"),
+        ("normalization", "batch or layer normalization before each activation",
+         "re-centres and rescales the pre-activations every step", "Ioffe & Szegedy 2015",
+         {"model.norm": "batch"}, "keras.layers.BatchNormalization()"),
+    ],
+    "dead_units": [
+        ("activation", "Leaky ReLU, ELU or GELU, whose negative side still passes a gradient",
+         "a ReLU unit whose input is negative for every example never recovers", "Maas et al. 2013; Clevert et al. 2016",
+         {"model.activation": "leaky_relu"}, "activation='leaky_relu'"),
+        ("initializer", "He initialization with zero biases",
+         "large negative biases or badly scaled weights start units dead", "He et al. 2015; Lu et al. 2019",
+         {"model.initializer": "he_normal", "model.bias_init_std": 0.0}, "kernel_initializer='he_normal'"),
+        ("learning_rate", "a smaller learning rate ({lr/10})",
+         "one large update can push a unit's input negative for every example", "Lu et al. 2019",
+         {"train.optimizer.learning_rate": "{lr/10}"}, "optimizer(learning_rate={lr/10})"),
+    ],
+    "stalled": [
+        ("learning_rate", "a larger learning rate ({lr*10}), or Adam (per-parameter step sizes)",
+         "update/weight ratios far below 1e-3 mean the weights barely move", "Kingma & Ba 2015",
+         {"train.optimizer.learning_rate": "{lr*10}"}, "optimizer(learning_rate={lr*10})"),
+        ("normalization", "batch or layer normalization",
+         "makes the step size of each layer independent of its weight scale", "Ioffe & Szegedy 2015",
+         {"model.norm": "batch"}, "keras.layers.BatchNormalization()"),
+    ],
+    "plateau": [
+        ("schedule", "a learning-rate schedule (step decay or cosine)",
+         "a smaller rate late in training resolves finer structure of the loss",
+         "He et al. 2016; Loshchilov & Hutter 2017", {"train.optimizer.schedule": "cosine"},
+         "keras.optimizers.schedules.CosineDecay"),
+        ("optimizer", "momentum (0.9) or Adam", "accumulated steps cross flat regions faster",
+         "Sutskever et al. 2013; Kingma & Ba 2015", {"train.optimizer.momentum": 0.9}, "SGD(momentum=0.9)"),
+    ],
+    "rising_loss": [
+        ("learning_rate", "a smaller learning rate ({lr/10})", "the steps overshoot the minimum",
+         "LeCun et al. 1998; Bengio 2012", {"train.optimizer.learning_rate": "{lr/10}"},
+         "optimizer(learning_rate={lr/10})"),
+        ("clipping", "gradient clipping by global norm", "caps the occasional huge step", "Pascanu et al. 2013",
+         {"train.optimizer.global_clipnorm": 1.0}, "optimizer(global_clipnorm=1.0)"),
+        ("warmup", "learning-rate warm-up", "early steps are the most unstable", "Goyal et al. 2017",
+         {"train.optimizer.schedule.warmup_steps": 200}, "a LearningRateSchedule that ramps up linearly"),
+    ],
+}
+
+
+def _applies(fix: str, verdict: str, f: dict[str, Any]) -> bool:
+    """Whether a fix can still help, given what is known of the model (unknown facts: it may)."""
+    acts, inits = set(f.get("activations") or ()), set(f.get("initializers") or ())
+    opt = f.get("optimizer") or {}
+    if fix == "activation":
+        want = {"relu"} if verdict == "dead_units" else set(SATURATING)
+        return not acts or bool(acts & want)
+    if fix == "initializer":
+        ok = ("glorot",) if verdict == "saturated" else ("he_", "lsuv", "variance_scaling")
+        return not inits or not all(any(i.startswith(p) for p in ok) for i in inits)
+    if fix == "skip":
+        return not f.get("residual") and ((f.get("zoo") or {}).get("arch") in RESIDUAL_ARCH or not f.get("zoo"))
+    checks = {"normalization": not f.get("normalization"), "clipping": not opt.get("clipping"),
+              "warmup": not opt.get("warmup"), "schedule": not opt.get("schedule"),
+              "optimizer": not (opt.get("momentum") or opt.get("name") in ("adam", "adamw", "rmsprop"))}
+    return checks.get(fix, True)
+
+
+def _fill(value: Any, f: dict[str, Any]) -> Any:
+    """``{lr/10}``, ``{lr*10}`` and ``{residual}`` placeholders from the facts (kept as words when unknown)."""
+    if not isinstance(value, str) or "{" not in value:
+        return value
+    lr = (f.get("optimizer") or {}).get("learning_rate")
+    arch = (f.get("zoo") or {}).get("arch")
+    for key, new in (("{lr/10}", lr / 10 if lr else None), ("{lr*10}", lr * 10 if lr else None),
+                     ("{residual}", RESIDUAL_ARCH.get(arch))):
+        if key in value:
+            if new is None:
+                return value.replace(key, {"{residual}": "a residual model"}.get(key, "rate / 10" if "/" in key
+                                                                                 else "rate x 10"))
+            if value == key:
+                return float(f"{new:.3g}") if isinstance(new, float) else new
+            value = value.replace(key, f"{new:.3g}" if isinstance(new, float) else str(new))
+    return value
+
+
+def fixes_for(kind: str, facts: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The fixes to try for a verdict ``kind``: ``{kind, what, why, source, config, keras, tryable}``.
+
+    ``config`` (zoo models only, else empty) holds the YAML keys that apply the fix; ``keras`` says it in Keras
+    terms for an outside model; ``tryable``: ``ablate diagnose --try-fixes`` can apply it by cloning.
+    """
+    f = facts or {}
+    out = []
+    for fix, what, why, source, config, keras_how in FIXES.get(kind, []):
+        if not _applies(fix, kind, f):
+            continue
+        out.append({"kind": fix, "what": _fill(what, f), "why": why, "source": source,
+                    "config": {k: _fill(v, f) for k, v in config.items()} if f.get("zoo") else {},
+                    "keras": _fill(keras_how, f), "tryable": fix in TRYABLE})
+    return out
+
+
+def fix_text(fix: dict[str, Any]) -> str:
+    """One line for a terminal or a tooltip: ``what (source) [key: value, ...]``."""
+    keys = ", ".join(f"{k}: {v}" for k, v in (fix.get("config") or {}).items())
+    return f"{fix['what']} ({fix['source']})" + (f" [{keys}]" if keys else "")

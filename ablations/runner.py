@@ -70,7 +70,7 @@ def run_arm(arm: Arm, arm_dir: Path, *, index: int = 0, callbacks: Sequence[Any]
                  for cb in callbacks]
         tables, history = train(cfg, session, extra, arm_dir)
         epochs = epochs_table(history)
-        write_tables(arm_dir, cfg, tables, epochs, session.net)
+        write_tables(arm_dir, tables, epochs, session.net, tensorboard=cfg.runtime.tensorboard)
         summary.update(results(cfg, session, tables, history, extra))
     except Exception as err:  # recorded, never raised: the sweep goes on
         summary["error"] = f"{type(err).__name__}: {err}"
@@ -203,11 +203,14 @@ def fit_plan(data: Any, fixed_steps: int | None, steps_per_epoch: int, start: in
     return plan
 
 
-def write_tables(arm_dir: Path, cfg: ArmConfig, tables: dict[str, Any], epochs: Any, net: Any) -> None:
-    """The arm's Parquet tables, TensorBoard events (``runtime.tensorboard``) and ``final.keras``."""
+def write_tables(arm_dir: Path, tables: dict[str, Any], epochs: Any, net: Any, *, tensorboard: bool = False) -> None:
+    """The arm's Parquet tables, TensorBoard events (``tensorboard``) and ``final.keras``.
+
+    Shared by ``ablate run``, :class:`ablations.Probe` and ``ablate diagnose``.
+    """
     for name, df in [*tables.items(), ("epochs", epochs)]:
         store.write_parquet(arm_dir / f"{name}.parquet", df)
-    if cfg.runtime.tensorboard:  # event files from the tables just written (+ final weight histograms)
+    if tensorboard:  # event files from the tables just written (+ final weight histograms)
         from ablations.tensorboard import write_events
 
         write_events(arm_dir, {**tables, "epochs": epochs}, net)
@@ -217,22 +220,50 @@ def write_tables(arm_dir: Path, cfg: ArmConfig, tables: dict[str, Any], epochs: 
 def results(cfg: ArmConfig, s: Session, tables: dict[str, Any], epochs: dict[str, list[float]],
             callbacks: Sequence[Any]) -> dict[str, Any]:
     """Status, final metrics, the instruments' summary values and the verdicts of a trained arm."""
+    from ablations.probe.facts import facts_of
+
+    stop_reason = next((cb.stop_reason for cb in callbacks if getattr(cb, "stop_reason", None)), None)
+    facts = facts_of(s.net, s.model.spec, s.model.optimizer, cfg.model.model_dump())
+    return arm_results(tables, epochs, s.model, diverged_at=s.drain.diverged_at, lost=s.drain.lost,
+                       dataset=s.data.info.name, thresholds=cfg.diagnose.model_dump(), stop_reason=stop_reason,
+                       baseline_loss=s.data.info.metadata.get("baseline_loss"), facts=facts,
+                       resumed_from=s.resumed_from)
+
+
+def arm_results(tables: dict[str, Any], epochs: dict[str, list[float]], model: Any, *,
+                diverged_at: int | None = None, lost: int = 0, dataset: str | None = None,
+                thresholds: dict[str, float] | None = None, stop_reason: str | None = None,
+                baseline_loss: Any = None, facts: dict[str, Any] | None = None,
+                resumed_from: int | None = None) -> dict[str, Any]:
+    """The summary values of a probed training run (every ``summary.json`` key but its identity and time).
+
+    Args:
+        tables: the probe's tables (:meth:`~ablations.probe.DrainCallback.tables`).
+        epochs: Keras' per-epoch history (``History.history``).
+        model: the :class:`~ablations.probe.ProbedModel` (its instruments, spec notes and net).
+        diverged_at, lost: the drain's first non-finite step and lost captures.
+        dataset, baseline_loss: the data's name and trivial-predictor loss (sequence tasks), if known.
+        thresholds: verdict thresholds (``diagnose:``); stop_reason: why a search pruned the arm.
+        facts: what the verdicts' fixes need to know (:func:`ablations.probe.facts.facts_of`).
+        resumed_from: the step a resumed arm continued from (its checkpoint), if any.
+    """
     from ablations.diagnose import verdicts
     from ablations.probe import summarize
 
     history = tables["history"]
     last = {k: _finite(v[-1]) for k, v in epochs.items() if v}
-    stop_reason = next((cb.stop_reason for cb in callbacks if getattr(cb, "stop_reason", None)), None)
-    status = "diverged" if s.drain.diverged_at is not None else ("pruned" if stop_reason else "completed")
+    status = "diverged" if diverged_at is not None else ("pruned" if stop_reason else "completed")
+    views = model.spec.views
     return dict(
-        status=status, diverged_at_step=s.drain.diverged_at, pruned_reason=stop_reason, final=last,
-        steps=int(history["step"].max()) + 1 if len(history) else 0, resumed_from_step=s.resumed_from or None,
+        status=status, diverged_at_step=diverged_at, pruned_reason=stop_reason, final=last,
+        steps=int(history["step"].max()) + 1 if len(history) else 0, resumed_from_step=resumed_from or None,
         epochs_run=max((len(v) for v in epochs.values()), default=0),
-        lost_captures=s.drain.lost, num_params=int(s.net.count_params()), dataset=s.data.info.name,
-        baseline_loss=_finite(s.data.info.metadata.get("baseline_loss")),  # trivial predictor (sequence tasks)
-        **{k: _finite(v) for k, v in summarize(tables, s.model.instruments).items()},
-        verdicts=verdicts(tables["params"], tables["blocks"], history, cfg.diagnose.model_dump()),
-        capture_cost=s.model.train_function.cost() if hasattr(s.model.train_function, "cost") else None)
+        lost_captures=lost, num_params=int(model.net.count_params()), dataset=dataset,
+        baseline_loss=_finite(baseline_loss),  # trivial predictor (sequence tasks)
+        **{k: _finite(v) for k, v in summarize(tables, model.instruments).items()},
+        n_blocks=len(views), block_rule=views[0].source if views else None, notes=list(model.spec.notes),
+        verdicts=verdicts(tables["params"], tables["blocks"], history, thresholds, facts=facts),
+        capture_cost=model.train_function.cost() if hasattr(model.train_function, "cost") else None)
 
 
 def epochs_table(history: dict[str, list[float]]) -> Any:

@@ -114,12 +114,34 @@ class SweepUI:
             f"{self._count()}{styled(status)}{' ' * max(1, 10 - len(status))}{arm.id}  loss {fmt(final.get('loss'))}  "
             f"acc {fmt(final.get('accuracy'))}  first/last grad {fmt(summary.get('ratio_final'), '.2e')}  "
             f"{fmt(summary.get('wall_time_s'), '.1f')}s {escape(str(extra))}", highlight=False)
-        for v in summary.get("verdicts") or []:
-            self.progress.console.print(f"          [yellow]{v['kind']}[/yellow]: {escape(str(v['message']))}",
-                                        highlight=False)
+        for line in arm_notes(summary):
+            self.progress.console.print(f"          [cyan]note[/cyan]: {escape(line)}", highlight=False)
+        for line in verdict_lines(summary.get("verdicts") or []):
+            self.progress.console.print(f"          {line}", highlight=False)
 
     def stop(self) -> None:
         self.progress.stop()
+
+
+def arm_notes(summary: dict[str, Any]) -> list[str]:
+    """What block discovery said, for arms whose blocks were not found by the zoo convention (or not at all):
+    a model without blocks gets no ratio, decay rate or gradient-flow verdict, and must say so."""
+    if summary.get("block_rule") == "zoo" or "notes" not in summary:
+        return []
+    return list(summary.get("notes") or [])
+
+
+def verdict_lines(verdicts: list[dict[str, Any]], fixes: int = 3) -> list[str]:
+    """Rich lines for a terminal: each verdict, then up to ``fixes`` of its fixes with their sources."""
+    from rich.markup import escape
+
+    from ablations.diagnose import fix_text
+
+    out = []
+    for v in verdicts:
+        out.append(f"[yellow]{v['kind']}[/yellow]: {escape(v['message'])}")
+        out += [f"  try: {escape(fix_text(f))}" for f in (v.get("fixes") or [])[:fixes]]
+    return out
 
 
 def summary_table(summaries: list[dict[str, Any]], title: str = "arms") -> Table:

@@ -18,7 +18,7 @@ SHRINK = ["--set", "model.depth=2", "--set", "train.epochs=1", "--set", "seeds=[
 
 PARAM_COLS = ["step", "epoch", "depth", "block", "layer", "param", "role", "size", "grad_norm", "weight_norm",
               "update_norm", "update_ratio"]
-BLOCK_COLS = ["step", "epoch", "depth", "block", "pre_layer", "act_grad_norm", "act_mean", "act_std", "act_saturation",
+BLOCK_COLS = ["step", "epoch", "depth", "block", "act_grad_norm", "act_mean", "act_std", "act_saturation",
               "act_dead", "branch_ratio", "gate_mean", "alpha", "active"]
 
 

@@ -57,7 +57,10 @@ def test_an_importable_builder_trains_and_is_probed(builder_module: str, tfds_di
     summary = run_arm(arm, tmp_path / "arm")
     assert summary["status"] == "completed", summary
     blocks = pd.read_parquet(tmp_path / "arm" / "blocks.parquet")
-    assert blocks["depth"].nunique() == 6 and (blocks["pre_layer"] == blocks["block"]).all()  # graph rule
+    params = pd.read_parquet(tmp_path / "arm" / "params.parquet")
+    assert blocks["depth"].nunique() == 6  # graph rule: one block per fused Dense layer
+    series = params[params["block_kernel"] & (params["step"] == 0)]
+    assert (series["layer"] == series["block"]).all() and len(series) == 6
     # Six fused sigmoid layers: the first block's kernel gets a small share of the last one's gradient.
     assert 0 < summary["ratio_init"] < 0.05 and summary["decay_rate_init"] > 0.1
 

@@ -28,10 +28,10 @@ RTOL = 1e-5
 
 PARAM_COLUMNS = ["step", "epoch", "depth", "block", "layer", "param", "role", "size", "grad_norm", "weight_norm",
                  "update_norm", "update_ratio"]
-BLOCK_COLUMNS = ["step", "epoch", "depth", "block", "pre_layer", "act_grad_norm", "act_mean", "act_std",
-                 "act_saturation", "act_dead", "branch_ratio", "gate_mean", "alpha", "active"]
+BLOCK_COLUMNS = ["step", "epoch", "depth", "block", "act_grad_norm", "act_mean", "act_std", "act_saturation",
+                 "act_dead", "branch_ratio", "gate_mean", "alpha", "active"]
 HISTORY_COLUMNS = ["step", "epoch", "loss", "global_grad_norm", "lr", "grad_decay_rate"]
-BLOCK_STATS = BLOCK_COLUMNS[5:]
+BLOCK_STATS = BLOCK_COLUMNS[4:]
 
 
 # ------------------------------------------------------------------------------------------ reference
@@ -149,7 +149,7 @@ def test_measure_matches_independent_computation(arch, activation, depth, dtype,
     ref = reference(arch, activation, depth, dense_weights(model), x, y)
 
     assert list(df.columns) == ["depth", "block", "layer", "param", "role", "size", "grad_norm", "weight_norm",
-                                "update_norm", "update_ratio", "pre_layer", *BLOCK_STATS]
+                                "update_norm", "update_ratio", *BLOCK_STATS]
     assert len(df) == len(model.trainable_variables) == len(ref["grads"])
     assert df["update_norm"].isna().all() and df["update_ratio"].isna().all()
     assert_close(df.attrs["loss"], ref["loss"], what="loss")
@@ -455,7 +455,7 @@ def test_capture_groups_that_are_off_stay_nan(params, updates, activations):
         for i in range(depth):
             assert_close(b.loc[i, "act_grad_norm"], ref["blocks"][i]["act_grad_norm"])
     else:
-        assert b.drop(columns=["step", "epoch", "block", "pre_layer"]).isna().all().all()
+        assert b.drop(columns=["step", "epoch", "block"]).isna().all().all()
 
 
 def test_prelu_statistics_are_those_of_the_forward_pass_not_the_updated_slopes():

@@ -42,6 +42,15 @@ def _is_recurrent_block(layer: keras.layers.Layer) -> bool:
     return parsed is not None and parsed[1] == "rnn"
 
 
+def chain_problem(model: keras.Model) -> str | None:
+    """Why the through-time view and the gate statistics cannot be built for ``model`` (None: they can)."""
+    try:
+        _check_chain(model)
+    except (ValueError, AttributeError) as err:  # AttributeError: no graph (subclassed)
+        return str(err)
+    return None
+
+
 def _check_chain(model: keras.Model) -> list[keras.layers.Layer]:
     """Returns the model's layers after the input, checking that each one feeds the next."""
     if len(model.inputs) != 1 or len(model.outputs) != 1:

@@ -80,7 +80,7 @@ class ParamNorms(Instrument):
             # Undefined for an all-zero tensor (biases at init): NaN, not inf.
             p["update_ratio"] = (p["update_norm"] / p["weight_norm"]).where(p["weight_norm"] > 0)
         h = tables["history"]
-        rates = decay_rates(drop_inactive(p, tables.get("blocks")), tables.get("blocks"))
+        rates = decay_rates(drop_inactive(p, tables.get("blocks")))
         h["grad_decay_rate"] = h["step"].map(rates).astype(float)
 
     @classmethod
@@ -93,7 +93,7 @@ class ParamNorms(Instrument):
         """``block_kernels/log10_grad_norm``: the spread of block kernel-gradient norms across depth per step."""
         from tensorboard.plugins.histogram.summary import histogram_pb
 
-        k = block_kernels(tables.get("params", pd.DataFrame()), tables.get("blocks"))
+        k = block_kernels(tables.get("params", pd.DataFrame()))
         for step, g in (k.groupby("step") if not k.empty else []):
             v = g["grad_norm"].to_numpy(dtype=float)
             v = v[np.isfinite(v) & (v > 0)]
@@ -104,24 +104,27 @@ class ParamNorms(Instrument):
 # ------------------------------------------------------------------------------ the per-block series
 
 
-def block_kernels(params: pd.DataFrame, blocks: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Rows of each block's weight-gradient series: the kernel of its first linear layer, or of its recurrent
-    layer (``blocks.pre_layer`` names that layer; without it, the zoo's names ``block_<i>_linear``/``_rnn``)."""
+def block_kernels(params: pd.DataFrame) -> pd.DataFrame:
+    """Rows of each block's first linear kernel, or its recurrent layer's input kernel (the per-block
+    weight-gradient series).
+
+    Zoo rows are found by their names (``block_<i>_linear``/``block_<i>_rnn``, param ``kernel``); rows of
+    models whose blocks were found otherwise carry a ``block_kernel`` flag (:func:`ablations.probe.spec.
+    block_kernel_rows`). Tables of several arms may mix both (the flag is NaN for zoo arms).
+    """
     if params.empty:
         return params
-    kernel = (params["role"] == "block") & params["param"].isin(["kernel", "depthwise_kernel"])
-    if blocks is not None and not blocks.empty and "pre_layer" in blocks:
-        key = ["arm_id", "block"] if "arm_id" in params and "arm_id" in blocks else ["block"]
-        pairs = blocks.loc[blocks["pre_layer"].fillna("") != "", [*key, "pre_layer"]].drop_duplicates()
-        want = pd.MultiIndex.from_frame(pairs.rename(columns={"pre_layer": "layer"}))
-        return params[kernel & pd.MultiIndex.from_frame(params[[*key, "layer"]]).isin(want)]
-    return params[kernel & (params["param"] == "kernel")
-                  & ((params["layer"] == params["block"] + "_linear") | (params["layer"] == params["block"] + "_rnn"))]
+    zoo = ((params["role"] == "block") & (params["param"] == "kernel")
+           & ((params["layer"] == params["block"] + "_linear") | (params["layer"] == params["block"] + "_rnn")))
+    if "block_kernel" in params:
+        flag = params["block_kernel"]
+        zoo = flag.where(flag.notna(), zoo).astype(bool) & (params["role"] == "block")
+    return params[zoo]
 
 
-def decay_rates(params: pd.DataFrame, blocks: pd.DataFrame | None = None) -> pd.Series:
+def decay_rates(params: pd.DataFrame) -> pd.Series:
     """Gradient-decay rate per captured step (index: step), NaN where fewer than 2 finite blocks."""
-    k = block_kernels(params, blocks)
+    k = block_kernels(params)
     if k.empty:
         return pd.Series(dtype=float)
     k = k[np.isfinite(k["grad_norm"]) & (k["grad_norm"] > 0)]
@@ -135,14 +138,13 @@ def decay_rates(params: pd.DataFrame, blocks: pd.DataFrame | None = None) -> pd.
     return pd.Series(out, dtype=float).sort_index()
 
 
-def first_last_ratio(params: pd.DataFrame, step: int, depths: tuple[int, int] | None = None,
-                     blocks: pd.DataFrame | None = None) -> float:
+def first_last_ratio(params: pd.DataFrame, step: int, depths: tuple[int, int] | None = None) -> float:
     """Kernel gradient norm of the first block divided by that of the last block at ``step`` (NaN if n/a).
 
     ``depths``: the model's first and last block; when either is missing at ``step`` (switched off, see
     :func:`~ablations.instruments.block_scalars.drop_inactive`) the ratio is undefined, not that of others.
     """
-    k = block_kernels(params, blocks)
+    k = block_kernels(params)
     k = k[k["step"] == step].sort_values("depth")
     if len(k) < 2 or (depths is not None and (k["depth"].iloc[0], k["depth"].iloc[-1]) != depths):
         return math.nan
@@ -154,7 +156,7 @@ def gradient_summary(params: pd.DataFrame, blocks: pd.DataFrame | None = None,
                      history: pd.DataFrame | None = None) -> dict[str, Any]:
     """First/last-block gradient ratios and decay rates at the first and last captured steps (switched-off
     blocks left out). The decay rates are read from ``history.grad_decay_rate`` when it is given."""
-    k = block_kernels(params, blocks)
+    k = block_kernels(params)
     depths = (int(k["depth"].min()), int(k["depth"].max())) if not k.empty else None
     steps = np.sort(params["step"].unique())  # the captured steps, switched-off blocks or not
     params = drop_inactive(params, blocks)
@@ -164,8 +166,8 @@ def gradient_summary(params: pd.DataFrame, blocks: pd.DataFrame | None = None,
     if history is not None and "grad_decay_rate" in history and len(history):
         rates = history.set_index("step")["grad_decay_rate"].dropna().sort_index()
     else:
-        rates = decay_rates(params, blocks)
-    return {"ratio_init": first_last_ratio(params, int(steps[0]), depths, blocks),
-            "ratio_final": first_last_ratio(params, int(steps[-1]), depths, blocks),
+        rates = decay_rates(params)
+    return {"ratio_init": first_last_ratio(params, int(steps[0]), depths),
+            "ratio_final": first_last_ratio(params, int(steps[-1]), depths),
             "decay_rate_init": float(rates.iloc[0]) if len(rates) else math.nan,
             "decay_rate_final": float(rates.iloc[-1]) if len(rates) else math.nan}

@@ -33,7 +33,15 @@ class RNNGates(Instrument):
     snapshot_only = True  # no in-graph part: read by the recorder at the start and the end of training
 
     def applies(self) -> bool:
-        return any(type(getattr(layer, "cell", None)).__name__ in GATED_CELLS for layer in self.spec.net.layers)
+        if not any(type(getattr(layer, "cell", None)).__name__ in GATED_CELLS
+                   for layer in getattr(self.spec.net, "layers", [])):
+            return False
+        from ablations.instruments._rnn_views import chain_problem
+
+        why = chain_problem(self.spec.net)
+        if why:
+            self.spec.notes.append(f"no LSTM/GRU gate statistics (gates): {why}")
+        return why is None
 
     def snapshot(self, x: Any, when: str) -> pd.DataFrame:
         from ablations.instruments._rnn_views import gate_statistics

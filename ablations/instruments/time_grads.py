@@ -37,7 +37,14 @@ class TimeGrads(Instrument):
         self._view = None
 
     def applies(self) -> bool:
-        return any(v.recurrent is not None for v in self.spec.views)
+        if not any(v.recurrent is not None for v in self.spec.views):
+            return False
+        from ablations.instruments._rnn_views import chain_problem
+
+        why = chain_problem(self.spec.net)
+        if why:  # e.g. a user's LSTM model: its blocks get per-tensor and per-block rows, not these; say so
+            self.spec.notes.append(f"no gradients through time (time_grads): {why}")
+        return why is None
 
     @property
     def view(self) -> Any:

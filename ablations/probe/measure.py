@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import keras
@@ -30,14 +31,18 @@ class _LossOnly:
 
 
 def measure_tables(model: keras.Model, batch: Any, loss: Any, *, training: bool = False,
-                   capture: Any = None) -> dict[str, pd.DataFrame]:
+                   capture: Any = None, warn: bool = True) -> dict[str, pd.DataFrame]:
     """Every enabled instrument's table for one batch, as the probe would store them at step 0.
 
-    No update is applied, so update norms are NaN; the weight norms are those of the weights given.
+    No update is applied, so update norms are NaN; the weight norms are those of the weights given. What block
+    discovery found is in ``tables["history"].attrs["notes"]``; a model without blocks also warns (its block
+    statistics, ratio and decay rate stay empty; ``warn=False`` for callers that report the notes themselves).
     """
     x, y = tf.nest.map_structure(tf.convert_to_tensor, tuple(batch))
     loss_fn = keras.losses.get(loss) if isinstance(loss, str) else loss
     spec = make_spec(model)
+    if warn and not spec.n_blocks:  # never silent: every block column would be NaN without a word
+        warnings.warn(" ".join(spec.notes), UserWarning, stacklevel=3)
     insts = [i for i in build_instruments(spec, capture_dict(capture)) if not i.snapshot_only]
     taps = collect_taps(insts)
     model_taps = tap_model(spec, taps)
@@ -73,6 +78,7 @@ def measure_tables(model: keras.Model, batch: Any, loss: Any, *, training: bool 
             tables[inst.table] = inst.frame(steps, epochs, np.asarray(res)[None])
     derive(tables, insts)
     tables["history"].attrs["loss"] = float(value)
+    tables["history"].attrs["notes"] = list(spec.notes)
     return tables
 
 
@@ -89,12 +95,14 @@ def measure(model: keras.Model, batch: Any, loss: Any, *, training: bool = False
     Returns:
         One row per trainable tensor (``depth, block, layer, param, role, size, grad_norm, weight_norm, ...``)
         with the block's columns joined on by ``depth``, and the batch loss in ``attrs["loss"]``; the other
-        tables (``time_grads``...) in ``attrs["tables"]``.
+        tables (``time_grads``...) in ``attrs["tables"]``; what block discovery found (and, for a model
+        without blocks, what to do about it: also a warning) in ``attrs["notes"]``.
     """
     tables = measure_tables(model, batch, loss, training=training, capture=capture)
     params = tables["params"].drop(columns=["step", "epoch"])
     blocks = tables["blocks"].drop(columns=["step", "epoch", "block"])
     df = params.merge(blocks, on="depth", how="left")
     df.attrs["loss"] = tables["history"].attrs["loss"]
+    df.attrs["notes"] = tables["history"].attrs["notes"]
     df.attrs["tables"] = tables
     return df

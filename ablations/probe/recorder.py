@@ -63,6 +63,11 @@ class DrainCallback(keras.callbacks.Callback):
     def on_train_end(self, logs: Any = None) -> None:
         self.drain()
 
+    def forget_counts(self) -> None:
+        """The probe's ring buffer was replaced by a new one, which counts its captures from zero."""
+        with self._lock:
+            self._drained = {}
+
     def snapshot(self, model: Any, x: Any, when: str) -> None:
         """Runs the snapshot instruments (LSTM/GRU gates) on the batch ``x`` (``when``: init | end)."""
         for inst in model.instruments:

@@ -36,6 +36,13 @@ def _ci(c: dict[str, Any] | None, spec: str = ".3g") -> str:
     return _num(c["mean"], spec) + (f" ± {_num(c['half'], '.2g')}" if c.get("half") is not None else "")
 
 
+def _fixes(v: dict[str, Any]) -> str:
+    """A verdict's fixes as tooltip lines (``try: what (source) [config keys]``)."""
+    from ablations.diagnose import fix_text
+
+    return "".join(f"\ntry: {fix_text(f)}" for f in v.get("fixes") or [])
+
+
 def _cell(v: Any) -> Any:
     """A cell of a search's trial table: floats to 4 significant digits, anything else as it is."""
     return _num(v, ".4g") if isinstance(v, float) else v
@@ -43,10 +50,11 @@ def _cell(v: Any) -> Any:
 
 def environment() -> Environment:
     """The Jinja environment of every report page (run, arm and search pages): autoescaped, with the
-    filters ``num`` (a number), ``ci`` (mean ± half-width) and ``cell`` (a trial-table cell)."""
+    filters ``num`` (a number), ``ci`` (mean ± half-width), ``cell`` (a trial-table cell) and ``fixes`` (a
+    verdict's fixes as tooltip lines)."""
     env = Environment(loader=PackageLoader("ablations.report", "templates"),
                       autoescape=select_autoescape(["html"], default=True))
-    env.filters.update(num=_num, ci=_ci, cell=_cell)
+    env.filters.update(num=_num, ci=_ci, cell=_cell, fixes=_fixes)
     return env
 
 

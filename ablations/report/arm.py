@@ -48,7 +48,7 @@ def arm_views(run: RunData, plan: Plan) -> list[ArmView]:
 def gradient_panels(arm: ArmView, labels: tuple[str, str]) -> list[tuple[pd.DataFrame, str, str]]:
     """``(rows, column, axis label)`` of the block kernel-gradient norm and the pre-activation gradient norm,
     those the arm has finite positive values of (``labels``: their axis labels)."""
-    k = finite(block_kernels(arm.params, arm.blocks), "grad_norm", positive=True) if not arm.params.empty else pd.DataFrame()
+    k = finite(block_kernels(arm.params), "grad_norm", positive=True) if not arm.params.empty else pd.DataFrame()
     b = finite(arm.blocks, "act_grad_norm", positive=True) if "act_grad_norm" in arm.blocks else pd.DataFrame()
     return [(d, y, lab) for d, y, lab in ((k, "grad_norm", labels[0]), (b, "act_grad_norm", labels[1]))
             if not d.empty]

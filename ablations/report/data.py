@@ -28,6 +28,7 @@ from ablations import instruments, store
 TABLES = tuple(dict.fromkeys(["history", "epochs", *instruments.tables()]))
 OPTIONAL_TABLES = tuple(t for t in TABLES if t not in store.REQUIRED_TABLES)
 RUN_AXIS = "run"  # the extra axis of a comparison of several runs
+PROBE_SOURCE = "ablations.Probe"  # experiment.yaml's `source` in run folders of models trained outside a config
 
 
 @dataclasses.dataclass
@@ -111,6 +112,8 @@ def _current_arms(exp: dict[str, Any], notes: list[str]) -> dict[str, dict[str, 
     """``{arm id: resolved config}`` of the experiment, or None (with a note) when it no longer expands."""
     from ablations.config import ConfigError, parse_experiment
 
+    if exp.get("source") == PROBE_SOURCE:  # written by ablations.Probe / ablate diagnose: no config to expand
+        return None
     try:
         arms = parse_experiment({k: v for k, v in exp.items() if k != "search"}, source="experiment.yaml").arms()
     except ConfigError as err:

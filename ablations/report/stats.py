@@ -83,16 +83,18 @@ def point_rows(run: RunData, rows: list[dict[str, Any]]) -> list[dict[str, Any]]
         for r in arms:
             statuses[r["status"]] = statuses.get(r["status"], 0) + 1
         verdicts: dict[str, list[str]] = {}
+        fixes: dict[str, list[dict[str, Any]]] = {}  # the fixes of the kind's first verdict (seeds share a model)
         for r in arms:
             for v in r["verdicts"]:
                 verdicts.setdefault(v.get("kind", "?"), []).append(f"seed {r['seed']}: {v.get('message', '')}")
+                fixes.setdefault(v.get("kind", "?"), list(v.get("fixes") or []))
         out.append({
             "values": s0.get("values") or {}, "label": _point_label(s0.get("values") or {}),
             "axis_values": [_value(s0.get("values", {}).get(a)) for a in run.axes],
             "statuses": statuses, "worst": _worst(statuses),
             "seeds": [(r["seed"], r["page"], r["status"]) for r in arms],
             **{m: mean_ci(r[m] for r in arms) for m in (*METRICS, "decay_init", "decay_end")},
-            "verdicts": [{"kind": k, "count": len(v), "messages": v} for k, v in verdicts.items()],
+            "verdicts": [{"kind": k, "count": len(v), "messages": v, "fixes": fixes[k]} for k, v in verdicts.items()],
             "n": len(arms)})
     return out
 

@@ -93,12 +93,12 @@ def _flow_fig(sroot: Path, df: pd.DataFrame, name: str, direction: str, out: Pat
     if done.empty:
         return None
     picks = {"best": done.iloc[0], "worst": done.iloc[-1]}
-    params, blocks = load_table(sroot, "params"), load_table(sroot, "blocks")
+    params = load_table(sroot, "params")
     if params.empty:
         return None
     rows = []
     for label, tr in picks.items():
-        k = block_kernels(params[params["arm_id"].isin(tr["arms"])], blocks)
+        k = block_kernels(params[params["arm_id"].isin(tr["arms"])])
         if k.empty:
             continue
         for when, step in (("init", k["step"].min()), ("end", k["step"].max())):

@@ -14,7 +14,7 @@ from ablations.report.plotting import STALL_RATIO, Plot, finite, profiles, snaps
 @figure(key="updates_activations", section="Gradient flow", scope="arm", order=40,
         needs=("params:update_ratio | blocks:act_saturation | blocks:act_dead",))
 def arm_updates_activations(arm: ArmView) -> Plot | None:
-    k = finite(block_kernels(arm.params, arm.blocks), "update_ratio", positive=True) if not arm.params.empty else pd.DataFrame()
+    k = finite(block_kernels(arm.params), "update_ratio", positive=True) if not arm.params.empty else pd.DataFrame()
     b = arm.blocks
     cols = [(c, lab) for c, lab in (("act_saturation", "saturated entries (fraction)"),
                                     ("act_dead", "dead units (fraction)")) if c in b and np.isfinite(b[c]).any()]

@@ -25,7 +25,7 @@ def _first_seeds(run: RunData, plan: Plan) -> list[str]:
 
 @figure(key="grad_heatmaps", section="Gradient flow", order=50, needs=("params:grad_norm",))
 def grad_heatmaps(run: RunData, plan: Plan) -> Plot | None:
-    k = finite(block_kernels(run.params, run.blocks), "grad_norm", positive=True)
+    k = finite(block_kernels(run.params), "grad_norm", positive=True)
     if k.empty:
         return None
     arms = [a for a in _first_seeds(run, plan) if (k["arm_id"] == a).any()]

@@ -34,7 +34,7 @@ def sigmoid_theory(run: RunData, plan: Plan) -> Plot | None:
     if not any(run.activation(s["arm_id"]) == "sigmoid" for s in run.summaries):
         return None
     parts = []
-    k = finite(block_kernels(run.params, run.blocks), "grad_norm", positive=True)
+    k = finite(block_kernels(run.params), "grad_norm", positive=True)
     if not k.empty:
         parts.append(_first_step(k, "grad_norm", "weight gradient ||dL/dW||"))
     b = finite(run.blocks, "act_grad_norm", positive=True) if "act_grad_norm" in run.blocks else run.blocks.iloc[0:0]
