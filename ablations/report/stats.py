@@ -66,7 +66,8 @@ def arm_rows(run: RunData, labels: dict[str, str], pages: dict[str, str]) -> lis
             "decay_init": decay["decay_init"].get(arm) if arm in decay.index else None,
             "decay_end": decay["decay_end"].get(arm) if arm in decay.index else None,
             "ratio_init": s.get("ratio_init"), "ratio_final": s.get("ratio_final"),
-            "verdicts": list(s.get("verdicts") or []), "time": s.get("wall_time_s"), "note": _note(s)})
+            "verdicts": list(s.get("verdicts") or []), "time": s.get("wall_time_s"), "note": _note(s),
+            "capture_cost": (s.get("capture_cost") or {}).get("run_over_plain")})
     return rows
 
 
