@@ -79,6 +79,15 @@ def load(arm_dir: Path, config_digest: str) -> Resume | None:
                   drain=drain)
 
 
+def resumable(arm_dir: Path, config: dict[str, Any]) -> bool:
+    """Whether ``arm_dir`` holds a checkpoint of exactly this arm config (without loading its arrays)."""
+    try:
+        meta = json.loads((Path(arm_dir) / RESUME_DIR / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("digest") == digest(config) and (Path(arm_dir) / RESUME_DIR / str(meta.get("arrays"))).exists()
+
+
 def _frame(rows: list[dict[str, Any]]) -> Any:
     import pandas as pd
 

@@ -45,7 +45,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ablations import compat, store
+from ablations import checkpoint, compat, store
 from ablations.config import Arm, Experiment, dump_yaml
 from ablations.distributed import (SweepError, free_port, process_role, search_loop,  # noqa: F401 - re-exported
                                    serve_oracle, worker_env)
@@ -198,15 +198,16 @@ def run_one(arm: Arm, index: int, root: Path, out_root: Path, ui: Any) -> tuple[
     """Runs one arm unless the run folder already has its result; returns ``(summary, skipped)``.
 
     ``root`` decides what is done; the arm is written under ``out_root`` (``root`` except on non-chief
-    multi_worker processes). An earlier folder of the arm (another config, damaged, interrupted) is moved to
-    ``root/.replaced/<arm_id>`` first, so none of its files is read as part of the new result.
+    multi_worker processes). An earlier folder of the arm (another config, damaged, interrupted without a
+    checkpoint) is moved to ``root/.replaced/<arm_id>`` first, so none of its files is read as part of the new
+    result; an interrupted arm with a checkpoint of this config stays and continues from it.
     """
     arm_dir = root / "arms" / arm.id
     if is_current(arm, arm_dir):  # done earlier, or by another worker
         return store.read_summary(arm_dir), True
     out_dir = out_root / "arms" / arm.id
-    if out_root == root:
-        _set_aside(out_dir, root / REPLACED_DIR / arm.id)
+    if out_root == root and not checkpoint.resumable(out_dir, arm.config.model_dump(mode="json")):
+        _set_aside(out_dir, root / REPLACED_DIR / arm.id)  # an interrupted arm with its checkpoint stays
     for tmp in list(out_dir.glob(".*.tmp*")):  # a killed attempt's partial writes, never read
         tmp.unlink(missing_ok=True)
     callbacks = [ui.arm_callback(arm)] if ui and out_root == root else []

@@ -319,3 +319,27 @@ def test_sigkill_at_ten_random_moments_then_resume_gives_the_uninterrupted_table
     print(f"kills at checkpoint steps {kills}; final run resumed from step {summary.get('resumed_from_step')}")
     assert sum(k > 0 for k in kills) >= 5 and len(set(kills)) >= 4  # most kills landed inside training
     _assert_same_tables(tmp_path / "full" / "resume" / "arms" / "seed=0", arm)
+
+
+def test_the_sweep_keeps_an_interrupted_arms_checkpoint_and_resumes_it(tfds_dir: str, tmp_path: Path) -> None:
+    """`ablate run` sets an interrupted arm's folder aside, unless it holds a checkpoint of the same config."""
+    import keras
+
+    from ablations.runner import run_arm
+    from ablations.sweep import run_one
+
+    arm = parse_experiment(resumable(epochs=1)).arms()[0]
+
+    class Stop(keras.callbacks.Callback):
+        async_safe = True
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 16:
+                raise _Kill()
+
+    root = tmp_path / "run"
+    with pytest.raises(_Kill):
+        run_arm(arm, root / "arms" / arm.id, callbacks=[Stop()])
+    summary, skipped = run_one(arm, 0, root, root, None)
+    assert not skipped and summary["status"] == "completed" and summary["resumed_from_step"] == 14
+    assert not (root / ".replaced" / arm.id).exists()
