@@ -70,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--point", default=None, help=argparse.SUPPRESS)  # set by a chief for its local workers
 
     _diagnose_parser(add)
+    _reproduce_parser(add)
 
     th = add("theory", help="activation-derivative and attenuation tables, computed with autodiff")
     th.add_argument("--activations", nargs="+", default=None, metavar="NAME",
@@ -130,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return {"run": _run, "validate": _validate, "report": _report, "zoo": _zoo,
-                "theory": _theory, "tune": _tune, "diagnose": _diagnose}[args.command](args, console)
+                "theory": _theory, "tune": _tune, "diagnose": _diagnose,
+                "reproduce": _reproduce}[args.command](args, console)
     except ConfigError as err:
         console.print(f"[bold red]config error[/]\n{escape(str(err))}", highlight=False)
         return EXIT_USAGE
@@ -351,6 +353,58 @@ def _theory(args: argparse.Namespace, console: Console) -> int:
         att.to_csv(args.csv / "attenuation.csv", index=False)
         console.print(f"tables: [bold]{args.csv}[/]", highlight=False)
     return EXIT_OK
+
+
+
+# ------------------------------------------------------------------------------------- ablate reproduce
+
+
+def _reproduce_parser(add) -> None:
+    rp = add("reproduce", help="check published claims (configs/papers) on fresh or stored runs; exit 0 when "
+                               "every claim holds, 3 when one does not, 4 when one could not run")
+    rp.add_argument("names", nargs="*", metavar="NAME", help="claims to run (default: all; `--list` shows them)")
+    rp.add_argument("--quick", action="store_true", help="only the quick set (about 20 min on 2 cores)")
+    rp.add_argument("--out", type=Path, default=Path("runs"), help="parent of the run folders (default: runs)")
+    rp.add_argument("--report", type=Path, default=Path("reports/reproductions"),
+                    help="folder of the Reproductions page (default: reports/reproductions)")
+    rp.add_argument("--no-report", action="store_true", help="skip the Reproductions page")
+    rp.add_argument("--no-train", action="store_true", help="evaluate the stored runs only; train nothing")
+    rp.add_argument("--list", action="store_true", help="list the claims and exit")
+    rp.add_argument("--claims", type=Path, default=None, help="folder of claim YAMLs (default: configs/papers)")
+
+
+def _reproduce(args: argparse.Namespace, console: Console) -> int:
+    import rich.markup  # noqa: F401 - loaded now: a first import from rich's refresh thread can hit TFDS's lazy-import hook
+
+    from ablations import reproduce as rp
+
+    chosen = rp.select(args.names, args.quick, args.claims or rp.CLAIMS_DIR)
+    if args.list:
+        for path, exp in chosen:
+            c = exp.claim
+            console.print(f"{path.stem:34} {c.kind:8} {'quick' if c.quick else '     '} {c.paper.authors} "
+                          f"{c.paper.year}: {c.statement}", highlight=False)
+        return EXIT_OK
+    if not args.no_report:
+        _check_report_folder(args.report)
+    if not args.no_train:
+        _start_tensorflow(args)
+    from ablations.ui import SweepUI
+
+    t0 = time.time()
+    console.print(f"[bold]{len(chosen)} claim(s)[/] into {escape(str(args.out))}", highlight=False)
+    results = rp.run_claims(chosen, args.out, ui_factory=lambda: SweepUI(console), train=not args.no_train,
+                            on_claim=lambda r: console.print(rp.claim_line(r), highlight=False))
+    console.print(rp.results_table(results, title=f"reproductions: {len(results)} claims in {time.time() - t0:.0f} s"))
+    if not args.no_report:
+        from ablations.report.reproductions import build_reproductions
+
+        index = build_reproductions(results, args.report, seconds=time.time() - t0)
+        console.print(f"report: [bold]{escape(str(index))}[/]", highlight=False)
+    code = rp.exit_code(results)
+    counts = {s: sum(r.status == s for r in results) for s in (rp.HOLDS, rp.NOT_HOLD, rp.NOT_RUN)}
+    console.print(", ".join(f"{n} {s}" for s, n in counts.items()) + f" (exit code {code})", highlight=False)
+    return code
 
 
 if __name__ == "__main__":

@@ -413,9 +413,149 @@ class PointSettings(Strict):
     set: dict[str, Any]
 
 
-_NOT_VARIED = ("name", "description", "grid", "seeds", "search", "per_point", "max_arms")
+_NOT_VARIED = ("name", "description", "grid", "seeds", "search", "per_point", "max_arms", "claim")
 SEED_MAX = 2**32 - 1  # NumPy and Keras seeds are unsigned 32-bit
 DEFAULT_MAX_ARMS = 10_000
+
+# ------------------------------------------------------------------------------------- claims (reproduce)
+# A `claim:` section makes an experiment a check of a published result (`ablate reproduce`, configs/papers/).
+# Its expressions are parsed by ablations.claims (a small safe language over the stored tables, no TensorFlow)
+# and checked against the experiment's arms in parse_experiment (_check_claim), so errors name file:line.
+
+
+class ClaimPaper(Strict):
+    """The paper a claim comes from."""
+
+    authors: str = Field(min_length=1)
+    year: int = Field(ge=1900, le=2100)
+    title: str = Field(min_length=1)
+
+
+class ClaimTolerance(Strict):
+    """Where a claim's tolerance comes from (never widened to make a claim pass)."""
+
+    # paper: the paper's own spread or stated range; seed_spread: the seed-to-seed spread measured here;
+    # theory: an exact or mean-field prediction with its numerical error; bound: an inequality (no spread).
+    source: Literal["paper", "seed_spread", "theory", "bound"]
+    note: str = Field(min_length=1)  # the numbers behind it (e.g. "3 sd over seeds 0-4: 0.012")
+
+
+class ClaimFigure(Strict):
+    """The small figure drawn beside the claim's row, from the stored tables (PNG + CSV)."""
+
+    kind: Literal["depth", "curve", "time", "values"] = "values"  # vs block depth | vs step/epoch | vs t | bars
+    table: Optional[str] = None  # depth: blocks | kernels | params; curve: history | epochs; time: time_grads
+    column: Optional[str] = None
+    step: Union[int, Literal["first", "last"]] = "first"  # depth and time figures
+    logy: bool = True
+    relative: bool = False  # depth / time figures: divide by the value at the last block / step (as ratio() does)
+    arms: Optional[str] = None  # arm selector of the arms drawn (default: all)
+    ref: dict[str, Union[str, float]] = {}  # horizontal reference lines: label -> expression
+
+    @model_validator(mode="after")
+    def _table(self) -> "ClaimFigure":
+        need = {"depth": ("blocks", "kernels", "params"), "curve": ("history", "epochs"), "time": ("time_grads",)}
+        if self.kind in need and (self.table not in need[self.kind] or not self.column):
+            raise ValueError(f"figure kind {self.kind} needs table one of {', '.join(need[self.kind])} and a column")
+        return self
+
+
+class ClaimConfig(Strict):
+    """A published claim, what is measured here and when it holds (README: Reproducing the literature)."""
+
+    paper: ClaimPaper
+    statement: str = Field(min_length=1)  # the claim in one sentence
+    setup: str = Field(min_length=1)  # the paper's setup
+    published: str = Field(min_length=1)  # the paper's number(s) as published
+    kind: Literal["init", "trained", "theory"]  # init: one step, statistics of step 0; theory: nothing trains
+    quick: bool = False  # part of `ablate reproduce --quick`
+    requires: list[str] = []  # instruments the claim needs (could not run until they are registered)
+    measure: dict[str, Union[str, float]]  # name -> expression, in order; later ones may use earlier names
+    show: Optional[list[str]] = None  # measures shown as "ours" (default: all)
+    holds: str  # a condition over the measures
+    expected: str = Field(min_length=1)  # the expected direction/value and tolerance, in words
+    tolerance: ClaimTolerance
+    differs: str = ""  # what differs from the paper (scale, data, optimiser)
+    figure: ClaimFigure = ClaimFigure()
+
+    @field_validator("measure")
+    @classmethod
+    def _measure(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if not v:
+            raise ValueError("claim.measure is empty: name at least one quantity")
+        reserved = _claim_reserved()
+        bad = [k for k in v if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k) or k in reserved]
+        if bad:
+            raise ValueError(f"measure name '{bad[0]}' must be an identifier and not a function or constant name")
+        return {k: str(x) for k, x in v.items()}
+
+    def compile(self, extra_tables: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Parses every expression; returns ``{dotted key: ablations.claims.Expression}`` in evaluation order.
+
+        Raises:
+            ValueError: ``"<dotted key>: <problem>"`` for the first expression that is not allowed.
+        """
+        from ablations import claims
+
+        out: dict[str, Any] = {}
+        tables = tuple(self.requires) + tuple(extra_tables)
+        names: list[str] = []
+        for key, text in [*((f"measure.{k}", x) for k, x in self.measure.items()), ("holds", self.holds),
+                          *((f"figure.ref.{k}", x) for k, x in self.figure.ref.items())]:
+            try:
+                out[key] = claims.parse(str(text), names, tables)
+            except claims.ExpressionError as err:
+                raise ValueError(f"claim.{key}: {err}") from None
+            if key.startswith("measure."):
+                names.append(key.split(".", 1)[1])
+        for name in self.show or []:
+            if name not in self.measure:
+                raise ValueError(f"claim.show: '{name}' is not a measure.{suggest(name, list(self.measure))}")
+        if self.figure.table and self.figure.table not in tables:
+            try:  # the figure's table and column must be stored ones
+                claims.parse(f'column("{self.figure.table}", "{self.figure.column}")')
+            except claims.ExpressionError as err:
+                raise ValueError(f"claim.figure: {err}") from None
+        return out
+
+
+def _claim_reserved() -> set[str]:
+    """Names a measure may not take: the claim language's functions and constants (imported lazily)."""
+    from ablations.claims import CONSTANTS, FUNCTIONS
+
+    return set(FUNCTIONS) | set(CONSTANTS)
+
+
+def _check_claim(exp: "Experiment", where: "_Where") -> None:
+    """Expressions parse, every arm selector matches an arm, init/theory claims train one step only."""
+    from ablations.claims import flatten, matches, parse_selector
+
+    claim = exp.claim
+
+    def fail(key: str, msg: str) -> None:
+        raise ConfigError(f"{where.at(key)}: {msg}")  # file:line of the key (or of its nearest parent)
+
+    try:
+        parsed = claim.compile()
+    except ValueError as err:
+        fail(str(err).split(":", 1)[0], str(err))
+    configs = [flatten({**a.config.model_dump(mode="json", exclude={"values", "experiment", "arm_id"})})
+               for a in exp.arms()]
+    keys = set().union(*configs)
+    for key, expr in parsed.items():
+        for sel in expr.selectors:
+            want = parse_selector(sel)
+            unknown = [k for k in want if k not in keys]
+            if unknown:
+                fail(f"claim.{key}", f"claim.{key}: arm selector '{sel}': no arm has the key '{unknown[0]}'."
+                                     f"{suggest(unknown[0], sorted(keys))}")
+            if not any(matches(c, want) for c in configs):
+                fail(f"claim.{key}", f"claim.{key}: arm selector '{sel}' matches no arm of this experiment")
+    if claim.kind in ("init", "theory"):
+        long = [a.id for a in exp.arms() if a.config.train.epochs != 1 or a.config.train.steps_per_epoch != 1]
+        if long:
+            fail("claim.kind", f"claim.kind {claim.kind}: set train.epochs: 1 and train.steps_per_epoch: 1 (an "
+                               f"{claim.kind} claim reads step 0 only; arm {long[0]} trains longer)")
 
 
 class Experiment(Strict):
@@ -437,6 +577,7 @@ class Experiment(Strict):
     search: Optional[SearchConfig] = None  # keras-tuner search for `ablate tune`
     _arms: Optional[list[Arm]] = PrivateAttr(None)
     _where: Any = PrivateAttr(None)  # how arm errors are located (file lines, --set items), from parsing
+    claim: Optional[ClaimConfig] = None  # a published claim this experiment checks (`ablate reproduce`)
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -504,7 +645,7 @@ class Experiment(Strict):
 
     def base_dict(self) -> dict[str, Any]:
         """The base config (every section, no grid): what each arm starts from."""
-        return self.model_dump(mode="json", exclude={"grid", "seeds", "search", "per_point", "max_arms"})
+        return self.model_dump(mode="json", exclude={"grid", "seeds", "search", "per_point", "max_arms", "claim"})
 
     def arms(self) -> list[Arm]:
         """The grid times the seeds as arms (grid order, seeds innermost); expanded once per experiment.
@@ -643,6 +784,8 @@ def parse_experiment(raw: dict[str, Any], source: str = "<config>", lines: dict[
     exp.arms()
     if exp.search is not None:
         _check_space(exp, where)
+    if exp.claim is not None:
+        _check_claim(exp, where)
     return exp
 
 
