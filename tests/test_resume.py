@@ -295,20 +295,20 @@ def test_sigkill_at_ten_random_moments_then_resume_gives_the_uninterrupted_table
         started = time.time()
         proc = subprocess.Popen([*cmd, "--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
-        # A random moment once the arm has started (its arm.yaml is rewritten first): TensorFlow's start-up
-        # takes 8-20 s on this shared machine, so a fixed delay would mostly kill before training.
-        while not ((arm / "arm.yaml").exists() and (arm / "arm.yaml").stat().st_mtime >= started):
+        # A random moment once this attempt trains (it has saved a checkpoint): TensorFlow's start-up takes
+        # 8-20 s on this shared machine, so a fixed delay would mostly kill before training starts.
+        state = arm / ".resume" / "state.json"
+        while not (state.exists() and state.stat().st_mtime >= started):
             if proc.poll() is not None or time.time() - started > 120:
                 break
             time.sleep(0.05)
         if proc.poll() is not None:
             break  # finished (the arm was done)
         try:
-            proc.wait(timeout=rng.uniform(0.5, 8.0))
+            proc.wait(timeout=rng.uniform(0.0, 5.0))
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            state = arm / ".resume" / "state.json"
             kills.append(json.loads(state.read_text())["step"] if state.exists() else 0)
             continue
         break  # finished before the kill: start the next kill sooner
