@@ -4,14 +4,15 @@ Each verdict names the blocks and the evidence, e.g. ``"blocks 0-11: update rati
 the last 200 steps"``. Thresholds (all overridable under ``diagnose:`` in the YAML):
 
 * vanishing: first/last block kernel-gradient ratio < 1e-3 (AUTOTRAINER, Zhang et al. 2021), or a block's
-  gradient norm below an absolute floor of 1e-8;
+  gradient norm below an absolute floor of 1e-8 (also when every block's is 0 and no ratio exists);
 * exploding: first/last ratio > 70 (AUTOTRAINER) or a non-finite loss or global gradient norm;
 * stalled: update/weight ratio < 1e-3 (the seed's rule: below it a layer is barely learning);
 * saturated: more than 80% of a block's activation entries have a derivative < 5% of the maximum
   (Glorot & Bengio 2010's saturated sigmoid units; our threshold);
 * dead units: more than 40% of a block's units have zero derivative for the whole batch (our threshold);
-* plateau: the mean training loss of the last window improved by less than 1% over the window before;
-* rising_loss: it got worse instead (a rising loss is not a plateau).
+* plateau: the mean training loss of the last window changed by less than 1% (either way) from the window
+  before;
+* rising_loss: it rose by more than that instead (a rising loss is not a plateau).
 
 The gradient-decay rate is the least-squares slope of log10(block kernel gradient norm) against block depth:
 decades per block, positive when the gradient shrinks toward the input (vanishing), negative when it grows
@@ -97,9 +98,9 @@ def verdicts(params: pd.DataFrame, blocks: pd.DataFrame, history: pd.DataFrame,
         if bad is None:
             out.extend(_flow(win, label, th))
         out.extend(_stalled(win, label, th))
-    if not blocks.empty:
+    if blocks is not None and not blocks.empty:
         out.extend(_activations(blocks, th, at_init))
-    if not at_init and len(history) >= 4:
+    if not at_init and history is not None and len(history) >= 4:
         out.extend(_plateau(history, th))
     for v in out:
         v["fixes"] = fixes_for(v["kind"], facts)
@@ -113,7 +114,8 @@ def _non_finite(k: pd.DataFrame, history: pd.DataFrame, window: int, at_init: bo
     "not captured" (``capture.params: false``) or "switched off by design", which is no evidence of anything.
     """
     if history is None or history.empty:  # tables without a history (hand-made): the per-block norms
-        if k.empty or np.isfinite(k["grad_norm"].astype(float)).all():
+        g = k["grad_norm"].astype(float) if not k.empty else pd.Series(dtype=float)
+        if np.isfinite(g).all() or g.isna().all():  # all NaN: not captured (capture.params false)
             return None
         win, label = _window(k, window, at_init)
         bad = sorted(win.loc[~np.isfinite(win["grad_norm"].astype(float)), "depth"].unique())
@@ -133,25 +135,42 @@ def _non_finite(k: pd.DataFrame, history: pd.DataFrame, window: int, at_init: bo
 
 
 def _flow(win: pd.DataFrame, label: str, th: dict[str, float]) -> list[dict[str, Any]]:
-    """``vanishing`` / ``exploding`` from the first/last block ratio of the window's median gradient norms."""
+    """``vanishing`` / ``exploding`` from the window's median kernel-gradient norm per block: the first/last
+    ratio, and the absolute floor (judged even when the last block's gradient is 0 too: an all-zero
+    gradient is the deepest vanishing, not a missing one)."""
     med = win.groupby("depth")["grad_norm"].median().sort_index()
     finite = med[np.isfinite(med)]
-    if len(finite) < 2 or finite.iloc[-1] <= 0:
+    if finite.empty:
         return []
-    rel = finite / finite.iloc[-1]
-    ratio = float(rel.iloc[0])
-    weak = [d for d, r in rel.items() if r < th["vanishing_ratio"]]
-    floor = [d for d, g in finite.items() if g < th["vanishing_floor"]]
+    last_depth, last = int(finite.index[-1]), float(finite.iloc[-1])
+    rel = finite / last if len(finite) >= 2 and last > 0 else pd.Series(dtype=float)
+    ratio = float(rel.iloc[0]) if len(rel) else float("nan")
+    weak = [int(d) for d, r in rel.items() if r < th["vanishing_ratio"]]
+    floor = [int(d) for d, g in finite.items() if g < th["vanishing_floor"]]
     if ratio < th["vanishing_ratio"] or floor:
-        who = sorted(set(weak) | set(floor))
-        return [_verdict("vanishing", who, f"{block_ranges(who)} receive < {th['vanishing_ratio']:g} of the gradient "
-                                           f"of block {int(finite.index[-1])} (first/last ratio {ratio:.1e}) {label}")]
+        return [_verdict("vanishing", sorted(set(weak) | set(floor)),
+                         _vanishing_message(weak, finite[[d for d in floor if d not in weak]], ratio, last_depth,
+                                            label, th))]
     if ratio > th["exploding_ratio"]:
         strong = [d for d, r in rel.items() if r > th["exploding_ratio"]]
         return [_verdict("exploding", strong, f"{block_ranges(strong)} receive > {th['exploding_ratio']:g}x the "
-                                              f"gradient of block {int(finite.index[-1])} (first/last ratio "
+                                              f"gradient of block {last_depth} (first/last ratio "
                                               f"{ratio:.1e}) {label}")]
     return []
+
+
+def _vanishing_message(weak: list[int], floored: pd.Series, ratio: float, last_depth: int, label: str,
+                       th: dict[str, float]) -> str:
+    """The ratio clause for blocks far below the last block; the floor clause for the others below the floor
+    (a block whose ratio is fine is not said to receive < 1e-3 of the last block's gradient)."""
+    parts = []
+    if weak:
+        parts.append(f"{block_ranges(weak)} receive < {th['vanishing_ratio']:g} of the gradient of block "
+                     f"{last_depth} (first/last ratio {ratio:.1e})")
+    if len(floored):
+        parts.append(f"{block_ranges(floored.index)}: gradient norm {floored.min():.1e}..{floored.max():.1e} < "
+                     f"{th['vanishing_floor']:g}")
+    return "; ".join(parts) + f" {label}"
 
 
 def _stalled(win: pd.DataFrame, label: str, th: dict[str, float]) -> list[dict[str, Any]]:
@@ -182,8 +201,8 @@ def _activations(blocks: pd.DataFrame, th: dict[str, float], at_init: bool) -> l
 
 
 def _plateau(history: pd.DataFrame, th: dict[str, float]) -> list[dict[str, Any]]:
-    """``plateau`` when the last window's mean loss improved < 1% over the window before; ``rising_loss`` when
-    it got worse (a rising loss is no plateau)."""
+    """``plateau`` when the last window's mean loss changed by less than 1% either way over the window before;
+    ``rising_loss`` when it rose by more (a rising loss is no plateau)."""
     h = history[np.isfinite(history["loss"])].sort_values("step")
     if len(h) < 4:
         return []
@@ -197,10 +216,13 @@ def _plateau(history: pd.DataFrame, th: dict[str, float]) -> list[dict[str, Any]
         return []
     gain = (before - recent) / before
     span = f"training loss {before:.3g} -> {recent:.3g} over the last {w} steps"
-    if gain < 0:
+    # Symmetric: a change smaller than the threshold either way is a plateau (a flat loss's noise must not
+    # flip it to rising_loss); a rise beyond it is a rising loss.
+    if gain < -th["plateau_improvement"]:
         return [_verdict("rising_loss", [], f"{span}: it rose by {-gain:.1%}")]
     if gain < th["plateau_improvement"]:
-        return [_verdict("plateau", [], f"{span} ({gain:+.1%}, < {th['plateau_improvement']:.0%} improvement)")]
+        return [_verdict("plateau", [], f"{span}: {-gain:+.1%} (less than {th['plateau_improvement']:.0%} "
+                                        f"improvement)")]
     return []
 
 

@@ -13,7 +13,7 @@ import tensorflow as tf
 import zoo
 from ablations import measure
 from ablations.diagnose import block_ranges, decay_rates, verdicts
-from ablations.probe import DrainCallback, ProbedModel
+from ablations.probe import DrainCallback, ProbedModel, measure_tables
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -24,14 +24,10 @@ def _batch(n=64, seed=0):
 
 
 def _tables_at_init(model, batch):
-    """params/blocks/history tables of one measured batch, shaped like the stored ones (step 0)."""
-    df = measure(model, batch, LOSS)
-    params = df[["depth", "block", "layer", "param", "role", "size", "grad_norm", "weight_norm",
-                 "update_norm", "update_ratio"]].assign(step=0, epoch=0)
-    cols = ["act_grad_norm", "act_mean", "act_std", "act_saturation", "act_dead", "branch_ratio", "gate_mean"]
-    blocks = df[df.role == "block"].groupby("depth", as_index=False)[cols].first().assign(step=0, epoch=0)
-    history = pd.DataFrame({"step": [0], "loss": [df.attrs["loss"]]})
-    return params, blocks, history
+    """params/blocks/history tables of one measured batch, as the probe stores them (step 0; alpha, active and
+    pre_layer included, so switched-off blocks are recognised as in a real run)."""
+    t = measure_tables(model, batch, LOSS)
+    return t["params"], t["blocks"], t["history"]
 
 
 def _synthetic(grad_by_depth, update_ratio=1e-2, steps=range(10)):
@@ -66,10 +62,21 @@ def test_deep_sigmoid_plain_is_vanishing_rezero_is_not() -> None:
     vanishing = [x for x in v if x["kind"] == "vanishing"]
     assert vanishing, v
     assert 0 in vanishing[0]["blocks"] and "first/last ratio" in vanishing[0]["message"]
-    other = "rezero_mlp" if "rezero_mlp" in zoo.names() else "resnet_mlp"
-    opts = {} if other == "rezero_mlp" else {"branch_scale": "inv_sqrt_depth"}
-    res = zoo.build(other, input_shape=(8, 8, 1), num_outputs=10, depth=20, width=32, activation="sigmoid", **opts)
+    res = zoo.build("resnet_mlp", input_shape=(8, 8, 1), num_outputs=10, depth=20, width=32, activation="sigmoid",
+                    branch_scale="inv_sqrt_depth")
     assert not [x for x in verdicts(*_tables_at_init(res, b), at_init=True) if x["kind"] == "vanishing"]
+    # ReZero once alpha has moved: judged, and its identity skips keep the ratio near 1.
+    moved = zoo.build("rezero_mlp", input_shape=(8, 8, 1), num_outputs=10, depth=20, width=32, activation="sigmoid",
+                      alpha_init=0.05)
+    params, blocks, history = _tables_at_init(moved, b)
+    assert (blocks["alpha"] == 0.05).all() and (params.loc[params.role == "block", "grad_norm"] > 0).all()
+    assert verdicts(params, blocks, history, at_init=True) == []
+    # At alpha = 0 every branch kernel has exactly zero gradient by design: nothing to judge, no verdict
+    # (without the alpha column the zeros read as vanishing: this assertion can fail).
+    init = zoo.build("rezero_mlp", input_shape=(8, 8, 1), num_outputs=10, depth=20, width=32, activation="sigmoid")
+    params, blocks, history = _tables_at_init(init, b)
+    assert verdicts(params, blocks, history, at_init=True) == []
+    assert [x["kind"] for x in verdicts(params, blocks.drop(columns="alpha"), history, at_init=True)] == ["vanishing"]
 
 
 def test_exploding_stalled_plateau_and_nonfinite() -> None:
@@ -182,8 +189,7 @@ def test_switched_off_stochastic_depth_blocks_are_not_vanishing() -> None:
     blocks = pd.DataFrame([dict(step=s, epoch=0, depth=d, block=f"block_{d:03d}",
                                 active=0.0 if (d == 0 and s in (0, 1, 3)) else 1.0)
                            for s in range(4) for d in range(4)])
-    judged = [v["kind"] for v in verdicts(params, blocks, pd.DataFrame())]
-    assert "vanishing" not in judged and "stalled" not in judged
+    assert verdicts(params, blocks, pd.DataFrame()) == []  # nothing at all: no stalled, no NaN "exploding"
     assert [v["kind"] for v in verdicts(params, blocks.drop(columns="active"), pd.DataFrame())].count("vanishing") == 1
     s = gradient_summary(params, blocks)
     assert math.isnan(s["ratio_init"]) and math.isnan(s["ratio_final"])  # undefined, not 0
