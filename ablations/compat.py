@@ -271,3 +271,12 @@ def optimizer_slot(optimizer: Any, variable: Any, slot: str) -> Any:
     Checked on Keras 3.15.
     """
     return getattr(optimizer, f"_{slot}")[optimizer._get_variable_index(variable)]  # noqa: SLF001
+
+
+def sgd_momentum(optimizer: Any, variable: Any) -> Any:
+    """Keras SGD's velocity of ``variable`` (``optimizer.momentums[Optimizer._get_variable_index(v)]``).
+
+    Why: with momentum (not Nesterov) the update Keras applies is exactly this velocity after the step, so
+    the update norm needs no pre-update copy of the weights; the index lookup is private. Checked on 3.15.
+    """
+    return optimizer.momentums[optimizer._get_variable_index(variable)]  # noqa: SLF001

@@ -115,7 +115,7 @@ def _analytic_memory(plain, probed) -> float:
     ring = probed.ring
     extra = sum(int(np.prod(t.shape)) * 4 for t in ring.values.values()) + \
         sum(int(s.shape[0]) * 8 for s in ring.steps.values())
-    if any("pre_update_weights" in i.needs for i in probed.instruments):
+    if any("pre_update_weights" in i.needs_for(probed.optimizer) for i in probed.instruments):
         extra += sum(int(np.prod(v.shape)) * 4 for v in probed.trainable_variables)  # pre-update copy
     return (base + extra) / base
 

@@ -50,6 +50,9 @@ def test_keras_trainer_internals() -> None:
     opt = m.optimizer
     v = m.trainable_variables[0]
     assert tuple(compat.optimizer_slot(opt, v, "velocities").shape) == tuple(v.shape)
+    sgd = keras.optimizers.SGD(0.1, momentum=0.9)
+    sgd.build(m.trainable_variables)
+    assert tuple(compat.sgd_momentum(sgd, v).shape) == tuple(v.shape)
 
 
 def test_functional_graph_internals() -> None:

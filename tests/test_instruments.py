@@ -177,3 +177,46 @@ def test_stored_decay_rate_is_the_least_squares_slope_of_the_stored_norms() -> N
         x, y = k["depth"].to_numpy(float), np.log10(k["grad_norm"].to_numpy(float))
         slope = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()  # closed form, by hand
         assert rate == pytest.approx(slope, rel=1e-9) and rate > 0.3  # sigmoid: a factor ~4 per block
+
+
+OPTIMIZERS = {
+    "sgd": lambda: __import__("keras").optimizers.SGD(0.05),
+    "sgd+global_clipnorm": lambda: __import__("keras").optimizers.SGD(0.05, global_clipnorm=0.5),
+    "sgd+clipnorm": lambda: __import__("keras").optimizers.SGD(0.05, clipnorm=0.05),
+    "momentum": lambda: __import__("keras").optimizers.SGD(0.05, momentum=0.9),
+    "adam": lambda: __import__("keras").optimizers.Adam(0.01),
+}
+
+
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+def test_update_norms_read_from_the_optimizer_equal_the_copy_based_ones(opt: str) -> None:
+    """Three steps with the update read from the optimizer's step (no copy) and with a pre-update copy."""
+    import keras
+
+    import zoo
+    from ablations.instruments.param_norms import update_source
+
+    tables = {}
+    for source in ("slots", "copy"):
+        keras.utils.set_random_seed(4)
+        net = zoo.build("resnet_mlp", input_shape=(8, 8, 1), num_outputs=10, depth=2, width=8, bias_init_std=0.1)
+        tables[source] = _fit(net, {"instruments": {"param_norms": {"update_source": source}}}, steps=3,
+                              optimizer=OPTIMIZERS[opt]())["params"]
+    assert update_source(OPTIMIZERS[opt](), "auto") != "copy"
+    a, b = tables["slots"]["update_norm"].to_numpy(), tables["copy"]["update_norm"].to_numpy()
+    assert np.isfinite(a).all() and (a > 0).sum() > len(a) // 2
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-9)  # float32 rounding of the stored weights
+    np.testing.assert_allclose(tables["slots"]["weight_norm"], tables["copy"]["weight_norm"], rtol=1e-6)
+
+
+def test_optimizers_whose_update_cannot_be_read_exactly_keep_the_copy() -> None:
+    import keras
+
+    from ablations.instruments.param_norms import update_source
+
+    for opt in (keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True), keras.optimizers.AdamW(0.01),
+                keras.optimizers.SGD(0.1, clipvalue=0.1), keras.optimizers.RMSprop(0.01),
+                keras.optimizers.Adam(0.01, amsgrad=True)):
+        assert update_source(opt, "auto") == "copy", type(opt).__name__
+        with pytest.raises(ValueError, match="slots cannot give the exact update"):
+            update_source(opt, "slots")

@@ -182,9 +182,12 @@ class StepContext:
         old_weights: the weights before the update (when an instrument needs ``pre_update_weights``).
         scale: the loss scale of a LossScaleOptimizer (None without one).
         off: [n_blocks] bool, blocks switched off by design this step (read before the update), or None.
+        before_update: tensors the optimizer update must wait for (computed from the pre-update weights
+            without a copy: the update may only overwrite them once these are done).
     """
 
     def __init__(self, **kw: Any):
+        self.before_update: list[Any] = []
         self.__dict__.update(kw)
         self._memo: dict[str, Any] = {}
 
@@ -338,6 +341,10 @@ class Instrument:
     def applies(self) -> bool:
         """Whether the model has what this instrument measures (else its columns are NaN / no table)."""
         return True
+
+    def needs_for(self, optimizer: Any) -> frozenset:
+        """:attr:`needs` for the optimizer in use (e.g. no pre-update copy when it can be avoided)."""
+        return self.needs
 
     def taps(self) -> dict[str, list[Any]]:
         """Tap name -> the Keras tensors to tap (one forward pass exposes all of them)."""

@@ -10,19 +10,27 @@ read by the report and the verdicts (AUTOTRAINER-style ratio: Zhang et al. 2021)
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from ablations.lazy import pd
 
+from ablations import compat
 from ablations.instruments.base import Column, Finish, Instrument, Options, Reducer, StepContext, tf
+from ablations.instruments.kernels import global_norm, num_replicas, sq_sums
 from ablations.instruments.block_scalars import drop_inactive
 
 
 class ParamOptions(Options):
-    # Weight and applied-update norms need a pre-update copy of the weights on captured steps (two more
-    # passes over them); off leaves weight_norm, update_norm and update_ratio NaN.
+    # Weight and applied-update norms: off leaves weight_norm, update_norm and update_ratio NaN.
     updates: bool = True
+    # Where the update comes from. `copy`: the weights after the step minus a copy taken before it (what the
+    # stored float32 weights really changed by; a model's worth of memory on captured steps). `slots`: the
+    # step Keras computed, read from the optimizer (plain SGD: lr times the clipped gradient; SGD with
+    # momentum: its velocity; Adam: its moments), no copy; it equals `copy` up to float32 rounding of the
+    # weights (they differ only where an update is below the weights' resolution). `auto`: `slots` where the
+    # optimizer allows it exactly, else `copy`.
+    update_source: Literal["auto", "copy", "slots"] = "auto"
 
 
 class ParamNorms(Instrument):
@@ -49,29 +57,73 @@ class ParamNorms(Instrument):
     def needs(self) -> frozenset:  # type: ignore[override]
         return frozenset({"grads", "pre_update_weights"} if self.options.updates else {"grads"})
 
+    def needs_for(self, optimizer: Any) -> frozenset:
+        """What this step needs: no pre-update copy when the update can be read from the optimizer."""
+        if self.options.updates and update_source(optimizer, self.options.update_source) != "copy":
+            return frozenset({"grads"})
+        return self.needs
+
     def compute(self, ctx: StepContext, red: Reducer) -> Finish:
         grads = ctx.grad_norms(red)
-        weights = red.norms(ctx.old_weights) if self.options.updates else None
-        self._handles = (grads, weights)
+        self._update = None  # set by after_update (measure() has no update: its update_norm stays NaN)
+        self._source = update_source(ctx.model.optimizer, self.options.update_source) if self.options.updates \
+            else None
+        weights = None
+        if self._source == "copy":
+            weights = red.norms(ctx.old_weights)
+        elif self._source is not None:
+            # Before the update, and finished before it (ctx.before_update): the reads need no copy.
+            sq = sq_sums(ctx.variables)
+            ctx.before_update.append(sq)
+            weights = red.sums(sq)  # identical on every replica: divided back below
+            self._lr = tf.cast(ctx.model.optimizer.learning_rate, tf.float32)  # the rate this step applies
+        n_rep = num_replicas()
+        source = self._source
 
         def finish(r: Any) -> dict[str, Any]:
             out = {"grad_norm": (None, r(grads))}
             if weights is not None:
-                out["weight_norm"] = (None, r(weights))
-            if getattr(self, "_update", None) is not None:
-                out["update_norm"] = (None, r(self._update))
+                out["weight_norm"] = (None, r(weights) if source == "copy" else tf.sqrt(r(weights) / n_rep))
+            if source is not None and (self._update is not None or source == "sgd"):
+                out["update_norm"] = (None, self._update_norms(r, r(grads), ctx.model.optimizer))
             return out
 
         return finish
 
     def after_update(self, ctx: StepContext, red: Reducer) -> None:
         self._update = None
-        if self.options.updates and ctx.old_weights is not None:
+        if self._source == "copy" and ctx.old_weights is not None:
             # Subtract in the variable's dtype, then cast: casting first would round float64 weights to float32
             # and swamp a small update with the rounding error of the weights.
             deltas = [tf.cast(v, o.dtype) - o for v, o in zip(ctx.variables, ctx.old_weights)]
             self._update = red.norms(deltas, skip=ctx.param_skip())
+        elif self._source == "momentum":
+            vel = [compat.sgd_momentum(ctx.model.optimizer, v) for v in ctx.variables]
+            self._update = red.norms(vel, skip=ctx.param_skip())
+        elif self._source == "adam":
+            opt = ctx.model.optimizer
+            steps = [tf.cast(compat.optimizer_slot(opt, v, "momentums"), tf.float32)
+                     / (tf.sqrt(tf.cast(compat.optimizer_slot(opt, v, "velocities"), tf.float32)) + opt.epsilon)
+                     for v in ctx.variables]
+            self._update = red.norms(steps, skip=ctx.param_skip())
         return None
+
+    def _update_norms(self, r: Any, grad_norms: Any, optimizer: Any) -> Any:
+        """The applied update's norm per tensor, from the optimizer's own step (see ``update_source``)."""
+        if self._source == "copy" or self._source == "momentum":
+            return r(self._update)
+        if self._source == "adam":  # alpha_t = lr sqrt(1 - b2^t) / (1 - b1^t), t the step just taken
+            t = tf.cast(optimizer.iterations, tf.float32)
+            alpha = self._lr * tf.sqrt(1.0 - optimizer.beta_2 ** t) / (1.0 - optimizer.beta_1 ** t)
+            return alpha * r(self._update)
+        # Plain SGD: lr times the clipped gradient's norm, clipped as Keras clips (per tensor or globally).
+        if optimizer.clipnorm:
+            return self._lr * tf.minimum(grad_norms, float(optimizer.clipnorm))
+        if optimizer.global_clipnorm:
+            total = global_norm(grad_norms)
+            return self._lr * grad_norms * optimizer.global_clipnorm * tf.minimum(1.0 / total,
+                                                                                   1.0 / optimizer.global_clipnorm)
+        return self._lr * grad_norms
 
     @classmethod
     def derive(cls, tables: dict[str, pd.DataFrame]) -> None:
@@ -99,6 +151,30 @@ class ParamNorms(Instrument):
             v = v[np.isfinite(v) & (v > 0)]
             if len(v):
                 events.add(step, histogram_pb("block_kernels/log10_grad_norm", np.log10(v)))
+
+
+def update_source(optimizer: Any, wanted: str = "auto") -> str:
+    """``copy``, or the optimizer rule the update can be read from exactly: ``sgd``, ``momentum``, ``adam``.
+
+    Exact means as Keras 3.15 computes the step (``SGD.update_step``, ``Adam.update_step``): no weight decay,
+    no gradient accumulation, EMA or loss scaling (a skipped mixed-precision step changes nothing), no
+    Nesterov, AMSGrad or element-wise clipping. Anything else uses the copy.
+    """
+    if wanted == "copy" or optimizer is None:
+        return "copy"
+    import keras
+
+    plain = not (getattr(optimizer, "weight_decay", None) or getattr(optimizer, "gradient_accumulation_steps", None)
+                 or getattr(optimizer, "use_ema", False) or getattr(optimizer, "clipvalue", None))
+    rule = "copy"
+    if plain and type(optimizer) is keras.optimizers.SGD and not optimizer.nesterov:
+        rule = "momentum" if optimizer.momentum else "sgd"
+    elif plain and type(optimizer) is keras.optimizers.Adam and not optimizer.amsgrad:
+        rule = "adam"
+    if wanted == "slots" and rule == "copy":
+        raise ValueError(f"capture.instruments.param_norms.update_source: slots cannot give the exact update of "
+                         f"{type(optimizer).__name__} with this configuration; use auto or copy")
+    return rule
 
 
 # ------------------------------------------------------------------------------ the per-block series

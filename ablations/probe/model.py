@@ -191,7 +191,8 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
             ctx = self._context(x, y, sample_weight, step, local_loss, variables, grads, taps, grad_taps, tap_grads)
         red = Reducer()
         pending = [(i, i.compute(ctx, red)) for i in insts if i.every == self.every]
-        self.optimizer.apply_gradients(zip(grads, variables))
+        with tf.control_dependencies(ctx.before_update if ctx is not None else []):
+            self.optimizer.apply_gradients(zip(grads, variables))
 
         bad = tf.logical_not(tf.math.is_finite(tf.cast(local_loss, tf.float32)))
         if capture:
@@ -222,7 +223,7 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
             n = self.tap_groups[name]
             ctx.tap_grads[name] = [ctx.unscale(g) for g in tap_grads[k:k + n]]
             k += n
-        if any("pre_update_weights" in i.needs for i in self.in_graph):
+        if any("pre_update_weights" in i.needs_for(self.optimizer) for i in self.in_graph):
             # Reads, not copies: a resource variable updated in place while a read of it is alive is copied
             # first (copy-on-write), so these keep the pre-update values at the cost of that one copy.
             ctx.old_weights = [tf.convert_to_tensor(v) for v in variables]
