@@ -3,8 +3,8 @@
 A checkpoint holds everything the rest of the run depends on, taken between two steps: every variable of the
 model (weights, normalisation statistics, random-seed states), of the optimizer (step counter, momenta, loss
 scale) and of the metrics (the epoch's running loss and accuracy), the statistics drained so far, the Keras
-history of the finished epochs, and the step. The training data are a pure function of the step (a seeded
-stream of epochs, ``ablations.data.Data.stream``), so a resumed arm trains on exactly the batches it would
+history of the finished epochs, and the step. The training data are a pure function of the step (epoch k
+shuffled with a seed of (arm seed, k): ``ablations.data.Data.epoch``), so a resumed arm trains on exactly the batches it would
 have seen; on CPU with op determinism its tables equal those of an uninterrupted run (tests/test_resume.py).
 
 Checkpoints are taken at ``train.checkpoint_steps`` step boundaries (before a step is dispatched, where the

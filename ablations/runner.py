@@ -108,8 +108,8 @@ def setup(cfg: ArmConfig) -> Session:
     steps = cfg.train.steps_per_epoch or data.steps_per_epoch
     strategy = make_strategy(cfg.runtime)
     data.train, data.val = shard_data(strategy, data.train), shard_data(strategy, data.val)
-    epochs, stream = data.epochs, data.stream
-    data.epochs = lambda: shard_data(strategy, epochs())
+    epoch, stream = data.epoch, data.stream
+    data.epoch = lambda k, start=0: shard_data(strategy, epoch(k, start))
     data.stream = lambda start: shard_data(strategy, stream(start))
     with strategy.scope():
         net = build_net(cfg, data.info)
@@ -178,23 +178,14 @@ def fit_plan(data: Any, fixed_steps: int | None, steps_per_epoch: int, start: in
              epochs: int) -> list[tuple[Any, int, int, int | None]]:
     """``(dataset, initial_epoch, epochs, steps_per_epoch)`` of the fits that train from step ``start`` on.
 
-    Natural epochs (``train.steps_per_epoch`` null): one epoch pipeline, one iterator per epoch as Keras makes
-    them, so epoch k reads the k-th shuffle; a resume first creates the iterators of the finished epochs
-    (that advances the shuffle's seed stream, nothing is read), then finishes the interrupted epoch from its
-    next batch. Fixed steps per epoch: one stream of batches from step ``start`` on.
+    Natural epochs (``train.steps_per_epoch`` null): one fit per epoch on that epoch's batches (the first
+    from the interrupted batch on), each ending where the data ends, as a fit over a finite dataset does.
+    Fixed steps per epoch: one fit over the stream of batches from step ``start`` on.
     """
     epoch, done = divmod(start, steps_per_epoch)
-    plan: list[tuple[Any, int, int, int | None]] = []
     if fixed_steps is None:
-        ds = data.epochs()
-        for _ in range(epoch):
-            iter(ds)
-        if done:
-            plan.append((ds.skip(done), epoch, epoch + 1, None))
-            epoch += 1
-        if epoch < epochs:
-            plan.append((ds, epoch, epochs, None))
-        return plan
+        return [(data.epoch(k, done if k == epoch else 0), k, k + 1, None) for k in range(epoch, epochs)]
+    plan: list[tuple[Any, int, int, int | None]] = []
     if done:
         plan.append((data.stream(start), epoch, epoch + 1, steps_per_epoch - done))
         epoch += 1

@@ -81,10 +81,14 @@ class SweepUI:
             async_safe = True  # host-side counter only: never reads device values
 
             def on_train_begin(self, logs: Any = None) -> None:
+                # An arm may train in several fits (one per epoch, or a resumed partial epoch): one bar.
                 total = self.params.get("epochs", 1) * (self.params.get("steps") or 0)
-                if ui.arm_task is not None:
-                    ui.progress.remove_task(ui.arm_task)
-                ui.arm_task = ui.progress.add_task(f"  {arm.id}", total=total or None)
+                if getattr(self, "_task", None) is None or ui.arm_task != self._task:
+                    if ui.arm_task is not None:
+                        ui.progress.remove_task(ui.arm_task)
+                    ui.arm_task = self._task = ui.progress.add_task(f"  {arm.id}", total=total or None)
+                else:
+                    ui.progress.update(ui.arm_task, total=total or None)
                 self._epoch = 0
 
             def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:

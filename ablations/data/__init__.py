@@ -22,6 +22,25 @@ BUNDLED.register("adding_problem", "ablations.data.adding")  # configs T50 ... T
 BUNDLED.register("copy_memory", "ablations.data.copy_memory")  # configs T10 ... T500: "copy_memory/T100"
 
 
+def seeded_shuffle(ds: Any, buffer: int, seed: int, k: Any) -> Any:
+    """``ds.shuffle(buffer)`` in the order fixed by the op seeds ``(seed, k)``, with ``k`` a tensor if need be.
+
+    ``Dataset.shuffle`` takes a Python seed only (it compares seeds in Python) and mixes in the global seed;
+    the ShuffleDataset op itself takes both seeds as tensors, so epoch ``k`` can be rebuilt inside a
+    ``flat_map`` over epoch numbers. Public API only: ``tf.raw_ops`` and the variant round trip. The op reads
+    the seed pair (0, 0) as "pick a random seed", so seed2 is ``k + 1``: arm seed 0 stays deterministic.
+    """
+    import tensorflow as tf
+
+    spec = ds.element_spec
+    flat = tf.nest.flatten(spec)
+    variant = tf.raw_ops.ShuffleDataset(
+        input_dataset=tf.data.experimental.to_variant(ds), buffer_size=tf.constant(buffer, tf.int64),
+        seed=tf.constant(seed, tf.int64), seed2=tf.cast(k, tf.int64) + 1, reshuffle_each_iteration=False,
+        output_types=[s.dtype for s in flat], output_shapes=[s.shape for s in flat])
+    return tf.data.experimental.from_variant(variant, spec)
+
+
 class DataError(RuntimeError):
     """A dataset that cannot be loaded; the message says why and how to fix it."""
 
@@ -45,7 +64,7 @@ class Data:
     val: Any | None
     info: DataInfo
     steps_per_epoch: int
-    epochs: Any = None  # epochs() -> a fresh one-epoch pipeline with its own reshuffling stream (training)
+    epoch: Any = None  # epoch(k, start=0) -> epoch k's batches from batch `start` on (training, resumes)
     stream: Any = None  # stream(start_step) -> every epoch back to back from that batch on (training)
 
 
@@ -165,8 +184,8 @@ def _describe_config(cfg: Any, b: Any) -> tuple[DataInfo, Any]:
 def load(cfg: Any, seed: int) -> Data:
     """Builds the training and validation pipelines for a :class:`~ablations.config.DataConfig`.
 
-    Images are scaled to [0, 1] floats; training data is cached, shuffled with the arm's seed (reshuffled
-    every epoch), batched with a fixed batch size (drop remainder, so every step sees the same batch size)
+    Images are scaled to [0, 1] floats; training data is cached, shuffled with the arm's seed (epoch k in
+    the order of seeds (seed, k), whatever was iterated before), batched with a fixed batch size (drop remainder, so every step sees the same batch size)
     and prefetched.
     """
     import tensorflow as tf
@@ -191,24 +210,32 @@ def load(cfg: Any, seed: int) -> Data:
         train = train.take(cfg.max_train_examples)
     cached = train.map(prep, num_parallel_calls=tf.data.AUTOTUNE).cache()
 
-    def epochs() -> Any:
-        # One epoch, reshuffled at each new iterator (the k-th iterator of this object reads the k-th order
-        # of the seeded stream). A fresh shuffle op per call: iterating one pipeline (a batch for LSUV or the
-        # gate snapshot) never changes the order another one trains on.
-        ds = cached.shuffle(min(cfg.shuffle_buffer, n_train), seed=seed, reshuffle_each_iteration=True) \
-            if cfg.shuffle_buffer else cached
-        return ds.batch(cfg.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    buffer = min(cfg.shuffle_buffer, n_train)
+
+    def batches(k: Any) -> Any:
+        # Epoch k in its own order: a shuffle seeded by (arm seed, k), not by how many iterators were made
+        # before (Keras makes more than one per epoch), so any epoch, from any batch on, can be rebuilt
+        # exactly when an arm resumes. `k` may be a tensor (inside flat_map): no Python branch on it here.
+        ds = seeded_shuffle(cached, buffer, seed, k) if cfg.shuffle_buffer else cached
+        return ds.batch(cfg.batch_size, drop_remainder=True)
+
+    def epoch(k: int = 0, start: int = 0) -> Any:
+        ds = batches(k)
+        return (ds.skip(start) if start else ds).prefetch(tf.data.AUTOTUNE)
 
     def stream(start: int = 0) -> Any:
         # Every epoch back to back from batch `start` on (train.steps_per_epoch set: Keras keeps one iterator
         # across epochs): training resumed at step `start` sees the batches of an uninterrupted run.
-        return epochs().repeat().skip(start).prefetch(tf.data.AUTOTUNE)
+        per_epoch = n_train // cfg.batch_size
+        first, skip = divmod(start, per_epoch)
+        epochs = tf.data.Dataset.range(first, first + 1_000_000).flat_map(batches)
+        return (epochs.skip(skip) if skip else epochs).prefetch(tf.data.AUTOTUNE)
 
-    train = epochs()
+    train = epoch(0)
     val = None
     if cfg.val_split:
         val = tfds.load(cfg.name, split=cfg.val_split, **load_kw)
         val = val.map(prep, num_parallel_calls=tf.data.AUTOTUNE).cache().batch(cfg.batch_size)
         val = val.prefetch(tf.data.AUTOTUNE)
-    return Data(train=train, val=val, info=info, steps_per_epoch=n_train // cfg.batch_size, epochs=epochs,
+    return Data(train=train, val=val, info=info, steps_per_epoch=n_train // cfg.batch_size, epoch=epoch,
                 stream=stream)
