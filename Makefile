@@ -17,11 +17,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## train configs/quickstart.yaml and write reports/quickstart/index.html
 	$(BIN)/ablate run configs/quickstart.yaml --out runs --report reports/quickstart
 
-test: $(STAMP)  ## the default suite (< 10 min on 2 cores)
-	$(BIN)/python -m pytest
+JOBS ?= 2  # pytest-xdist workers: TensorFlow tests are mostly single-threaded Python, so 2 on 2 cores ~halves the time
+
+test: $(STAMP)  ## the default suite (< 10 min on 2 cores), one test file per worker
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile
 
 test-slow: $(STAMP)  ## only the long tests
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest -m slow -n $(JOBS) --dist loadfile
 
 bench: $(STAMP)  ## capture-overhead benchmark: median step-time ratio probe / plain fit (table + JSON)
 	$(BIN)/python benchmarks/capture_overhead.py --pairs 5 --json reports/capture_overhead.json

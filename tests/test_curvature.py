@@ -222,6 +222,7 @@ def test_bounds_without_a_value_say_why():
 # --------------------------------------------------------------------------------------- distribution
 
 
+@pytest.mark.slow  # a 2-replica MirroredStrategy (~30 s); the single-replica checks stay in the default suite
 def test_products_under_mirrored_strategy_give_the_global_batch():
     """Two logical CPUs: inside strategy.run (loops unrolled, the product all-reduced each iteration) and from
     the cross-replica context (strategy.run inside the while_loop), both modes, equal to one replica."""

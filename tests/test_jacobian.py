@@ -148,6 +148,7 @@ def _spread(arch_opts, depth, width=96, examples=3, seeds=2):
     return float(np.mean(out))
 
 
+@pytest.mark.slow  # the depth scan behind the theory (~25 s); the exact-SVD checks stay in the default suite
 def test_relu_gaussian_spectrum_spreads_linearly_while_orthogonal_tanh_stays_flat():
     """Pennington, Schoenholz & Ganguli 2017: the variance of the eigenvalues of J J^T (over their mean squared:
     the variance at the critical mean 1, free of finite-width gain fluctuations) grows linearly with depth for

@@ -83,6 +83,7 @@ def test_a_saved_model_file_trains(tfds_dir: str, tmp_path: Path) -> None:
     assert pd.read_parquet(tmp_path / "arm" / "params.parquet")["layer"].nunique() == 3
 
 
+@pytest.mark.slow  # a keras.applications model trained (~20 s); discovery on the applications stays in the default suite
 def test_a_keras_application_trains_on_digits(tfds_dir: str, tmp_path: Path) -> None:
     from ablations.runner import run_arm
 

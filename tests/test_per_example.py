@@ -307,6 +307,7 @@ def test_norms_inside_tf_function_and_dynamic_batch():
     assert step(x[:3], y[:3]).shape == (2, 3)
 
 
+@pytest.mark.slow  # a 2-replica MirroredStrategy (~15 s); the single-replica checks stay in the default suite
 def test_noise_statistics_additive_over_replicas():
     """Two logical CPUs under MirroredStrategy: per-replica partial sums all-reduced (SUM) give the statistics
     of the global batch (the replica losses are divided by the replica count, as Keras does)."""

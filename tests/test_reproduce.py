@@ -299,6 +299,7 @@ def _check(results: list[rp.ClaimResult], expected: dict[str, str]) -> None:
     assert {n: s for n, (s, _, _) in got.items()} == expected, got
 
 
+@pytest.mark.slow  # the quick set's init-time claims run for real (~1 min); the evaluator, language and CLI tests above stay in the default suite
 def test_quick_init_claims(tfds_dir: str, tmp_path: Path) -> None:
     chosen = rp.select(list(DEFAULT_SUITE), quick=True)
     assert all(e.claim.kind in ("init", "theory") for _, e in chosen)

@@ -240,7 +240,8 @@ def test_an_interrupted_arm_resumes_to_the_tables_of_an_uninterrupted_run(tfds_d
 
     from ablations.runner import run_arm
 
-    arm = parse_experiment(resumable(**train)).arms()[0]
+    # 512 examples: 16 steps per natural epoch, so the kills below land in epochs 1 and 2 (resumes across epochs).
+    arm = parse_experiment({**resumable(**train), "data": {"batch_size": 32, "max_train_examples": 512}}).arms()[0]
     full = run_arm(arm, tmp_path / "full")
     assert full["status"] == "completed" and full["resumed_from_step"] is None
 

@@ -130,6 +130,7 @@ def test_unknown_model_option_in_space_is_refused(tmp_path: Path, capsys) -> Non
     assert "dpeth" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a search killed mid-trial (~35 s); the sweep's kill tests stay in the default suite
 def test_search_killed_mid_trial_resumes_without_redoing_trials(tfds_dir: str, tmp_path: Path) -> None:
     import os
     import subprocess
