@@ -358,3 +358,89 @@ def test_noise_statistics_additive_over_replicas():
     out = json.loads(line[0][6:])
     for name in pe.NOISE_STATS:
         assert out["2"][name] == pytest.approx(out["1"][name], rel=1e-4), (name, out)
+
+
+# ------------------------------------------------------------------------------------------ the instrument
+
+
+def _instrument_case(arch, shape, batch=8, seed=0, **opts):
+    keras.utils.set_random_seed(seed)
+    model = zoo.build(arch, input_shape=shape, num_outputs=4, **opts)
+    x, y = _data(shape, 4, batch=batch, seed=seed)
+    return model, x, y
+
+
+def _reference_rows(model, x, y, inst):
+    """The instrument's rows from per-example tapes and NumPy (the rows' tensors as the instrument declares)."""
+    variables = model.trainable_variables
+    flat = []
+    for i in range(_batch(x)):
+        with tf.GradientTape() as tape:
+            loss = _loss(model, x[i:i + 1], y[i:i + 1], training=True)
+        flat.append([np.ravel(tf.convert_to_tensor(g).numpy()).astype(np.float64)
+                     for g in tape.gradient(loss, variables)])
+    cov = inst.coverage
+    return {block: pe.numpy_noise_statistics(np.stack([np.concatenate([f[cov.rows[k]] for k in idx]) for f in flat]))
+            for block, _, idx, _ in cov.groups}
+
+
+@pytest.mark.parametrize("arch,shape,opts", [
+    ("plain_mlp", (12,), dict(depth=3, width=8)),
+    ("resnet_cnn", (6, 6, 1), dict(depth=3, width=4, norm="none")),
+    ("transformer", (5, 4), dict(depth=1, d_model=8, heads=2)),
+])
+def test_instrument_rows_match_per_example_tapes(arch, shape, opts):
+    """measure() with the instrument: per block, mean per-example norm within 1e-5 of the tapes, the noise
+    statistics within 1e-4 (tr(Sigma) and |G|^2 are differences of nearly equal sums); every kernel covered."""
+    from ablations.probe import measure_tables
+
+    model, x, y = _instrument_case(arch, shape, **opts)
+    t = measure_tables(model, (x, y), LOSS, training=True, capture={"instruments": {"per_example": True}},
+                       warn=False)["per_example"].set_index("block")
+    from ablations.probe.model import build_instruments
+    from ablations.probe.spec import make_spec
+
+    inst = next(i for i in build_instruments(make_spec(model), {"instruments": {"per_example": True}})
+                if i.name == "per_example")
+    ref = _reference_rows(model, x, y, inst)
+    assert set(t.index) == set(ref) and pe.ALL in ref and len(ref) > 1
+    assert (t.drop(pe.ALL)["coverage"] == 1.0).all()  # every block kernel has an exact rule here
+    for block, want in ref.items():
+        assert t.loc[block, "mean_norm"] == pytest.approx(want["mean_norm"], rel=1e-5), block
+        for name in pe.NOISE_STATS:
+            assert t.loc[block, name] == pytest.approx(want[name], rel=1e-4, abs=1e-6 * abs(want["trace_sigma"])), \
+                (block, name)
+
+
+def test_instrument_own_cadence_reads_the_weights_before_the_update():
+    """per_example every 2 with the probe capturing every step: steps 0 and 2 only, and step 0 equals measure()
+    at the initial weights (the attention projections are recomputed from the weights: after the update they
+    would differ)."""
+    from ablations.probe import DrainCallback, ProbedModel, measure_tables
+
+    model, x, y = _instrument_case("transformer", (5, 4), batch=8, depth=1, d_model=8, heads=2)
+    xs = tf.concat([x] * 4, 0)
+    ys = tf.concat([y] * 4, 0)
+    cap = {"instruments": {"per_example": {"every": 2}}}
+    want = measure_tables(model, (x, y), LOSS, training=True, capture=cap, warn=False)["per_example"]
+    probe = ProbedModel(model, capture=cap, capacity=16)
+    probe.compile(optimizer=keras.optimizers.SGD(0.5), loss=LOSS)
+    drain = DrainCallback(256, 4)
+    probe.fit(tf.data.Dataset.from_tensor_slices((xs, ys)).batch(8), epochs=1, verbose=0, callbacks=[drain],
+              shuffle=False)
+    got = drain.tables(probe)["per_example"]
+    assert sorted(got["step"].unique()) == [0, 2]
+    g0 = got[got["step"] == 0].reset_index(drop=True)
+    for name in pe.NOISE_STATS:
+        np.testing.assert_allclose(g0[name], want[name], rtol=1e-4, err_msg=name)
+    g2 = got[got["step"] == 2].reset_index(drop=True)
+    assert not np.allclose(g2["mean_norm"], g0["mean_norm"], rtol=1e-3)  # the weights did move
+
+
+def test_instrument_refuses_batch_norm_and_says_why():
+    from ablations.probe.model import build_instruments
+    from ablations.probe.spec import make_spec
+
+    spec = make_spec(zoo.build("resnet_cnn", input_shape=(6, 6, 1), num_outputs=3, depth=3, width=4))
+    assert "per_example" not in [i.name for i in build_instruments(spec, {"instruments": {"per_example": True}})]
+    assert any("per_example" in n and "BatchNormalization" in n for n in spec.notes)
