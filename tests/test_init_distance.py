@@ -75,3 +75,8 @@ def test_instrument_reads_the_distance_before_each_update_and_checkpoints_w0():
     ids = {id(v) for v in probe.variables}
     assert probe.instrument_state and all(id(v) in ids for v in probe.instrument_state)
     np.testing.assert_array_equal(probe.instrument_state[0].numpy(), seen[0][0].astype(np.float32))
+    from ablations.report.arm import ArmView
+    from ablations.report.figures.arm_init_distance import arm_init_distance
+
+    plot = arm_init_distance(ArmView("a", {}, "a", None, {"params": p}))
+    assert plot is not None and plot.data["step"].min() == 1  # step 0 reads 0: not on a log axis

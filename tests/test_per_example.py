@@ -393,6 +393,11 @@ def test_instrument_own_cadence_reads_the_weights_before_the_update():
         np.testing.assert_allclose(g0[name], want[name], rtol=1e-4, err_msg=name)
     g2 = got[got["step"] == 2].reset_index(drop=True)
     assert not np.allclose(g2["mean_norm"], g0["mean_norm"], rtol=1e-3)  # the weights did move
+    from ablations.report.arm import ArmView
+    from ablations.report.figures.arm_noise_scale import arm_noise_scale
+
+    plot = arm_noise_scale(ArmView("a", {}, "a", None, {"per_example": got}))
+    assert plot is not None and set(plot.data["block"]) == set(got["block"])
 
 
 def test_instrument_covers_every_block_kernel_of_mlp_cnn_transformer_and_refuses_batch_norm():
