@@ -204,19 +204,21 @@ def test_an_arm_is_current_whatever_the_key_order_of_its_stored_config(tmp_path:
 
 # ----------------------------------------------------------------------------------- resume inside an arm
 
-RESUME_TABLES = ("history", "params", "blocks", "epochs", "grad_hist")
+RESUME_TABLES = ("history", "params", "blocks", "epochs", "grad_hist", "per_example")
 
 
 def resumable(**train) -> dict:
     """A deterministic arm with something random in every step (stochastic depth, dropout), histograms, a
-    schedule, momentum, a fixed number of steps per epoch or natural epochs."""
+    schedule, momentum, a fixed number of steps per epoch or natural epochs; the opt-in per-example statistics
+    (at their own cadence) and the distance from initialisation (its copy of w_0 must survive the resume)."""
     return {"name": "resume", "model": {"arch": "stochastic_depth_mlp", "depth": 3, "width": 16, "dropout": 0.1,
                                         "survival_prob": 0.5},
             "data": {"batch_size": 32},
             "train": {"epochs": 3, "optimizer": {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9,
                                                  "schedule": {"name": "cosine", "warmup_steps": 5}},
                       "checkpoint_steps": 7, **train},
-            "capture": {"every": 2, "histograms": True}}
+            "capture": {"every": 2, "histograms": True,
+                        "instruments": {"per_example": {"every": 4}, "init_distance": True}}}
 
 
 def _assert_same_tables(a: Path, b: Path) -> None:
