@@ -589,6 +589,7 @@ class Coverage:
         layers: layers of the model's graph tapped at their input and output (:func:`layer_sq_norms`).
         attention: ``(MultiHeadAttention, its graph node)``: projections read from a recomputation of the
             layer (:func:`attention_sq_norms`).
+        rnn: SimpleRNN layers, from their tapped input and the through-time dL/dh_t (:func:`simple_rnn_sq_norms`).
         variables: every covered variable, in the order of ``rows``; ``rows``: their rows in the spec's params.
         groups: ``(block, depth, [positions in variables], coverage)``: a row per block with a covered kernel,
             then :data:`ALL`.
@@ -601,6 +602,7 @@ class Coverage:
     rows: list
     groups: list
     unsupported: dict
+    rnn: list = dataclasses.field(default_factory=list)
 
 
 def coupling_reason(net: Any) -> str | None:
@@ -643,9 +645,14 @@ def coverage(spec: Any) -> Coverage | str:
         return why
     p = plan(net)
     unsupported = dict(p["unsupported"])
-    for layer in p["rnn"]:
-        unsupported[layer.name] = ("SimpleRNN: its kernels need the through-time dL/dh_t (simple_rnn_sq_norms), "
-                                   "not wired into the instrument")
+    rnn = list(p["rnn"])
+    if rnn:
+        from ablations.instruments._rnn_views import chain_problem
+
+        problem = chain_problem(net)
+        if problem:
+            unsupported.update({l.name: f"SimpleRNN without the through-time view: {problem}" for l in rnn})
+            rnn = []
     nodes = {id(n.operation): n for n in compat.graph_nodes(compat.functional_graph(net)) if n.operation is not None}
     attention = []
     for layer in net.layers:
@@ -657,10 +664,25 @@ def coverage(spec: Any) -> Coverage | str:
         else:
             attention.append((layer, nodes[id(layer)]))
     variables = [w for l in p["layers"] for w in layer_variables(l)] + \
-                [w for l, _ in attention for s in attention_projections(l) for w in layer_variables(s)]
+                [w for l, _ in attention for s in attention_projections(l) for w in layer_variables(s)] + \
+                [w for l in rnn for w in l.cell.trainable_weights]
     row_of = {id(v): i for i, v in enumerate(net.trainable_variables)}
     rows = [row_of[id(v)] for v in variables]
-    return Coverage(p["layers"], attention, variables, rows, noise_groups(spec.params, spec.blocks, rows), unsupported)
+    return Coverage(p["layers"], attention, variables, rows, noise_groups(spec.params, spec.blocks, rows), unsupported,
+                    rnn)
+
+
+def rnn_sq_norms(view: Any, layers: Sequence[Any], inputs: Sequence[Any], ctx: StepContext) -> list[tuple[Any, Any]]:
+    """Per-example squared norms of SimpleRNN kernels: one more forward/backward pass through the weight-sharing
+    through-time view (:mod:`ablations.instruments._rnn_views`) gives the total dL/dh_t of every layer (the
+    step's loss, as the probe's tape has it), then :func:`simple_rnn_sq_norms`."""
+    eps = view.zeros(tf.shape(tf.nest.flatten(ctx.x)[0])[0])
+    with tf.GradientTape() as tape:
+        tape.watch(eps)
+        pred = view.view([ctx.x, *eps], training=True)
+        loss = compat.compute_loss(ctx.model, ctx.x, ctx.y, pred, ctx.sample_weight)
+    dh = dict(zip(view.names, tape.gradient(loss, eps)))
+    return [pair for layer, a in zip(layers, inputs) for pair in simple_rnn_sq_norms(layer, a, dh[layer.name])]
 
 
 def attention_sq_norms(layer: Any, node: Any, inputs: Sequence[Any], grad_out: Any) -> list[tuple[Any, tf.Tensor]]:
@@ -686,10 +708,10 @@ class PerExample(Instrument):
     """Per block, from exact per-example gradient norms: their spread, the gradient noise scale and the SNR.
 
     Rows: one per block with a covered kernel (its kernels: Dense, EinsumDense, Conv1D/2D, depthwise convs,
-    MultiHeadAttention's query/key/value/output projections), and one, block ``all`` (depth -1), over every
-    covered tensor of the model (kernels, biases, LayerNorm, Embedding; stem and head included): McCandlish's
-    critical batch size of the whole net. Not covered (their rows or entries are absent, ``coverage`` says
-    how much is): layers with a fused activation (a highway gate), LSTM/GRU/SimpleRNN kernels, BatchNorm and
+    MultiHeadAttention's query/key/value/output projections, SimpleRNN kernel and recurrent kernel), and one,
+    block ``all`` (depth -1), over every covered tensor of the model (kernels, biases, LayerNorm, Embedding;
+    stem and head included): McCandlish's critical batch size of the whole net. Not covered (their rows or entries are absent, ``coverage`` says
+    how much is): layers with a fused activation (a highway gate), LSTM/GRU kernels, BatchNorm and
     other layers without an exact rule (:func:`unsupported_reason`); models with BatchNormalization (it
     couples the examples) or nested models get no table, with a note. ``g_i`` is the gradient of example
     i's own loss term, from the step's global batch (all replicas; B is the global batch size).
@@ -721,6 +743,7 @@ class PerExample(Instrument):
     def __init__(self, *args: Any, **kw: Any):
         super().__init__(*args, **kw)
         self._coverage: Coverage | str | None = None
+        self._view: Any = None
 
     @property
     def coverage(self) -> Coverage | str:
@@ -745,7 +768,7 @@ class PerExample(Instrument):
         c = self.coverage
         ins = [l.input for l in c.layers] + [t for _, node in c.attention for t in node.input_tensors]
         outs = [l.output for l in c.layers] + [l.output for l, _ in c.attention]
-        return {"per_example_in": ins, "per_example_out": outs}
+        return {"per_example_in": ins, "per_example_out": outs, "per_example_rnn_in": [l.input for l in c.rnn]}
 
     def shape(self) -> tuple[int, ...]:
         return (len(self.coverage.groups), len(NOISE_STATS))
@@ -762,6 +785,13 @@ class PerExample(Instrument):
             pairs = attention_sq_norms(layer, node, ins[k:k + n], outs[len(c.layers) + j])
             got.update({id(v): sq for v, sq in pairs})
             k += n
+        if c.rnn:
+            if self._view is None:
+                from ablations.instruments._rnn_views import time_probe_view
+
+                self._view = time_probe_view(self.spec.net)  # shares the cells' variables; built once
+            pairs = rnn_sq_norms(self._view, c.rnn, ctx.taps["per_example_rnn_in"], ctx)
+            got.update({id(v): sq for v, sq in pairs})
         cols = group_columns([got[id(v)] for v in c.variables], [idx for _, _, idx, _ in c.groups])
         local = norm_sums(cols)
         ctx.before_update.append(local)  # done before the update: the recomputed attention reads the weights
