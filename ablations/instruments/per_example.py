@@ -710,8 +710,8 @@ class PerExample(Instrument):
     Rows: one per block with a covered kernel (its kernels: Dense, EinsumDense, Conv1D/2D, depthwise convs,
     MultiHeadAttention's query/key/value/output projections, SimpleRNN kernel and recurrent kernel), and one,
     block ``all`` (depth -1), over every covered tensor of the model (kernels, biases, LayerNorm, Embedding;
-    stem and head included): McCandlish's critical batch size of the whole net. Not covered (their rows or entries are absent, ``coverage`` says
-    how much is): layers with a fused activation (a highway gate), LSTM/GRU kernels, BatchNorm and
+    stem and head included): McCandlish's critical batch size of the whole net. Not covered (their rows or
+    entries are absent, ``coverage`` says how much is): layers with a fused activation (a highway gate), LSTM/GRU kernels, BatchNorm and
     other layers without an exact rule (:func:`unsupported_reason`); models with BatchNormalization (it
     couples the examples) or nested models get no table, with a note. ``g_i`` is the gradient of example
     i's own loss term, from the step's global batch (all replicas; B is the global batch size).
