@@ -49,12 +49,14 @@ TABLES: dict[str, tuple[str, ...]] = {
     "history": (*_STEP, "loss", "global_grad_norm", "lr", "grad_decay_rate"),
     "epochs": ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "mse", "val_mse"),
     "params": (*_STEP, "depth", "block", "layer", "param", "role", "size", "grad_norm", "weight_norm",
-               "update_norm", "update_ratio"),
+               "update_norm", "update_ratio", "init_distance", "init_distance_ratio"),
     "blocks": (*_STEP, "depth", "block", "act_grad_norm", "act_mean", "act_std", "act_saturation", "act_dead",
                "branch_ratio", "gate_mean", "alpha", "active"),
     "time_grads": (*_STEP, "layer", "depth", "t", "act_grad_norm"),
     "gates": ("layer", "depth", "gate", "mean", "frac_low", "frac_high", "when"),
     "grad_hist": (*_STEP, "depth", "block", "bin", "log10_lo", "log10_hi", "count", "fraction"),
+    "per_example": (*_STEP, "depth", "block", "tensors", "coverage", "mean_norm", "std_norm", "trace_sigma",
+                    "grad_sq", "b_simple", "snr"),
 }
 TABLES["kernels"] = TABLES["params"]  # a view of params: each block's first linear (or recurrent input) kernel
 SUMMARY_KEYS = ("status", "steps", "epochs_run", "num_params", "baseline_loss", "ratio_init", "ratio_final",

@@ -41,11 +41,13 @@ class Case:
     activations: bool
     updates: bool = True  # weight and update norms (with params: the whole per-tensor table)
     histograms: bool = False  # per-block gradient histograms (off by default)
+    instruments: tuple[str, ...] = ()  # opt-in instruments switched on (capture.instruments.<name>: true)
 
     @property
     def target_key(self) -> str:
         kind = "full" if self.activations and self.updates else "grads" if not self.updates else "tensors"
         kind = "full+histograms" if self.histograms else kind  # no target: an opt-in extra
+        kind += "".join(f"+{name}" for name in self.instruments)
         return f"{kind} every {self.every}"
 
 
@@ -62,6 +64,11 @@ CASES = [
     # resnet_cnn counts residual blocks: ResNet-20 (6n+2 layers, n = 3 per stage) is depth 9.
     Case("resnet20 full every=1 spe=1", "resnet_cnn", {"depth": 9}, 1, 1, True),
     Case("resnet20 full every=16 spe=16", "resnet_cnn", {"depth": 9}, 16, 16, True),
+    # Opt-in instruments at their default cadence (capture.every), on the full set.
+    Case("mlp20x256 full+per_example every=1 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, True,
+         instruments=("per_example",)),
+    Case("mlp20x256 full+init_distance every=1 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, True,
+         instruments=("init_distance",)),
 ]
 
 
@@ -89,7 +96,8 @@ def _models(case: Case, seed: int = 0):
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     plain = net()
     plain.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss=loss, steps_per_execution=case.spe)
-    probed = ProbedModel(net(), every=case.every, activations=case.activations, updates=case.updates,
+    probed = ProbedModel(net(), capture={"instruments": {name: True for name in case.instruments}},
+                         every=case.every, activations=case.activations, updates=case.updates,
                          histograms=case.histograms,
                          capacity=ring_capacity(case.every, 256, 10_000, case.spe))
     probed.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss=loss, steps_per_execution=case.spe)
@@ -117,6 +125,7 @@ def _analytic_memory(plain, probed) -> float:
         sum(int(s.shape[0]) * 8 for s in ring.steps.values())
     if any("pre_update_weights" in i.needs_for(probed.optimizer) for i in probed.instruments):
         extra += sum(int(np.prod(v.shape)) * 4 for v in probed.trainable_variables)  # pre-update copy
+    extra += sum(int(np.prod(v.shape)) * 4 for v in probed.instrument_state)  # e.g. init_distance's initial weights
     return (base + extra) / base
 
 

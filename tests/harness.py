@@ -55,7 +55,22 @@ MODELS: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {
     "plain_mlp/prelu": ((8, 8, 1), dict(depth=3, width=8, activation="prelu", activation_options={"alpha_init": -0.5},
                                         bias_init_std=0.5)),
     "plain_mlp/dead_relu": ((8, 8, 1), dict(depth=3, width=8, activation="relu", bias_init_std=1.5)),
+    # Without batch norm (it couples the examples): convolutions for the per-example statistics.
+    "resnet_cnn/no_norm": ((8, 8, 1), dict(depth=3, width=4, norm="none")),
 }
+# Opt-in instruments the harness switches on, and on which models (None: all of them). per_example's
+# reference is a tape per example, so it runs on one model per family it covers (MLP, residual MLP, CNN,
+# transformer, SimpleRNN (from the through-time dL/dh_t)).
+CAPTURE = {"histograms": True}
+OPT_IN: dict[str, tuple[str, ...] | None] = {
+    "init_distance": None,
+    "per_example": ("plain_mlp", "resnet_mlp", "resnet_cnn/no_norm", "transformer", "simple_rnn"),
+}
+
+
+def capture_for(name: str) -> dict[str, Any]:
+    """The harness's capture section for model ``name``."""
+    return {**CAPTURE, "instruments": {k: True for k, models in OPT_IN.items() if models is None or name in models}}
 
 
 @dataclasses.dataclass
@@ -124,7 +139,7 @@ def make_case(name: str, batch: int = 16, seed: int = 0) -> Case:
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(batch, *shape)).astype(np.float32)
     y = rng.integers(0, N_OUT, size=batch).astype(np.int64)
-    capture = {"histograms": True}
+    capture = capture_for(name)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     w0 = [np.array(v, np.float64) for v in net.trainable_variables]
     ref = hand_tape(net, x, y)
@@ -269,6 +284,44 @@ def ref_time_grads(case: Case) -> dict[str, np.ndarray]:
     return {"act_grad_norm": np.stack([np.sqrt((g ** 2).sum(axis=(0, 2))) for g in grads])}
 
 
+def ref_init_distance(case: Case) -> dict[str, np.ndarray]:
+    """Step 0 reads the weights before its update: the initial ones (the probe copied them when built)."""
+    dist = np.array([np.linalg.norm(w - w) for w in case.w0])
+    w0 = np.array([np.linalg.norm(w) for w in case.w0])
+    return {"init_distance": dist, "init_distance_ratio": np.where(w0 > 0, dist / np.where(w0 > 0, w0, 1.0), np.nan)}
+
+
+def per_example_grads(case: Case) -> list[np.ndarray]:
+    """Per trainable tensor, the [B, size] float64 gradients of each example's own loss, one tape each."""
+    with case.initial_weights() as net:
+        rows = []
+        for i in range(len(case.x)):
+            with tf.GradientTape() as tape:
+                loss = _loss(case.y[i:i + 1], net(case.x[i:i + 1], training=True))
+            grads = tape.gradient(loss, net.trainable_variables)
+            rows.append([np.zeros(int(np.prod(v.shape))) if g is None else
+                         np.asarray(tf.convert_to_tensor(g), np.float64).ravel()
+                         for g, v in zip(grads, net.trainable_variables)])
+    return [np.stack([r[k] for r in rows]) for k in range(len(rows[0]))]
+
+
+def ref_per_example(case: Case) -> pd.DataFrame:
+    """Per row (a block's covered kernels, or every covered tensor: which tensors a row covers is the
+    instrument's declaration), NumPy noise statistics of the per-example tapes' gradients."""
+    from ablations.instruments.per_example import numpy_noise_statistics
+
+    inst = next(i for i in case.instruments if i.name == "per_example")
+    cov = inst.coverage
+    per = per_example_grads(case)
+    out = []
+    for block, depth, idx, _ in cov.groups:
+        g = np.concatenate([per[cov.rows[k]] for k in idx], axis=1)
+        out.append({"block": block, "depth": depth, **numpy_noise_statistics(g)})
+    df = pd.DataFrame(out)
+    df.attrs["rtol"] = {"mean_norm": 1e-5}  # the per-example norms themselves: the issue's bound
+    return df
+
+
 REFERENCES: dict[str, Callable[[Case], Any]] = {
     "step": ref_step,
     "param_norms": ref_param_norms,
@@ -279,6 +332,8 @@ REFERENCES: dict[str, Callable[[Case], Any]] = {
     "block_scalars": ref_block_scalars,
     "grad_hist": ref_grad_hist,
     "time_grads": ref_time_grads,
+    "init_distance": ref_init_distance,
+    "per_example": ref_per_example,
 }
 # Instruments checked elsewhere against their own references (snapshots, not step values).
 ELSEWHERE = {"rnn_gates": "tests/test_rnn.py::test_gate_values_match_numpy (NumPy gates from the weights)"}

@@ -42,3 +42,41 @@ def test_tiny_and_float64_distances_are_exact():
     np.testing.assert_allclose(got[0, 1], 1e-12 / 0.5, rtol=1e-4)
     np.testing.assert_allclose(got[1, 0], 1e-25 * np.linalg.norm(np.arange(10)), rtol=1e-5)
     assert np.isnan(got[1, 1])
+
+
+def test_instrument_reads_the_distance_before_each_update_and_checkpoints_w0():
+    """params.init_distance at step t is ||w_t - w_0|| with w_t the weights step t's gradient was taken at
+    (recorded by a callback after each step); the copy of w_0 is a variable of the probed model (so
+    checkpoints save it and a resume restores it)."""
+    from ablations.probe import DrainCallback, ProbedModel
+
+    keras.utils.set_random_seed(1)
+    net = zoo.build("plain_mlp", input_shape=(8,), num_outputs=3, depth=2, width=6, bias_init_std=0.1)
+    probe = ProbedModel(net, capture={"instruments": {"init_distance": True}}, capacity=16)
+    probe.compile(optimizer=keras.optimizers.SGD(0.2, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    seen = [[np.array(v, np.float64) for v in net.trainable_variables]]
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append([np.array(v, np.float64) for v in net.trainable_variables])
+
+    rng = np.random.default_rng(0)
+    drain = DrainCallback(256, 4)
+    probe.fit(rng.normal(size=(32, 8)).astype("float32"), rng.integers(0, 3, 32), batch_size=8, epochs=1,
+              verbose=0, callbacks=[drain, Record()], shuffle=False)
+    p = drain.tables(probe)["params"]
+    assert sorted(p["step"].unique()) == [0, 1, 2, 3]
+    for step, g in p.groupby("step"):
+        want = [np.linalg.norm(w - w0) for w, w0 in zip(seen[step], seen[0])]
+        np.testing.assert_allclose(g["init_distance"].to_numpy(), want, rtol=1e-5, atol=1e-7)
+        ratio = [d / np.linalg.norm(w0) for d, w0 in zip(want, seen[0])]
+        np.testing.assert_allclose(g["init_distance_ratio"].to_numpy(), ratio, rtol=1e-5, atol=1e-7)
+    ids = {id(v) for v in probe.variables}
+    assert probe.instrument_state and all(id(v) in ids for v in probe.instrument_state)
+    np.testing.assert_array_equal(probe.instrument_state[0].numpy(), seen[0][0].astype(np.float32))
+    from ablations.report.arm import ArmView
+    from ablations.report.figures.arm_init_distance import arm_init_distance
+
+    plot = arm_init_distance(ArmView("a", {}, "a", None, {"params": p}))
+    assert plot is not None and plot.data["step"].min() == 1  # step 0 reads 0: not on a log axis

@@ -23,7 +23,7 @@ def case(name: str) -> harness.Case:
     return _cases[name]
 
 
-def _close(got: np.ndarray, want: np.ndarray, what: str, atol: float = 1e-7) -> None:
+def _close(got: np.ndarray, want: np.ndarray, what: str, atol: float = 1e-7, rtol: float = RTOL) -> None:
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     assert got.shape == want.shape, f"{what}: shape {got.shape} vs {want.shape}"
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=f"{what}: NaN pattern")
@@ -31,7 +31,7 @@ def _close(got: np.ndarray, want: np.ndarray, what: str, atol: float = 1e-7) -> 
     # float32 cancellation leaves ~1e-7 of the column's scale where the exact value is 0 (the bias of a conv
     # before batch norm has no gradient in exact arithmetic): that much absolute error is round-off.
     scale = float(np.abs(want[ok]).max()) if ok.any() else 0.0
-    np.testing.assert_allclose(got[ok], want[ok], rtol=RTOL, atol=max(atol, 1e-6 * scale), err_msg=what)
+    np.testing.assert_allclose(got[ok], want[ok], rtol=rtol, atol=max(atol, 1e-6 * scale), err_msg=what)
 
 
 def _shared(c: harness.Case, inst, want: dict[str, np.ndarray]) -> None:
@@ -65,6 +65,20 @@ def _time_grads(c: harness.Case, inst, want: dict[str, np.ndarray]) -> None:
         _close(got, want["act_grad_norm"], f"{c.name}/time_grads {source}")
 
 
+def _own_rows(c: harness.Case, inst, want: pd.DataFrame) -> None:
+    """An own table with one row per block at step 0: every column the reference has, matched on the block."""
+    for source, tables in (("in graph", c.graph), ("measure()", c.eager)):
+        t = tables[inst.table]
+        assert t["step"].unique().tolist() == [0]
+        got = t.set_index("block").loc[want["block"]]
+        np.testing.assert_array_equal(got["depth"].to_numpy(), want["depth"].to_numpy())
+        for col in want.columns.drop(["block", "depth"]):
+            rtol = want.attrs.get("rtol", {}).get(col, RTOL)
+            _close(got[col].to_numpy(), want[col].to_numpy(), f"{c.name}/{inst.name}/{col} {source}", rtol=rtol)
+    static = [k for k in ("depth", "block", "tensors", "coverage") if k in c.graph[inst.table]]
+    pd.testing.assert_frame_equal(c.graph[inst.table][static], c.eager[inst.table][static])
+
+
 @pytest.mark.parametrize("model", list(harness.MODELS))
 def test_every_instrument_matches_measure_and_an_independent_reference(model: str) -> None:
     c = case(model)
@@ -79,6 +93,8 @@ def test_every_instrument_matches_measure_and_an_independent_reference(model: st
             _grad_hist(c, inst, want)
         elif inst.name == "time_grads":
             _time_grads(c, inst, want)
+        elif isinstance(want, pd.DataFrame) and "block" in want:
+            _own_rows(c, inst, want)
         else:
             raise AssertionError(f"harness: no comparison for the own table of {inst.name}")
         checked.append(inst.name)

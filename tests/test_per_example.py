@@ -359,3 +359,63 @@ def test_noise_statistics_additive_over_replicas():
     out = json.loads(line[0][6:])
     for name in pe.NOISE_STATS:
         assert out["2"][name] == pytest.approx(out["1"][name], rel=1e-4), (name, out)
+
+
+# ------------------------------------------------------------------------------------------ the instrument
+
+
+def _instrument_case(arch, shape, batch=8, seed=0, **opts):
+    keras.utils.set_random_seed(seed)
+    model = zoo.build(arch, input_shape=shape, num_outputs=4, **opts)
+    x, y = _data(shape, 4, batch=batch, seed=seed)
+    return model, x, y
+
+
+def test_instrument_own_cadence_reads_the_weights_before_the_update():
+    """per_example every 2 with the probe capturing every step: steps 0 and 2 only, and step 0 equals measure()
+    at the initial weights (the attention projections are recomputed from the weights: after the update they
+    would differ)."""
+    from ablations.probe import DrainCallback, ProbedModel, measure_tables
+
+    model, x, y = _instrument_case("transformer", (5, 4), batch=8, depth=1, d_model=8, heads=2)
+    xs = tf.concat([x] * 4, 0)
+    ys = tf.concat([y] * 4, 0)
+    cap = {"instruments": {"per_example": {"every": 2}}}
+    want = measure_tables(model, (x, y), LOSS, training=True, capture=cap, warn=False)["per_example"]
+    probe = ProbedModel(model, capture=cap, capacity=16)
+    probe.compile(optimizer=keras.optimizers.SGD(0.5), loss=LOSS)
+    drain = DrainCallback(256, 4)
+    probe.fit(tf.data.Dataset.from_tensor_slices((xs, ys)).batch(8), epochs=1, verbose=0, callbacks=[drain],
+              shuffle=False)
+    got = drain.tables(probe)["per_example"]
+    assert sorted(got["step"].unique()) == [0, 2]
+    g0 = got[got["step"] == 0].reset_index(drop=True)
+    for name in pe.NOISE_STATS:
+        np.testing.assert_allclose(g0[name], want[name], rtol=1e-4, err_msg=name)
+    g2 = got[got["step"] == 2].reset_index(drop=True)
+    assert not np.allclose(g2["mean_norm"], g0["mean_norm"], rtol=1e-3)  # the weights did move
+    from ablations.report.arm import ArmView
+    from ablations.report.figures.arm_noise_scale import arm_noise_scale
+
+    plot = arm_noise_scale(ArmView("a", {}, "a", None, {"per_example": got}))
+    assert plot is not None and set(plot.data["block"]) == set(got["block"])
+
+
+def test_instrument_covers_every_block_kernel_of_mlp_cnn_transformer_and_refuses_batch_norm():
+    """(The values are checked against per-example tapes in tests/test_instruments.py.)"""
+    from ablations.probe.model import build_instruments
+    from ablations.probe.spec import make_spec
+
+    for arch, shape, opts in [("plain_mlp", (12,), dict(depth=3, width=8)),
+                              ("resnet_cnn", (6, 6, 1), dict(depth=3, width=4, norm="none")),
+                              ("transformer", (5, 4), dict(depth=2, d_model=8, heads=2))]:
+        spec = make_spec(zoo.build(arch, input_shape=shape, num_outputs=3, **opts))
+        (inst,) = [i for i in build_instruments(spec, {"instruments": {"per_example": True}})
+                   if i.name == "per_example"]
+        groups = inst.coverage.groups
+        assert [g[0] for g in groups] == [*spec.blocks["block"], pe.ALL], arch
+        assert all(g[3] == 1.0 for g in groups), (arch, groups)  # every kernel, every tensor covered
+
+    spec = make_spec(zoo.build("resnet_cnn", input_shape=(6, 6, 1), num_outputs=3, depth=3, width=4))
+    assert "per_example" not in [i.name for i in build_instruments(spec, {"instruments": {"per_example": True}})]
+    assert any("per_example" in n and "BatchNormalization" in n for n in spec.notes)

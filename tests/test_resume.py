@@ -204,25 +204,29 @@ def test_an_arm_is_current_whatever_the_key_order_of_its_stored_config(tmp_path:
 
 # ----------------------------------------------------------------------------------- resume inside an arm
 
-RESUME_TABLES = ("history", "params", "blocks", "epochs", "grad_hist")
+RESUME_TABLES = ("history", "params", "blocks", "epochs", "grad_hist", "per_example")
 
 
-def resumable(**train) -> dict:
+def resumable(opt_in: bool = False, **train) -> dict:
     """A deterministic arm with something random in every step (stochastic depth, dropout), histograms, a
-    schedule, momentum, a fixed number of steps per epoch or natural epochs."""
+    schedule, momentum, a fixed number of steps per epoch or natural epochs; with ``opt_in`` the per-example
+    statistics (at their own cadence) and the distance from initialisation (its copy of w_0 must survive)."""
+    instruments = {"per_example": {"every": 4}, "init_distance": True} if opt_in else {}
     return {"name": "resume", "model": {"arch": "stochastic_depth_mlp", "depth": 3, "width": 16, "dropout": 0.1,
                                         "survival_prob": 0.5},
             "data": {"batch_size": 32},
             "train": {"epochs": 3, "optimizer": {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9,
                                                  "schedule": {"name": "cosine", "warmup_steps": 5}},
                       "checkpoint_steps": 7, **train},
-            "capture": {"every": 2, "histograms": True}}
+            "capture": {"every": 2, "histograms": True, "instruments": instruments}}
 
 
 def _assert_same_tables(a: Path, b: Path) -> None:
     import numpy as np
 
     for t in RESUME_TABLES:
+        if not (a / f"{t}.parquet").exists() and not (b / f"{t}.parquet").exists():
+            continue  # an opt-in table neither run wrote
         x, y = pd.read_parquet(a / f"{t}.parquet"), pd.read_parquet(b / f"{t}.parquet")
         assert list(x.columns) == list(y.columns) and len(x) == len(y), t
         for col in x.columns:  # bitwise: NaN where NaN, the same float32 everywhere else
@@ -233,7 +237,9 @@ class _Kill(BaseException):
     """What a kill looks like to the arm: nothing after it runs (not an Exception: run_arm records those)."""
 
 
-@pytest.mark.parametrize("train", [{}, {"steps_per_epoch": 20}], ids=["natural epochs", "fixed steps"])
+@pytest.mark.parametrize("train", [pytest.param({}, id="natural epochs"),
+                                   pytest.param({"steps_per_epoch": 20}, id="fixed steps"),
+                                   pytest.param({"opt_in": True}, marks=pytest.mark.slow, id="opt-in instruments")])
 def test_an_interrupted_arm_resumes_to_the_tables_of_an_uninterrupted_run(tfds_dir: str, tmp_path: Path,
                                                                           train: dict) -> None:
     import keras
@@ -267,6 +273,9 @@ def test_an_interrupted_arm_resumes_to_the_tables_of_an_uninterrupted_run(tfds_d
     assert resumed["status"] == "completed" and 17 <= resumed["resumed_from_step"] <= 26
     assert not (folder / ".resume").exists()
     _assert_same_tables(tmp_path / "full", folder)
+    if train.get("opt_in"):
+        assert (folder / "per_example.parquet").exists()
+        assert "init_distance" in pd.read_parquet(folder / "params.parquet")
     assert resumed["final"] == full["final"]
 
 

@@ -57,6 +57,8 @@ def test_mirrored_on_two_logical_cpus_matches_default(tfds_dir: str, tmp_path: P
     """
     cfgs = {"default": tiny({"strategy": "default", "logical_cpus": 2}),
             "mirrored": tiny({"strategy": "mirrored", "logical_cpus": 2, "devices": ["/cpu:0", "/cpu:1"]})}
+    for c in cfgs.values():  # the opt-in instruments too: per-example sums all-reduced, an own cadence
+        c["capture"]["instruments"] = {"per_example": {"every": 4}, "init_distance": True}
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), json.dumps(cfgs)], cwd=ROOT,
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -72,6 +74,15 @@ def test_mirrored_on_two_logical_cpus_matches_default(tfds_dir: str, tmp_path: P
     hb = pd.read_parquet(tmp_path / "mirrored" / "grad_hist.parquet")
     assert list(ha["step"]) == list(hb["step"]) and ha["count"].sum() == hb["count"].sum() > 0
     assert np.abs(ha["count"].to_numpy() - hb["count"].to_numpy()).sum() <= 2
+    pa = pd.read_parquet(tmp_path / "default" / "per_example.parquet")
+    pb = pd.read_parquet(tmp_path / "mirrored" / "per_example.parquet")
+    assert list(pa["step"]) == list(pb["step"]) and set(pa["step"]) == {0, 4}
+    stats = ["mean_norm", "std_norm", "trace_sigma", "grad_sq", "b_simple", "snr"]
+    np.testing.assert_allclose(pb[stats].to_numpy(float), pa[stats].to_numpy(float), rtol=1e-4, err_msg="per_example")
+    a = pd.read_parquet(tmp_path / "default" / "params.parquet")
+    b = pd.read_parquet(tmp_path / "mirrored" / "params.parquet")
+    np.testing.assert_allclose(b["init_distance"].to_numpy(float), a["init_distance"].to_numpy(float), rtol=1e-5,
+                               atol=1e-7, err_msg="init_distance")
 
 
 def test_tf_config_errors_say_what_was_found(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -350,6 +350,12 @@ class Instrument:
         """Tap name -> the Keras tensors to tap (one forward pass exposes all of them)."""
         return {}
 
+    def state(self) -> list[Any]:
+        """Variables the instrument keeps across steps (e.g. a copy of the initial weights), created on the
+        first call, under the strategy's scope. The probe tracks them, so a checkpoint saves and a resume
+        restores them with the model's own variables."""
+        return []
+
     def shape(self) -> tuple[int, ...]:
         """Own tables: the per-capture value shape stored in the ring buffer."""
         return ()

@@ -46,13 +46,17 @@ explicit per-example gradient, as many multiply-adds as the weight gradient itse
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import string
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ablations.lazy import keras, tf  # TensorFlow loads when a step is built (the registry imports this)
+from ablations import compat
+from ablations.instruments.base import Column, EveryOptions, Finish, Instrument, Reducer, StepContext
+from ablations.instruments.kernels import sq_sums
+from ablations.lazy import keras, pd, tf  # TensorFlow loads when a step is built (the registry imports this)
 
 GRAM, EXPLICIT, OUTER = "gram", "explicit", "outer"
 
@@ -570,3 +574,247 @@ def numpy_noise_statistics(per_example: np.ndarray) -> dict[str, float]:
     norms = np.linalg.norm(g, axis=1)
     return dict(mean_norm=float(norms.mean()), std_norm=float(norms.std(ddof=1)), trace_sigma=trace,
                 grad_sq=grad_sq, b_simple=trace / grad_sq, snr=b * grad_sq / trace)
+
+
+# ------------------------------------------------------------------------------------------ the instrument
+
+ALL = "all"  # the block name (depth -1) of the row over every covered tensor of the model
+
+
+@dataclasses.dataclass
+class Coverage:
+    """What the ``per_example`` instrument covers in one model (static, found once outside the step).
+
+    Attributes:
+        layers: layers of the model's graph tapped at their input and output (:func:`layer_sq_norms`).
+        attention: ``(MultiHeadAttention, its graph node)``: projections read from a recomputation of the
+            layer (:func:`attention_sq_norms`).
+        rnn: SimpleRNN layers, from their tapped input and the through-time dL/dh_t (:func:`simple_rnn_sq_norms`).
+        variables: every covered variable, in the order of ``rows``; ``rows``: their rows in the spec's params.
+        groups: ``(block, depth, [positions in variables], coverage)``: a row per block with a covered kernel,
+            then :data:`ALL`.
+        unsupported: layer name -> why its weights are not covered.
+    """
+
+    layers: list
+    attention: list
+    variables: list
+    rows: list
+    groups: list
+    unsupported: dict
+    rnn: list = dataclasses.field(default_factory=list)
+
+
+def coupling_reason(net: Any) -> str | None:
+    """Why no per-example gradients can be read from ``net``'s graph at all, or None."""
+    for layer in net.layers:
+        if compat.functional_graph(layer) is not None:
+            return (f"{layer.name} is a nested model: its layers' inputs and outputs are not tensors of the "
+                    "top-level graph the taps are built from")
+        if isinstance(layer, keras.layers.BatchNormalization):
+            return (f"{layer.name}: BatchNormalization in training mode couples the examples of a batch (no "
+                    "per-example gradient exists); use norm: layer, group or none")
+    return None
+
+
+def noise_groups(params: Any, blocks: Any, rows: list[int]) -> list[tuple[str, int, list[int], float]]:
+    """The statistic rows: each block's covered kernels (``role == block``, param ``...kernel``), then every
+    covered tensor (:data:`ALL`); coverage is the covered fraction of the kernel (or all trainable) entries."""
+    pos = {r: k for k, r in enumerate(rows)}
+    size = params["size"].to_numpy(float)
+    role, depth, param = params["role"].tolist(), params["depth"].tolist(), [str(p) for p in params["param"]]
+    out = []
+    for d, name in zip(blocks["depth"].tolist(), blocks["block"].tolist()):
+        kernels = [i for i in range(len(params))
+                   if role[i] == "block" and depth[i] == d and param[i].endswith("kernel")]
+        covered = [i for i in kernels if i in pos]
+        if covered:
+            out.append((str(name), int(d), [pos[i] for i in covered], float(size[covered].sum() / size[kernels].sum())))
+    if rows:
+        out.append((ALL, -1, list(range(len(rows))), float(size[rows].sum() / size.sum())))
+    return out
+
+
+def coverage(spec: Any) -> Coverage | str:
+    """The :class:`Coverage` of a probed model, or why it has none."""
+    net = spec.net
+    if not spec.graph:
+        return "the model has no functional graph (subclassed)"
+    why = coupling_reason(net)
+    if why:
+        return why
+    p = plan(net)
+    unsupported = dict(p["unsupported"])
+    rnn = list(p["rnn"])
+    if rnn:
+        from ablations.instruments._rnn_views import chain_problem
+
+        problem = chain_problem(net)
+        if problem:
+            unsupported.update({l.name: f"SimpleRNN without the through-time view: {problem}" for l in rnn})
+            rnn = []
+    nodes = {id(n.operation): n for n in compat.graph_nodes(compat.functional_graph(net)) if n.operation is not None}
+    attention = []
+    for layer in net.layers:
+        if not isinstance(layer, keras.layers.MultiHeadAttention):
+            continue
+        if layer.dropout:
+            unsupported[layer.name] = ("MultiHeadAttention with dropout: its projections come from a recomputation "
+                                       "of the layer, which would draw another dropout mask")
+        else:
+            attention.append((layer, nodes[id(layer)]))
+    variables = [w for l in p["layers"] for w in layer_variables(l)] + \
+                [w for l, _ in attention for s in attention_projections(l) for w in layer_variables(s)] + \
+                [w for l in rnn for w in l.cell.trainable_weights]
+    row_of = {id(v): i for i, v in enumerate(net.trainable_variables)}
+    rows = [row_of[id(v)] for v in variables]
+    return Coverage(p["layers"], attention, variables, rows, noise_groups(spec.params, spec.blocks, rows), unsupported,
+                    rnn)
+
+
+def rnn_sq_norms(view: Any, layers: Sequence[Any], inputs: Sequence[Any], ctx: StepContext) -> list[tuple[Any, Any]]:
+    """Per-example squared norms of SimpleRNN kernels: one more forward/backward pass through the weight-sharing
+    through-time view (:mod:`ablations.instruments._rnn_views`) gives the total dL/dh_t of every layer (the
+    step's loss, as the probe's tape has it), then :func:`simple_rnn_sq_norms`."""
+    eps = view.zeros(tf.shape(tf.nest.flatten(ctx.x)[0])[0])
+    with tf.GradientTape() as tape:
+        tape.watch(eps)
+        pred = view.view([ctx.x, *eps], training=True)
+        loss = compat.compute_loss(ctx.model, ctx.x, ctx.y, pred, ctx.sample_weight)
+    dh = dict(zip(view.names, tape.gradient(loss, eps)))
+    return [pair for layer, a in zip(layers, inputs) for pair in simple_rnn_sq_norms(layer, a, dh[layer.name])]
+
+
+def attention_sq_norms(layer: Any, node: Any, inputs: Sequence[Any], grad_out: Any) -> list[tuple[Any, tf.Tensor]]:
+    """Per-example squared norms of a MultiHeadAttention's projection kernels and biases.
+
+    The projections' inputs and outputs live inside the layer, out of a functional tap's reach: the layer is
+    called again on its tapped inputs with its recorded call arguments (same weights; no dropout, refused by
+    :func:`coverage`), the projections' calls are recorded (:func:`record_io`), and the tapped dL/d(output)
+    is back-propagated through that recomputation (a vector-Jacobian product: exact, one more attention
+    forward and backward pass).
+    """
+    args, kwargs = compat.node_arguments(node, {id(kt): t for kt, t in zip(node.input_tensors, inputs)})
+    subs = attention_projections(layer)
+    with tf.GradientTape() as tape, record_io(subs) as calls:
+        out = layer(*args, **kwargs)
+    sub_in = [calls[id(s)][-1][0] for s in subs]
+    sub_out = [calls[id(s)][-1][1] for s in subs]
+    grads = tape.gradient(out, sub_out, output_gradients=tf.cast(grad_out, out.dtype))
+    return [pair for s, a, g in zip(subs, sub_in, grads) for pair in layer_sq_norms(s, a, g)]
+
+
+class PerExample(Instrument):
+    """Per block, from exact per-example gradient norms: their spread, the gradient noise scale and the SNR.
+
+    Rows: one per block with a covered kernel (its kernels: Dense, EinsumDense, Conv1D/2D, depthwise convs,
+    MultiHeadAttention's query/key/value/output projections, SimpleRNN kernel and recurrent kernel), and one,
+    block ``all`` (depth -1), over every covered tensor of the model (kernels, biases, LayerNorm, Embedding;
+    stem and head included): McCandlish's critical batch size of the whole net. Not covered (their rows or
+    entries are absent, ``coverage`` says how much is): layers with a fused activation (a highway gate), LSTM/GRU kernels, BatchNorm and
+    other layers without an exact rule (:func:`unsupported_reason`); models with BatchNormalization (it
+    couples the examples) or nested models get no table, with a note. ``g_i`` is the gradient of example
+    i's own loss term, from the step's global batch (all replicas; B is the global batch size).
+    """
+
+    name = "per_example"
+    table = "per_example"
+    order = 65
+    default = False
+    Opts = EveryOptions
+    needs = frozenset({"grads"})
+    grad_taps = ("per_example_out",)
+    columns = (
+        Column("tensors", "trainable tensors the row covers (a block: its covered kernels; all: every covered tensor)"),
+        Column("coverage", "covered fraction of the row's entries (a block: of its kernel entries; all: of the "
+                           "model's trainable entries)"),
+        Column("mean_norm", "mean over the batch of ||g_i||, the norm of example i's own loss gradient over the "
+                            "row's tensors", "per_example/mean_norm/{block}"),
+        Column("std_norm", "standard deviation of ||g_i|| over the batch (divisor B - 1)"),
+        Column("trace_sigma", "tr(Sigma), unbiased: (sum_i ||g_i||^2 - B ||G_B||^2) / (B - 1), G_B the batch gradient"),
+        Column("grad_sq", "|G|^2, unbiased: ||G_B||^2 - tr(Sigma) / B"),
+        Column("b_simple", "gradient noise scale tr(Sigma) / |G|^2 in examples (McCandlish et al. 2018); a ratio of "
+                           "per-step estimates: noisy, negative when the |G|^2 estimate is",
+               "per_example/b_simple/{block}"),
+        Column("snr", "B |G|^2 / tr(Sigma) = B / b_simple: signal-to-noise ratio of the mini-batch gradient",
+               "per_example/snr/{block}"),
+    )
+
+    def __init__(self, *args: Any, **kw: Any):
+        super().__init__(*args, **kw)
+        self._coverage: Coverage | str | None = None
+        self._view: Any = None
+
+    @property
+    def coverage(self) -> Coverage | str:
+        if self._coverage is None:
+            self._coverage = coverage(self.spec)
+        return self._coverage
+
+    def applies(self) -> bool:
+        c = self.coverage
+        if isinstance(c, str) or not c.groups:
+            why = c if isinstance(c, str) else "no layer has an exact rule"
+            self.spec.notes.append(f"no per-example statistics (per_example): {why}")
+            return False
+        if c.unsupported:
+            names = sorted(c.unsupported)
+            more = f" (and {len(names) - 3} more)" if len(names) > 3 else ""
+            self.spec.notes.append("per_example does not cover: " + "; ".join(c.unsupported[n] for n in names[:3])
+                                   + more)
+        return True
+
+    def taps(self) -> dict[str, list[Any]]:
+        c = self.coverage
+        ins = [l.input for l in c.layers] + [t for _, node in c.attention for t in node.input_tensors]
+        outs = [l.output for l in c.layers] + [l.output for l, _ in c.attention]
+        return {"per_example_in": ins, "per_example_out": outs, "per_example_rnn_in": [l.input for l in c.rnn]}
+
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.coverage.groups), len(NOISE_STATS))
+
+    def compute(self, ctx: StepContext, red: Reducer) -> Finish:
+        c = self.coverage
+        ins, outs = ctx.taps["per_example_in"], ctx.tap_grads["per_example_out"]
+        got = {}
+        for layer, a, g in zip(c.layers, ins, outs):
+            got.update({id(v): sq for v, sq in layer_sq_norms(layer, a, g)})
+        k = len(c.layers)
+        for j, (layer, node) in enumerate(c.attention):
+            n = len(node.input_tensors)
+            pairs = attention_sq_norms(layer, node, ins[k:k + n], outs[len(c.layers) + j])
+            got.update({id(v): sq for v, sq in pairs})
+            k += n
+        if c.rnn:
+            if self._view is None:
+                from ablations.instruments._rnn_views import time_probe_view
+
+                self._view = time_probe_view(self.spec.net)  # shares the cells' variables; built once
+            pairs = rnn_sq_norms(self._view, c.rnn, ctx.taps["per_example_rnn_in"], ctx)
+            got.update({id(v): sq for v, sq in pairs})
+        cols = group_columns([got[id(v)] for v in c.variables], [idx for _, _, idx, _ in c.groups])
+        local = norm_sums(cols)
+        ctx.before_update.append(local)  # done before the update: the recomputed attention reads the weights
+        sums = red.sums(local)  # additive over replicas: one all-reduce with the step's other sums
+        member = np.zeros([len(c.groups), len(c.rows)], np.float32)
+        for i, (_, _, idx, _) in enumerate(c.groups):
+            member[i, idx] = 1.0
+        # ||G_B||^2 per row from the global gradients (identical on every replica).
+        g2 = tf.linalg.matvec(tf.constant(member), sq_sums([ctx.global_grads[r] for r in c.rows]))
+
+        def finish(r: Any) -> Any:
+            stats = noise_statistics(r(sums), g2)
+            return tf.stack([stats[name] for name in NOISE_STATS], axis=1)
+
+        return finish
+
+    def frame(self, steps: np.ndarray, epochs: np.ndarray, values: np.ndarray) -> pd.DataFrame:
+        groups = self.coverage.groups
+        n, k = len(steps), len(groups)
+        df = pd.DataFrame({
+            "step": np.repeat(steps, k), "epoch": np.repeat(epochs, k),
+            "depth": np.tile([g[1] for g in groups], n), "block": np.tile([g[0] for g in groups], n),
+            "tensors": np.tile([len(g[2]) for g in groups], n), "coverage": np.tile([g[3] for g in groups], n)})
+        for j, name in enumerate(NOISE_STATS):
+            df[name] = values[:, :, j].reshape(-1)
+        return df

@@ -93,6 +93,8 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
         object.__setattr__(self, "tap_groups", {k: len(v) for k, v in taps.items()})
         object.__setattr__(self, "layout", table_layout(insts))
         object.__setattr__(self, "ring", Ring(capacity, ring_slots(spec, insts, self.layout, self.every)))
+        # Tracked (a list attribute of the model): checkpoints save and resumes restore the instruments' state.
+        self.instrument_state = [v for inst in insts for v in inst.state()]
 
     @property
     def in_graph(self) -> list[Instrument]:
@@ -191,6 +193,8 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
             ctx = self._context(x, y, sample_weight, step, local_loss, variables, grads, taps, grad_taps, tap_grads)
         red = Reducer()
         pending = [(i, i.compute(ctx, red)) for i in insts if i.every == self.every]
+        if capture:  # before the update, like every other statistic: they see the weights the gradient is of
+            self._own_cadence(ctx, step, [i for i in insts if i.every != self.every], due)
         with tf.control_dependencies(ctx.before_update if ctx is not None else []):
             self.optimizer.apply_gradients(zip(grads, variables))
 
@@ -202,7 +206,6 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
             rows = assemble(self.layout, self.spec, [r for r in results if r[0].table in SHARED_TABLES])
             own = {i.table: v for i, v in results if i.table not in SHARED_TABLES}
             self.ring.write(self.every, step, {**rows, **own}, due=due)
-            self._own_cadence(ctx, step, [i for i in insts if i.every != self.every], due)
             # A non-finite gradient also means divergence: on CPU, fused MatMul+BiasAdd+Relu kernels map NaN to 0,
             # so a ReLU net can keep a finite loss while its gradients and weights are already NaN.
             gnorm = rows["history"][list(self.layout["history"]).index("global_grad_norm"), 0]
@@ -230,22 +233,35 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
         return ctx
 
     def _own_cadence(self, ctx: StepContext, step: Any, insts: list[Instrument], due: Any) -> None:
-        """Instruments with their own ``every`` (a multiple of the probe's): computed on their due steps only."""
+        """Instruments with their own ``every`` (a multiple of the probe's): computed on their due steps only,
+        before the optimizer update; one ring write per cadence (instruments of one ``every`` share its
+        step counter)."""
+        by_every: dict[int, list[Instrument]] = {}
         for inst in insts:
-            now = tf.equal(step % inst.every, 0)
+            by_every.setdefault(inst.every, []).append(inst)
+        for every, group in by_every.items():
+            now = tf.equal(step % every, 0)
             if due is not None:
                 now = tf.logical_and(now, due)
 
-            def run(inst: Instrument = inst) -> Any:
-                red = Reducer()
-                fin = inst.compute(ctx, red)
-                return tf.cast(fin(red.finish()), tf.float32)
+            def run(group: list[Instrument] = group) -> Any:
+                # Tensors made inside the cond's branch must not leak into the step's graph (memo, before_update).
+                memo, before = dict(ctx._memo), list(ctx.before_update)  # noqa: SLF001 - our own class
+                out = []
+                for inst in group:
+                    red = Reducer()
+                    fin = inst.compute(ctx, red)
+                    out.append(tf.cast(fin(red.finish()), tf.float32))
+                ctx._memo, ctx.before_update = memo, before  # noqa: SLF001
+                return out
 
             if num_replicas() > 1:  # no cond around sync points: compute, record when due
-                value = run()
+                values = run()
             else:
-                value = unlowered_cond(now, run, lambda inst=inst: tf.fill(inst.shape(), float("nan")))
-            self.ring.write(inst.every, step, {inst.table: value}, due=now)
+                nans = lambda group=group: [tf.fill(i.shape(), float("nan")) for i in group]  # noqa: E731
+                values = unlowered_cond(now, run, nans)
+            values = values if isinstance(values, (list, tuple)) else [values]
+            self.ring.write(every, step, {i.table: v for i, v in zip(group, values)}, due=now)
 
 
 # ------------------------------------------------------------------------------------- the tap model
