@@ -191,6 +191,10 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
             ctx = self._context(x, y, sample_weight, step, local_loss, variables, grads, taps, grad_taps, tap_grads)
         red = Reducer()
         pending = [(i, i.compute(ctx, red)) for i in insts if i.every == self.every]
+        cadenced = [i for i in insts if i.every != self.every]
+        early = [i for i in cadenced if "before_update" in i.needs]  # must see the weights the gradient was taken at
+        if early:
+            ctx.before_update.extend(self._own_cadence(ctx, step, early, due))
         with tf.control_dependencies(ctx.before_update if ctx is not None else []):
             self.optimizer.apply_gradients(zip(grads, variables))
 
@@ -202,7 +206,7 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
             rows = assemble(self.layout, self.spec, [r for r in results if r[0].table in SHARED_TABLES])
             own = {i.table: v for i, v in results if i.table not in SHARED_TABLES}
             self.ring.write(self.every, step, {**rows, **own}, due=due)
-            self._own_cadence(ctx, step, [i for i in insts if i.every != self.every], due)
+            self._own_cadence(ctx, step, [i for i in cadenced if i not in early], due)
             # A non-finite gradient also means divergence: on CPU, fused MatMul+BiasAdd+Relu kernels map NaN to 0,
             # so a ReLU net can keep a finite loss while its gradients and weights are already NaN.
             gnorm = rows["history"][list(self.layout["history"]).index("global_grad_norm"), 0]
@@ -229,8 +233,10 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
             ctx.old_weights = [tf.convert_to_tensor(v) for v in variables]
         return ctx
 
-    def _own_cadence(self, ctx: StepContext, step: Any, insts: list[Instrument], due: Any) -> None:
-        """Instruments with their own ``every`` (a multiple of the probe's): computed on their due steps only."""
+    def _own_cadence(self, ctx: StepContext, step: Any, insts: list[Instrument], due: Any) -> list[Any]:
+        """Instruments with their own ``every`` (a multiple of the probe's): computed on their due steps only.
+        Returns their values (the update waits for those of instruments that need ``before_update``)."""
+        out = []
         for inst in insts:
             now = tf.equal(step % inst.every, 0)
             if due is not None:
@@ -246,6 +252,8 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
             else:
                 value = unlowered_cond(now, run, lambda inst=inst: tf.fill(inst.shape(), float("nan")))
             self.ring.write(inst.every, step, {inst.table: value}, due=now)
+            out.append(value)
+        return out
 
 
 # ------------------------------------------------------------------------------------- the tap model
