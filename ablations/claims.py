@@ -57,6 +57,8 @@ TABLES: dict[str, tuple[str, ...]] = {
     "grad_hist": (*_STEP, "depth", "block", "bin", "log10_lo", "log10_hi", "count", "fraction"),
     "per_example": (*_STEP, "depth", "block", "tensors", "coverage", "mean_norm", "std_norm", "trace_sigma",
                     "grad_sq", "b_simple", "snr"),
+    "curvature": (*_STEP, "sharpness", "sharpness_rel_change", "sharpness_residual", "hessian_trace",
+                  "hessian_trace_stderr", "lr", "stability_bound", "preconditioned_sharpness", "edge_ratio"),
 }
 TABLES["kernels"] = TABLES["params"]  # a view of params: each block's first linear (or recurrent input) kernel
 SUMMARY_KEYS = ("status", "steps", "epochs_run", "num_params", "baseline_loss", "ratio_init", "ratio_final",

@@ -205,6 +205,7 @@ class DiagnoseConfig(Strict):
     dead_fraction: float = Field(0.4, gt=0, le=1)  # share of units dead for the whole batch
     plateau_improvement: float = Field(0.01, ge=0)  # relative loss improvement per window below this: plateau
     window: int = Field(200, gt=0)  # steps judged at the end of training
+    edge_ratio: float = Field(0.9, gt=0)  # median sharpness / stability bound at or above this: edge_of_stability
 
 
 class RuntimeConfig(Strict):

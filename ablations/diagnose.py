@@ -12,7 +12,11 @@ the last 200 steps"``. Thresholds (all overridable under ``diagnose:`` in the YA
 * dead units: more than 40% of a block's units have zero derivative for the whole batch (our threshold);
 * plateau: the mean training loss of the last window changed by less than 1% (either way) from the window
   before;
-* rising_loss: it rose by more than that instead (a rising loss is not a plateau).
+* rising_loss: it rose by more than that instead (a rising loss is not a plateau);
+* edge_of_stability (opt-in ``curvature`` instrument): the median, over the captures of the judged window,
+  of the sharpness divided by the optimizer's stability bound is at least 0.9 (2/lr for plain SGD,
+  (2 + 2 momentum)/lr with heavy-ball momentum: Cohen et al. 2021; for Adam the preconditioned sharpness
+  against (2 + 2 beta_1)/((1 - beta_1) lr): Cohen et al. 2022; never for optimizers without a bound).
 
 The gradient-decay rate is the least-squares slope of log10(block kernel gradient norm) against block depth:
 decades per block, positive when the gradient shrinks toward the input (vanishing), negative when it grows
@@ -74,7 +78,7 @@ def _verdict(kind: str, blocks: list[int], message: str) -> dict[str, Any]:
 
 def verdicts(params: pd.DataFrame, blocks: pd.DataFrame, history: pd.DataFrame,
              thresholds: dict[str, float] | None = None, at_init: bool = False,
-             facts: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+             facts: dict[str, Any] | None = None, curvature: pd.DataFrame | None = None) -> list[dict[str, Any]]:
     """Diagnoses an arm from its tables.
 
     Args:
@@ -83,6 +87,7 @@ def verdicts(params: pd.DataFrame, blocks: pd.DataFrame, history: pd.DataFrame,
         at_init: judge the first captured steps only (used to prune searches early).
         facts: what is known of the model and optimizer (:func:`ablations.probe.facts.model_facts`), to pick
             the fixes that apply; None: every fix of the kind.
+        curvature: the arm's ``curvature`` table (the opt-in instrument), for ``edge_of_stability``.
 
     Returns:
         A list of ``{"kind", "blocks", "message", "fixes"}``; empty when nothing is wrong.
@@ -102,6 +107,8 @@ def verdicts(params: pd.DataFrame, blocks: pd.DataFrame, history: pd.DataFrame,
         out.extend(_activations(blocks, th, at_init))
     if not at_init and history is not None and len(history) >= 4:
         out.extend(_plateau(history, th))
+    if not at_init and curvature is not None and not curvature.empty:
+        out.extend(_edge_of_stability(curvature, th))
     for v in out:
         v["fixes"] = fixes_for(v["kind"], facts)
     return out
@@ -226,6 +233,26 @@ def _plateau(history: pd.DataFrame, th: dict[str, float]) -> list[dict[str, Any]
     return []
 
 
+def _edge_of_stability(curv: pd.DataFrame, th: dict[str, float]) -> list[dict[str, Any]]:
+    """``edge_of_stability`` when the window's median of ``edge_ratio`` (the bounded sharpness over the
+    optimizer's stability bound, NaN where there is no bound) reaches ``th["edge_ratio"]``."""
+    c = curv[np.isfinite(curv["edge_ratio"].to_numpy(float))].sort_values("step")
+    if c.empty:
+        return []
+    last = c["step"].iloc[-1]
+    win = c[c["step"] > last - int(th["window"])]
+    ratio = float(np.median(win["edge_ratio"]))
+    if ratio < th["edge_ratio"]:
+        return []
+    pre = np.isfinite(win["preconditioned_sharpness"].to_numpy(float)).all()
+    what = "preconditioned sharpness lambda_max(P^-1 H)" if pre else "sharpness (top Hessian eigenvalue)"
+    value = float(np.median(win["preconditioned_sharpness" if pre else "sharpness"]))
+    bound = float(np.median(win["stability_bound"]))
+    span = f"{len(win)} captured step{'s' * (len(win) > 1)} over the last {int(last - win['step'].iloc[0] + 1)} steps"
+    return [_verdict("edge_of_stability", [], f"{what} {value:.3g} is {ratio:.2f} of the stability bound "
+                     f"{bound:.3g} (median of {span}): training runs at the edge of stability (Cohen et al. 2021)")]
+
+
 # ---------------------------------------------------------------------------------------------- fixes
 
 SATURATING = ("sigmoid", "tanh", "hard_sigmoid", "softsign", "hard_tanh", "log_sigmoid")
@@ -298,6 +325,15 @@ FIXES: dict[str, list[tuple[str, str, str, str, dict[str, Any], str]]] = {
          "keras.optimizers.schedules.CosineDecay"),
         ("optimizer", "momentum (0.9) or Adam", "accumulated steps cross flat regions faster",
          "Sutskever et al. 2013; Kingma & Ba 2015", {"train.optimizer.momentum": 0.9}, "SGD(momentum=0.9)"),
+    ],
+    "edge_of_stability": [
+        ("learning_rate", "a smaller learning rate ({lr/10}), if the loss oscillates or spikes",
+         "above the bound a step overshoots along the top Hessian eigenvector; gradient descent then hovers "
+         "at the bound with a non-monotone loss instead of diverging", "Cohen et al. 2021",
+         {"train.optimizer.learning_rate": "{lr/10}"}, "optimizer(learning_rate={lr/10})"),
+        ("warmup", "learning-rate warm-up", "lets the sharpness fall before the full rate applies",
+         "Gilmer et al. 2022", {"train.optimizer.schedule.warmup_steps": 200},
+         "a LearningRateSchedule that ramps up linearly"),
     ],
     "rising_loss": [
         ("learning_rate", "a smaller learning rate ({lr/10})", "the steps overshoot the minimum",

@@ -253,7 +253,8 @@ def arm_results(tables: dict[str, Any], epochs: dict[str, list[float]], model: A
         baseline_loss=_finite(baseline_loss),  # trivial predictor (sequence tasks)
         **{k: _finite(v) for k, v in summarize(tables, model.instruments).items()},
         n_blocks=len(views), block_rule=views[0].source if views else None, notes=list(model.spec.notes),
-        verdicts=verdicts(tables["params"], tables["blocks"], history, thresholds, facts=facts),
+        verdicts=verdicts(tables["params"], tables["blocks"], history, thresholds, facts=facts,
+                          curvature=tables.get("curvature")),
         capture_cost=model.train_function.cost() if hasattr(model.train_function, "cost") else None)
 
 

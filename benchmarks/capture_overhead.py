@@ -22,7 +22,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -41,13 +41,13 @@ class Case:
     activations: bool
     updates: bool = True  # weight and update norms (with params: the whole per-tensor table)
     histograms: bool = False  # per-block gradient histograms (off by default)
-    instruments: tuple[str, ...] = ()  # opt-in instruments switched on (capture.instruments.<name>: true)
+    instruments: dict[str, Any] = field(default_factory=dict)  # opt-in instruments (capture.instruments)
 
     @property
     def target_key(self) -> str:
         kind = "full" if self.activations and self.updates else "grads" if not self.updates else "tensors"
         kind = "full+histograms" if self.histograms else kind  # no target: an opt-in extra
-        kind += "".join(f"+{name}" for name in self.instruments)
+        kind = "+".join([kind, *self.instruments]) if self.instruments else kind
         return f"{kind} every {self.every}"
 
 
@@ -66,9 +66,12 @@ CASES = [
     Case("resnet20 full every=16 spe=16", "resnet_cnn", {"depth": 9}, 16, 16, True),
     # Opt-in instruments at their default cadence (capture.every), on the full set.
     Case("mlp20x256 full+per_example every=1 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, True,
-         instruments=("per_example",)),
+         instruments={"per_example": True}),
     Case("mlp20x256 full+init_distance every=1 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, True,
-         instruments=("init_distance",)),
+         instruments={"init_distance": True}),
+    # Opt-in instruments at their default cadence, on top of the full set every 16 steps (compare that case).
+    Case("mlp20x256 full every=16 + curvature (every=64) spe=1", "plain_mlp", {"depth": 20, "width": 256}, 16, 1,
+         True, instruments={"curvature": True}),
 ]
 
 
@@ -96,9 +99,8 @@ def _models(case: Case, seed: int = 0):
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     plain = net()
     plain.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss=loss, steps_per_execution=case.spe)
-    probed = ProbedModel(net(), capture={"instruments": {name: True for name in case.instruments}},
-                         every=case.every, activations=case.activations, updates=case.updates,
-                         histograms=case.histograms,
+    probed = ProbedModel(net(), capture={"instruments": case.instruments}, every=case.every,
+                         activations=case.activations, updates=case.updates, histograms=case.histograms,
                          capacity=ring_capacity(case.every, 256, 10_000, case.spe))
     probed.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss=loss, steps_per_execution=case.spe)
     return plain, probed, lambda: [DrainCallback(256, 10_000)]

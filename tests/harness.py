@@ -70,7 +70,18 @@ OPT_IN: dict[str, tuple[str, ...] | None] = {
 
 def capture_for(name: str) -> dict[str, Any]:
     """The harness's capture section for model ``name``."""
-    return {**CAPTURE, "instruments": {k: True for k, models in OPT_IN.items() if models is None or name in models}}
+    on = {k: True for k, models in OPT_IN.items() if models is None or name in models}
+    return {**CAPTURE, "instruments": {**on, **EXTRA.get(name, {})}}
+
+
+# Opt-in instruments switched on for some models only (their references are costly): model -> instruments.
+# Curvature: enough power iterations that the top eigenvalue of these tiny nets has converged to < 1%; models
+# without BatchNorm (its moving statistics move with every training-mode pass the harness makes, and the
+# curvature's loss reads them).
+EXTRA: dict[str, dict[str, Any]] = {
+    "plain_mlp": {"curvature": {"every": 1, "iterations": 150, "probes": 8}},
+    "resnet_mlp": {"curvature": {"every": 1, "iterations": 150, "probes": 8}},
+}
 
 
 @dataclasses.dataclass
@@ -322,6 +333,37 @@ def ref_per_example(case: Case) -> pd.DataFrame:
     return df
 
 
+def explicit_hessian(net: keras.Model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The Hessian of the hand-written cross-entropy (layers in inference mode) w.r.t. every trainable weight,
+    as the jacobian of the gradient (float64 NumPy, symmetrised)."""
+    variables = net.trainable_variables
+    with tf.GradientTape(persistent=True) as outer:
+        with tf.GradientTape() as inner:
+            loss = _loss(y, net(x, training=False))
+        g = tf.concat([tf.reshape(t, [-1]) for t in inner.gradient(loss, variables)], 0)
+    n = int(g.shape[0])
+    h = np.concatenate([np.reshape(np.asarray(j, np.float64), [n, -1]) for j in outer.jacobian(g, variables)], 1)
+    return (h + h.T) / 2
+
+
+def ref_curvature(case: Case) -> dict[str, Any]:
+    """NumPy ``eigvalsh`` of the explicit Hessian at the weights before the step: the eigenvalue of largest
+    magnitude (signed), the exact trace, and z.Hz averaged over the instrument's Rademacher probes (regenerated
+    from its seeds), with the stability bound of plain SGD at LR."""
+    from ablations.instruments import curvature as cv
+
+    probes = EXTRA[case.name]["curvature"]["probes"]
+    with case.initial_weights() as net:
+        h = explicit_hessian(net, case.x, case.y)
+        shapes, dtypes = [v.shape for v in net.trainable_variables], [v.dtype for v in net.trainable_variables]
+    ev = np.linalg.eigvalsh(h)
+    zs = [cv._flat(cv._random(shapes, dtypes, tf.constant([cv.TRACE_SEED, k + 1], tf.int64), "rademacher")).numpy()
+          for k in range(probes)]
+    return {"sharpness": float(ev[np.argmax(np.abs(ev))]), "trace": float(np.trace(h)),
+            "trace_same_probes": float(np.mean([z @ h @ z for z in zs])), "lr": LR, "stability_bound": 2.0 / LR,
+            "eigenvalues": ev}
+
+
 REFERENCES: dict[str, Callable[[Case], Any]] = {
     "step": ref_step,
     "param_norms": ref_param_norms,
@@ -334,6 +376,7 @@ REFERENCES: dict[str, Callable[[Case], Any]] = {
     "time_grads": ref_time_grads,
     "init_distance": ref_init_distance,
     "per_example": ref_per_example,
+    "curvature": ref_curvature,
 }
 # Instruments checked elsewhere against their own references (snapshots, not step values).
 ELSEWHERE = {"rnn_gates": "tests/test_rnn.py::test_gate_values_match_numpy (NumPy gates from the weights)"}

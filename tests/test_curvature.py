@@ -276,3 +276,91 @@ def test_products_under_mirrored_strategy_give_the_global_batch():
     for key, rows in out.items():
         for row in rows:  # every replica holds the global result
             np.testing.assert_allclose(row, ref, rtol=1e-4, err_msg=key)
+
+
+# ----------------------------------------------------------------------------------------- the instrument
+
+
+def _probed_fit(capture, optimizer, steps=4, seed=0, batch=16):
+    """A tiny zoo MLP trained ``steps`` probed steps; returns (curvature table, weights before every step,
+    batches, net)."""
+    import zoo
+    from ablations.probe import DrainCallback, ProbedModel
+
+    keras.utils.set_random_seed(seed)
+    net = zoo.build("plain_mlp", input_shape=(4,), num_outputs=3, depth=2, width=5, activation="tanh")
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch * steps, 4)).astype("float32")
+    y = rng.integers(0, 3, batch * steps)
+    before = []
+
+    class Weights(keras.callbacks.Callback):
+        def on_train_batch_begin(self, b, logs=None):
+            before.append([np.array(v, np.float64) for v in net.trainable_variables])
+
+    model = ProbedModel(net, capture=capture, capacity=4 * steps)
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    drain = DrainCallback(drain_every=256, steps_per_epoch=steps)
+    model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(batch), epochs=1, verbose=0, shuffle=False,
+              callbacks=[Weights(), drain])
+    batches = [(x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]) for i in range(steps)]
+    return drain.tables(model)["curvature"], before, batches, net
+
+
+def _hessian_at(net, weights, x, y):
+    keep = [np.array(v) for v in net.trainable_variables]
+    for v, w in zip(net.trainable_variables, weights):
+        v.assign(w.astype(np.float32))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    h = explicit_hessian(lambda: loss(y, net(x, training=False)), net.trainable_variables)
+    for v, w in zip(net.trainable_variables, keep):
+        v.assign(w)
+    return np.linalg.eigvalsh(h)
+
+
+def test_own_cadence_measures_before_the_update_on_the_steps_batch():
+    """every 2 of capture.every 1: steps 0 and 2 recorded, each equal to eigvalsh of the explicit Hessian at the
+    weights before that step's update, on that step's batch (not the weights after it)."""
+    capture = {"instruments": {"curvature": {"every": 2, "iterations": 150, "probes": 0}}}
+    t, before, batches, net = _probed_fit(capture, keras.optimizers.SGD(0.5))
+    assert t["step"].tolist() == [0, 2]
+    assert t["hessian_trace"].isna().all()  # probes: 0
+    for step, got in zip(t["step"], t["sharpness"]):
+        ev = _hessian_at(net, before[step], *batches[step])
+        assert got == pytest.approx(ev[np.argmax(np.abs(ev))], rel=1e-2)
+        after = _hessian_at(net, before[step + 1], *batches[step])
+        assert abs(got - after[np.argmax(np.abs(after))]) > 1e-3 * abs(got)  # the update moved it: distinguishable
+    np.testing.assert_allclose(t["stability_bound"], 2 / 0.5, rtol=1e-6)
+    np.testing.assert_allclose(t["edge_ratio"], t["sharpness"] / 4.0, rtol=1e-6)
+
+
+def test_bounds_of_momentum_adam_and_rmsprop():
+    """Heavy ball: (2 + 2m)/lr on the sharpness; Adam: 38/lr on the preconditioned sharpness (NaN at step 0,
+    before Adam has second moments); RMSprop: no preconditioner here, so no bound (NaN), said in the column."""
+    capture = {"instruments": {"curvature": {"every": 1, "iterations": 10, "probes": 2}}}
+    t = _probed_fit(capture, keras.optimizers.SGD(0.1, momentum=0.9), steps=2)[0]
+    np.testing.assert_allclose(t["stability_bound"], 3.8 / 0.1, rtol=1e-6)
+    assert t["preconditioned_sharpness"].isna().all() and np.isfinite(t["edge_ratio"]).all()
+    t = _probed_fit(capture, keras.optimizers.Adam(0.01), steps=3)[0]
+    np.testing.assert_allclose(t["stability_bound"], 38 / 0.01, rtol=1e-5)
+    pre = t["preconditioned_sharpness"].to_numpy()
+    assert np.isnan(pre[0]) and np.isfinite(pre[1:]).all() and (pre[1:] > t["sharpness"].to_numpy()[1:]).all()
+    np.testing.assert_allclose(t["edge_ratio"][1:], pre[1:] / (38 / 0.01), rtol=1e-5)
+    t = _probed_fit(capture, keras.optimizers.RMSprop(0.01), steps=1)[0]
+    assert t["stability_bound"].isna().all() and t["edge_ratio"].isna().all() and np.isfinite(t["sharpness"]).all()
+
+
+def test_options_are_validated_strictly():
+    from ablations import instruments
+    from ablations.config import CaptureConfig
+
+    opts = instruments.parse_options("curvature", True)
+    assert (opts.every, opts.iterations, opts.probes) == (64, 20, 10)
+    for bad in ({"iterations": 1}, {"probes": -1}, {"itertions": 5}, {"mode": "lanczos"}, {"every": 0},
+                {"batch": "probe"}):
+        with pytest.raises(ValueError):
+            instruments.parse_options("curvature", bad)
+    CaptureConfig(every=16, instruments={"curvature": True})  # the default 64 is a multiple of 16
+    with pytest.raises(ValueError, match="multiple of capture.every"):
+        CaptureConfig(every=16, instruments={"curvature": {"every": 24}})
+    assert "curvature" not in [c.name for c, _ in instruments.resolve(None)]  # opt-in

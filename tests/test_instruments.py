@@ -79,6 +79,25 @@ def _own_rows(c: harness.Case, inst, want: pd.DataFrame) -> None:
     pd.testing.assert_frame_equal(c.graph[inst.table][static], c.eager[inst.table][static])
 
 
+def _curvature(c: harness.Case, inst, want: dict) -> None:
+    """Top eigenvalue within 1% of eigvalsh's largest-magnitude one; the trace within 1% of the same probes'
+    z.Hz and within 5 of its standard errors of tr(H); the bound 2/lr (no optimizer in measure(): NaN)."""
+    for source, tables in (("in graph", c.graph), ("measure()", c.eager)):
+        r = tables["curvature"]
+        assert r["step"].tolist() == [0], source
+        r = r.iloc[0]
+        what = f"{c.name}/curvature {source}"
+        assert r["sharpness"] == pytest.approx(want["sharpness"], rel=1e-2), what
+        assert r["hessian_trace"] == pytest.approx(want["trace_same_probes"], rel=1e-2), what
+        assert abs(r["hessian_trace"] - want["trace"]) < 5 * r["hessian_trace_stderr"], what
+        assert np.isnan(r["preconditioned_sharpness"]), what
+        if source == "in graph":
+            assert r["lr"] == pytest.approx(want["lr"]) and r["stability_bound"] == pytest.approx(want["stability_bound"])
+            assert r["edge_ratio"] == pytest.approx(want["sharpness"] / want["stability_bound"], rel=1e-2)
+        else:
+            assert np.isnan(r["lr"]) and np.isnan(r["stability_bound"]) and np.isnan(r["edge_ratio"])
+
+
 @pytest.mark.parametrize("model", list(harness.MODELS))
 def test_every_instrument_matches_measure_and_an_independent_reference(model: str) -> None:
     c = case(model)
@@ -93,6 +112,8 @@ def test_every_instrument_matches_measure_and_an_independent_reference(model: st
             _grad_hist(c, inst, want)
         elif inst.name == "time_grads":
             _time_grads(c, inst, want)
+        elif inst.name == "curvature":
+            _curvature(c, inst, want)
         elif isinstance(want, pd.DataFrame) and "block" in want:
             _own_rows(c, inst, want)
         else:

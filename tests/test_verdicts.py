@@ -253,3 +253,42 @@ def test_floor_and_ratio_are_named_apart() -> None:
 def test_lengths_cover_both_sides_of_the_window() -> None:
     (short, _, _), (long, _, _) = LENGTHS["short"], LENGTHS["long"]
     assert short < WINDOW < long - WINDOW
+
+
+# ------------------------------------------------------------------------------------------- edge of stability
+
+
+def _curvature_table(ratios, bound=20.0, preconditioned=False, every=16):
+    """A ``curvature`` table whose sharpness is ``ratios`` x the bound at steps 0, every, 2 every, ..."""
+    ratios = np.asarray(ratios, float)
+    sharp = ratios * bound
+    return pd.DataFrame({"step": np.arange(len(ratios)) * every, "epoch": 0, "sharpness": sharp / (9 if preconditioned else 1),
+                         "preconditioned_sharpness": sharp if preconditioned else np.nan,
+                         "stability_bound": bound if np.isfinite(bound) else np.nan, "edge_ratio": sharp / bound})
+
+
+def _eos(curv, **th):
+    t = synth("plain_mlp", "long", HEALTHY)
+    return [v for v in verdicts(t["params"], t["blocks"], t["history"], {"window": WINDOW, **th}, curvature=curv)
+            if v["kind"] == "edge_of_stability"]
+
+
+def test_edge_of_stability_positive_and_negative():
+    """Progressive sharpening up to the bound, then hovering at it: the verdict, naming sharpness and bound; the
+    same run stopped below 0.9 of the bound, or at the bound only before the judged window, gives none."""
+    rising = np.r_[np.linspace(0.1, 0.9, 30), 0.97, 1.02, 0.95, 1.01, 0.98, 1.03, 0.96, 1.0] * np.ones(1)
+    (v,) = _eos(_curvature_table(rising))
+    assert "sharpness (top Hessian eigenvalue)" in v["message"] and "stability bound 20" in v["message"]
+    assert v["fixes"] and v["fixes"][0]["kind"] == "learning_rate"
+    assert _eos(_curvature_table(np.linspace(0.1, 0.85, 40))) == []  # just inside: 0.85 < 0.9
+    assert _eos(_curvature_table(np.r_[np.ones(20), np.full(20, 0.5)])) == []  # left the edge before the window
+    assert len(_eos(_curvature_table(np.linspace(0.1, 0.85, 40)), edge_ratio=0.7)) == 1  # threshold overridable
+
+
+def test_edge_of_stability_is_off_without_a_bound_and_uses_adams_preconditioned_sharpness():
+    """No bound (RMSprop here, Adagrad, Adam with preconditioned: false): NaN edge ratio, no verdict however sharp;
+    Adam: judged on the preconditioned sharpness against 38/lr."""
+    assert _eos(_curvature_table(np.ones(20), bound=np.nan)) == []
+    (v,) = _eos(_curvature_table(np.ones(20), bound=3800.0, preconditioned=True))
+    assert "preconditioned sharpness" in v["message"]
+    assert _eos(None) == [] and _eos(pd.DataFrame(columns=["step", "edge_ratio"])) == []

@@ -313,7 +313,9 @@ class Instrument:
         summary_keys: keys it adds to ``summary.json`` (:meth:`summarize`).
         default: on unless switched off (the standard set); opt-in otherwise.
         order: position among the instruments (column order of shared tables).
-        needs: from the step: ``grads`` (global gradients), ``pre_update_weights`` (a copy before the update).
+        needs: from the step: ``grads`` (global gradients), ``pre_update_weights`` (a copy before the update),
+            ``before_update`` (an own-cadence ``compute`` that must run before the update, at the weights the
+            step's gradient was taken at; the update waits for it).
         grad_taps: tap names whose gradient the step must compute (dL/d(tap)).
         Opts: the pydantic model of its options.
     """

@@ -26,11 +26,15 @@ A warm start (``init``: the previous call's vector) cuts the iterations a call n
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Literal, NamedTuple, Optional, Sequence
+
+import numpy as np
+from pydantic import Field
 
 from ablations import compat
+from ablations.instruments.base import Column, EveryOptions, Finish, Instrument, Reducer, StepContext
 from ablations.instruments.kernels import all_reduce_sum, num_replicas
-from ablations.lazy import tf
+from ablations.lazy import pd, tf
 
 Vector = list  # list of tensors shaped like the variables
 FORWARD_OVER_REVERSE, REVERSE_OVER_REVERSE = "forward_over_reverse", "reverse_over_reverse"
@@ -387,3 +391,127 @@ def adam_preconditioner(optimizer: Any, variables: Sequence[Any]) -> Vector:
         p = (1.0 - tf.pow(b1, t)) * (tf.sqrt(v) / c2 + optimizer.epsilon / c2)
         out.append(tf.cast(tf.math.rsqrt(p), var.dtype))
     return out
+
+
+# ------------------------------------------------------------------------------------------ the instrument
+
+TRACE_SEED = 7919  # the Hutchinson probes of step s are seeded (s + TRACE_SEED, k + 1), the power iteration's (s, 0)
+CURVATURE_VALUES = ("sharpness", "sharpness_rel_change", "sharpness_residual", "hessian_trace",
+                    "hessian_trace_stderr", "lr", "stability_bound", "preconditioned_sharpness")
+
+
+class CurvatureOptions(EveryOptions):
+    """``capture.instruments.curvature``: cadence, power iterations, Hutchinson probes, product mode."""
+
+    # A power of two, so that it is a multiple of every power-of-two capture.every (as it must be).
+    every: Optional[int] = Field(64, gt=0)
+    iterations: int = Field(20, ge=2, le=1000)  # Hessian-vector products of the power iteration
+    probes: int = Field(10, ge=0, le=1000)  # Rademacher probes of the Hutchinson trace (0: no trace)
+    mode: Literal["forward_over_reverse", "reverse_over_reverse"] = FORWARD_OVER_REVERSE
+    # Adam/AdamW: also lambda_max(P^-1 H) (another `iterations` products), the quantity its bound is on.
+    preconditioned: bool = True
+
+
+def _inner(optimizer: Any) -> Any:
+    """The optimizer that decides the update (a LossScaleOptimizer's wrapped one)."""
+    inner = getattr(optimizer, "inner_optimizer", None)
+    return optimizer if inner is None else _inner(inner)
+
+
+class Curvature(Instrument):
+    """Sharpness (top Hessian eigenvalue of the training loss), Hutchinson trace and the stability bound.
+
+    Every ``every`` steps, on the step's batch, at the weights the step's gradient was taken at (before the
+    update, inside the compiled step: no host round trip): ``iterations`` power iterations on Hessian-vector
+    products give the signed eigenvalue of largest magnitude (the top eigenvalue whenever the top of the
+    spectrum is positive and dominant, as it is near the edge of stability) with its convergence figures, and
+    ``probes`` Rademacher probes the trace. The loss is recomputed with the layers in inference mode (no
+    dropout, BatchNorm on its moving statistics: a deterministic, side-effect-free closure); for models
+    without dropout or BatchNorm it is exactly the training loss. The bound is the optimizer's at the rate of
+    this step (:func:`edge_of_stability`); for Adam/AdamW it bounds the preconditioned sharpness, computed
+    here too (Cohen et al. 2022; NaN at step 0, where Adam's second moments are still zero).
+    """
+
+    name = "curvature"
+    table = "curvature"
+    order = 70
+    default = False
+    Opts = CurvatureOptions
+    needs = frozenset({"before_update"})
+    summary_keys = ("sharpness_final", "edge_ratio_max")
+    columns = (
+        Column("sharpness", "signed Hessian eigenvalue of largest magnitude (power iteration on the step's batch)",
+               "curvature/sharpness"),
+        Column("sharpness_rel_change", "|lambda_k - lambda_k-1| / |lambda_k| over the last power iteration"),
+        Column("sharpness_residual", "||H v - lambda v|| / |lambda| of the last iterate (0: an exact eigenvector)"),
+        Column("hessian_trace", "Hutchinson estimate of tr(H) (NaN with probes: 0)", "curvature/hessian_trace"),
+        Column("hessian_trace_stderr", "its standard error (sample std of z.Hz / sqrt(probes))"),
+        Column("lr", "learning rate applied at this step"),
+        Column("stability_bound", "the optimizer's bound at this rate: 2/lr (SGD), (2 + 2 momentum)/lr "
+               "(heavy ball), 38/lr on the preconditioned sharpness (Adam, beta_1 0.9); NaN without one",
+               "curvature/stability_bound"),
+        Column("preconditioned_sharpness", "lambda_max(P^-1 H) for Adam/AdamW (Cohen et al. 2022), else NaN",
+               "curvature/preconditioned_sharpness"),
+        Column("edge_ratio", "the bounded quantity (sharpness, or the preconditioned one for Adam) / the bound"),
+    )
+
+    def shape(self) -> tuple[int, ...]:
+        return (len(CURVATURE_VALUES),)
+
+    def compute(self, ctx: StepContext, red: Reducer) -> Finish:
+        if tf.executing_eagerly():  # measure(): an eager while_loop runs its Python body per iteration
+            values = tf.function(lambda: self.values(ctx))()
+        else:
+            values = self.values(ctx)
+        return lambda r: values
+
+    def values(self, ctx: StepContext) -> Any:
+        """[len(CURVATURE_VALUES)] float32 of this step (in graph)."""
+        o = self.options
+        net, model, variables = self.spec.net, ctx.model, list(ctx.variables)
+
+        def loss_fn() -> Any:
+            pred = net(ctx.x, training=False)
+            return tf.cast(compat.compute_loss(model, ctx.x, ctx.y, pred, ctx.sample_weight), tf.float32)
+
+        hvp = hvp_fn(loss_fn, variables, o.mode)
+        eig = top_eigenvalue(hvp, variables, o.iterations, seed=ctx.step)
+        nan = tf.constant(float("nan"), tf.float32)
+        trace = hutchinson_trace(hvp, variables, o.probes, seed=ctx.step + TRACE_SEED) if o.probes else \
+            {"trace": nan, "stderr": nan}
+        opt = model.optimizer
+        bound = edge_of_stability(opt)
+        value = nan if bound.value is None else tf.cast(bound.value, tf.float32)
+        pre = nan
+        if bound.quantity == "preconditioned_sharpness":
+            inner = _inner(opt)
+            if o.preconditioned and type(inner).__name__.lower() in ("adam", "adamw"):
+                if not inner.built:  # the first traced step reaches here before apply_gradients builds it
+                    inner.build(variables)
+                p = top_eigenvalue(preconditioned(hvp, adam_preconditioner(inner, variables)), variables,
+                                   o.iterations, seed=ctx.step + 1)
+                pre = tf.where(inner.iterations > 0, p.eigenvalue, nan)  # step 0: no second moments yet
+            else:  # RMSprop (no preconditioner here), or switched off: no bound to compare with
+                value = nan
+        lr = tf.cast(opt.learning_rate, tf.float32)
+        return tf.stack([eig.eigenvalue, eig.rel_change, eig.residual, trace["trace"], trace["stderr"], lr,
+                         value, pre])
+
+    def frame(self, steps: np.ndarray, epochs: np.ndarray, values: np.ndarray) -> pd.DataFrame:
+        df = pd.DataFrame({"step": steps, "epoch": epochs})
+        for k, name in enumerate(CURVATURE_VALUES):
+            df[name] = values[:, k].astype(np.float32)
+        bounded = np.where(np.isfinite(df["preconditioned_sharpness"]), df["preconditioned_sharpness"],
+                           df["sharpness"])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            df["edge_ratio"] = (bounded / df["stability_bound"]).astype(np.float32)
+        return df
+
+    @classmethod
+    def summarize(cls, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
+        c = tables.get("curvature")
+        if c is None or c.empty or not np.isfinite(c["sharpness"]).any():
+            return {}
+        last = c[np.isfinite(c["sharpness"])].iloc[-1]
+        return {"sharpness_final": float(last["sharpness"]), "edge_ratio_max": float(np.nanmax(c["edge_ratio"]))
+                if np.isfinite(c["edge_ratio"]).any() else None}

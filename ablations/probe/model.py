@@ -194,7 +194,7 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
         red = Reducer()
         pending = [(i, i.compute(ctx, red)) for i in insts if i.every == self.every]
         if capture:  # before the update, like every other statistic: they see the weights the gradient is of
-            self._own_cadence(ctx, step, [i for i in insts if i.every != self.every], due)
+            ctx.before_update.extend(self._own_cadence(ctx, step, [i for i in insts if i.every != self.every], due))
         with tf.control_dependencies(ctx.before_update if ctx is not None else []):
             self.optimizer.apply_gradients(zip(grads, variables))
 
@@ -232,11 +232,12 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
             ctx.old_weights = [tf.convert_to_tensor(v) for v in variables]
         return ctx
 
-    def _own_cadence(self, ctx: StepContext, step: Any, insts: list[Instrument], due: Any) -> None:
+    def _own_cadence(self, ctx: StepContext, step: Any, insts: list[Instrument], due: Any) -> list[Any]:
         """Instruments with their own ``every`` (a multiple of the probe's): computed on their due steps only,
-        before the optimizer update; one ring write per cadence (instruments of one ``every`` share its
-        step counter)."""
+        before the optimizer update (the update waits for the values returned); one ring write per cadence
+        (instruments of one ``every`` share its step counter)."""
         by_every: dict[int, list[Instrument]] = {}
+        written: list[Any] = []
         for inst in insts:
             by_every.setdefault(inst.every, []).append(inst)
         for every, group in by_every.items():
@@ -262,6 +263,8 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
                 values = unlowered_cond(now, run, nans)
             values = values if isinstance(values, (list, tuple)) else [values]
             self.ring.write(every, step, {i.table: v for i, v in zip(group, values)}, due=now)
+            written.extend(values)
+        return written
 
 
 # ------------------------------------------------------------------------------------- the tap model
