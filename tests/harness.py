@@ -29,6 +29,7 @@ from ablations.probe import DrainCallback, ProbedModel, measure_tables
 
 LR = 0.01
 N_OUT = 10
+JACOBIAN_MODELS = ("plain_mlp", "resnet_mlp", "rezero_mlp", "resnet_cnn", "transformer")
 
 # Small instances of every zoo family; ReZero starts at alpha = 0.3 so its branches get gradients, stochastic
 # depth keeps every branch (its draws differ between the fit and the references; `active` itself is checked
@@ -124,7 +125,10 @@ def make_case(name: str, batch: int = 16, seed: int = 0) -> Case:
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(batch, *shape)).astype(np.float32)
     y = rng.integers(0, N_OUT, size=batch).astype(np.int64)
-    capture = {"histograms": True}
+    # The Jacobian spectrum (a host-side snapshot, not a step value) on a few families: each costs explicit
+    # per-example Jacobians in the reference. Many block probes: its per-block gains are Hutchinson estimates.
+    jac = {"examples": JACOBIAN_EXAMPLES, "block_probes": 256} if name in JACOBIAN_MODELS else False
+    capture = {"histograms": True, "instruments": {"jacobian": jac}}
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     w0 = [np.array(v, np.float64) for v in net.trainable_variables]
     ref = hand_tape(net, x, y)
@@ -269,6 +273,46 @@ def ref_time_grads(case: Case) -> dict[str, np.ndarray]:
     return {"act_grad_norm": np.stack([np.sqrt((g ** 2).sum(axis=(0, 2))) for g in grads])}
 
 
+JACOBIAN_EXAMPLES = 3
+
+
+def _explicit_jacobians(fn: Callable[[Any], Any], x: np.ndarray) -> np.ndarray:
+    """[B, m, n] float64: one tape and ``tape.jacobian`` per example (no batch_jacobian, no probe code)."""
+    out = []
+    for i in range(len(x)):
+        xi = tf.constant(x[i:i + 1].reshape(1, -1), tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(xi)
+            y = tf.reshape(fn(tf.reshape(xi, (1, *x.shape[1:]))), [-1])
+        out.append(np.asarray(tape.jacobian(y, xi))[:, 0, :].astype(np.float64))
+    return np.stack(out)
+
+
+def ref_jacobian(case: Case) -> dict[str, np.ndarray]:
+    """Singular values of the explicit input-output Jacobian of the first examples (NumPy SVD, float64), its
+    eigenvalue moments over n_in (zero-padded), and every block's ||J_b||_F^2 / n_b from explicit block
+    Jacobians, at the initial weights; blocks from the zoo's names (block_<i>_*), not the probe's spec."""
+    from ablations.instruments.jacobian import block_boundaries
+
+    with case.initial_weights() as net:
+        bounds = block_boundaries(net)
+        x = case.x[:JACOBIAN_EXAMPLES]
+        values = keras.Model(net.inputs, [b[1] for b in bounds])(x, training=False)
+        values = [np.asarray(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
+        io = keras.Model(bounds[0][1], bounds[-1][2])
+        jac = _explicit_jacobians(lambda t: io(t, training=False), values[0])
+        blocks = []
+        for (_, start, end), v in zip(bounds, values):
+            sub = keras.Model(start, end)
+            jb = _explicit_jacobians(lambda t, sub=sub: sub(t, training=False), v)
+            blocks.append(float(np.mean((jb ** 2).sum(axis=(1, 2)) / jb.shape[2])))
+    s = np.linalg.svd(jac, compute_uv=False)
+    n = jac.shape[2]
+    s2 = np.zeros((len(s), n))
+    s2[:, : s.shape[1]] = s ** 2
+    return {"singular_value": s, "mean_sq": s2.mean(1), "var_sq": s2.var(1), "blocks": np.array(blocks)}
+
+
 REFERENCES: dict[str, Callable[[Case], Any]] = {
     "step": ref_step,
     "param_norms": ref_param_norms,
@@ -279,6 +323,7 @@ REFERENCES: dict[str, Callable[[Case], Any]] = {
     "block_scalars": ref_block_scalars,
     "grad_hist": ref_grad_hist,
     "time_grads": ref_time_grads,
+    "jacobian": ref_jacobian,  # a snapshot: compared in test_instruments.py::_jacobian
 }
 # Instruments checked elsewhere against their own references (snapshots, not step values).
 ELSEWHERE = {"rnn_gates": "tests/test_rnn.py::test_gate_values_match_numpy (NumPy gates from the weights)"}
