@@ -59,6 +59,11 @@ TABLES: dict[str, tuple[str, ...]] = {
                     "grad_sq", "b_simple", "snr"),
     "curvature": (*_STEP, "sharpness", "sharpness_rel_change", "sharpness_residual", "hessian_trace",
                   "hessian_trace_stderr", "lr", "stability_bound", "preconditioned_sharpness", "edge_ratio"),
+    # capture.instruments.jacobian (snapshots at init, every N steps, at the end: column `when`)
+    "jacobian": (*_STEP, "when", "example", "method", "n_in", "n_out", "mean_sq", "var_sq", "rel_var_sq", "sv_max",
+                 "sv_min"),
+    "jacobian_sv": (*_STEP, "when", "example", "rank", "singular_value"),
+    "jacobian_blocks": (*_STEP, "when", "depth", "block", "mean_sq"),
 }
 TABLES["kernels"] = TABLES["params"]  # a view of params: each block's first linear (or recurrent input) kernel
 SUMMARY_KEYS = ("status", "steps", "epochs_run", "num_params", "baseline_loss", "ratio_init", "ratio_final",

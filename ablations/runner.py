@@ -148,6 +148,7 @@ def train(cfg: ArmConfig, s: Session, callbacks: Sequence[Any], arm_dir: Path | 
     """``model.fit`` with the drain, resumed from the arm's checkpoint when it has one; returns the probe's
     tables and Keras' per-epoch history (of the whole arm, resumed or not)."""
     from ablations import checkpoint
+    from ablations.probe.recorder import SnapshotCallback
 
     key = checkpoint.digest(cfg.model_dump(mode="json"))
     resume = checkpoint.load(arm_dir, key) if arm_dir is not None else None
@@ -161,7 +162,8 @@ def train(cfg: ArmConfig, s: Session, callbacks: Sequence[Any], arm_dir: Path | 
     start = resume.step if resume else 0
     history = {k: list(v) for k, v in (resume.history if resume else {}).items()}
     s.resumed_from = start
-    cbs = [s.drain, *([saver] if saver else []), *callbacks]
+    snaps = [SnapshotCallback(s.drain, lambda: next(iter(s.data.train))[0])] if SnapshotCallback.wanted(s.model) else []
+    cbs = [s.drain, *snaps, *([saver] if saver else []), *callbacks]
     for dataset, first, last, steps in fit_plan(s.data, cfg.train.steps_per_epoch, s.steps, start, cfg.train.epochs):
         hist = s.model.fit(dataset, initial_epoch=first, epochs=last, steps_per_epoch=steps, callbacks=cbs,
                            validation_data=s.data.val, verbose=0, shuffle=False)

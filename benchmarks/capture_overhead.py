@@ -58,6 +58,10 @@ CASES = [
     Case("mlp20x256 full every=16 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 16, 1, True),
     Case("mlp20x256 full+histograms every=1 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, True, True,
          True),
+    # Jacobian spectra (opt-in, host-side snapshots between steps): the default is init and end only (no per-step
+    # cost); every=64 on top of the full set every 16 shows what spectra during training cost.
+    Case("mlp20x256 full every=16 + jacobian every=64 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 16, 1, True,
+         instruments={"jacobian": {"every": 64}}),
     Case("mlp20x256 grads every=1 spe=16", "plain_mlp", {"depth": 20, "width": 256}, 1, 16, False, False),
     Case("mlp20x256 full every=1 spe=16", "plain_mlp", {"depth": 20, "width": 256}, 1, 16, True),
     Case("mlp20x256 full every=16 spe=16", "plain_mlp", {"depth": 20, "width": 256}, 16, 16, True),
@@ -91,6 +95,7 @@ def _models(case: Case, seed: int = 0):
 
     import zoo
     from ablations.probe import DrainCallback, ProbedModel, ring_capacity
+    from ablations.probe.recorder import SnapshotCallback
 
     def net():
         keras.utils.set_random_seed(seed)
@@ -103,7 +108,13 @@ def _models(case: Case, seed: int = 0):
                          activations=case.activations, updates=case.updates, histograms=case.histograms,
                          capacity=ring_capacity(case.every, 256, 10_000, case.spe))
     probed.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss=loss, steps_per_execution=case.spe)
-    return plain, probed, lambda: [DrainCallback(256, 10_000)]
+
+    def callbacks():
+        drain = DrainCallback(256, 10_000)
+        snaps = [SnapshotCallback(drain, lambda: next(iter(_dataset(64)))[0])] if SnapshotCallback.wanted(probed) else []
+        return [drain, *snaps]
+
+    return plain, probed, callbacks
 
 
 def _timed_fit(model, ds, steps: int, callbacks) -> tuple[float, float]:

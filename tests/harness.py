@@ -29,6 +29,8 @@ from ablations.probe import DrainCallback, ProbedModel, measure_tables
 
 LR = 0.01
 N_OUT = 10
+JACOBIAN_EXAMPLES = 3
+JACOBIAN_MODELS = ("plain_mlp", "resnet_mlp", "rezero_mlp", "resnet_cnn", "transformer")
 
 # Small instances of every zoo family; ReZero starts at alpha = 0.3 so its branches get gradients, stochastic
 # depth keeps every branch (its draws differ between the fit and the references; `active` itself is checked
@@ -71,6 +73,10 @@ OPT_IN: dict[str, tuple[str, ...] | None] = {
 def capture_for(name: str) -> dict[str, Any]:
     """The harness's capture section for model ``name``."""
     on = {k: True for k, models in OPT_IN.items() if models is None or name in models}
+    if name in JACOBIAN_MODELS:
+        # The Jacobian spectrum (a host-side snapshot, not a step value) on a few families: each costs explicit
+        # per-example Jacobians in the reference. Many block probes: its per-block gains are Hutchinson estimates.
+        on["jacobian"] = {"examples": JACOBIAN_EXAMPLES, "block_probes": 256}
     return {**CAPTURE, "instruments": {**on, **EXTRA.get(name, {})}}
 
 
@@ -364,6 +370,43 @@ def ref_curvature(case: Case) -> dict[str, Any]:
             "eigenvalues": ev}
 
 
+def _explicit_jacobians(fn: Callable[[Any], Any], x: np.ndarray) -> np.ndarray:
+    """[B, m, n] float64: one tape and ``tape.jacobian`` per example (no batch_jacobian, no probe code)."""
+    out = []
+    for i in range(len(x)):
+        xi = tf.constant(x[i:i + 1].reshape(1, -1), tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(xi)
+            y = tf.reshape(fn(tf.reshape(xi, (1, *x.shape[1:]))), [-1])
+        out.append(np.asarray(tape.jacobian(y, xi))[:, 0, :].astype(np.float64))
+    return np.stack(out)
+
+
+def ref_jacobian(case: Case) -> dict[str, np.ndarray]:
+    """Singular values of the explicit input-output Jacobian of the first examples (NumPy SVD, float64), its
+    eigenvalue moments over n_in (zero-padded), and every block's ||J_b||_F^2 / n_b from explicit block
+    Jacobians, at the initial weights; blocks from the zoo's names (block_<i>_*), not the probe's spec."""
+    from ablations.instruments.jacobian import block_boundaries
+
+    with case.initial_weights() as net:
+        bounds = block_boundaries(net)
+        x = case.x[:JACOBIAN_EXAMPLES]
+        values = keras.Model(net.inputs, [b[1] for b in bounds])(x, training=False)
+        values = [np.asarray(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
+        io = keras.Model(bounds[0][1], bounds[-1][2])
+        jac = _explicit_jacobians(lambda t: io(t, training=False), values[0])
+        blocks = []
+        for (_, start, end), v in zip(bounds, values):
+            sub = keras.Model(start, end)
+            jb = _explicit_jacobians(lambda t, sub=sub: sub(t, training=False), v)
+            blocks.append(float(np.mean((jb ** 2).sum(axis=(1, 2)) / jb.shape[2])))
+    s = np.linalg.svd(jac, compute_uv=False)
+    n = jac.shape[2]
+    s2 = np.zeros((len(s), n))
+    s2[:, : s.shape[1]] = s ** 2
+    return {"singular_value": s, "mean_sq": s2.mean(1), "var_sq": s2.var(1), "blocks": np.array(blocks)}
+
+
 REFERENCES: dict[str, Callable[[Case], Any]] = {
     "step": ref_step,
     "param_norms": ref_param_norms,
@@ -377,6 +420,7 @@ REFERENCES: dict[str, Callable[[Case], Any]] = {
     "init_distance": ref_init_distance,
     "per_example": ref_per_example,
     "curvature": ref_curvature,
+    "jacobian": ref_jacobian,  # a snapshot: compared in test_instruments.py::_jacobian
 }
 # Instruments checked elsewhere against their own references (snapshots, not step values).
 ELSEWHERE = {"rnn_gates": "tests/test_rnn.py::test_gate_values_match_numpy (NumPy gates from the weights)"}

@@ -98,6 +98,25 @@ def _curvature(c: harness.Case, inst, want: dict) -> None:
             assert np.isnan(r["lr"]) and np.isnan(r["stability_bound"]) and np.isnan(r["edge_ratio"])
 
 
+def _jacobian(c: harness.Case, inst, want: dict[str, np.ndarray]) -> None:
+    """The snapshot at the initial weights against NumPy's SVD of the explicit Jacobians."""
+    with c.initial_weights():
+        got = inst.snapshot(c.x, "init")
+    main, sv, blocks = got["jacobian"], got["jacobian_sv"], got["jacobian_blocks"]
+    assert main["method"].unique().tolist() == ["exact"] and (main["when"] == "init").all()
+    s = want["singular_value"]
+    _close(sv["singular_value"].to_numpy().reshape(s.shape), s, f"{c.name}/jacobian singular values",
+           atol=1e-5 * float(s.max()))
+    _close(main["mean_sq"].to_numpy(), want["mean_sq"], f"{c.name}/jacobian mean_sq")
+    np.testing.assert_allclose(main["var_sq"].to_numpy(), want["var_sq"], rtol=1e-3,
+                               atol=1e-6 * float(s.max()) ** 4, err_msg=f"{c.name}/jacobian var_sq")
+    _close(main["sv_max"].to_numpy(), s[:, 0], f"{c.name}/jacobian sv_max")
+    _close(main["sv_min"].to_numpy(), s[:, -1], f"{c.name}/jacobian sv_min", atol=1e-5 * float(s.max()))
+    # Hutchinson with 256 Rademacher probes per block: a few percent
+    np.testing.assert_allclose(blocks["mean_sq"].to_numpy(), want["blocks"], rtol=0.15,
+                               err_msg=f"{c.name}/jacobian_blocks mean_sq")
+
+
 @pytest.mark.parametrize("model", list(harness.MODELS))
 def test_every_instrument_matches_measure_and_an_independent_reference(model: str) -> None:
     c = case(model)
@@ -112,6 +131,8 @@ def test_every_instrument_matches_measure_and_an_independent_reference(model: st
             _grad_hist(c, inst, want)
         elif inst.name == "time_grads":
             _time_grads(c, inst, want)
+        elif inst.name == "jacobian":
+            _jacobian(c, inst, want)
         elif inst.name == "curvature":
             _curvature(c, inst, want)
         elif isinstance(want, pd.DataFrame) and "block" in want:

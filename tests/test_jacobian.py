@@ -166,3 +166,64 @@ def test_relu_gaussian_spectrum_spreads_linearly_while_orthogonal_tanh_stays_fla
     assert slope["relu"] > 0.8 and np.corrcoef(depths, relu)[0, 1] > 0.98, relu  # measured ~1.3-1.8 per layer
     assert 0.7 < slope["linear"] < 1.3 and np.corrcoef(depths, linear)[0, 1] > 0.98, linear
     assert abs(slope["tanh"]) < 0.05 * slope["relu"], (tanh, relu)  # measured ~0.01 per layer
+
+
+# ------------------------------------------------------------------------------------- the instrument
+
+
+def test_instrument_snapshots_at_init_every_n_steps_and_at_the_end(tmp_path):
+    """``capture.instruments.jacobian`` through ``ablations.Probe``: ReZero is exactly the identity at init (every
+    singular value and every block gain 1), snapshots every 2 steps on the same examples, one at the end, and
+    the tables reach the run folder."""
+    from ablations import Probe
+    from ablations.report.data import TABLES
+
+    keras.utils.set_random_seed(6)
+    net = zoo.build("rezero_mlp", input_shape=(6,), num_outputs=3, depth=4, width=8)
+    probe = Probe(net, capture={"instruments": {"jacobian": {"every": 2, "examples": 2}}}, out=tmp_path / "run")
+    probe.compile(optimizer=keras.optimizers.SGD(0.5), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 6)).astype("float32"), rng.integers(0, 3, 40)
+    probe.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)  # 5 steps
+    t = probe.tables()
+    main, sv, blocks = t["jacobian"], t["jacobian_sv"], t["jacobian_blocks"]
+    assert main.groupby("step")["when"].first().to_dict() == {0: "init", 2: "step", 4: "step", 5: "end"}
+    assert list(main.columns[:3]) == ["step", "epoch", "when"] and main["method"].eq("exact").all()
+    init = sv[sv["when"] == "init"]
+    assert len(init) == 2 * 8 and np.array_equal(init["singular_value"].to_numpy(), np.ones(16, np.float32))
+    np.testing.assert_array_equal(blocks.loc[blocks["when"] == "init", "mean_sq"].to_numpy(), 1.0)
+    assert sorted(blocks["block"].unique()) == [f"block_00{i}" for i in range(4)]
+    assert not np.allclose(sv[sv["when"] == "end"]["singular_value"], 1.0)  # alpha moved: no longer the identity
+    assert {"jacobian", "jacobian_sv", "jacobian_blocks"} <= set(TABLES)
+    arm = next((tmp_path / "run" / "arms").iterdir())
+    assert {"jacobian.parquet", "jacobian_sv.parquet", "jacobian_blocks.parquet"} <= {p.name for p in arm.iterdir()}
+
+
+def test_instrument_options_are_validated_and_off_by_default():
+    from ablations import instruments
+    from ablations.config import CaptureConfig
+
+    assert "jacobian" not in [c.name for c, _ in instruments.resolve(None)]
+    (cls, opts), = [(c, o) for c, o in instruments.resolve({"instruments": {"jacobian": {"k": 4}}}) if c.name == "jacobian"]
+    assert cls.snapshot_only and opts.k == 4 and opts.every is None and opts.method == "auto"
+    for bad in ({"method": "lanczos"}, {"exampels": 2}, {"examples": 0}):
+        with pytest.raises(ValueError):
+            CaptureConfig(instruments={"jacobian": bad})
+
+
+def test_instrument_switches_to_randomized_above_the_exact_size():
+    """A 1024-wide block stack (J 1024 x 1024 > EXACT_MAX_ENTRIES): top-k singular values and Hutchinson moments;
+    an orthogonal linear net keeps them at 1 (Rademacher probes of an orthogonal map are exact)."""
+    from ablations.instruments.jacobian import JacobianSpectrum
+    from ablations.probe.spec import make_spec
+
+    keras.utils.set_random_seed(7)
+    net = zoo.build("plain_mlp", input_shape=(1024,), num_outputs=2, depth=2, width=1024, activation="linear",
+                    initializer="orthogonal")
+    inst = JacobianSpectrum(make_spec(net), JacobianSpectrum.Opts(k=3, probes=2, block_probes=1, examples=2))
+    assert inst.applies() and inst.method == jc.RANDOMIZED and jc.choose_method(1024, 1024) == jc.RANDOMIZED
+    got = inst.snapshot(_x(3, (1024,)).numpy(), "init")
+    assert len(got["jacobian_sv"]) == 2 * 3 and got["jacobian"]["sv_min"].isna().all()
+    np.testing.assert_allclose(got["jacobian_sv"]["singular_value"], 1.0, atol=1e-4)
+    np.testing.assert_allclose(got["jacobian"]["mean_sq"], 1.0, rtol=1e-4)
+    np.testing.assert_allclose(got["jacobian"]["var_sq"], 0.0, atol=1e-3)

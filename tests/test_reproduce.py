@@ -276,9 +276,14 @@ def test_cli_unknown_claim_is_bad_input(capsys) -> None:
 
 
 def test_missing_instrument_could_not_run(tmp_path: Path) -> None:
+    """A claim that requires an instrument this version lacks, or one its YAML does not enable, trains nothing."""
     (path, exp), = rp.select(["pennington2017_isometry"])
-    r = rp.run_claim(path, exp, tmp_path)
-    assert r.status == rp.NOT_RUN and "capture.instruments.jacobian" in r.reason
+    unknown = exp.model_copy(update={"claim": exp.claim.model_copy(update={"requires": ["no_such_instrument"]})})
+    r = rp.run_claim(path, unknown, tmp_path)
+    assert r.status == rp.NOT_RUN and "capture.instruments.no_such_instrument" in r.reason
+    off = exp.model_copy(update={"capture": exp.capture.model_copy(update={"instruments": {}})})
+    r = rp.run_claim(path, off, tmp_path)
+    assert r.status == rp.NOT_RUN and "enable it in the claim's YAML" in r.reason
     assert not (tmp_path / exp.name).exists()  # nothing was trained
 
 
@@ -291,7 +296,7 @@ DEFAULT_SUITE = {"seed_derivative_table": rp.HOLDS, "seed_gelu_range": rp.NOT_HO
                  "glorot2010_sigmoid_attenuation": rp.HOLDS, "glorot2010_standard_init": rp.HOLDS,
                  "he2015_relu30_init": rp.HOLDS, "pascanu2013_spectral_radius": rp.HOLDS,
                  "gers1999_forget_bias_init": rp.HOLDS, "mishkin2016_lsuv": rp.HOLDS, "klambauer2017_selu": rp.HOLDS,
-                 "pennington2017_isometry": rp.NOT_RUN}
+                 "pennington2017_isometry": rp.HOLDS}
 
 
 def _check(results: list[rp.ClaimResult], expected: dict[str, str]) -> None:

@@ -121,5 +121,5 @@ def table_columns(table: str, enabled: list[type[Instrument]] | None = None) -> 
 
 def tables() -> list[str]:
     """Every table an instrument writes (shared tables first), for the report's loader."""
-    own = [c.table for c in classes() if c.table not in SHARED_TABLES]
+    own = [t for c in classes() for t in (c.table, *(name for name, _ in c.more_tables)) if t not in SHARED_TABLES]
     return [*SHARED_TABLES, *dict.fromkeys(own)]

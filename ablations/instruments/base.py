@@ -331,6 +331,11 @@ class Instrument:
     grad_taps: ClassVar[tuple[str, ...]] = ()
     Opts: ClassVar[type[Options]] = Options
     snapshot_only: ClassVar[bool] = False  # no in-graph part: :meth:`snapshot` at the start and end of training
+    # Snapshot instruments: further tables :meth:`snapshot` returns (then as ``{table: DataFrame}``), with their
+    # columns (for the report's loader, the claims and the README's table reference).
+    more_tables: ClassVar[tuple[tuple[str, tuple[Column, ...]], ...]] = ()
+    snapshot_every: Optional[int] = None  # snapshot instruments: also every N optimizer steps (host side)
+    snapshot_step: int = 0  # the optimizer step of the weights a snapshot sees (set by the recorder)
 
     def __init__(self, spec: ProbeSpec, options: Options | None = None, every: int = 1):
         self.spec = spec
@@ -376,8 +381,10 @@ class Instrument:
         """Own tables: the long DataFrame of the drained captures ``values`` [n, *shape]."""
         raise NotImplementedError
 
-    def snapshot(self, x: Any, when: str) -> pd.DataFrame | None:
-        """Snapshot instruments: their table rows for one training batch ``x`` (``when``: init | end)."""
+    def snapshot(self, x: Any, when: str) -> pd.DataFrame | dict[str, pd.DataFrame] | None:
+        """Snapshot instruments: their table rows for one training batch ``x`` (``when``: init | end, or
+        ``step`` for the snapshots every :attr:`snapshot_every` steps); a dict when it writes
+        :attr:`more_tables` too."""
         return None
 
     @classmethod

@@ -30,12 +30,14 @@ before it).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import numpy as np
+from pydantic import Field
 
 import zoo
-from ablations.lazy import keras, tf
+from ablations.instruments.base import Column, Instrument, Options
+from ablations.lazy import keras, pd, tf
 
 # Largest m * n per example for the exact SVD: 512 x 512 (1 MiB per example in float32; batch_jacobian
 # costs min(m, n) vectorised backward passes and the SVD ~ m n min(m, n) flops: milliseconds at this size).
@@ -294,3 +296,144 @@ def block_mean_sq_singular_values(paths: Sequence[tuple[str, keras.Model]], inpu
                              maximum_iterations=probes)
         out.append(tf.cast(s / (probes * n), tf.float32))
     return tf.stack(out)
+
+
+# ------------------------------------------------------------------------------------------ instrument
+
+
+class JacobianOptions(Options):
+    """``capture.instruments.jacobian``: ``true`` or these options."""
+
+    every: Optional[int] = Field(None, gt=0)  # also every N optimizer steps (host side); null: init and end only
+    examples: int = Field(4, gt=0, le=256)  # the first examples of the first training batch (fixed)
+    method: Literal["auto", "exact", "randomized"] = "auto"  # auto: choose_method (exact up to 512 x 512)
+    k: int = Field(8, gt=0)  # randomized: top singular values kept
+    probes: int = Field(8, gt=0)  # randomized: Hutchinson probes of mean_sq / var_sq
+    block_probes: int = Field(4, ge=0)  # Hutchinson probes per block of jacobian_blocks (0: no per-block table)
+    seed: int = 0  # the probes' and the random subspace's seed
+
+
+_STEP_COLS = (Column("step", "optimizer step whose weights the snapshot saw (0: at init)"),
+              Column("epoch", "epoch of that step"),
+              Column("when", "init (before training), step (every N steps) or end"))
+
+
+class JacobianSpectrum(Instrument):
+    """Singular values of the input-output Jacobian (first block's input -> last block's output), per example.
+
+    A snapshot instrument: computed on the host between steps (at init, every ``every`` steps, at the end of
+    training) by its own ``tf.function`` on a few fixed examples, in inference mode, never in the compiled
+    train step: the spectrum of a fixed set of examples at chosen moments is what dynamical isometry is about,
+    and an SVD per captured step inside the step would cost more than the step itself.
+    """
+
+    name = "jacobian"
+    table = "jacobian"
+    order = 90
+    default = False
+    snapshot_only = True
+    Opts = JacobianOptions
+    columns = (
+        *_STEP_COLS,
+        Column("example", "index of the fixed example (the first examples of the first training batch)"),
+        Column("method", "exact (full SVD) or randomized (top k + Hutchinson moments)"),
+        Column("n_in", "size of the Jacobian's input (the first block's input, per example)"),
+        Column("n_out", "size of its output (the last block's output)"),
+        Column("mean_sq", "mean squared singular value ||J||_F^2 / n_in (chi^L of Pennington et al.)"),
+        Column("var_sq", "variance of the n_in eigenvalues of J^T J (the squared singular values)"),
+        Column("rel_var_sq", "var_sq / mean_sq^2: the spread free of the overall gain"),
+        Column("sv_max", "largest singular value"),
+        Column("sv_min", "smallest of the min(n_in, n_out) singular values (exact method only, else NaN)"),
+    )
+    more_tables = (
+        ("jacobian_sv", (*_STEP_COLS, Column("example", "index of the fixed example"),
+                         Column("rank", "0 for the largest singular value"),
+                         Column("singular_value", "singular value (exact: all min(n_in, n_out); randomized: top k)"))),
+        ("jacobian_blocks", (*_STEP_COLS, Column("depth", "block index"), Column("block", "block name"),
+                             Column("mean_sq", "the block's mean squared singular value ||J_b||_F^2 / n_b, "
+                                               "over the examples (Hutchinson, block_probes)"))),
+    )
+
+    def __init__(self, *args: Any, **kw: Any):
+        super().__init__(*args, **kw)
+        self.snapshot_every = self.options.every
+        self._x: Any = None
+        self._fn: Any = None
+
+    def applies(self) -> bool:
+        spec = self.spec
+        if not spec.graph or not spec.views:
+            return False
+        net = spec.net
+        try:
+            blocks = None if all(v.source == "zoo" for v in spec.views) else \
+                [(v.name, [l for l in v.layers.values() if isinstance(l, keras.layers.Layer)]) for v in spec.views]
+            bounds = block_boundaries(net, blocks)
+            if len(bounds) != spec.n_blocks:
+                raise ValueError(f"{len(bounds)} block boundaries for {spec.n_blocks} blocks")
+            self._bounds = bounds
+            self._start = keras.Model(net.inputs, bounds[0][1], name=f"{net.name}_jacobian_start")
+            self._path = path_model(net, bounds[0][1], bounds[-1][2])
+            self._blocks = block_paths(net, blocks) if self.options.block_probes else []
+            self._block_in = block_inputs_model(net, blocks) if self.options.block_probes else None
+        except (ValueError, TypeError, AttributeError, KeyError) as err:
+            spec.notes.append(f"no Jacobian spectrum (jacobian): {str(err).splitlines()[0][:200]}")
+            return False
+        self.n_in = int(np.prod(bounds[0][1].shape[1:]))
+        self.n_out = int(np.prod(bounds[-1][2].shape[1:]))
+        self.method = choose_method(self.n_out, self.n_in) if self.options.method == "auto" else self.options.method
+        return True
+
+    def _compute(self) -> Any:
+        o, method = self.options, self.method
+
+        def run(x: Any) -> dict[str, Any]:
+            start = self._start(x, training=False)
+            out = jacobian_spectrum(lambda t: self._path(t, training=False), start, method, k=o.k, probes=o.probes,
+                                    seed=o.seed)
+            out.pop("method")
+            if self._blocks:
+                ins = self._block_in(x, training=False)
+                ins = list(ins) if isinstance(ins, (list, tuple)) else [ins]
+                out["blocks"] = block_mean_sq_singular_values(self._blocks, ins, probes=o.block_probes, seed=o.seed)
+            return out
+
+        return tf.function(run, reduce_retracing=True)
+
+    def spectrum(self, x: Any) -> dict[str, np.ndarray]:
+        """The values of one snapshot at the current weights for the inputs ``x`` (NumPy)."""
+        if self._fn is None:
+            self._fn = self._compute()
+        return {k: v.numpy() for k, v in self._fn(x).items()}
+
+    def snapshot(self, x: Any, when: str) -> dict[str, pd.DataFrame]:
+        if self._x is None:  # the same examples at every snapshot of the arm
+            self._x = tf.nest.map_structure(lambda t: tf.convert_to_tensor(t)[: self.options.examples], x)
+        got = self.spectrum(self._x)
+        s = got["singular_values"]
+        b, r = s.shape
+        head = {"step": self.snapshot_step, "when": when}
+        main = pd.DataFrame({**head, "example": np.arange(b), "method": self.method, "n_in": self.n_in,
+                             "n_out": self.n_out, "mean_sq": got["mean_sq"], "var_sq": got["var_sq"],
+                             "rel_var_sq": got["rel_var_sq"], "sv_max": s[:, 0],
+                             "sv_min": s[:, -1] if self.method == EXACT else np.nan})
+        sv = pd.DataFrame({**head, "example": np.repeat(np.arange(b), r), "rank": np.tile(np.arange(r), b),
+                           "singular_value": s.reshape(-1)})
+        out = {self.table: main, "jacobian_sv": sv}
+        if "blocks" in got:
+            out["jacobian_blocks"] = pd.DataFrame({**head, "depth": self.spec.blocks["depth"].to_numpy(),
+                                                   "block": self.spec.blocks["block"].to_numpy(),
+                                                   "mean_sq": got["blocks"]})
+        return out
+
+    @classmethod
+    def tensorboard(cls, tables: dict[str, pd.DataFrame], events: Any) -> None:
+        """``jacobian/<column>`` (mean over the examples) and ``jacobian_blocks/<block>`` per snapshot step."""
+        t = tables.get("jacobian")
+        if t is not None and not t.empty:
+            m = t.groupby("step", as_index=False)[["mean_sq", "rel_var_sq", "sv_max", "sv_min"]].mean()
+            for col in ("mean_sq", "rel_var_sq", "sv_max", "sv_min"):
+                events.scalars(m, "step", col, f"jacobian/{col}")
+        b = tables.get("jacobian_blocks")
+        for block, g in (b.groupby("block", sort=False) if b is not None and not b.empty else []):
+            events.scalars(g, "step", "mean_sq", f"jacobian_blocks/{block}")

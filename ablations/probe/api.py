@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from ablations import compat, store
 from ablations.probe.model import ProbedModel, capture_dict, ring_slots
-from ablations.probe.recorder import DrainCallback, ring_capacity
+from ablations.probe.recorder import DrainCallback, SnapshotCallback, ring_capacity
 from ablations.probe.ring import Ring
 
 AXIS = "model"  # the grid axis of a probe run folder: one arm per saved probe
@@ -140,7 +140,8 @@ class Probe(ProbedModel):
         if any(i.snapshot_only for i in self.instruments) and st.snap_x is None:
             st.snap_x = _first_inputs(x, kwargs.get("batch_size"))
             self.recorder.snapshot(self, st.snap_x, "init")
-        hist = super().fit(x, y, *args, callbacks=[self.recorder, *(callbacks or [])], **kwargs)
+        snaps = [SnapshotCallback(self.recorder, lambda: st.snap_x)] if SnapshotCallback.wanted(self) else []
+        hist = super().fit(x, y, *args, callbacks=[self.recorder, *snaps, *(callbacks or [])], **kwargs)
         for k, v in hist.history.items():
             st.epochs.setdefault(k, []).extend(v)
         if st.out is not None:

@@ -68,13 +68,20 @@ class DrainCallback(keras.callbacks.Callback):
         with self._lock:
             self._drained = {}
 
-    def snapshot(self, model: Any, x: Any, when: str) -> None:
-        """Runs the snapshot instruments (LSTM/GRU gates) on the batch ``x`` (``when``: init | end)."""
+    def snapshot(self, model: Any, x: Any, when: str, only: Any = None) -> None:
+        """Runs the snapshot instruments (LSTM/GRU gates, Jacobian spectra) on the batch ``x`` (``when``: init |
+        end | step; ``only``: these instruments, default all). Frames with a ``step`` column get ``epoch``."""
+        step = _iterations(model)
         for inst in model.instruments:
-            if inst.snapshot_only:
-                df = inst.snapshot(x, when)
-                if df is not None:
-                    self.snapshots.setdefault(inst.table, []).append(df)
+            if inst.snapshot_only and (only is None or inst in only):
+                inst.snapshot_step = step
+                out = inst.snapshot(x, when)
+                for table, df in (out.items() if isinstance(out, dict) else [(inst.table, out)]):
+                    if df is None:
+                        continue
+                    if "step" in df and "epoch" not in df:
+                        df.insert(1, "epoch", df["step"].to_numpy() // max(self.steps_per_epoch, 1))
+                    self.snapshots.setdefault(table, []).append(df)
 
     def drain(self) -> None:
         model = self.model
@@ -123,8 +130,9 @@ class DrainCallback(keras.callbacks.Callback):
             if inst.table in SHARED_TABLES:
                 continue
             if inst.snapshot_only:
-                if self.snapshots.get(inst.table):
-                    out[inst.table] = pd.concat(self.snapshots[inst.table], ignore_index=True)
+                for table in (inst.table, *(name for name, _ in inst.more_tables)):
+                    if self.snapshots.get(table):
+                        out[table] = pd.concat(self.snapshots[table], ignore_index=True)
                 continue
             s, values = self._captures(ring.group_of[inst.table], inst.table, inst.shape())
             if len(s):
@@ -134,6 +142,54 @@ class DrainCallback(keras.callbacks.Callback):
 
     def _epochs(self, steps: np.ndarray) -> np.ndarray:
         return steps // max(self.steps_per_epoch, 1)
+
+
+def _iterations(model: Any) -> int:
+    """The optimizer's step (0 before the optimizer is built or without one)."""
+    opt = getattr(model, "optimizer", None)
+    try:
+        return int(opt.iterations.numpy()) if opt is not None else 0
+    except (AttributeError, ValueError, TypeError):
+        return 0
+
+
+class SnapshotCallback(keras.callbacks.Callback):
+    """Snapshots every :attr:`~ablations.instruments.base.Instrument.snapshot_every` optimizer steps, between
+    steps on the host (``when`` = ``step``), for the snapshot instruments that have one (``jacobian``).
+
+    Not ``async_safe``: it must run before the next step changes the weights, so a fit with it dispatches its
+    callbacks synchronously. With ``steps_per_execution`` > 1 a snapshot is taken at the first execution end at
+    or after each multiple of N (its ``step`` column says which step's weights it saw).
+
+    Args:
+        drain: the arm's :class:`DrainCallback` (holds the snapshots).
+        batch: returns the batch of inputs the snapshots read (the instruments keep their first examples).
+    """
+
+    def __init__(self, drain: DrainCallback, batch: Any):
+        super().__init__()
+        self.drain, self.batch = drain, batch
+        self._x: Any = None
+        self._last: dict[str, int] = {}
+
+    @staticmethod
+    def wanted(model: Any) -> list[Any]:
+        return [i for i in model.instruments if i.snapshot_only and i.snapshot_every]
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        step = _iterations(self.model)
+        self._last = {i.name: step for i in self.wanted(self.model)}
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        step = _iterations(self.model)
+        due = [i for i in self.wanted(self.model)
+               if step // i.snapshot_every > self._last.get(i.name, 0) // i.snapshot_every]
+        if due:
+            for i in due:
+                self._last[i.name] = step
+            if self._x is None:
+                self._x = self.batch()
+            self.drain.snapshot(self.model, self._x, "step", only=due)
 
 
 def _rows(spec: Any, table: str) -> int:
