@@ -14,7 +14,7 @@ import errno
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from rich.console import Console
 from rich.markup import escape
@@ -273,7 +273,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     if not args.no_report:
         from ablations.report import build_report
 
-        index = build_report(args.out / exp.name, args.report)
+        index = build_report(args.out / exp.name, args.report, on_note=_note_printer(console))
         console.print(f"report: [bold]{index}[/]", highlight=False)
     failed = [s for s in summaries if s.get("status") == "failed"]
     if failed:
@@ -285,9 +285,14 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 def _report(args: argparse.Namespace, console: Console) -> int:
     from ablations.report import build_report
 
-    index = build_report(args.run_dirs[0] if len(args.run_dirs) == 1 else args.run_dirs, args.out)
+    index = build_report(args.run_dirs[0] if len(args.run_dirs) == 1 else args.run_dirs, args.out,
+                         on_note=_note_printer(console))
     console.print(f"report: [bold]{index}[/]", highlight=False)
     return EXIT_OK
+
+
+def _note_printer(console: Console) -> Callable[[str], None]:
+    return lambda line: console.print(f"[yellow]{escape(line)}[/]", highlight=False)
 
 
 def _zoo(args: argparse.Namespace, console: Console) -> int:

@@ -280,3 +280,30 @@ def sgd_momentum(optimizer: Any, variable: Any) -> Any:
     the update norm needs no pre-update copy of the weights; the index lookup is private. Checked on 3.15.
     """
     return optimizer.momentums[optimizer._get_variable_index(variable)]  # noqa: SLF001
+
+
+# ----------------------------------------------------------------------------------- TensorFlow Datasets
+
+
+def tfds_download_retries(retries: int) -> Any:
+    """A context manager: TFDS' HTTP downloads retry ``retries`` times instead of its 10
+    (``tensorflow_datasets.core.download.downloader.MAX_RETRIES``, read when each download starts).
+
+    Why: with no network (this project's CI, an air-gapped cluster) the 10 retries with exponential back-off
+    take ~205 s per dataset before the error surfaces; a few retries still ride out a flaky connection. No
+    public option sets it (``DownloadConfig`` has none). Checked on tensorflow-datasets 4.9.
+    """
+    import contextlib
+
+    from tensorflow_datasets.core.download import downloader
+
+    @contextlib.contextmanager
+    def patched() -> Any:
+        saved = downloader.MAX_RETRIES
+        downloader.MAX_RETRIES = retries
+        try:
+            yield
+        finally:
+            downloader.MAX_RETRIES = saved
+
+    return patched()

@@ -52,6 +52,17 @@ def stderr_silenced() -> Iterator[None]:
         os.close(devnull)
 
 
+def is_quiet() -> bool:
+    """True unless ``--verbose`` (or the user set TensorFlow's log level themselves)."""
+    return "TF_CPP_MIN_LOG_LEVEL" in _set_by_us
+
+
+def native_logs_silenced() -> contextlib.AbstractContextManager[None]:
+    """:func:`stderr_silenced` while quiet (not ``--verbose``), for calls whose failures TensorFlow's C++ side
+    also logs through absl, which ``TF_CPP_MIN_LOG_LEVEL`` does not cover (e.g. a failed TPU connection)."""
+    return stderr_silenced() if is_quiet() else contextlib.nullcontext()
+
+
 def import_tensorflow(verbose: bool = False) -> None:
     """Imports TensorFlow and Keras now, silently unless ``verbose`` (a no-op once they are imported)."""
     if "tensorflow" in sys.modules and "keras" in sys.modules:

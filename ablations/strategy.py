@@ -26,6 +26,8 @@ import json
 import os
 from typing import Any
 
+from .quiet import native_logs_silenced
+
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
@@ -182,6 +184,23 @@ def _tpu_hint(tpu: str | None) -> bool:
     return bool(tpu or os.environ.get("TPU_NAME") or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
+TPU_CONNECT_TIMEOUT_S = 15.0  # TensorFlow's own connect waits forever (timeout 0) on an address nobody serves
+
+
+def _check_reachable(resolver: Any) -> None:
+    """Raises ConnectionError unless every TPU worker address accepts a TCP connection within the timeout."""
+    import socket
+
+    workers = resolver.cluster_spec().as_dict().get("worker", []) if resolver.master() else []
+    for address in workers:
+        host, _, port = str(address).rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=TPU_CONNECT_TIMEOUT_S).close()
+        except (OSError, ValueError) as err:
+            raise ConnectionError(f"TPU worker {address} is not reachable within {TPU_CONNECT_TIMEOUT_S:.0f} s "
+                                  f"({type(err).__name__}: {err})") from None
+
+
 def _tpu(tpu: str | None) -> Any:
     key = ("tpu", tpu or "")
     if key in _PROCESS_STRATEGIES:
@@ -189,18 +208,23 @@ def _tpu(tpu: str | None) -> Any:
     import tensorflow as tf
 
     target = tpu or os.environ.get("TPU_NAME") or ("local" if _tpu_hint(None) else "")
+    # Physical devices, listed before connecting: a failed connect_to_cluster leaves the eager context
+    # pointing at the dead cluster, so listing logical devices afterwards raises the connection error again.
+    here = ", ".join(d.name.replace("/physical_device:", "") for d in tf.config.list_physical_devices())
     try:
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=target)
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
-        strategy = tf.distribute.TPUStrategy(resolver)
+        with native_logs_silenced():  # the error reaches us as the exception; absl would print it again
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=target)
+            _check_reachable(resolver)
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+            strategy = tf.distribute.TPUStrategy(resolver)
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise StrategyError(
             f"runtime.strategy tpu: no TPU could be started. Asked for runtime.tpu={tpu!r} "
             f"($TPU_NAME={os.environ.get('TPU_NAME')!r}, TPU VM devices /dev/accel*: "
-            f"{'yes' if glob.glob('/dev/accel*') else 'none'}); devices here: {', '.join(_available())}. "
-            f"TensorFlow said: {type(err).__name__}: {first}. Set runtime.tpu to the TPU name or grpc:// address, "
+            f"{'yes' if glob.glob('/dev/accel*') else 'none'}); devices here: {here}. "
+            f"Cause: {type(err).__name__}: {first}. Set runtime.tpu to the TPU name or grpc:// address, "
             f"or use runtime.strategy auto/default."
         ) from None
     _PROCESS_STRATEGIES[key] = strategy

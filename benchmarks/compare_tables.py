@@ -2,7 +2,8 @@
 
     python benchmarks/compare_tables.py --old /path/to/old/checkout [--new .] [--configs configs/*.yaml]
 
-Each config runs with ``--set train.epochs=1 --set train.steps_per_epoch=N --set seeds=1`` and its depth axis
+Each config runs with ``--set train.epochs=1 --set train.steps_per_epoch=N --set seeds=1
+--set data.shuffle_buffer=0`` (N rounded up to a multiple of its steps_per_execution) and its depth axis
 pinned to the smallest value, once per checkout (``PYTHONPATH`` set to it, same interpreter), into
 separate folders; then every arm's Parquet tables are compared: same columns in the same order, and values
 bitwise equal or within float32 round-off (relative 1e-6, reported per table). Exit 1 on any mismatch.
@@ -29,7 +30,12 @@ RTOL = 1e-6
 def shrink(config: Path, steps: int) -> list[str]:
     """``--set`` options that make ``config`` quick: one short epoch, one seed, the smallest depth."""
     raw = yaml.safe_load(config.read_text()) or {}
-    sets = ["train.epochs=1", f"train.steps_per_epoch={steps}", "seeds=1"]
+    spe = int(((raw.get("train") or {}).get("steps_per_execution")) or 1)
+    steps = -(-steps // spe) * spe  # a multiple of steps_per_execution, which the config check requires
+    # No shuffling: the data order became a pure function of (seed, epoch) on 2026-12-02 (an intended change
+    # of which batches an arm sees), so both sides must read the split in file order for the statistics to
+    # be comparable at all.
+    sets = ["train.epochs=1", f"train.steps_per_epoch={steps}", "seeds=1", "data.shuffle_buffer=0"]
     grid = raw.get("grid") or {}
     if "model.depth" in grid:
         sets.append(f"model.depth={min(grid['model.depth'])}")
@@ -98,9 +104,11 @@ def main() -> int:
     p.add_argument("--configs", nargs="+", default=sorted(glob.glob("configs/*.yaml")))
     p.add_argument("--steps", type=int, default=6, help="steps per epoch of the shrunken runs")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--keep", type=Path, default=None, help="keep both sides' run folders here (default: a temp dir)")
     args = p.parse_args()
     results, ok = [], True
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = str(args.keep or scratch)
         for cfg in args.configs:
             cfg = Path(cfg).resolve()
             outs = {}

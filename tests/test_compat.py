@@ -123,3 +123,12 @@ def test_keras_tuner_internals(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("KERASTUNER_TUNER_ID", "worker-test")
     client = compat.oracle_client(oracle)
     assert hasattr(client, "stub") and callable(compat.get_space_with_timeout)
+
+
+def test_tfds_internals() -> None:
+    from tensorflow_datasets.core.download import downloader
+
+    assert downloader.MAX_RETRIES == 10  # TFDS' default, which the retries below replace while a download runs
+    with compat.tfds_download_retries(3):
+        assert downloader.MAX_RETRIES == 3
+    assert downloader.MAX_RETRIES == 10

@@ -172,6 +172,12 @@ def test_unknown_dataset_lists_bundled(_data_dir):
     assert "Bundled datasets: " in msg and "digits" in msg.split("Bundled datasets: ")[1]
 
 
+@pytest.mark.parametrize("typo, meant", [("digitz", "digits"), ("mnits", "mnist"), ("cifar_10", "cifar10")])
+def test_a_misspelt_dataset_gets_the_close_bundled_or_catalog_name(_data_dir, typo, meant):
+    with pytest.raises(data.DataError, match=f"Did you mean '{meant}'"):
+        data.builder(typo, _data_dir)
+
+
 def test_unprepared_catalog_dataset_without_download(tmp_path):
     # Never download=True here: TFDS would try the network.
     cfg = DataConfig(name="mnist", data_dir=str(tmp_path), download=False)
@@ -189,3 +195,21 @@ def test_default_data_dir(monkeypatch, tmp_path):
     assert data.default_data_dir() == str(tmp_path)
     monkeypatch.delenv("GRADZOO_DATA_DIR")
     assert data.default_data_dir().endswith("tensorflow_datasets")
+
+
+def test_a_download_retries_a_few_times_not_tfds_ten_and_fails_as_a_data_error(tmp_path, monkeypatch):
+    """TFDS' 10 retries with back-off took ~205 s per dataset on a machine without network; we ask for 3."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.download import downloader
+
+    seen = []
+
+    def offline(self, *a, **k):
+        seen.append(downloader.MAX_RETRIES)
+        raise ConnectionError("Failed to resolve 'storage.googleapis.com'")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+    with pytest.raises(data.DataError, match="'mnist' is not prepared .* could not be downloaded .*ConnectionError"):
+        data.builder("mnist", str(tmp_path), download=True)
+    assert seen == [data.DOWNLOAD_RETRIES] == [3]
+    assert downloader.MAX_RETRIES == 10  # restored

@@ -437,7 +437,7 @@ def test_every_figure_needs_stored_tables_and_columns() -> None:
 # ------------------------------------------------------------------------------------------ damaged and stale folders
 
 
-def test_damaged_arms_are_named_and_the_healthy_ones_reported(tiny, tmp_path: Path) -> None:
+def test_damaged_arms_are_named_and_the_healthy_ones_reported(tiny, tmp_path: Path, capsys) -> None:
     from ablations.cli import main
 
     root, _ = tiny
@@ -452,6 +452,10 @@ def test_damaged_arms_are_named_and_the_healthy_ones_reported(tiny, tmp_path: Pa
     (no_blocks / "blocks.parquet").unlink()
     rep = tmp_path / "rep"
     assert main(["report", str(copy), "--out", str(rep)]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # the terminal says so too, not only the page
+    assert f"damaged arm left out: {cut.name}: params.parquet is damaged" in out
+    assert f"damaged arm left out: {bad_summary.name}: summary.json is not an arm summary" in out
+    assert f"damaged arm left out: {no_blocks.name}: blocks.parquet is missing" in out
     html = (rep / "index.html").read_text()
     assert "3 damaged arm(s)" in html
     assert f"<code>{cut.name}</code>: params.parquet is damaged" in html

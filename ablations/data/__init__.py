@@ -7,12 +7,15 @@ TFDS unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from ablations import compat
 from zoo.registry import Registry
 
 # Bundled builders: importing the module registers the TFDS builder class.
@@ -68,9 +71,27 @@ class Data:
     stream: Any = None  # stream(start_step) -> every epoch back to back from that batch on (training)
 
 
+# HTTP retries per download file (TFDS' default is 10: ~205 s of back-off before a missing network shows);
+# $GRADZOO_DOWNLOAD_RETRIES overrides it on a flaky connection.
+DOWNLOAD_RETRIES = int(os.environ.get("GRADZOO_DOWNLOAD_RETRIES", "3"))
+
+
 def default_data_dir() -> str:
     """``$GRADZOO_DATA_DIR``, else TFDS' default (``~/tensorflow_datasets``)."""
     return os.environ.get("GRADZOO_DATA_DIR") or str(Path("~/tensorflow_datasets").expanduser())
+
+
+def _close_names(name: str) -> str:
+    """`` Did you mean 'digits'?`` from the bundled names and the TFDS catalog (empty when nothing is close)."""
+    import tensorflow_datasets as tfds
+
+    from zoo.registry import suggest
+
+    try:
+        catalog = list(tfds.list_builders(with_community_datasets=False))
+    except Exception:  # the catalog list is a convenience: never let it replace the real error
+        catalog = []
+    return suggest(name.split("/")[0].split(":")[0], [*BUNDLED.names(), *catalog])
 
 
 def builder(name: str, data_dir: str | None = None, download: bool = True):
@@ -85,8 +106,8 @@ def builder(name: str, data_dir: str | None = None, download: bool = True):
         b = tfds.builder(name, data_dir=data_dir)
     except Exception as err:  # DatasetNotFoundError and friends
         raise DataError(
-            f"dataset '{name}' is not a TFDS dataset ({type(err).__name__}: {str(err).splitlines()[0]}). "
-            f"Bundled datasets: "
+            f"dataset '{name}' is not a TFDS dataset ({type(err).__name__}: {str(err).splitlines()[0]})."
+            f"{_close_names(name)} Bundled datasets: "
             f"{', '.join(BUNDLED.names())}; any name from the TFDS catalog also works where it can be prepared."
         ) from None
     if not _prepared(b):
@@ -97,7 +118,8 @@ def builder(name: str, data_dir: str | None = None, download: bool = True):
                 f"and point `data.data_dir` or $GRADZOO_DATA_DIR at DIR, or set data.download: true."
             )
         try:
-            b.download_and_prepare()
+            with compat.tfds_download_retries(DOWNLOAD_RETRIES), _quiet_download():
+                b.download_and_prepare()
         except Exception as err:
             if bundled:
                 raise
@@ -108,6 +130,23 @@ def builder(name: str, data_dir: str | None = None, download: bool = True):
                 f"in DIR/downloads/manual) and point `data.data_dir` or $GRADZOO_DATA_DIR at DIR."
             ) from None
     return b
+
+
+@contextlib.contextmanager
+def _quiet_download() -> Iterator[None]:
+    """No TFDS progress bars in a log that is not a terminal (they print a line per refresh there), and no
+    urllib3 line per HTTP retry unless ``--verbose``: the error that matters is raised as ours."""
+    import logging
+
+    import tensorflow_datasets as tfds
+
+    from ablations.quiet import is_quiet
+
+    if not sys.stderr.isatty():
+        tfds.disable_progress_bar()
+    if is_quiet():  # for the process: TFDS' download threads outlive a failed download_and_prepare
+        logging.getLogger("urllib3").setLevel(logging.ERROR)
+    yield
 
 
 def _prepared(b: Any) -> bool:

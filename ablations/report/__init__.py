@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 from urllib.parse import quote
 
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -79,7 +79,8 @@ def _default_out(run: RunData) -> Path:
     return Path("reports") / run.name
 
 
-def build_report(run_dir: Path | Sequence[Path], out: Path | None = None, workers: int | None = None) -> Path:
+def build_report(run_dir: Path | Sequence[Path], out: Path | None = None, workers: int | None = None,
+                 on_note: Callable[[str], None] | None = None) -> Path:
     """Renders the report of one run folder, or the comparison of several, into ``out``.
 
     Args:
@@ -87,6 +88,8 @@ def build_report(run_dir: Path | Sequence[Path], out: Path | None = None, worker
         out: report folder (default ``reports/<experiment>``, or ``reports/compare_<a>_vs_<b>``).
         workers: drawing processes (default: one per core from 12 arms on, see
             :func:`ablations.report.render.default_workers`).
+        on_note: called with one line per arm the page leaves out (damaged, or not of the current
+            experiment), so a terminal says so too and not only the page.
 
     Returns:
         The path of ``index.html``.
@@ -101,6 +104,12 @@ def build_report(run_dir: Path | Sequence[Path], out: Path | None = None, worker
     if not dirs:
         raise ValueError("build_report needs at least one run folder")
     run = merge_runs([load_run(d) for d in dirs])
+    if on_note is not None:
+        for arm_id, what in run.damaged.items():
+            on_note(f"damaged arm left out: {arm_id}: {'; '.join(what)} (`ablate run` retrains it)")
+        if run.others:
+            on_note(f"{len(run.others)} arm folder(s) not of the current experiment, listed apart: "
+                    + ", ".join(sorted(run.others)[:5]) + (" ..." if len(run.others) > 5 else ""))
     out = Path(out) if out else _default_out(run)
     try:
         out.mkdir(parents=True, exist_ok=True)
