@@ -67,7 +67,8 @@ def _window(df: pd.DataFrame, window: int, at_init: bool) -> tuple[pd.DataFrame,
     else:
         last = steps[-1]
         chosen = steps[steps > last - window]
-        label = f"over the last {int(last - chosen[0] + 1)} steps"
+        n = int(last - chosen[0] + 1)
+        label = f"over the last {n} step{'s' * (n > 1)}"
     return df[df["step"].isin(chosen)], label
 
 
@@ -180,8 +181,15 @@ def _vanishing_message(weak: list[int], floored: pd.Series, ratio: float, last_d
     return "; ".join(parts) + f" {label}"
 
 
+# "Barely learning" is a claim about training, not about one update: the first step of a run with a small
+# learning rate (or Adam's bias-corrected first step) can sit below the stall ratio in a net that trains.
+STALL_MIN_STEPS = 3
+
+
 def _stalled(win: pd.DataFrame, label: str, th: dict[str, float]) -> list[dict[str, Any]]:
     if "update_ratio" not in win or not np.isfinite(win["update_ratio"]).any():
+        return []
+    if win["step"].nunique() < STALL_MIN_STEPS:
         return []
     ur = win.groupby("depth")["update_ratio"].median()
     stalled = ur[ur < th["stall_ratio"]]

@@ -93,6 +93,18 @@ def test_exploding_stalled_plateau_and_nonfinite() -> None:
     assert healthy == []
 
 
+def test_stalled_needs_a_few_captured_steps_not_one_update() -> None:
+    from ablations.diagnose import STALL_MIN_STEPS
+
+    def stalled(steps):
+        return [x for x in verdicts(_synthetic([1.0, 1.0], update_ratio=1e-5, steps=steps), pd.DataFrame(),
+                                    pd.DataFrame()) if x["kind"] == "stalled"]
+
+    assert stalled([0]) == [] and stalled(range(STALL_MIN_STEPS - 1)) == []
+    (v,) = stalled(range(STALL_MIN_STEPS))
+    assert v["message"].endswith(f"over the last {STALL_MIN_STEPS} steps")
+
+
 def test_thresholds_are_overridable() -> None:
     p = _synthetic([1e-2, 1.0])
     assert [x["kind"] for x in verdicts(p, pd.DataFrame(), pd.DataFrame())] == []
