@@ -44,10 +44,10 @@ def shrink(config: Path, steps: int) -> list[str]:
     return sets
 
 
-def run(tree: Path, config: Path, out: Path, steps: int) -> subprocess.CompletedProcess:
+def run(tree: Path, config: Path, out: Path, steps: int, extra: list[str] = ()) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     cmd = [sys.executable, "-m", "ablations", "run", str(config), "--out", str(out), "--no-report"]
-    for s in shrink(config, steps):
+    for s in [*shrink(config, steps), *extra]:
         cmd += ["--set", s]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tree)
 
@@ -104,6 +104,8 @@ def main() -> int:
     p.add_argument("--configs", nargs="+", default=sorted(glob.glob("configs/*.yaml")))
     p.add_argument("--steps", type=int, default=6, help="steps per epoch of the shrunken runs")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="more --set items for both sides (e.g. capture.every=1 to capture every step)")
     p.add_argument("--keep", type=Path, default=None, help="keep both sides' run folders here (default: a temp dir)")
     args = p.parse_args()
     results, ok = [], True
@@ -114,7 +116,7 @@ def main() -> int:
             outs = {}
             for side, tree in (("old", args.old), ("new", args.new)):
                 out = Path(tmp) / side
-                proc = run(tree.resolve(), cfg, out, args.steps)
+                proc = run(tree.resolve(), cfg, out, args.steps, args.extra)
                 if proc.returncode not in (0, 1):
                     print(f"{cfg.name}: {side} failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
                     ok = False

@@ -52,6 +52,8 @@ MODELS: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {
     "lstm": ((6, 3), dict(depth=2, units=5)),
     "gru": ((6, 3), dict(depth=2, units=5)),
     "transformer": ((6, 4), dict(depth=2, d_model=8, heads=2, ffn_width=16, activation="gelu")),
+    "transformer/rezero": ((6, 4), dict(depth=2, d_model=8, heads=2, ffn_width=16, norm_position="none",
+                                        residual="rezero")),
     # Variants ("<arch>/<what>"): an activation with weights, whose statistics must use the forward pass's
     # slopes (the reference reads them before the update), and dead ReLU units.
     "plain_mlp/prelu": ((8, 8, 1), dict(depth=3, width=8, activation="prelu", activation_options={"alpha_init": -0.5},
@@ -268,7 +270,10 @@ def ref_block_scalars(case: Case) -> dict[str, np.ndarray]:
         for name in out:
             ws = [w for layer in case.net.layers if layer.name.startswith(block + "_") for w in layer.weights
                   if w.name == name]
-            out[name].append(float(before.get(id(ws[0]), ws[0].numpy())) if ws else np.nan)
+            vals = [float(before.get(id(w), w.numpy())) for w in ws]
+            # Several per block (a ReZero transformer layer's two alphas): the largest |alpha|, signed; mean active.
+            pick = (lambda v: max(v, key=abs)) if name == "alpha" else (lambda v: float(np.mean(v)))
+            out[name].append(pick(vals) if vals else np.nan)
     # `active` is written by the forward pass; with every branch kept it is 1 (its initial value too).
     return {k: np.array(v) for k, v in out.items()}
 

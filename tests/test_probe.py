@@ -492,6 +492,27 @@ def test_rezero_alpha_is_recorded_before_its_update():
         assert_close(p.loc[name, "update_norm"], abs(final - 0.3), rtol=1e-4, what=name)
 
 
+def test_a_transformer_layers_two_rezero_alphas_give_the_larger_one_and_off_only_when_both_are_0():
+    """A ReZero encoder layer has one alpha per sub-layer: `alpha` is the one of larger |alpha| (signed)."""
+    from ablations.instruments.block_scalars import drop_inactive
+
+    net = zoo.build("transformer", input_shape=(6, 4), num_outputs=N_OUT, depth=2, d_model=8, heads=2,
+                    ffn_width=16, norm_position="none", residual="rezero")
+    rz = {l.name: l for l in net.layers if isinstance(l, zoo.layers.ReZeroAlpha)}
+    values = {0: (0.2, -0.5), 1: (0.0, 0.0)}  # block 1 is the identity: both alphas 0
+    for i, pair in values.items():
+        for sub, value in zip((1, 2), pair):
+            rz[f"block_{i:03d}_rezero{sub}"].alpha.assign(value)
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(16, 6, 4)).astype("float32"), rng.integers(0, N_OUT, 16)
+    model, drain, _ = fit_probed(net, keras.optimizers.SGD(learning_rate=0.0), x, y, record=False)
+    t = drain.tables(model)
+    b = t["blocks"].set_index("depth")
+    assert b.loc[0, "alpha"] == pytest.approx(-0.5) and b.loc[1, "alpha"] == 0.0
+    kept = drop_inactive(t["params"], t["blocks"])
+    assert set(kept.loc[kept.role == "block", "depth"]) == {0}  # only the all-zero block is switched off
+
+
 class ActiveRecorder(keras.callbacks.Callback):
     """Reads every stochastic-depth layer's `active` weight after each batch (the probe reads it in-graph)."""
 

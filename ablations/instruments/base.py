@@ -74,7 +74,8 @@ class BlockView:
         act: the block's first element-wise activation layer, ``act_input`` its input.
         skip, branch: the two inputs of the block's residual sum.
         gate: a highway transform gate's output.
-        scalars: scalar weights read as block statistics (ReZero ``alpha``, stochastic depth's ``active``).
+        scalars: scalar weights read as block statistics, by name, all of the block's (ReZero ``alpha``: two in
+            a transformer layer, one per sub-layer; stochastic depth's ``active``).
         recurrent: the block's recurrent layer.
         pre_kind: ``pre_activation``; ``fused`` (the output of a layer with a fused activation, or of a
             recurrent layer: after the activation); ``block_output`` (the output of a custom layer whose

@@ -27,8 +27,27 @@ def switched_off(alpha: Any, active: Any) -> Any:
 
 
 def scalar_pairs(spec: ProbeSpec, name: str) -> list[tuple[int, Any]]:
-    """``[(block row, variable)]`` of the blocks that have the scalar weight ``name``."""
-    return [(row, v.scalars[name]) for row, v in enumerate(spec.views) if name in v.scalars]
+    """``[(block row, float32 value)]`` of the blocks that have the scalar weight ``name``, read now.
+
+    A block with several (a ReZero transformer layer: one alpha per sub-layer) gives, for ``alpha``, the one
+    of largest magnitude, signed (so the block is switched off only when every alpha is 0, and a moving
+    alpha is never hidden behind one that stays at 0); for ``active``, their mean. Each alpha is also a row
+    of ``params.parquet`` (``weight_norm`` = |alpha|).
+    """
+    out = []
+    for row, view in enumerate(spec.views):
+        weights = view.scalars.get(name)
+        if not weights:
+            continue
+        values = tf.stack([tf.cast(tf.convert_to_tensor(w), tf.float32) for w in weights])
+        if len(weights) == 1:
+            value = values[0]
+        elif name == "alpha":
+            value = tf.gather(values, tf.argmax(tf.abs(values)))
+        else:
+            value = tf.reduce_mean(values)
+        out.append((row, value))
+    return out
 
 
 def off_mask(spec: ProbeSpec) -> Any:
@@ -41,7 +60,7 @@ def off_mask(spec: ProbeSpec) -> Any:
     def column(name: str) -> Any:
         if not pairs[name]:
             return tf.fill([n], float("nan"))
-        values = tf.stack([tf.cast(tf.convert_to_tensor(v), tf.float32) for _, v in pairs[name]])
+        values = tf.stack([v for _, v in pairs[name]])
         return tf.tensor_scatter_nd_update(tf.fill([n], float("nan")),
                                            tf.constant([[row] for row, _ in pairs[name]], tf.int32), values)
 
@@ -94,6 +113,6 @@ class BlockScalars(Instrument):
             if pairs:
                 # Replicas hold the same alpha; each draws its own stochastic-depth mask: the mean over replicas.
                 handles[name] = ([row for row, _ in pairs],
-                                 red.sums(tf.stack([tf.cast(tf.convert_to_tensor(v), tf.float32) for _, v in pairs])))
+                                 red.sums(tf.stack([v for _, v in pairs])))
         n_rep = num_replicas()
         return lambda r: {name: (rows, r(h) / n_rep) for name, (rows, h) in handles.items()}

@@ -192,7 +192,7 @@ def _view(index: int, g: rules.Group, anc: dict[int, int], counted: set[int]) ->
     for u in g.units:
         for w in getattr(u.op, "weights", []):
             if w.name in ("alpha", "active") and tuple(w.shape) == ():
-                b.scalars.setdefault(w.name, w)
+                b.scalars.setdefault(w.name, []).append(w)  # a transformer layer has two ReZero alphas
     return b
 
 
