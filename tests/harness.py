@@ -380,10 +380,11 @@ def _explicit_jacobians(fn: Callable[[Any], Any], x: np.ndarray) -> np.ndarray:
     out = []
     for i in range(len(x)):
         xi = tf.constant(x[i:i + 1].reshape(1, -1), tf.float32)
-        with tf.GradientTape() as tape:
+        with tf.GradientTape(persistent=True) as tape:  # persistent: needed without pfor
             tape.watch(xi)
             y = tf.reshape(fn(tf.reshape(xi, (1, *x.shape[1:]))), [-1])
-        out.append(np.asarray(tape.jacobian(y, xi))[:, 0, :].astype(np.float64))
+        # No pfor: its vectorised jacobian of MultiHeadAttention segfaults in TF 2.21 (seen on the transformer).
+        out.append(np.asarray(tape.jacobian(y, xi, experimental_use_pfor=False))[:, 0, :].astype(np.float64))
     return np.stack(out)
 
 
