@@ -20,10 +20,11 @@ def numpy_jacobian(fn, x):
     out = []
     for i in range(int(x.shape[0])):
         xi = tf.reshape(x[i:i + 1], [1, -1])
-        with tf.GradientTape() as tape:
+        with tf.GradientTape(persistent=True) as tape:
             tape.watch(xi)
             y = tf.reshape(fn(tf.reshape(xi, [1, *x.shape[1:]])), [-1])
-        out.append(tape.jacobian(y, xi)[:, 0, :].numpy().astype(np.float64))
+        # No pfor: its jacobian of MultiHeadAttention corrupts the heap in TF 2.21 (see the test below).
+        out.append(tape.jacobian(y, xi, experimental_use_pfor=False)[:, 0, :].numpy().astype(np.float64))
     return np.stack(out)
 
 
@@ -227,3 +228,26 @@ def test_instrument_switches_to_randomized_above_the_exact_size():
     np.testing.assert_allclose(got["jacobian_sv"]["singular_value"], 1.0, atol=1e-4)
     np.testing.assert_allclose(got["jacobian"]["mean_sq"], 1.0, rtol=1e-4)
     np.testing.assert_allclose(got["jacobian"]["var_sq"], 0.0, atol=1e-3)
+
+
+def test_the_exact_path_survives_multi_head_attention():
+    """pfor's vectorised jacobian of Keras' MultiHeadAttention segfaults TF 2.21 (heap corruption, rc 139/134):
+    the exact path must not use it. Run in a subprocess: a regression kills the process, not the suite."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import numpy as np, tensorflow as tf, keras
+        from ablations.instruments import jacobian as jc
+        x = keras.Input((3, 4))
+        m = keras.Model(x, keras.layers.MultiHeadAttention(2, 2)(x, x))
+        for b in (1, 2, 3):  # batch 1 crashed pfor at once, eagerly (2026-12-02, this machine)
+            xs = tf.constant(np.random.default_rng(b).normal(size=(b, 3, 4)), tf.float32)
+            eager = jc.exact_spectrum(lambda t: m(t), xs)["singular_values"]
+            graph = tf.function(lambda t: jc.exact_spectrum(lambda u: m(u), t))(xs)["singular_values"]
+            np.testing.assert_allclose(eager.numpy(), graph.numpy(), rtol=1e-5, atol=1e-6)
+        print("ok", eager.shape)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ok (3, 12)" in proc.stdout, (proc.returncode, proc.stderr[-2000:])

@@ -151,10 +151,13 @@ def exact_spectrum(fn: Callable[[tf.Tensor], tf.Tensor], x: tf.Tensor) -> dict[s
     n = int(np.prod(x.shape[1:]))
     f = _flat_fn(fn, x.shape[1:])
     xf = tf.reshape(x, [-1, n])
-    with tf.GradientTape() as tape:
+    with tf.GradientTape(persistent=True) as tape:  # persistent: batch_jacobian without pfor needs it eagerly
         tape.watch(xf)
         y = f(xf)
-    jac = tape.batch_jacobian(y, xf)  # [B, m, n]
+    # A while loop of m backward passes, not pfor's vectorised one: pfor's jacobian of Keras'
+    # MultiHeadAttention corrupts the heap in TF 2.21 (segfault / "munmap_chunk(): invalid pointer", eager
+    # and in tf.function; tests/test_jacobian.py::test_the_exact_path_survives_multi_head_attention).
+    jac = tape.batch_jacobian(y, xf, experimental_use_pfor=False)  # [B, m, n]
     s = tf.linalg.svd(tf.cast(jac, tf.float64), compute_uv=False)
     s2 = tf.square(s)
     m1 = tf.reduce_sum(s2, -1) / n  # zeros of a wide Jacobian count in the mean over n
