@@ -210,7 +210,8 @@ def _tpu(tpu: str | None) -> Any:
     target = tpu or os.environ.get("TPU_NAME") or ("local" if _tpu_hint(None) else "")
     # Physical devices, listed before connecting: a failed connect_to_cluster leaves the eager context
     # pointing at the dead cluster, so listing logical devices afterwards raises the connection error again.
-    here = ", ".join(d.name.replace("/physical_device:", "") for d in tf.config.list_physical_devices())
+    with native_logs_silenced():  # listing starts the CUDA platform, which logs "failed call to cuInit"
+        here = ", ".join(d.name.replace("/physical_device:", "") for d in tf.config.list_physical_devices())
     try:
         with native_logs_silenced():  # the error reaches us as the exception; absl would print it again
             resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=target)

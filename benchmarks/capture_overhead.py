@@ -42,6 +42,9 @@ class Case:
     updates: bool = True  # weight and update norms (with params: the whole per-tensor table)
     histograms: bool = False  # per-block gradient histograms (off by default)
     instruments: dict[str, Any] = field(default_factory=dict)  # opt-in instruments (capture.instruments)
+    data: str = "digits"  # digits (8x8x1) | rows (8 steps of 8) | adding100 (T=100, 2 features) | digits32 (32x32x3)
+    steps: int | None = None  # at most this many steps per timed fit (the large models), else --steps
+    target: float | None = None  # issue #15's target for this model, where it differs from TARGETS
 
     @property
     def target_key(self) -> str:
@@ -76,17 +79,43 @@ CASES = [
     # Opt-in instruments at their default cadence, on top of the full set every 16 steps (compare that case).
     Case("mlp20x256 full every=16 + curvature (every=64) spe=1", "plain_mlp", {"depth": 20, "width": 256}, 16, 1,
          True, instruments={"curvature": True}),
+    # The models people train (issue #15): a 2-layer LSTM on the adding problem with gradients through time, a
+    # Pre-LN transformer on row-sequential digits, and keras.applications' MobileNetV2 probed through block
+    # discovery (no zoo names), each every step and every 16 steps.
+    *[Case(f"lstm2x128 adding T100 full every={e} spe={spe}", "lstm", {"depth": 2, "units": 128, "output": "last"},
+           e, spe, True, data="adding100", steps=48, target=1.25 if e == 1 else 1.02)
+      for e, spe in ((1, 1), (16, 16))],
+    *[Case(f"transformer preln 4x128 full every={e} spe={spe}", "transformer",
+           {"depth": 4, "d_model": 128, "heads": 4, "ffn_width": 256, "norm_position": "pre", "output": "mean"},
+           e, spe, True, data="rows", steps=64, target=1.10 if e == 1 else 1.02)
+      for e, spe in ((1, 1), (16, 16))],
+    *[Case(f"mobilenetv2 32x32 full every={e} spe={spe}", "keras:MobileNetV2", {}, e, spe, True, data="digits32",
+           steps=32, target=1.10 if e == 1 else 1.02)
+      for e, spe in ((1, 1), (16, 16))],
 ]
 
+INPUTS = {"digits": (8, 8, 1), "rows": (8, 8), "adding100": (100, 2), "digits32": (32, 32, 3)}
 
-def _dataset(batch: int):
+
+def _dataset(batch: int, data: str = "digits"):
     import numpy as np
     import tensorflow as tf
 
     from ablations.data.digits import load_arrays
 
-    x, y = load_arrays()
-    x = x.astype(np.float32) / 255.0
+    if data == "adding100":
+        from ablations.data.adding import generate
+
+        x, y = generate(100, 2048, seed=0)
+        x, y = x.astype(np.float32), y.astype(np.float32).reshape(-1, 1)
+    else:
+        x, y = load_arrays()
+        x = x.astype(np.float32) / 255.0
+        if data == "rows":
+            x = x.reshape(-1, 8, 8)
+        elif data == "digits32":  # nearest-neighbour 4x upsampling, grey to RGB
+            x = np.repeat(np.repeat(x, 4, axis=1), 4, axis=2)
+            x = np.repeat(x.reshape(-1, 32, 32, 1), 3, axis=-1)
     return tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(batch, drop_remainder=True).prefetch(2)
 
 
@@ -97,11 +126,18 @@ def _models(case: Case, seed: int = 0):
     from ablations.probe import DrainCallback, ProbedModel, ring_capacity
     from ablations.probe.recorder import SnapshotCallback
 
+    regression = case.data == "adding100"
+
     def net():
         keras.utils.set_random_seed(seed)
-        return zoo.build(case.arch, input_shape=(8, 8, 1), num_outputs=10, **case.model)
+        if case.arch.startswith("keras:"):  # a keras.applications model, weights None, logits out
+            app = getattr(keras.applications, case.arch.split(":", 1)[1])
+            return app(input_shape=INPUTS[case.data], weights=None, classes=10, classifier_activation=None)
+        return zoo.build(case.arch, input_shape=INPUTS[case.data], num_outputs=1 if regression else 10,
+                         **case.model)
 
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    loss = keras.losses.MeanSquaredError() if regression else \
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     plain = net()
     plain.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss=loss, steps_per_execution=case.spe)
     probed = ProbedModel(net(), capture={"instruments": case.instruments}, every=case.every,
@@ -111,7 +147,8 @@ def _models(case: Case, seed: int = 0):
 
     def callbacks():
         drain = DrainCallback(256, 10_000)
-        snaps = [SnapshotCallback(drain, lambda: next(iter(_dataset(64)))[0])] if SnapshotCallback.wanted(probed) else []
+        snaps = [SnapshotCallback(drain, lambda: next(iter(_dataset(64, case.data)))[0])] \
+            if SnapshotCallback.wanted(probed) else []
         return [drain, *snaps]
 
     return plain, probed, callbacks
@@ -145,8 +182,9 @@ def _analytic_memory(plain, probed) -> float:
 def run_case(case: Case, pairs: int, steps: int, batch: int) -> dict[str, Any]:
     import tensorflow as tf
 
-    ds = _dataset(batch)
+    ds = _dataset(batch, case.data)
     plain, probed, cbs = _models(case)
+    steps = min(steps, case.steps) if case.steps else steps
     steps = max(case.spe, steps // case.spe * case.spe)
     _timed_fit(plain, ds, steps, [])  # warm-up: tracing and compilation
     _timed_fit(probed, ds, steps, cbs())
@@ -178,7 +216,8 @@ def run_case(case: Case, pairs: int, steps: int, batch: int) -> dict[str, Any]:
             "ratios": ratios, "cpu_ratio_median": statistics.median(cpu_ratios), "cpu_ratios": cpu_ratios,
             "ms_per_step_plain": 1e3 * statistics.median(t_plain),
             "ms_per_step_probed": 1e3 * statistics.median(t_probe), "memory_ratio": mem_ratio,
-            "memory_kind": mem_kind, "target": TARGETS.get(case.target_key)}
+            "memory_kind": mem_kind,
+            "target": case.target if case.target is not None else TARGETS.get(case.target_key)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     for case in CASES:
         if args.cases and (case.name != args.cases if exact else args.cases not in case.name):
             continue
-        if case.arch not in zoo.names():
+        if case.arch not in zoo.names() and not case.arch.startswith("keras:"):
             console.print(f"[yellow]skip[/] {case.name}: model {case.arch} is not in the zoo")
             continue
         console.print(f"running {case.name} ...", highlight=False)

@@ -171,7 +171,8 @@ def _bomb(where: str) -> str:
     body = yaml.safe_dump({k: v for k, v in TINY.items() if k != "model"}, sort_keys=False)
     if where == "description":
         return f"{anchors}\ndescription: *j\nmodel: {{arch: plain_mlp, depth: 2}}\n{body}"
-    return f"{anchors}\nmodel: {{arch: plain_mlp, depth: 2, activation: leaky_relu, activation_options: {{negative_slope: *j}}}}\n{body}"
+    model = "{arch: plain_mlp, depth: 2, activation: leaky_relu, activation_options: {negative_slope: *j}}"
+    return f"{anchors}\nmodel: {model}\n{body}"
 
 
 def _nested(tmp: Path) -> list[str]:

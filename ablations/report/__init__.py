@@ -104,12 +104,7 @@ def build_report(run_dir: Path | Sequence[Path], out: Path | None = None, worker
     if not dirs:
         raise ValueError("build_report needs at least one run folder")
     run = merge_runs([load_run(d) for d in dirs])
-    if on_note is not None:
-        for arm_id, what in run.damaged.items():
-            on_note(f"damaged arm left out: {arm_id}: {'; '.join(what)} (`ablate run` retrains it)")
-        if run.others:
-            on_note(f"{len(run.others)} arm folder(s) not of the current experiment, listed apart: "
-                    + ", ".join(sorted(run.others)[:5]) + (" ..." if len(run.others) > 5 else ""))
+    _tell_left_out(run, on_note or (lambda line: None))
     out = Path(out) if out else _default_out(run)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -144,6 +139,15 @@ def build_report(run_dir: Path | Sequence[Path], out: Path | None = None, worker
     index = out / "index.html"
     index.write_text(page)
     return index
+
+
+def _tell_left_out(run: RunData, on_note: Callable[[str], None]) -> None:
+    """One line per damaged arm, one for the arm folders of other experiments (the page lists them too)."""
+    for arm_id, what in run.damaged.items():
+        on_note(f"damaged arm left out: {arm_id}: {'; '.join(what)} (`ablate run` retrains it)")
+    if run.others:
+        on_note(f"{len(run.others)} arm folder(s) not of the current experiment, listed apart: "
+                + ", ".join(sorted(run.others)[:5]) + (" ..." if len(run.others) > 5 else ""))
 
 
 def _arm_yaml(run: RunData, arm_id: str) -> str:
