@@ -274,7 +274,7 @@ CASES = [
          r"alias", timeout=60),
     Case("paths and resources", "YAML alias bomb in model.activation_options", validate_text(_bomb("options")), 2,
          r"alias", timeout=60),
-    Case("paths and resources", "10^6-arm grid",
+    Case("paths and resources", "10^5-arm grid (over the 10,000 cap)",
          validate(grid={f"model.{k}": list(range(1, 11)) for k in ("depth", "width")} | {
              "train.epochs": list(range(1, 11)), "data.batch_size": list(range(1, 101))}), 2, r"max_arms", timeout=60),
     Case("paths and resources", "unknown activation", validate(model__activation="relux"), 2, r"relux.*relu"),
