@@ -236,8 +236,10 @@ def test_an_unreachable_tpu_address_fails_fast_with_exit_2(tmp_path: Path) -> No
     cfg = tmp_path / "c.yaml"
     cfg.write_text("name: t\nmodel: {depth: 1, width: 8}\ntrain: {epochs: 1, steps_per_epoch: 1}\n"
                    "runtime: {strategy: tpu, tpu: 'grpc://127.0.0.1:1'}\n")
+    # A user's own TF_CPP_MIN_LOG_LEVEL wins over our quiet default (and some test modules set one on import).
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "GRPC_VERBOSITY")}
     proc = subprocess.run([sys.executable, "-m", "ablations", "run", str(cfg), "--out", str(tmp_path / "runs"),
-                           "--no-report"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           "--no-report"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-2000:]
     assert "TPU worker 127.0.0.1:1 is not reachable" in out and "nothing was trained" in out
