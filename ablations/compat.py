@@ -11,7 +11,8 @@ Checked on: TensorFlow 2.21.0, Keras 3.15.1, keras-tuner 1.4.8 (Python 3.11).
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 CHECKED = {"tensorflow": "2.21", "keras": "3.15", "keras_tuner": "1.4.8"}
 
@@ -285,25 +286,20 @@ def sgd_momentum(optimizer: Any, variable: Any) -> Any:
 # ----------------------------------------------------------------------------------- TensorFlow Datasets
 
 
-def tfds_download_retries(retries: int) -> Any:
-    """A context manager: TFDS' HTTP downloads retry ``retries`` times instead of its 10
+@contextlib.contextmanager
+def tfds_download_retries(retries: int) -> Iterator[None]:
+    """TFDS' HTTP downloads retry ``retries`` times instead of its 10 while the context is open
     (``tensorflow_datasets.core.download.downloader.MAX_RETRIES``, read when each download starts).
 
     Why: with no network (this project's CI, an air-gapped cluster) the 10 retries with exponential back-off
     take ~205 s per dataset before the error surfaces; a few retries still ride out a flaky connection. No
     public option sets it (``DownloadConfig`` has none). Checked on tensorflow-datasets 4.9.
     """
-    import contextlib
-
     from tensorflow_datasets.core.download import downloader
 
-    @contextlib.contextmanager
-    def patched() -> Any:
-        saved = downloader.MAX_RETRIES
-        downloader.MAX_RETRIES = retries
-        try:
-            yield
-        finally:
-            downloader.MAX_RETRIES = saved
-
-    return patched()
+    saved = downloader.MAX_RETRIES
+    downloader.MAX_RETRIES = retries
+    try:
+        yield
+    finally:
+        downloader.MAX_RETRIES = saved

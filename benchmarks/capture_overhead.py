@@ -45,6 +45,7 @@ class Case:
     data: str = "digits"  # digits (8x8x1) | rows (8 steps of 8) | adding100 (T=100, 2 features) | digits32 (32x32x3)
     steps: int | None = None  # at most this many steps per timed fit (the large models), else --steps
     target: float | None = None  # issue #15's target for this model, where it differs from TARGETS
+    group: str = "core"  # core: `make bench` (< 15 min); models: `make bench-models` (~20 min, larger models)
 
     @property
     def target_key(self) -> str:
@@ -83,14 +84,14 @@ CASES = [
     # Pre-LN transformer on row-sequential digits, and keras.applications' MobileNetV2 probed through block
     # discovery (no zoo names), each every step and every 16 steps.
     *[Case(f"lstm2x128 adding T100 full every={e} spe={spe}", "lstm", {"depth": 2, "units": 128, "output": "last"},
-           e, spe, True, data="adding100", steps=48, target=1.25 if e == 1 else 1.02)
+           e, spe, True, data="adding100", steps=48, target=1.25 if e == 1 else 1.02, group="models")
       for e, spe in ((1, 1), (16, 16))],
     *[Case(f"transformer preln 4x128 full every={e} spe={spe}", "transformer",
            {"depth": 4, "d_model": 128, "heads": 4, "ffn_width": 256, "norm_position": "pre", "output": "mean"},
-           e, spe, True, data="rows", steps=64, target=1.10 if e == 1 else 1.02)
+           e, spe, True, data="rows", steps=64, target=1.10 if e == 1 else 1.02, group="models")
       for e, spe in ((1, 1), (16, 16))],
     *[Case(f"mobilenetv2 32x32 full every={e} spe={spe}", "keras:MobileNetV2", {}, e, spe, True, data="digits32",
-           steps=32, target=1.10 if e == 1 else 1.02)
+           steps=32, target=1.10 if e == 1 else 1.02, group="models")
       for e, spe in ((1, 1), (16, 16))],
 ]
 
@@ -225,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=5, help="ABBA blocks (plain, probe, probe, plain) per case (>= 5)")
     p.add_argument("--steps", type=int, default=160, help="optimizer steps per timed fit")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--cases", default="", help="a case name, or a substring of case names, e.g. mlp")
+    p.add_argument("--cases", default="", help="a case name, or a substring of case names, e.g. mlp (any group)")
+    p.add_argument("--group", default="core", choices=("core", "models", "all"),
+                   help="cases run without --cases: core (default, `make bench`) or models (`make bench-models`)")
     p.add_argument("--json", default=None, help="also write the results as JSON to this file ('-' = stdout)")
     args = p.parse_args(argv)
 
@@ -238,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     exact = any(c.name == args.cases for c in CASES)  # a full case name picks that case alone
     for case in CASES:
         if args.cases and (case.name != args.cases if exact else args.cases not in case.name):
+            continue
+        if not args.cases and args.group != "all" and case.group != args.group:
             continue
         if case.arch not in zoo.names() and not case.arch.startswith("keras:"):
             console.print(f"[yellow]skip[/] {case.name}: model {case.arch} is not in the zoo")

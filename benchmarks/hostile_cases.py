@@ -12,6 +12,7 @@ Exit 1 when a case does not behave as expected. About 4 minutes on 2 cores (it t
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -67,7 +68,7 @@ def _write(tmp: Path, cfg: dict | str, name: str = "c.yaml") -> Path:
 
 
 def _with(**sections) -> dict:
-    cfg = json.loads(json.dumps(TINY))
+    cfg = copy.deepcopy(TINY)
     for key, value in sections.items():
         head, _, rest = key.partition("__")
         if rest:

@@ -7,16 +7,15 @@ TFDS unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ablations import compat
-from zoo.registry import Registry
+from zoo.registry import Registry, suggest
 
 # Bundled builders: importing the module registers the TFDS builder class.
 BUNDLED: Registry[str] = Registry("bundled dataset")
@@ -85,8 +84,6 @@ def _close_names(name: str) -> str:
     """`` Did you mean 'digits'?`` from the bundled names and the TFDS catalog (empty when nothing is close)."""
     import tensorflow_datasets as tfds
 
-    from zoo.registry import suggest
-
     try:
         catalog = list(tfds.list_builders(with_community_datasets=False))
     except Exception:  # the catalog list is a convenience: never let it replace the real error
@@ -118,7 +115,8 @@ def builder(name: str, data_dir: str | None = None, download: bool = True):
                 f"and point `data.data_dir` or $GRADZOO_DATA_DIR at DIR, or set data.download: true."
             )
         try:
-            with compat.tfds_download_retries(DOWNLOAD_RETRIES), _quiet_download():
+            _quiet_downloads()
+            with compat.tfds_download_retries(DOWNLOAD_RETRIES):
                 b.download_and_prepare()
         except Exception as err:
             if bundled:
@@ -132,10 +130,10 @@ def builder(name: str, data_dir: str | None = None, download: bool = True):
     return b
 
 
-@contextlib.contextmanager
-def _quiet_download() -> Iterator[None]:
+def _quiet_downloads() -> None:
     """No TFDS progress bars in a log that is not a terminal (they print a line per refresh there), and no
-    urllib3 line per HTTP retry unless ``--verbose``: the error that matters is raised as ours."""
+    urllib3 line per HTTP retry unless ``--verbose`` (for the process: TFDS' download threads outlive a failed
+    ``download_and_prepare``); the error that matters is raised as ours."""
     import logging
 
     import tensorflow_datasets as tfds
@@ -144,9 +142,8 @@ def _quiet_download() -> Iterator[None]:
 
     if not sys.stderr.isatty():
         tfds.disable_progress_bar()
-    if is_quiet():  # for the process: TFDS' download threads outlive a failed download_and_prepare
+    if is_quiet():
         logging.getLogger("urllib3").setLevel(logging.ERROR)
-    yield
 
 
 def _prepared(b: Any) -> bool:
