@@ -135,7 +135,8 @@ class TrainConfig(Strict):
     epochs: int = Field(5, gt=0)
     steps_per_epoch: Optional[int] = Field(None, gt=0)  # null: one pass over the training split
     optimizer: OptimizerConfig = OptimizerConfig()
-    loss: Literal["auto", "sparse_categorical_crossentropy", "mse"] = "auto"  # auto: from the dataset's task
+    # auto: from the dataset's task; mse on a classification dataset: against one-hot targets (Cohen et al. 2021)
+    loss: Literal["auto", "sparse_categorical_crossentropy", "mse"] = "auto"
     steps_per_execution: int = Field(1, gt=0)  # steps per compiled call (fewer host round trips)
     jit_compile: bool = False
     # Resume inside an arm (ablations/checkpoint.py): save the state every N steps and/or every N epochs

@@ -87,10 +87,35 @@ def make_optimizer(cfg: Any, total_steps: int | None = None) -> keras.optimizers
     raise ValueError(f"unknown optimizer {cfg.name}")
 
 
+@keras.saving.register_keras_serializable(package="gradzoo")
+class OneHotMeanSquaredError(keras.losses.Loss):
+    """Mean squared error between the outputs and one-hot targets built from integer class labels.
+
+    The square loss of classification studies of the edge of stability (Cohen et al. 2021, "Gradient descent on
+    neural networks typically occurs at the edge of stability": their MSE runs keep the sharpness at 2/lr,
+    where cross-entropy's falls late in training). Mean over classes, like Keras' ``mse``. Without it, Keras'
+    ``mse`` between labels ``[B]`` and outputs ``[B, classes]`` broadcasts, and a net would be trained to
+    output the class index in every unit.
+    """
+
+    def __init__(self, name: str = "one_hot_mse", **kw: Any):
+        super().__init__(name=name, **kw)
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
+        target = tf.one_hot(labels, depth=tf.shape(y_pred)[-1], dtype=y_pred.dtype)
+        return tf.reduce_mean(tf.square(tf.reshape(y_pred, tf.shape(target)) - target), axis=-1)
+
+
 def make_loss(name: str, task: str) -> tuple[keras.losses.Loss, list[Any]]:
-    """The loss (models output logits) and metrics for a task; ``auto`` picks from the dataset's task."""
+    """The loss (models output logits) and metrics for a task; ``auto`` picks from the dataset's task.
+
+    ``mse`` on a classification dataset is the square loss against one-hot targets (accuracy still reported).
+    """
     if name == "auto":
         name = "sparse_categorical_crossentropy" if task == "classification" else "mse"
     if name == "sparse_categorical_crossentropy":
         return keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"]
+    if task == "classification":
+        return OneHotMeanSquaredError(), ["accuracy"]
     return keras.losses.MeanSquaredError(), []

@@ -364,3 +364,22 @@ def test_options_are_validated_strictly():
     with pytest.raises(ValueError, match="multiple of capture.every"):
         CaptureConfig(every=16, instruments={"curvature": {"every": 24}})
     assert "curvature" not in [c.name for c, _ in instruments.resolve(None)]  # opt-in
+
+
+def test_mse_on_a_classification_dataset_is_against_one_hot_targets() -> None:
+    """Cohen et al.'s square loss: ``train.loss: mse`` with class labels one-hots them (Keras' own mse would
+    broadcast labels [B] against outputs [B, classes]); the loss serialises with a saved model."""
+    import keras
+
+    from ablations.factories import OneHotMeanSquaredError, make_loss
+
+    loss, metrics = make_loss("mse", "classification")
+    assert isinstance(loss, OneHotMeanSquaredError) and metrics == ["accuracy"]
+    y = np.array([2, 0, 1])
+    out = np.random.default_rng(0).normal(size=(3, 4)).astype("float32")
+    want = np.mean((out - np.eye(4)[y]) ** 2)
+    np.testing.assert_allclose(float(loss(y, out)), want, rtol=1e-6)
+    np.testing.assert_allclose(float(loss(y[:, None], out)), want, rtol=1e-6)  # labels [B, 1] as TFDS gives them
+    assert isinstance(keras.losses.deserialize(keras.losses.serialize(loss)), OneHotMeanSquaredError)
+    reg, metrics = make_loss("mse", "regression")
+    assert isinstance(reg, keras.losses.MeanSquaredError) and metrics == []
