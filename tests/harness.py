@@ -68,6 +68,7 @@ MODELS: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {
 CAPTURE = {"histograms": True}
 OPT_IN: dict[str, tuple[str, ...] | None] = {
     "init_distance": None,
+    "spectral_norm": None,
     "per_example": ("plain_mlp", "resnet_mlp", "resnet_cnn/no_norm", "transformer", "simple_rnn"),
 }
 
@@ -313,6 +314,21 @@ def ref_init_distance(case: Case) -> dict[str, np.ndarray]:
     return {"init_distance": dist, "init_distance_ratio": np.where(w0 > 0, dist / np.where(w0 > 0, w0, 1.0), np.nan)}
 
 
+def ref_spectral_norm(case: Case) -> dict[str, np.ndarray]:
+    """NumPy's SVD of every kernel as a matrix ([..., out] -> [prod(...), out]; attention's query/key/value
+    [d, heads, head_dim] -> [d, heads * head_dim]); the probe's first capture starts exact, so it converges."""
+    sigma = []
+    for v, w in zip(case.net.trainable_variables, case.w0):
+        if w.ndim < 2 or v.path.rsplit("/", 1)[-1] not in ("kernel", "recurrent_kernel", "pointwise_kernel", "embeddings"):
+            sigma.append(np.nan)
+            continue
+        qkv = w.ndim == 3 and v.path.rsplit("/", 2)[-2] in ("query", "key", "value")
+        m = w.reshape(w.shape[0], -1) if qkv else w.reshape(-1, w.shape[-1])
+        sigma.append(np.linalg.svd(m, compute_uv=False)[0])
+    sigma = np.array(sigma)
+    return {"spectral_norm": sigma, "spectral_norm_converged": np.where(np.isnan(sigma), np.nan, 1.0)}
+
+
 def per_example_grads(case: Case) -> list[np.ndarray]:
     """Per trainable tensor, the [B, size] float64 gradients of each example's own loss, one tape each."""
     with case.initial_weights() as net:
@@ -424,6 +440,7 @@ REFERENCES: dict[str, Callable[[Case], Any]] = {
     "grad_hist": ref_grad_hist,
     "time_grads": ref_time_grads,
     "init_distance": ref_init_distance,
+    "spectral_norm": ref_spectral_norm,
     "per_example": ref_per_example,
     "curvature": ref_curvature,
     "jacobian": ref_jacobian,  # a snapshot: compared in test_instruments.py::_jacobian
