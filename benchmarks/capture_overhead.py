@@ -77,6 +77,8 @@ CASES = [
          instruments={"per_example": True}),
     Case("mlp20x256 full+init_distance every=1 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, True,
          instruments={"init_distance": True}),
+    Case("mlp20x256 full+spectral_norm every=1 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, True,
+         instruments={"spectral_norm": True}),
     # Opt-in instruments at their default cadence, on top of the full set every 16 steps (compare that case).
     Case("mlp20x256 full every=16 + curvature (every=64) spe=1", "plain_mlp", {"depth": 20, "width": 256}, 16, 1,
          True, instruments={"curvature": True}),
