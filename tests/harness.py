@@ -393,14 +393,16 @@ def ref_curvature(case: Case) -> dict[str, Any]:
 
 def _explicit_jacobians(fn: Callable[[Any], Any], x: np.ndarray) -> np.ndarray:
     """[B, m, n] float64: one tape and ``tape.jacobian`` per example (no batch_jacobian, no probe code)."""
-    out = []
-    for i in range(len(x)):
-        xi = tf.constant(x[i:i + 1].reshape(1, -1), tf.float32)
+    @tf.function  # traced once per fn: eagerly, a jacobian without pfor is m Python-level backward passes
+    def one(xi: Any) -> Any:
         with tf.GradientTape(persistent=True) as tape:  # persistent: needed without pfor
             tape.watch(xi)
             y = tf.reshape(fn(tf.reshape(xi, (1, *x.shape[1:]))), [-1])
         # No pfor: its vectorised jacobian of MultiHeadAttention segfaults in TF 2.21 (seen on the transformer).
-        out.append(np.asarray(tape.jacobian(y, xi, experimental_use_pfor=False))[:, 0, :].astype(np.float64))
+        return tape.jacobian(y, xi, experimental_use_pfor=False)
+
+    out = [np.asarray(one(tf.constant(x[i:i + 1].reshape(1, -1), tf.float32)))[:, 0, :].astype(np.float64)
+           for i in range(len(x))]
     return np.stack(out)
 
 

@@ -166,6 +166,7 @@ def test_search_killed_mid_trial_resumes_without_redoing_trials(tfds_dir: str, t
         assert next(x for x in trials if x["trial"] == tid)["values"] == t["values"]
 
 
+@pytest.mark.slow  # two worker processes (~30 s); test_sweep.py's serve-oracle tests keep local workers in the default
 def test_random_search_with_two_local_workers_runs_each_trial_once(tfds_dir: str, tmp_path: Path) -> None:
     """`ablate tune --workers 2`: this process is the chief; two worker processes run the trials."""
     exp = parse_experiment(_exp(max_trials=4))
