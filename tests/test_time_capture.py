@@ -8,6 +8,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pandas as pd
+import pytest
 import tensorflow as tf
 
 import zoo
@@ -74,3 +75,72 @@ def test_recurrent_arm_writes_time_grads(tfds_dir: str, tmp_path: Path) -> None:
         assert f"{key}.png" in html and (tmp_path / "report" / f"{key}.png").exists()
     gates_csv = pd.read_csv(tmp_path / "report" / "gate_saturation.csv")
     assert set(gates_csv["when"]) == {"init", "end"}
+
+
+def _watch_time_grads(monkeypatch) -> list[bool]:
+    """Records, per traced compute, whether dL/dh_t came from the training backward pass (True) or a pass of
+    its own through the view (False)."""
+    from ablations.instruments import _rnn_views
+
+    seen, original = [], _rnn_views.step_time_grads
+
+    def watched(probe, ctx):
+        seen.append("time" in ctx.view_grads)
+        return original(probe, ctx)
+
+    monkeypatch.setattr(_rnn_views, "step_time_grads", watched)
+    return seen
+
+
+@pytest.mark.parametrize("arch,every,spe", [("lstm", 1, 1), ("gru", 2, 2), ("simple_rnn", 1, 1)])
+def test_captured_steps_train_through_the_view_exactly_like_keras(monkeypatch, arch: str, every: int,
+                                                                 spe: int) -> None:
+    seen = _watch_time_grads(monkeypatch)
+    rng = np.random.RandomState(1)
+    x = rng.normal(size=(48, 12, 3)).astype(np.float32)
+    y = rng.randint(0, 4, size=48)
+    keras.utils.set_random_seed(0)
+    net = zoo.build(arch, input_shape=(12, 3), num_outputs=4, depth=2, units=8)
+    twin = keras.models.clone_model(net)
+    twin.set_weights(net.get_weights())
+    _, ref = unrolled_reference(twin, x[:16], y[:16], LOSS, False)  # the initial weights, the first batch
+
+    model = ProbedModel(net, every=every, capacity=16)
+    assert model.train_view is not None and model.train_view.key == "time"
+    model.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9), loss=LOSS, steps_per_execution=spe)
+    drain = DrainCallback(drain_every=256, steps_per_epoch=3)
+    model.fit(x, y, batch_size=16, epochs=2, callbacks=[drain], verbose=0, shuffle=False)
+    twin.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9), loss=LOSS)
+    twin.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
+    for a, b in zip(net.get_weights(), twin.get_weights()):  # the view's forward pass is the model's
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+    assert seen and all(seen)  # no second pass: every trace read the training pass's gradients
+    t = drain.tables(model)["time_grads"]
+    assert sorted(t.step.unique()) == list(range(0, 6, every))
+    step0 = t[t.step == 0].sort_values(["depth", "t"])["act_grad_norm"].to_numpy().reshape(2, 12)
+    np.testing.assert_allclose(step0, np.stack([np.sqrt((r ** 2).sum(axis=(0, 2))) for r in ref]), rtol=1e-5)
+
+
+def test_per_example_rnn_norms_from_the_training_pass_equal_measure() -> None:
+    from ablations.probe import measure_tables
+
+    rng = np.random.RandomState(2)
+    x = rng.normal(size=(16, 6, 3)).astype(np.float32)
+    y = rng.randint(0, 4, size=16)
+    keras.utils.set_random_seed(0)
+    net = zoo.build("simple_rnn", input_shape=(6, 3), num_outputs=4, depth=2, units=6)
+    capture = {"instruments": {"per_example": True}}
+    # measure: no training, so no view in the step: its own pass through the view (the other code path)
+    want = measure_tables(net, (x, y), LOSS, training=True, capture=capture)["per_example"]
+    model = ProbedModel(net, capture=capture, capacity=8)
+    assert model.train_view is not None
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
+    drain = DrainCallback(drain_every=256, steps_per_epoch=1)
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[drain], verbose=0, shuffle=False)
+    got = drain.tables(model)["per_example"]
+    keys = [c for c in want.columns if c not in ("step", "epoch") and want[c].dtype == object] or ["block"]
+    w, g = want.sort_values(keys).reset_index(drop=True), got.sort_values(keys).reset_index(drop=True)
+    assert len(w) == len(g) > 0
+    for col in w.columns:
+        if col not in ("step", "epoch") and np.issubdtype(w[col].dtype, np.floating):
+            np.testing.assert_allclose(g[col].to_numpy(), w[col].to_numpy(), rtol=1e-4, err_msg=col)

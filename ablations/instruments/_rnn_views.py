@@ -10,7 +10,11 @@ the model in which each recurrent layer runs ``keras.layers.RNN(ProbeCell(cell))
 *same* cell object (same variables) and adds an extra input ``eps_t`` to the new state, h_t' = h_t + eps_t,
 which is both the step's output and the state carried to t + 1. Feeding eps = 0 leaves the forward pass
 unchanged, and dL/d eps_t = dL/dh_t exactly (tests/test_rnn.py checks it against an explicitly unrolled
-loop). The fused ``keras.layers.LSTM`` (cuDNN on GPU) cannot be probed; the view always runs the cell.
+loop). The fused ``keras.layers.LSTM`` (cuDNN on GPU) cannot be probed; the view always runs the cell. The
+probe trains its captured steps through the view (:func:`training_view`: every tensor of a chain model has its
+value there, so the taps are read in it too), so dL/d eps_t comes from the training backward pass itself; a
+captured step costs the view's pass instead of the model's pass plus the view's. One view per model
+(:func:`shared_time_view`) serves the step, ``time_grads`` and ``per_example``.
 
 **Gate statistics.** :func:`gate_statistics` runs the recurrent layers on a batch (inference mode) and returns,
 per layer and gate (LSTM: input, forget, output; GRU: update, reset), the mean gate value and the fraction of
@@ -23,6 +27,7 @@ layers are supported; anything else fails with a clear error.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any, Callable
 
 import keras
@@ -159,12 +164,15 @@ class TimeProbe:
         names: the recurrent layers' names (``block_<i>_rnn``), in depth order.
         units: units of each recurrent layer.
         lengths: T of each recurrent layer's input sequence.
+        tensors: ``id(tensor of the model's graph)`` -> the same value in the view (its input and every layer's
+            output: a chain model has no other tensors), so a tap of the model can be read in the view.
     """
 
     view: keras.Model
     names: list[str]
     units: list[int]
     lengths: list[int]
+    tensors: dict = dataclasses.field(default_factory=dict)
 
     def zeros(self, batch_size: Any, dtype: Any = None) -> list[tf.Tensor]:
         """The zero eps inputs for a batch."""
@@ -172,14 +180,28 @@ class TimeProbe:
         return [tf.zeros([batch_size, t, u], dtype) for t, u in zip(self.lengths, self.units)]
 
 
+_VIEWS: "weakref.WeakKeyDictionary[keras.Model, TimeProbe]" = weakref.WeakKeyDictionary()
+
+
+def shared_time_view(model: keras.Model) -> TimeProbe:
+    """:func:`time_probe_view` of ``model``, built once per model: the instruments that read dL/dh_t
+    (``time_grads``, ``per_example``) and the training step share one view, so its eps gradients from one
+    backward pass serve them all."""
+    if model not in _VIEWS:
+        _VIEWS[model] = time_probe_view(model)
+    return _VIEWS[model]
+
+
 def time_probe_view(model: keras.Model) -> TimeProbe:
     """Builds the through-time probe view of a zoo recurrent model (shares its layers and variables)."""
     layers = _check_chain(model)
     x_in = keras.Input(shape=model.inputs[0].shape[1:], dtype=model.inputs[0].dtype, name="input")
     x, eps_inputs, names, units, lengths = x_in, [], [], [], []
+    tensors = {id(model.inputs[0]): x_in}
     for layer in layers:
         if not _is_recurrent_block(layer):
             x = layer(x)
+            tensors[id(layer.output)] = x
             continue
         cell, length = layer.cell, int(x.shape[1])
         eps = keras.Input(shape=(length, cell.units), dtype=layer.compute_dtype, name=f"eps_{len(names)}")
@@ -188,12 +210,40 @@ def time_probe_view(model: keras.Model) -> TimeProbe:
         rnn = _WrappedRNN(ProbeCell(cell, int(x.shape[-1])), return_sequences=layer.return_sequences,
                           go_backwards=layer.go_backwards, name=f"{layer.name}_probe", dtype=layer.dtype_policy)
         x = rnn(joined)
+        tensors[id(layer.output)] = x
         eps_inputs.append(eps)
         names.append(layer.name)
         units.append(int(cell.units))
         lengths.append(length)
     view = keras.Model([x_in, *eps_inputs], x, name=f"{model.name}_time_probe")
-    return TimeProbe(view, names, units, lengths)
+    return TimeProbe(view, names, units, lengths, tensors)
+
+
+def training_view(model: keras.Model) -> Any:
+    """The through-time view as the probe's training forward pass (a
+    :class:`~ablations.instruments.base.ForwardView` under the key ``time``)."""
+    from ablations.instruments.base import ForwardView
+
+    probe = shared_time_view(model)
+    return ForwardView("time", probe.view.inputs[0], list(probe.view.inputs[1:]), probe.tensors, probe.zeros)
+
+
+def step_time_grads(probe: TimeProbe, ctx: Any) -> list[tf.Tensor]:
+    """dL/dh_t ``[B, T, units]`` of every recurrent layer for the step in ``ctx``, for its loss.
+
+    From the training backward pass when the probe trained this step through the view (``ctx.view_grads``:
+    no extra pass); else (``measure``, a model the view cannot stand in for) one more forward and backward
+    pass through the view, at the same weights.
+    """
+    got = getattr(ctx, "view_grads", {}).get("time")
+    if got is not None:
+        return list(got)
+    eps = probe.zeros(tf.shape(tf.nest.flatten(ctx.x)[0])[0])
+    with tf.GradientTape() as tape:
+        tape.watch(eps)
+        pred = probe.view([ctx.x, *eps], training=True)
+        loss = compat.compute_loss(ctx.model, ctx.x, ctx.y, pred, ctx.sample_weight)
+    return tape.gradient(loss, eps)
 
 
 def time_grads(probe: TimeProbe, x: Any, y: Any, loss_fn: Callable[[Any, Any], Any],

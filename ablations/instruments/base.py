@@ -164,6 +164,28 @@ def rows_with(spec: ProbeSpec, attr: str) -> list[tuple[int, Any]]:
     return [(row, getattr(v, attr)) for row, v in enumerate(spec.views) if getattr(v, attr) is not None]
 
 
+@dataclasses.dataclass
+class ForwardView:
+    """A weight-sharing rewrite of the model's forward pass with extra inputs fed zeros, for gradients no tap
+    can give: the gradient of a zero added to a tensor inside the model is the total derivative there (through
+    a recurrent state: dL/dh_t through every later step). The probe trains its captured steps through it, so
+    these gradients come from the training backward pass (``ctx.view_grads[key]``).
+
+    Attributes:
+        key: the name the gradients get in ``ctx.view_grads``; instruments asking for one key share one view.
+        input: the view's input, standing for the model's (one input: views exist for chain models only).
+        extra: the zero-fed inputs whose gradients are read.
+        tensors: ``id(tensor of the model's graph)`` -> the same value in the view (taps are read there).
+        zeros: batch size -> the zero values of ``extra``.
+    """
+
+    key: str
+    input: Any
+    extra: list
+    tensors: dict
+    zeros: Callable[[Any], list]
+
+
 # --------------------------------------------------------------------------------------------- the step
 
 
@@ -183,12 +205,14 @@ class StepContext:
         old_weights: the weights before the update (when an instrument needs ``pre_update_weights``).
         scale: the loss scale of a LossScaleOptimizer (None without one).
         off: [n_blocks] bool, blocks switched off by design this step (read before the update), or None.
+        view_grads: key -> gradients of a :class:`ForwardView`'s zero inputs, when the step ran through one.
         before_update: tensors the optimizer update must wait for (computed from the pre-update weights
             without a copy: the update may only overwrite them once these are done).
     """
 
     def __init__(self, **kw: Any):
         self.before_update: list[Any] = []
+        self.view_grads: dict[str, list[Any]] = {}
         self.__dict__.update(kw)
         self._memo: dict[str, Any] = {}
 
@@ -357,6 +381,11 @@ class Instrument:
     def taps(self) -> dict[str, list[Any]]:
         """Tap name -> the Keras tensors to tap (one forward pass exposes all of them)."""
         return {}
+
+    def forward_view(self) -> Optional[ForwardView]:
+        """A rewrite of the forward pass whose zero inputs' gradients this instrument reads (None: none).
+        ``compute`` must also work without it (``measure``, or when the probe cannot train through it)."""
+        return None
 
     def state(self) -> list[Any]:
         """Variables the instrument keeps across steps (e.g. a copy of the initial weights), created on the

@@ -673,15 +673,12 @@ def coverage(spec: Any) -> Coverage | str:
 
 
 def rnn_sq_norms(view: Any, layers: Sequence[Any], inputs: Sequence[Any], ctx: StepContext) -> list[tuple[Any, Any]]:
-    """Per-example squared norms of SimpleRNN kernels: one more forward/backward pass through the weight-sharing
-    through-time view (:mod:`ablations.instruments._rnn_views`) gives the total dL/dh_t of every layer (the
-    step's loss, as the probe's tape has it), then :func:`simple_rnn_sq_norms`."""
-    eps = view.zeros(tf.shape(tf.nest.flatten(ctx.x)[0])[0])
-    with tf.GradientTape() as tape:
-        tape.watch(eps)
-        pred = view.view([ctx.x, *eps], training=True)
-        loss = compat.compute_loss(ctx.model, ctx.x, ctx.y, pred, ctx.sample_weight)
-    dh = dict(zip(view.names, tape.gradient(loss, eps)))
+    """Per-example squared norms of SimpleRNN kernels: the total dL/dh_t of every layer from the weight-sharing
+    through-time view (:mod:`ablations.instruments._rnn_views`; the training backward pass when the probe
+    trained the step through it, else one more pass), then :func:`simple_rnn_sq_norms`."""
+    from ablations.instruments._rnn_views import step_time_grads
+
+    dh = dict(zip(view.names, step_time_grads(view, ctx)))
     return [pair for layer, a in zip(layers, inputs) for pair in simple_rnn_sq_norms(layer, a, dh[layer.name])]
 
 
@@ -764,6 +761,13 @@ class PerExample(Instrument):
                                    + more)
         return True
 
+    def forward_view(self) -> Any:
+        if not self.coverage.rnn:
+            return None
+        from ablations.instruments._rnn_views import training_view
+
+        return training_view(self.spec.net)  # the SimpleRNN rule needs the total dL/dh_t
+
     def taps(self) -> dict[str, list[Any]]:
         c = self.coverage
         ins = [l.input for l in c.layers] + [t for _, node in c.attention for t in node.input_tensors]
@@ -787,9 +791,9 @@ class PerExample(Instrument):
             k += n
         if c.rnn:
             if self._view is None:
-                from ablations.instruments._rnn_views import time_probe_view
+                from ablations.instruments._rnn_views import shared_time_view
 
-                self._view = time_probe_view(self.spec.net)  # shares the cells' variables; built once
+                self._view = shared_time_view(self.spec.net)  # shares the cells' variables; built once
             pairs = rnn_sq_norms(self._view, c.rnn, ctx.taps["per_example_rnn_in"], ctx)
             got.update({id(v): sq for v, sq in pairs})
         cols = group_columns([got[id(v)] for v in c.variables], [idx for _, _, idx, _ in c.groups])

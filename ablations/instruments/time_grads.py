@@ -3,7 +3,9 @@
 Pascanu, Mikolov & Bengio 2013: through time the gradient is multiplied by one recurrent Jacobian per step,
 so it vanishes or explodes with their spectral radius. dL/dh_t is the total derivative (through the output
 at t and every later state), read from zero "eps" inputs added to the state in a weight-sharing view of the
-model (:mod:`ablations.instruments._rnn_views`), before the update, for the global batch.
+model (:mod:`ablations.instruments._rnn_views`), before the update, for the global batch. On captured steps the
+probe trains through that view (:meth:`forward_view`), so they come from the training backward pass itself;
+``measure`` and models the view cannot stand in for take one more forward/backward pass through it.
 """
 
 from __future__ import annotations
@@ -13,14 +15,13 @@ from typing import Any
 import numpy as np
 from ablations.lazy import pd
 
-from ablations import compat
 from ablations.instruments.base import Column, Finish, Instrument, Reducer, StepContext, tf
 
 import zoo
 
 
 class TimeGrads(Instrument):
-    """||dL/dh_t|| per recurrent layer and time step (one extra forward/backward pass on captured steps)."""
+    """||dL/dh_t|| per recurrent layer and time step (from the training backward pass on captured steps)."""
 
     name = "time_grads"
     table = "time_grads"
@@ -49,22 +50,24 @@ class TimeGrads(Instrument):
     @property
     def view(self) -> Any:
         if self._view is None:
-            from ablations.instruments._rnn_views import time_probe_view
+            from ablations.instruments._rnn_views import shared_time_view
 
-            self._view = time_probe_view(self.spec.net)  # shares the cells' variables; built once
+            self._view = shared_time_view(self.spec.net)  # shares the cells' variables; built once
         return self._view
+
+    def forward_view(self) -> Any:
+        from ablations.instruments._rnn_views import training_view
+
+        return training_view(self.spec.net)
 
     def shape(self) -> tuple[int, ...]:
         return (len(self.view.names), max(self.view.lengths))
 
     def compute(self, ctx: StepContext, red: Reducer) -> Finish:
+        from ablations.instruments._rnn_views import step_time_grads
+
         probe = self.view
-        eps = probe.zeros(tf.shape(ctx.x)[0])
-        with tf.GradientTape() as tape:
-            tape.watch(eps)
-            pred = probe.view([ctx.x, *eps], training=True)
-            loss = compat.compute_loss(ctx.model, ctx.x, ctx.y, pred, ctx.sample_weight)
-        grads = tape.gradient(loss, eps)
+        grads = step_time_grads(probe, ctx)
         t_max = max(probe.lengths)
         rows = []
         for g, t in zip(grads, probe.lengths):

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from ablations import compat, instruments
-from ablations.instruments.base import SHARED_TABLES, Instrument, Reducer, StepContext
+from ablations.instruments.base import SHARED_TABLES, ForwardView, Instrument, Reducer, StepContext
 from ablations.instruments.block_scalars import off_mask
 from ablations.instruments.kernels import num_replicas, unlowered_cond
 from ablations.probe.dispatch import Dispatcher
@@ -81,7 +81,8 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
         insts = build_instruments(spec, cap, time=time)
         taps = collect_taps(insts)
         self.every = int(cap.get("every", 1))
-        self.tap_model = tap_model(spec, taps)
+        view = forward_view(spec, insts, taps)
+        self.tap_model = tap_model(spec, taps, view)
         if spec.output_names:  # a compiled loss given as a dict is matched to these (several outputs)
             try:
                 self.output_names = list(spec.output_names)
@@ -91,6 +92,7 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
         object.__setattr__(self, "spec", spec)
         object.__setattr__(self, "instruments", insts)
         object.__setattr__(self, "tap_groups", {k: len(v) for k, v in taps.items()})
+        object.__setattr__(self, "train_view", view)  # captured steps train through it (None: the model's own graph)
         object.__setattr__(self, "layout", table_layout(insts))
         object.__setattr__(self, "ring", Ring(capacity, ring_slots(spec, insts, self.layout, self.every)))
         # Tracked (a list attribute of the model): checkpoints save and resumes restore the instruments' state.
@@ -101,7 +103,15 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
         return [i for i in self.instruments if not i.snapshot_only]
 
     def call(self, inputs: Any, training: bool = False) -> Any:
-        return split_outputs(self.spec, self.tap_groups, self.tap_model(inputs, training=training))[0]
+        return split_outputs(self.spec, self.tap_groups, self._tap_call(inputs, training))[0]
+
+    def _tap_call(self, x: Any, training: bool, extra: list[Any] | None = None) -> Any:
+        """The tap model on ``x`` (and, through a view, on its zero inputs ``extra``: made here when None)."""
+        if self.train_view is None:
+            return self.tap_model(x, training=training)
+        if extra is None:
+            extra = self.train_view.zeros(tf.shape(tf.nest.flatten(x)[0])[0])
+        return self.tap_model([x, *extra], training=training)
 
     def train_step(self, data: Any) -> dict[str, Any]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -169,28 +179,35 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
             return {k: tf.reshape(v, [1]) for k, v in logs.items()}
         return logs
 
-    def _forward(self, x: Any, y: Any, sample_weight: Any) -> tuple[Any, Any, Any, dict[str, list[Any]]]:
-        """One forward pass under the tape: ``(tape, y_pred, loss, taps)``; the loss tracker is updated."""
+    def _forward(self, x: Any, y: Any, sample_weight: Any) -> tuple[Any, Any, Any, dict[str, list[Any]], list[Any]]:
+        """One forward pass under the tape: ``(tape, y_pred, loss, taps, the view's zero inputs)``; the loss
+        tracker is updated."""
+        extra = self.train_view.zeros(tf.shape(tf.nest.flatten(x)[0])[0]) if self.train_view is not None else []
         with tf.GradientTape() as tape:
-            y_pred, taps = split_outputs(self.spec, self.tap_groups, self.tap_model(x, training=True))
+            tape.watch(extra)
+            y_pred, taps = split_outputs(self.spec, self.tap_groups, self._tap_call(x, True, extra))
             loss = compat.compute_loss(self, x, y, y_pred, sample_weight)
             local_loss = compat.unscale_loss(loss)
             batch = tf.shape(next(i for i in tf.nest.flatten(x) if i is not None))[0]
             compat.track_loss(self, local_loss, batch)
             scaled_loss = self.optimizer.scale_loss(loss)
-        return tape, y_pred, (local_loss, scaled_loss), taps
+        return tape, y_pred, (local_loss, scaled_loss), taps, extra
 
     def _step(self, x: Any, y: Any, sample_weight: Any, step: Any, capture: bool, due: Any = None) -> Any:
-        tape, y_pred, (local_loss, scaled_loss), taps = self._forward(x, y, sample_weight)
+        tape, y_pred, (local_loss, scaled_loss), taps, extra = self._forward(x, y, sample_weight)
         variables = self.trainable_variables
         insts = self.in_graph if capture else []
         grad_taps = list(dict.fromkeys(n for i in insts for n in i.grad_taps))
         tap_list = [t for n in grad_taps for t in taps[n]]
-        grads = tape.gradient(scaled_loss, variables + tap_list)
-        grads, tap_grads = grads[: len(variables)], grads[len(variables):]
+        grads = tape.gradient(scaled_loss, variables + tap_list + extra)
+        n_vt = len(variables) + len(tap_list)
+        grads, tap_grads, extra_grads = grads[: len(variables)], grads[len(variables):n_vt], grads[n_vt:]
         ctx = None
         if capture:
             ctx = self._context(x, y, sample_weight, step, local_loss, variables, grads, taps, grad_taps, tap_grads)
+            if self.train_view is not None:  # the total derivatives the view exists for, from this backward pass
+                ctx.view_grads[self.train_view.key] = [ctx.unscale(g if g is not None else tf.zeros_like(e))
+                                                 for g, e in zip(extra_grads, extra)]
         red = Reducer()
         pending = [(i, i.compute(ctx, red)) for i in insts if i.every == self.every]
         if capture:  # before the update, like every other statistic: they see the weights the gradient is of
@@ -270,13 +287,32 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
 # ------------------------------------------------------------------------------------- the tap model
 
 
-def tap_model(spec: Any, taps: dict[str, list[Any]]) -> Any:
-    """``x -> [*outputs, *taps]`` from one forward pass; a model without a graph (subclassed) is its own,
-    tapless tap model."""
+def tap_model(spec: Any, taps: dict[str, list[Any]], view: ForwardView | None = None) -> Any:
+    """``x -> [*outputs, *taps]`` from one forward pass (through ``view``: ``[x, *zeros] -> ...``, the same
+    values read in the view); a model without a graph (subclassed) is its own, tapless tap model."""
     if not spec.graph:
         return spec.net
-    return keras.Model(spec.inputs, [*spec.outputs, *[t for ts in taps.values() for t in ts]],
-                       name=f"{spec.net.name}_taps")
+    wanted = [*spec.outputs, *[t for ts in taps.values() for t in ts]]
+    if view is None:
+        return keras.Model(spec.inputs, wanted, name=f"{spec.net.name}_taps")
+    return keras.Model([view.input, *view.extra], [view.tensors[id(t)] for t in wanted],
+                       name=f"{spec.net.name}_view_taps")
+
+
+def forward_view(spec: Any, insts: list[Instrument], taps: dict[str, list[Any]]) -> ForwardView | None:
+    """The forward view the enabled instruments ask for, when the probe can train through it: one view (one
+    key), on a model with a graph, in which every output and tap has its value. Else None, and instruments
+    that read it take a pass of their own (their ``compute`` falls back)."""
+    views: dict[str, ForwardView] = {}
+    for inst in insts:
+        view = None if inst.snapshot_only else inst.forward_view()
+        if view is not None:
+            views.setdefault(view.key, view)
+    if len(views) != 1 or not spec.graph:
+        return None
+    (view,) = views.values()
+    wanted = [*tf.nest.flatten(spec.inputs), *spec.outputs, *[t for ts in taps.values() for t in ts]]
+    return view if all(id(t) in view.tensors for t in wanted) else None
 
 
 def split_outputs(spec: Any, groups: dict[str, int], outs: Any) -> tuple[Any, dict[str, list[Any]]]:
