@@ -210,8 +210,8 @@ RESUME_TABLES = ("history", "params", "blocks", "epochs", "grad_hist", "per_exam
 def resumable(opt_in: bool = False, **train) -> dict:
     """A deterministic arm with something random in every step (stochastic depth, dropout), histograms, a
     schedule, momentum, a fixed number of steps per epoch or natural epochs; with ``opt_in`` the per-example
-    statistics (at their own cadence) and the distance from initialisation (its copy of w_0 must survive)."""
-    instruments = {"per_example": {"every": 4}, "init_distance": True} if opt_in else {}
+    statistics and the distance from initialisation, each at a cadence of its own (its copy of w_0 must survive)."""
+    instruments = {"per_example": {"every": 4}, "init_distance": {"every": 4}} if opt_in else {}
     return {"name": "resume", "model": {"arch": "stochastic_depth_mlp", "depth": 3, "width": 16, "dropout": 0.1,
                                         "survival_prob": 0.5},
             "data": {"batch_size": 32},
@@ -276,7 +276,9 @@ def test_an_interrupted_arm_resumes_to_the_tables_of_an_uninterrupted_run(tfds_d
     _assert_same_tables(tmp_path / "full", folder)
     if train.get("opt_in"):
         assert (folder / "per_example.parquet").exists()
-        assert "init_distance" in pd.read_parquet(folder / "params.parquet")
+        p = pd.read_parquet(folder / "params.parquet")  # its own cadence survived the resumes too
+        due = p.step % 4 == 0
+        assert p.loc[due, "init_distance"].notna().all() and p.loc[~due, "init_distance"].isna().all()
     assert resumed["final"] == full["final"]
 
 

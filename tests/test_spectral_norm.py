@@ -11,13 +11,13 @@ import zoo
 from ablations.instruments import spectral_norm as sn
 
 
-def _fit(net, capture, steps, lr, x_shape, momentum=0.9):
+def _fit(net, capture, steps, lr, x_shape, momentum=0.9, spe=1):
     """Fits ``steps`` SGD steps (batch 8); returns the params table and the weights before every step."""
     from ablations.probe import DrainCallback, ProbedModel
 
     probe = ProbedModel(net, capture=capture, capacity=64)
     probe.compile(optimizer=keras.optimizers.SGD(lr, momentum=momentum),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), steps_per_execution=spe)
     seen = [[np.array(v, np.float64) for v in net.trainable_variables]]
 
     class Record(keras.callbacks.Callback):
@@ -51,6 +51,33 @@ def test_the_tracked_norm_follows_the_svd_of_the_weights_through_training(every:
     moved = [abs(np.linalg.svd(seen[-1][i], compute_uv=False)[0] / np.linalg.svd(seen[0][i], compute_uv=False)[0] - 1)
              for i in kernels]
     assert max(moved) > 0.05  # the test would see a stale estimate
+
+
+@pytest.mark.parametrize("spe", [1, 4])
+def test_a_cadence_of_its_own_fills_its_steps_and_leaves_the_other_captures_nan(spe: int) -> None:
+    """spectral_norm every 4 and init_distance every 8 steps on a probe capturing every 2: the params table has
+    every captured step; their columns hold the SVD's / the distance of the weights each of their steps saw,
+    NaN on the probe's other captures (with steps_per_execution 4 too: the captured step inside a cond)."""
+    keras.utils.set_random_seed(0)
+    net = zoo.build("plain_mlp", input_shape=(12,), num_outputs=3, depth=3, width=16)
+    capture = {"every": 2, "instruments": {"spectral_norm": {"every": 4}, "init_distance": {"every": 8}}}
+    p, seen, _ = _fit(net, capture, 12, 0.5, (12,), spe=spe)
+    seen = seen[::1] if spe == 1 else [w for w in seen for _ in range(spe)]  # the callback runs per execution
+    assert sorted(p["step"].unique()) == list(range(0, 12, 2))
+    assert p["grad_norm"].notna().all() and len(p) == 6 * len(net.trainable_variables)
+    kernels = [i for i, v in enumerate(net.trainable_variables) if v.path.endswith("kernel")]
+    for step, g in p.groupby("step"):
+        g = g.reset_index(drop=True)
+        if step % 4:
+            assert g["spectral_norm"].isna().all() and g["spectral_norm_converged"].isna().all(), step
+        else:
+            want = [np.linalg.svd(seen[step][i], compute_uv=False)[0] for i in kernels]
+            np.testing.assert_allclose(g.loc[kernels, "spectral_norm"], want, rtol=2e-4, err_msg=f"step {step}")
+        if step % 8:
+            assert g["init_distance"].isna().all(), step
+        else:
+            want = [np.linalg.norm(w - w0) for w, w0 in zip(seen[step], seen[0])]
+            np.testing.assert_allclose(g["init_distance"], want, rtol=1e-5, atol=1e-7, err_msg=f"step {step}")
 
 
 def test_a_capped_iteration_from_a_stale_vector_reads_below_the_truth_and_says_so() -> None:

@@ -57,18 +57,21 @@ def test_mirrored_on_two_logical_cpus_matches_default(tfds_dir: str, tmp_path: P
     """
     cfgs = {"default": tiny({"strategy": "default", "logical_cpus": 2}),
             "mirrored": tiny({"strategy": "mirrored", "logical_cpus": 2, "devices": ["/cpu:0", "/cpu:1"]})}
-    for c in cfgs.values():  # the opt-in instruments too: per-example sums all-reduced, an own cadence
-        c["capture"]["instruments"] = {"per_example": {"every": 4}, "init_distance": True}
+    for c in cfgs.values():  # the opt-in instruments too: per-example sums all-reduced, own cadences (an own
+        # table, and columns of the shared params table: computed every step under replicas, recorded when due)
+        c["capture"]["instruments"] = {"per_example": {"every": 4}, "init_distance": {"every": 4}}
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), json.dumps(cfgs)], cwd=ROOT,
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for table, cols in NUMERIC.items():
+    for table, cols in {**NUMERIC, "params": [*NUMERIC["params"], "init_distance"]}.items():
         a = pd.read_parquet(tmp_path / "default" / f"{table}.parquet")
         b = pd.read_parquet(tmp_path / "mirrored" / f"{table}.parquet")
         assert len(a) == len(b) > 0
         assert list(a["step"]) == list(b["step"]) and set(a["step"]) == {0, 2, 4}
         np.testing.assert_allclose(b[cols].to_numpy(float), a[cols].to_numpy(float), rtol=1e-5, atol=1e-7,
                                    err_msg=table)
+    p = pd.read_parquet(tmp_path / "mirrored" / "params.parquet")
+    assert p.loc[p.step == 4, "init_distance"].gt(0).any() and p.loc[p.step == 2, "init_distance"].isna().all()
     # Histograms of the all-reduced gradients: the same counts (an entry on a bin edge may move by one bin).
     ha = pd.read_parquet(tmp_path / "default" / "grad_hist.parquet")
     hb = pd.read_parquet(tmp_path / "mirrored" / "grad_hist.parquet")

@@ -7,7 +7,8 @@ of distance from initialization".
 Weights are identical on every replica (mirrored), so nothing here is reduced over replicas.
 
 The instrument (``capture.instruments.init_distance: true``, opt-in) adds ``init_distance`` and
-``init_distance_ratio`` to ``params.parquet`` at the probe's cadence (``capture.every``). Opt-in because it keeps
+``init_distance_ratio`` to ``params.parquet`` at the probe's cadence (``capture.every``), or every ``every``
+steps (``capture.instruments.init_distance: {every: 64}``, a multiple of it; NaN on the other captures). Opt-in because it keeps
 a copy of every trainable tensor for the whole run (the initial weights: one model's worth of memory) and
 reads every weight once more per captured step. ``w_0`` is the weights when the probe was built (after LSUV
 for ``initializer: lsuv``; for :class:`ablations.Probe`, when you wrapped the model); the copy is a variable of
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ablations.instruments.base import Column, Finish, Instrument, Reducer, StepContext, keras
+from ablations.instruments.base import Column, EveryOptions, Finish, Instrument, Reducer, StepContext, keras
 from ablations.instruments.kernels import norms
 from ablations.lazy import tf
 
@@ -57,6 +58,7 @@ class InitDistance(Instrument):
     table = "params"
     order = 15
     default = False
+    Opts = EveryOptions
     columns = (
         Column("init_distance", "||w_t - w_0||: L2 distance of the tensor (before step t's update) from its value "
                                 "when the probe was built (capture.instruments.init_distance)",

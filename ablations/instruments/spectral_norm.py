@@ -7,9 +7,10 @@ stretch a signal, forward and backward: the product over depth bounds the input-
 run of layers above 1 is where a gradient can explode (the ``jacobian`` instrument measures the whole spectrum
 of the composed map; this one says which layer contributes).
 
-The instrument (``capture.instruments.spectral_norm: true``, or ``{tol, max_iterations, block}``; opt-in)
-adds ``spectral_norm`` and ``spectral_norm_converged`` to ``params.parquet`` at the probe's cadence
-(``capture.every``), read before the step's update, like ``weight_norm``.
+The instrument (``capture.instruments.spectral_norm: true``, or ``{every, tol, max_iterations, block}``;
+opt-in) adds ``spectral_norm`` and ``spectral_norm_converged`` to ``params.parquet`` at the probe's cadence
+(``capture.every``) or every ``every`` steps (a multiple of it; NaN on the other captures), read before the
+step's update, like ``weight_norm``.
 
 How: when the probe is built, the top ``block`` (4) right singular vectors of every matrix are found on the
 host to float64 accuracy (LAPACK's SVD, ARPACK for large matrices), so the first capture is exact. Each captured
@@ -46,14 +47,14 @@ import numpy as np
 from pydantic import Field
 
 from ablations import compat
-from ablations.instruments.base import Column, Finish, Instrument, Options, Reducer, StepContext, keras, tf
+from ablations.instruments.base import Column, EveryOptions, Finish, Instrument, Reducer, StepContext, keras, tf
 
 MATRIX_PARAMS = ("kernel", "recurrent_kernel", "pointwise_kernel", "embeddings")
 INPUT_FIRST = ("query/kernel", "key/kernel", "value/kernel")  # EinsumDense [d, heads, head_dim]: d -> heads*head_dim
 EXACT_SVD_MAX = 512  # shorter side up to which the host seed is a full SVD (above: ARPACK's top triplet only)
 
 
-class SpectralOptions(Options):
+class SpectralOptions(EveryOptions):
     # Iterations per captured step (at least one) run until the estimate changes by less than `tol`
     # (relative) over one iteration. The error left grows with how close the top singular values are: with
     # 1e-5, at most 2e-5 on Glorot/He kernels and 3e-3 on a cluster within 0.4% (module notes).

@@ -93,7 +93,7 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
         object.__setattr__(self, "instruments", insts)
         object.__setattr__(self, "tap_groups", {k: len(v) for k, v in taps.items()})
         object.__setattr__(self, "train_view", view)  # captured steps train through it (None: the model's own graph)
-        object.__setattr__(self, "layout", table_layout(insts))
+        object.__setattr__(self, "layout", table_layout(insts, self.every))
         object.__setattr__(self, "ring", Ring(capacity, ring_slots(spec, insts, self.layout, self.every)))
         # Tracked (a list attribute of the model): checkpoints save and resumes restore the instruments' state.
         self.instrument_state = [v for inst in insts for v in inst.state()]
@@ -268,18 +268,21 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
                 out = []
                 for inst in group:
                     red = Reducer()
-                    fin = inst.compute(ctx, red)
-                    out.append(tf.cast(fin(red.finish()), tf.float32))
+                    value = inst.compute(ctx, red)(red.finish())
+                    if inst.table in SHARED_TABLES:  # its columns of the shared table, in a slot of their own
+                        value = assemble(own_layout(inst), self.spec, [(inst, value)])[inst.table]
+                    out.append(tf.cast(value, tf.float32))
                 ctx._memo, ctx.before_update = memo, before  # noqa: SLF001
                 return out
 
             if num_replicas() > 1:  # no cond around sync points: compute, record when due
                 values = run()
             else:
-                nans = lambda group=group: [tf.fill(i.shape(), float("nan")) for i in group]  # noqa: E731
+                nans = lambda group=group: [tf.fill(slot_shape(self.spec, i), float("nan"))  # noqa: E731
+                                            for i in group]
                 values = unlowered_cond(now, run, nans)
             values = values if isinstance(values, (list, tuple)) else [values]
-            self.ring.write(every, step, {i.table: v for i, v in zip(group, values)}, due=now)
+            self.ring.write(every, step, {slot_name(i): v for i, v in zip(group, values)}, due=now)
             written.extend(values)
         return written
 
@@ -330,11 +333,12 @@ def split_outputs(spec: Any, groups: dict[str, int], outs: Any) -> tuple[Any, di
 # ------------------------------------------------------------------------------------------- layout
 
 
-def table_layout(insts: list[Instrument]) -> dict[str, dict[str, int]]:
-    """Shared table -> {column: index} of the in-graph columns the enabled instruments write."""
+def table_layout(insts: list[Instrument], every: int | None = None) -> dict[str, dict[str, int]]:
+    """Shared table -> {column: index} of the in-graph columns the enabled instruments write on every capture
+    (``every``: the probe's cadence; instruments with another one have a slot of their own; None: all)."""
     layout: dict[str, dict[str, int]] = {t: {} for t in SHARED_TABLES}
     for inst in insts:
-        if inst.table in SHARED_TABLES and not inst.snapshot_only:
+        if inst.table in SHARED_TABLES and not inst.snapshot_only and (every is None or inst.every == every):
             for col in inst.columns:
                 layout[inst.table].setdefault(col.name, len(layout[inst.table]))
     return layout
@@ -346,12 +350,30 @@ def table_rows(spec: Any, table: str) -> int:
 
 def ring_slots(spec: Any, insts: list[Instrument], layout: dict[str, dict[str, int]],
                every: int) -> dict[str, tuple[tuple[int, ...], int]]:
-    """Ring slot shapes: shared tables column-major [columns, rows]; own tables their instrument's shape."""
+    """Ring slot shapes: shared tables column-major [columns, rows]; own tables their instrument's shape; a
+    shared-table instrument with a cadence of its own its columns of the table (:func:`slot_name`)."""
     slots = {t: ((len(cols), table_rows(spec, t)), every) for t, cols in layout.items() if cols}
     for inst in insts:
-        if inst.table not in SHARED_TABLES and not inst.snapshot_only:
-            slots[inst.table] = (tuple(inst.shape()), inst.every)
+        if not inst.snapshot_only and (inst.table not in SHARED_TABLES or inst.every != every):
+            slots[slot_name(inst)] = (slot_shape(spec, inst), inst.every)
     return slots
+
+
+def slot_name(inst: Instrument) -> str:
+    """The ring slot of an instrument recorded at its own cadence: its own table, or ``<table>@<name>`` for
+    its columns of a shared table (merged into that table on the host, NaN on the other captures)."""
+    return f"{inst.table}@{inst.name}" if inst.table in SHARED_TABLES else inst.table
+
+
+def slot_shape(spec: Any, inst: Instrument) -> tuple[int, ...]:
+    if inst.table in SHARED_TABLES:
+        return (len(inst.columns), table_rows(spec, inst.table))
+    return tuple(inst.shape())
+
+
+def own_layout(inst: Instrument) -> dict[str, dict[str, int]]:
+    """:func:`table_layout` of one shared-table instrument alone (its own slot's columns)."""
+    return {t: ({c.name: k for k, c in enumerate(inst.columns)} if t == inst.table else {}) for t in SHARED_TABLES}
 
 
 def assemble(layout: dict[str, dict[str, int]], spec: Any, results: list[tuple[Instrument, Any]]) -> dict[str, Any]:

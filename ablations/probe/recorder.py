@@ -128,6 +128,8 @@ class DrainCallback(keras.callbacks.Callback):
                                     values, list(cols), instruments.table_columns(table, enabled))
         for inst in model.instruments:
             if inst.table in SHARED_TABLES:
+                if not inst.snapshot_only and inst.every != model.every:  # its own cadence: its own slot
+                    out[inst.table] = self._merge_own_cadence(model, inst, out[inst.table])
                 continue
             if inst.snapshot_only:
                 for table in (inst.table, *(name for name, _ in inst.more_tables)):
@@ -139,6 +141,25 @@ class DrainCallback(keras.callbacks.Callback):
                 out[inst.table] = inst.frame(s, self._epochs(s), values)
         derive(out, model.instruments)
         return out
+
+    def _merge_own_cadence(self, model: Any, inst: Any, table: pd.DataFrame) -> pd.DataFrame:
+        """``table`` with ``inst``'s columns filled in from its own slot on the steps it captured (a multiple of
+        the probe's cadence, so each has its rows; NaN on the other captures)."""
+        from ablations.probe.model import slot_name, slot_shape
+
+        slot, shape = slot_name(inst), slot_shape(model.spec, inst)
+        steps, values = self._captures(model.ring.group_of[slot], slot, shape)
+        cols = [c.name for c in inst.columns]
+        k = shape[1]
+        own = pd.DataFrame({"step": np.repeat(steps, k), "_row": np.tile(np.arange(k), len(steps))})
+        for j, col in enumerate(cols):
+            own[col] = values[:, j, :].reshape(-1).astype(np.float32)
+        order = list(table.columns)
+        merged = table.drop(columns=cols).assign(_row=np.tile(np.arange(k), len(table) // max(k, 1)))
+        merged = merged.merge(own, on=["step", "_row"], how="left")  # a left merge keeps the table's row order
+        for col in cols:
+            merged[col] = merged[col].astype(np.float32)
+        return merged[order]
 
     def _epochs(self, steps: np.ndarray) -> np.ndarray:
         return steps // max(self.steps_per_epoch, 1)
