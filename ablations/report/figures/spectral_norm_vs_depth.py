@@ -15,5 +15,5 @@ def spectral_norm_vs_depth(run: RunData, plan: Plan) -> Plot | None:
                     "Spectral norm of each block kernel by depth",
                     "Largest singular value of each block's kernel read as a matrix (warm-started subspace "
                     "iteration; Miyato et al. 2018), before the step's update. A layer cannot stretch a signal "
-                    "or a gradient by more than this factor, so their product over blocks bounds the gradient's growth through depth "
-                    "(a norm-preserving layer reads 1).")
+                    "or a gradient by more than this factor, so their product over blocks bounds the "
+                    "gradient's growth through depth (a norm-preserving layer reads 1).")
