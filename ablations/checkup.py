@@ -137,28 +137,63 @@ def _ends_in(model: Any, name: str) -> bool:
     return type(last).__name__.lower() == name or getattr(fn, "__name__", "") == name
 
 
+# Losses that compare the outputs element by element with the targets: on class indices [B] against outputs
+# [B, classes] they broadcast, and the net would learn to output the class index in every unit.
+_ELEMENTWISE = {"mse", "mean_squared_error", "mae", "mean_absolute_error", "mape", "mean_absolute_percentage_error",
+                "msle", "mean_squared_logarithmic_error", "huber", "huber_loss", "log_cosh", "logcosh",
+                "binary_crossentropy", "binary_focal_crossentropy", "hinge", "squared_hinge", "kl_divergence",
+                "kld", "poisson", "categorical_crossentropy", "categorical_hinge", "categorical_focal_crossentropy"}
+_SQUARE = {"mse", "mean_squared_error"}
+
+
+def _loss_name(loss: Any) -> str:
+    name = loss if isinstance(loss, str) else getattr(loss, "name", None) or getattr(loss, "__name__", "")
+    return str(name).lower()
+
+
+def _check_class_targets(loss: Any, name: str, model: Any, task: str, given: str) -> Any:
+    """``loss`` for class-index labels: mse becomes the square loss against one-hot targets; other element-wise
+    losses are refused (they would broadcast [B] against [B, classes] and train on a wrong target silently)."""
+    if task != "classification" or _loss_name(loss) not in _ELEMENTWISE:
+        return loss
+    units = (getattr(model, "outputs", None) or [None])[0]
+    if units is None or units.shape[-1] in (None, 1):
+        return loss  # one output unit: [B] against [B, 1] is the intended pairing (a binary label)
+    if _loss_name(loss) in _SQUARE:
+        from ablations.factories import OneHotMeanSquaredError
+
+        return OneHotMeanSquaredError()
+    raise DiagnoseError(f"{given} {name}: the dataset's labels are class indices and the model has "
+                        f"{units.shape[-1]} outputs, so {name} would compare every output with the class index; "
+                        "use sparse_categorical_crossentropy, or mse (the square loss against one-hot targets)")
+
+
 def choose_loss(name: str, model: Any, task: str) -> tuple[Any, list[Any]]:
     """The loss (and metrics): ``auto`` is the one the model was compiled with, else one for the task;
-    cross-entropies read logits unless the model ends in softmax/sigmoid."""
+    cross-entropies read logits unless the model ends in softmax/sigmoid. On a classification dataset (labels:
+    class indices) ``mse`` is the square loss against one-hot targets and other element-wise losses are refused."""
     import keras
 
     if name == "auto":
         saved = getattr(model, "loss", None)
         if saved is not None:
-            return saved, (["accuracy"] if task == "classification" else [])
+            loss = _check_class_targets(saved, _loss_name(saved), model, task, "the model's compiled loss")
+            return loss, (["accuracy"] if task == "classification" else [])
         name = "sparse_categorical_crossentropy" if task == "classification" else "mse"
-    metrics = ["accuracy"] if "crossentropy" in name else []
+    metrics = ["accuracy"] if "crossentropy" in name or task == "classification" else []
     if name in ("sparse_categorical_crossentropy", "categorical_crossentropy"):
         cls = keras.losses.SparseCategoricalCrossentropy if name.startswith("sparse") else \
             keras.losses.CategoricalCrossentropy
-        return cls(from_logits=not _ends_in(model, "softmax")), metrics
-    if name == "binary_crossentropy":
-        return keras.losses.BinaryCrossentropy(from_logits=not _ends_in(model, "sigmoid")), metrics
-    try:
-        return keras.losses.get(name), metrics
-    except ValueError:
-        raise DiagnoseError(f"--loss {name}: not a Keras loss (e.g. sparse_categorical_crossentropy, mse, "
-                            "huber)") from None
+        loss = cls(from_logits=not _ends_in(model, "softmax"))
+    elif name == "binary_crossentropy":
+        loss = keras.losses.BinaryCrossentropy(from_logits=not _ends_in(model, "sigmoid"))
+    else:
+        try:
+            loss = keras.losses.get(name)
+        except ValueError:
+            raise DiagnoseError(f"--loss {name}: not a Keras loss (e.g. sparse_categorical_crossentropy, mse, "
+                                "huber)") from None
+    return _check_class_targets(loss, name, model, task, "--loss"), metrics
 
 
 def optimizer_factory(name: str | None, lr: float | None, model: Any) -> Callable[..., Any]:

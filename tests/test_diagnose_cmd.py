@@ -146,3 +146,25 @@ def test_bad_input_exits_2_with_a_message(tmp_path, tfds_dir, capsys, monkeypatc
     assert "--import MODULE" in capsys.readouterr().out
     assert main(["diagnose", str(tmp_path / "custom.keras"), "--steps", "0", "--no-report", "--import", "mylayers",
                  "--out", str(tmp_path / "c2")]) in (0, 3)
+
+
+def test_element_wise_losses_on_class_labels_are_one_hot_mse_or_refused():
+    """Class-index labels [B] against 10 outputs: mse (given or compiled) is the square loss against one-hot
+    targets (Keras' own would broadcast and train every unit towards the class index); mae and the like are
+    refused with what to use; one output unit keeps the loss as it is."""
+    from ablations.factories import OneHotMeanSquaredError
+
+    x = keras.Input((4,))
+    ten = keras.Model(x, keras.layers.Dense(10)(x))
+    one = keras.Model(x, keras.layers.Dense(1)(x))
+    loss, metrics = checkup.choose_loss("mse", ten, "classification")
+    assert isinstance(loss, OneHotMeanSquaredError) and metrics == ["accuracy"]
+    y, p = np.array([1, 7]), np.random.default_rng(0).normal(size=(2, 10)).astype("float32")
+    np.testing.assert_allclose(float(loss(y, p)), np.mean((p - np.eye(10)[y]) ** 2), rtol=1e-6)
+    ten.compile(loss="mse")
+    assert isinstance(checkup.choose_loss("auto", ten, "classification")[0], OneHotMeanSquaredError)
+    for name in ("mae", "huber", "categorical_crossentropy"):
+        with pytest.raises(checkup.DiagnoseError, match=f"--loss {name}: the dataset's labels are class indices"):
+            checkup.choose_loss(name, ten, "classification")
+    assert not isinstance(checkup.choose_loss("mse", one, "classification")[0], OneHotMeanSquaredError)
+    assert not isinstance(checkup.choose_loss("mse", ten, "regression")[0], OneHotMeanSquaredError)
