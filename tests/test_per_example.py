@@ -166,13 +166,15 @@ def test_rnn_dense_layers_match_per_example_tapes(arch, output):
     _check_model(model, x, y, methods=(None, pe.GRAM, pe.EXPLICIT))
 
 
-def test_simple_rnn_kernels_from_through_time_gradients():
-    """SimpleRNN kernel, recurrent kernel and bias of a 2-layer stack, from the through-time probe's total
-    dL/dh_t (zero eps added to h_t inside the cell) and each layer's input sequence."""
+@pytest.mark.parametrize("arch", ["simple_rnn", "lstm"])
+def test_recurrent_kernels_from_through_time_gradients(arch):
+    """SimpleRNN / LSTM kernel, recurrent kernel and bias of a 2-layer stack, from the through-time probe's
+    total dL/dh_t (zero eps added to h_t inside the cell) and each layer's input sequence (LSTM: its dL/dc_t by
+    a backward scan), against a tape per example."""
     from ablations.instruments._rnn_views import time_grads, time_probe_view
 
     keras.utils.set_random_seed(10)
-    model = zoo.build("simple_rnn", input_shape=(5, 3), num_outputs=4, units=6, depth=2)
+    model = zoo.build(arch, input_shape=(5, 3), num_outputs=4, units=6, depth=2)
     x, y = _data((5, 3), 4, batch=6)
     rnns = [model.get_layer("block_000_rnn"), model.get_layer("block_001_rnn")]
     variables = [w for l in rnns for w in l.cell.trainable_weights]
@@ -181,7 +183,8 @@ def test_simple_rnn_kernels_from_through_time_gradients():
     ins = keras.Model(model.inputs, [l.input for l in rnns])(x)
     for method in (None, pe.GRAM, pe.EXPLICIT):
         ours = {v.path: 6 * np.sqrt(sq.numpy().astype(np.float64))
-                for l, a, g in zip(rnns, ins, dh) for v, sq in pe.simple_rnn_sq_norms(l, a, g, method)}
+                for l, a, g in zip(rnns, ins, dh)
+                for v, sq in pe.RECURRENT_RULES[type(l.cell).__name__](l, a, g, method)}
         _assert_close(ours, ref, what=f"method={method}")
 
 
@@ -236,6 +239,7 @@ def test_unsupported_layers_say_why():
     assert "fused activation" in pe.unsupported_reason(keras.layers.Dense(3, activation="relu"))
     assert pe.unsupported_reason(keras.layers.Dense(3)) is None
     assert "every time step" in pe.unsupported_reason(keras.layers.LSTM(3))
+    assert "GRU" in pe.unsupported_reason(keras.layers.GRU(3))
 
 
 # ------------------------------------------------------------------------------------------ statistics

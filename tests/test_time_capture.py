@@ -121,14 +121,15 @@ def test_captured_steps_train_through_the_view_exactly_like_keras(monkeypatch, a
     np.testing.assert_allclose(step0, np.stack([np.sqrt((r ** 2).sum(axis=(0, 2))) for r in ref]), rtol=1e-5)
 
 
-def test_per_example_rnn_norms_from_the_training_pass_equal_measure() -> None:
+@pytest.mark.parametrize("arch", ["simple_rnn", "lstm"])
+def test_per_example_rnn_norms_from_the_training_pass_equal_measure(arch: str) -> None:
     from ablations.probe import measure_tables
 
     rng = np.random.RandomState(2)
     x = rng.normal(size=(16, 6, 3)).astype(np.float32)
     y = rng.randint(0, 4, size=16)
     keras.utils.set_random_seed(0)
-    net = zoo.build("simple_rnn", input_shape=(6, 3), num_outputs=4, depth=2, units=6)
+    net = zoo.build(arch, input_shape=(6, 3), num_outputs=4, depth=2, units=6)
     capture = {"instruments": {"per_example": True}}
     # measure: no training, so no view in the step: its own pass through the view (the other code path)
     want = measure_tables(net, (x, y), LOSS, training=True, capture=capture)["per_example"]

@@ -28,9 +28,10 @@ Exact (to float rounding), whatever the layer's position in the net:
 Not supported (:func:`unsupported_reason` says why): layers with a fused non-linear activation (their
 pre-activation gradient is not in the graph: zoo layers keep the activation separate); Conv3D and transposed
 convolutions; SeparableConv (its intermediate tensor is not tapped); BatchNorm/GroupNorm and ReZero/gate
-scalars; LSTM and GRU kernels (see :func:`simple_rnn_sq_norms`). ``SimpleRNN`` kernels are exact from the
-through-time probe's total dL/dh_t (:func:`simple_rnn_sq_norms`), not from the layer's input and output
-alone: their weights act at every step inside one layer call.
+scalars; GRU kernels, bidirectional layers and recurrent dropout. ``SimpleRNN`` and ``LSTM`` kernels are
+exact from the through-time probe's total dL/dh_t (:func:`simple_rnn_sq_norms`, :func:`lstm_sq_norms`: the
+LSTM's dL/dc_t by one backward scan), not from the layer's input and output alone: their weights act at
+every step inside one layer call.
 
 BatchNorm in training mode couples the examples: the ``c_i`` are then the examples' terms of the batch
 gradient, not the gradients of the ``l_i`` alone (no per-example gradient exists without fixing the batch
@@ -49,7 +50,7 @@ import contextlib
 import dataclasses
 import math
 import string
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -328,8 +329,8 @@ def unsupported_reason(layer: Any) -> str | None:
     if kind == "LayerNormalization":
         return f"LayerNormalization {layer.name}: rms_scaling not supported" if layer.rms_scaling else None
     if kind in ("SimpleRNN", "LSTM", "GRU", "RNN", "Bidirectional"):
-        return (f"{kind}: its kernels act at every time step inside one layer call (SimpleRNN: "
-                "simple_rnn_sq_norms with the through-time dL/dh_t; LSTM/GRU: not implemented)")
+        return (f"{kind}: its kernels act at every time step inside one layer call (SimpleRNN and forward LSTM "
+                "without dropout: from the through-time dL/dh_t; GRU, bidirectional, dropout: not implemented)")
     if not layer.trainable_weights:
         return None
     return f"{kind}: no exact per-example rule implemented"
@@ -424,6 +425,70 @@ def simple_rnn_sq_norms(layer: Any, inputs: tf.Tensor, grad_h: tf.Tensor,
     return [(w, v) for w, v in out if w.trainable]
 
 
+def _derivative(fn: Callable[[Any], Any], z: tf.Tensor) -> tf.Tensor:
+    """fn'(z) of an element-wise activation (any Keras one, without a table of derivatives)."""
+    with tf.GradientTape() as tape:
+        tape.watch(z)
+        y = fn(z)
+    return tape.gradient(y, z)
+
+
+def lstm_sq_norms(layer: Any, inputs: tf.Tensor, grad_h: tf.Tensor,
+                  method: str | None = None) -> list[tuple[Any, tf.Tensor]]:
+    """Per-example squared norms of an ``LSTM``'s kernel, recurrent kernel and bias contributions.
+
+    Hochreiter & Schmidhuber 1997 (Keras' gate order i, f, g, o). The states are recomputed from ``inputs``;
+    with ``c_t = f_t c_{t-1} + i_t g_t`` and ``h_t = o_t act(c_t)``, the total dL/dc_t follows from the total
+    dL/dh_t ``grad_h`` by one backward scan, ``dc_t = dh_t o_t act'(c_t) + dc_{t+1} f_{t+1}``, and the gates'
+    pre-activation gradients are ``dz_i = dc_t g_t i'``, ``dz_f = dc_t c_{t-1} f'``, ``dz_g = dc_t i_t g'``,
+    ``dz_o = dh_t act(c_t) o'``; example i's gradients are then ``sum_t x_t dz_t^T``, ``sum_t h_{t-1} dz_t^T``
+    and ``sum_t dz_t`` (the sequence case of :func:`einsum_sq_norms`, as for SimpleRNN).
+
+    Args:
+        layer: a unidirectional ``keras.layers.LSTM`` (no dropout, zero initial state, forward order).
+        inputs: its input sequence ``[B, T, in]`` in this step.
+        grad_h: the total dL/dh_t ``[B, T, units]`` (the through-time view's eps gradients).
+    """
+    cell = getattr(layer, "cell", None)
+    if type(cell).__name__ != "LSTMCell" or layer.go_backwards or cell.dropout or cell.recurrent_dropout:
+        raise ValueError(f"{layer.name}: needs a forward LSTM without dropout")
+    n, act, gate = cell.units, cell.activation, cell.recurrent_activation
+    x = tf.stop_gradient(tf.convert_to_tensor(inputs))
+    zx = tf.einsum("bti,iu->btu", x, cell.kernel) + (cell.bias if cell.use_bias else 0.0)
+
+    def step(carry: tuple[Any, Any], z: Any) -> tuple[Any, Any]:
+        h, c = carry
+        z = z + tf.matmul(h, cell.recurrent_kernel)
+        c = gate(z[:, n:2 * n]) * c + gate(z[:, :n]) * act(z[:, 2 * n:3 * n])
+        return gate(z[:, 3 * n:]) * act(c), c
+
+    zeros = tf.zeros_like(zx[:, 0, :n])
+    hs, cs = tf.scan(step, tf.transpose(zx, [1, 0, 2]), initializer=(zeros, zeros))  # [T, B, n]: h_1.., c_1..
+    hs, cs = tf.transpose(hs, [1, 0, 2]), tf.transpose(cs, [1, 0, 2])
+    h_prev = tf.concat([zeros[:, None], hs[:, :-1]], axis=1)
+    c_prev = tf.concat([zeros[:, None], cs[:, :-1]], axis=1)
+    z = zx + tf.einsum("btu,uv->btv", h_prev, cell.recurrent_kernel)
+    zi, zf, zg, zo = tf.split(z, 4, axis=-1)
+    i, f, g, o = gate(zi), gate(zf), act(zg), gate(zo)
+    dh = tf.cast(grad_h, z.dtype)
+    carry = dh * o * _derivative(act, cs)  # the direct part of dc_t, through h_t
+    f_next = tf.concat([f[:, 1:], tf.zeros_like(f[:, :1])], axis=1)
+    dc = tf.transpose(tf.scan(lambda acc, e: e[0] + acc * e[1],
+                              (tf.transpose(carry, [1, 0, 2]), tf.transpose(f_next, [1, 0, 2])),
+                              initializer=zeros, reverse=True), [1, 0, 2])
+    delta = tf.concat([dc * g * _derivative(gate, zi), dc * c_prev * _derivative(gate, zf),
+                       dc * i * _derivative(act, zg), dh * act(cs) * _derivative(gate, zo)], axis=-1)
+    eq = dense_equation(3)
+    out = [(cell.kernel, einsum_sq_norms(eq, x, delta, None, method)[0]),
+           (cell.recurrent_kernel, einsum_sq_norms(eq, h_prev, delta, None, method)[0])]
+    if cell.use_bias:
+        out.append((cell.bias, _sq_rows(tf.reduce_sum(delta, 1))))
+    return [(w, v) for w, v in out if w.trainable]
+
+
+RECURRENT_RULES = {"SimpleRNNCell": simple_rnn_sq_norms, "LSTMCell": lstm_sq_norms}
+
+
 # ------------------------------------------------------------------------------------- sub-layer taps
 
 
@@ -479,8 +544,8 @@ def plan(model: keras.Model) -> dict[str, Any]:
         if isinstance(layer, keras.layers.MultiHeadAttention):
             subs.extend(attention_projections(layer))
             continue
-        if isinstance(layer, keras.layers.SimpleRNN) and not (layer.go_backwards or layer.cell.dropout
-                                                              or layer.cell.recurrent_dropout):
+        if isinstance(layer, (keras.layers.SimpleRNN, keras.layers.LSTM)) and not (
+                layer.go_backwards or layer.cell.dropout or layer.cell.recurrent_dropout):
             rnn.append(layer)
             continue
         reason = unsupported_reason(layer)
@@ -679,7 +744,8 @@ def rnn_sq_norms(view: Any, layers: Sequence[Any], inputs: Sequence[Any], ctx: S
     from ablations.instruments._rnn_views import step_time_grads
 
     dh = dict(zip(view.names, step_time_grads(view, ctx)))
-    return [pair for layer, a in zip(layers, inputs) for pair in simple_rnn_sq_norms(layer, a, dh[layer.name])]
+    return [pair for layer, a in zip(layers, inputs)
+            for pair in RECURRENT_RULES[type(layer.cell).__name__](layer, a, dh[layer.name])]
 
 
 def attention_sq_norms(layer: Any, node: Any, inputs: Sequence[Any], grad_out: Any) -> list[tuple[Any, tf.Tensor]]:
