@@ -235,7 +235,7 @@ def step_time_grads(probe: TimeProbe, ctx: Any) -> list[tf.Tensor]:
     no extra pass); else (``measure``, a model the view cannot stand in for) one more forward and backward
     pass through the view, at the same weights.
     """
-    got = getattr(ctx, "view_grads", {}).get("time")
+    got = ctx.view_grads.get("time")
     if got is not None:
         return list(got)
     eps = probe.zeros(tf.shape(tf.nest.flatten(ctx.x)[0])[0])

@@ -413,10 +413,14 @@ def simple_rnn_sq_norms(layer: Any, inputs: tf.Tensor, grad_h: tf.Tensor,
                      tf.transpose(zx, [1, 0, 2]), initializer=h0)  # [T, B, u]: h_1 .. h_T
     h_prev = tf.concat([h0[:, None], tf.transpose(states, [1, 0, 2])[:, :-1]], axis=1)  # h_0 .. h_{T-1}
     z = zx + tf.einsum("btu,uv->btv", h_prev, cell.recurrent_kernel)
-    with tf.GradientTape() as tape:  # phi'(z) of any element-wise activation
-        tape.watch(z)
-        act = cell.activation(z)
-    delta = tf.cast(grad_h, z.dtype) * tape.gradient(act, z)
+    delta = tf.cast(grad_h, z.dtype) * _derivative(cell.activation, z)
+    return _cell_sq_norms(cell, x, h_prev, delta, method)
+
+
+def _cell_sq_norms(cell: Any, x: tf.Tensor, h_prev: tf.Tensor, delta: tf.Tensor,
+                   method: str | None) -> list[tuple[Any, tf.Tensor]]:
+    """A recurrent cell's per-example squared norms from dL/dz_t ``delta`` [B, T, gates*units]: kernel
+    ``sum_t x_t delta_t^T``, recurrent kernel ``sum_t h_{t-1} delta_t^T``, bias ``sum_t delta_t``."""
     eq = dense_equation(3)
     out = [(cell.kernel, einsum_sq_norms(eq, x, delta, None, method)[0]),
            (cell.recurrent_kernel, einsum_sq_norms(eq, h_prev, delta, None, method)[0])]
@@ -478,12 +482,7 @@ def lstm_sq_norms(layer: Any, inputs: tf.Tensor, grad_h: tf.Tensor,
                               initializer=zeros, reverse=True), [1, 0, 2])
     delta = tf.concat([dc * g * _derivative(gate, zi), dc * c_prev * _derivative(gate, zf),
                        dc * i * _derivative(act, zg), dh * act(cs) * _derivative(gate, zo)], axis=-1)
-    eq = dense_equation(3)
-    out = [(cell.kernel, einsum_sq_norms(eq, x, delta, None, method)[0]),
-           (cell.recurrent_kernel, einsum_sq_norms(eq, h_prev, delta, None, method)[0])]
-    if cell.use_bias:
-        out.append((cell.bias, _sq_rows(tf.reduce_sum(delta, 1))))
-    return [(w, v) for w, v in out if w.trainable]
+    return _cell_sq_norms(cell, x, h_prev, delta, method)
 
 
 RECURRENT_RULES = {"SimpleRNNCell": simple_rnn_sq_norms, "LSTMCell": lstm_sq_norms}
