@@ -56,7 +56,9 @@ class ActivationStats(Instrument):
 
     Blocks whose activations share a shape and function are stacked and reduced together (on CPU the op
     count, not the arithmetic, dominates); the activation is recomputed on its tapped input for its
-    derivative, before the update, so an activation with weights (PReLU) uses the forward pass's slopes.
+    derivative, before the update, so an activation with weights (PReLU) uses the forward pass's slopes. A
+    plain ReLU's derivative is read from its output's sign (1 where positive, else 0, as TensorFlow's
+    ReluGrad), which halves the passes over the stacked activations.
     """
 
     name = "activation"
@@ -100,19 +102,20 @@ class ActivationStats(Instrument):
         layer, thr = self.layers[idx[0]], self.thresholds[idx[0]]
         # One layer call on the stacked inputs; a layer alone in its group (PReLU: own weights and an input
         # spec that rejects a leading stack axis) is called on its own input.
-        z = tf.stop_gradient(tf.stack([act_in[i] for i in idx]) if len(idx) > 1 else act_in[idx[0]])
-        with tf.GradientTape() as tape:
-            tape.watch(z)
-            a = layer(z)  # the block's activation output, recomputed: no second stacked copy of the taps
-        d = tf.abs(tf.cast(tape.gradient(a, z), tf.float32))
-        a = tf.cast(a, tf.float32)
+        z = tf.stack([act_in[i] for i in idx]) if len(idx) > 1 else act_in[idx[0]]
+        a, d = _output_and_slope(layer, tf.stop_gradient(z))
         if len(idx) == 1:
-            a, d = a[None], d[None]
+            a, d = a[None], (d[None] if d is not None else None)
         ax = list(range(1, len(a.shape)))
         n = tf.fill([len(idx)], tf.cast(tf.size(a) // len(idx), tf.float32))
-        alive = tf.reduce_sum(tf.cast(d > 0, tf.float32), axis=1)  # per unit: examples with a nonzero slope
-        h = [red.sums(t) for t in (tf.reduce_sum(a, ax), tf.reduce_sum(tf.square(a), ax), n,
-                                   tf.reduce_sum(tf.cast(d < thr, tf.float32), ax), alive)]
+        if d is None:  # ReLU: the slope is 1 where the output is positive, else 0 (below any threshold)
+            alive = tf.reduce_sum(tf.cast(a > 0, tf.float32), axis=1)  # per unit: examples with slope 1
+            sat = n - (tf.reduce_sum(alive, axis=ax[:-1]) if len(ax) > 1 else alive)  # alive: batch axis gone
+        else:
+            # A unit is alive if any example has a nonzero slope: one max pass, no indicator tensor.
+            alive = tf.reduce_max(d, axis=1)
+            sat = tf.reduce_sum(tf.cast(d < thr, tf.float32), ax)
+        h = [red.sums(t) for t in (tf.reduce_sum(a, ax), tf.reduce_sum(tf.square(a), ax), n, sat, alive)]
         k = len(idx)
 
         def fn(r: Any) -> dict[str, Any]:
@@ -123,3 +126,24 @@ class ActivationStats(Instrument):
                     "act_saturation": sat / n, "act_dead": dead}
 
         return [self.rows[i] for i in idx], fn
+
+
+def is_plain_relu(layer: Any) -> bool:
+    """``max(z, 0)`` exactly: an ``Activation('relu')`` or a ``ReLU()`` layer with its defaults."""
+    import keras
+
+    if isinstance(layer, keras.layers.ReLU):
+        cfg = layer.get_config()
+        return cfg.get("max_value") is None and not cfg.get("negative_slope") and not cfg.get("threshold")
+    return isinstance(layer, keras.layers.Activation) and layer.activation is keras.activations.relu
+
+
+def _output_and_slope(layer: Any, z: Any) -> tuple[Any, Any]:
+    """(the layer's output on ``z``, |its derivative|) in float32; the derivative is None for a plain ReLU,
+    whose statistics read it from the output's sign (four fewer passes over the stacked activations)."""
+    if is_plain_relu(layer):
+        return tf.cast(layer(z), tf.float32), None
+    with tf.GradientTape() as tape:
+        tape.watch(z)
+        a = layer(z)  # the block's activation output, recomputed: no second stacked copy of the taps
+    return tf.cast(a, tf.float32), tf.abs(tf.cast(tape.gradient(a, z), tf.float32))
