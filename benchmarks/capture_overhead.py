@@ -27,8 +27,11 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# Issue targets: weight-gradient norms every step, the full statistic set every step and every 16 steps.
-TARGETS = {"grads every 1": 1.05, "full every 1": 1.15, "full every 16": 1.03}
+# Issue #15's targets, on the CPU-time ratio: weight-gradient norms every step, the full statistic set every step
+# (the MLP; other models carry their own in Case.target) and every 16 steps. Cases without one are opt-in extras.
+TARGETS = {"grads every 1": 1.05, "full every 1": 1.20, "full every 16": 1.02}
+# Issue #15's memory target for the full set (the benchmark's ratio, with SGD+momentum and with Adam).
+MEMORY_TARGET = 1.15
 
 
 @dataclass
@@ -46,6 +49,7 @@ class Case:
     steps: int | None = None  # at most this many steps per timed fit (the large models), else --steps
     target: float | None = None  # issue #15's target for this model, where it differs from TARGETS
     group: str = "core"  # core: `make bench` (< 15 min); models: `make bench-models` (~20 min, larger models)
+    optimizer: str = "sgd"  # sgd: SGD(0.01, momentum 0.9) | adam: Adam(1e-3) (both read the update from slots)
 
     @property
     def target_key(self) -> str:
@@ -60,6 +64,8 @@ CASES = [
     Case("mlp20x256 tensors every=1 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, False),
     Case("mlp20x256 full every=1 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, True),
     Case("mlp20x256 full every=16 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 16, 1, True),
+    Case("mlp20x256 full every=1 spe=1 adam", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, True,
+         optimizer="adam"),
     Case("mlp20x256 full+histograms every=1 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, True, True,
          True),
     # Jacobian spectra (opt-in, host-side snapshots between steps): the default is init and end only (no per-step
@@ -70,7 +76,7 @@ CASES = [
     Case("mlp20x256 full every=1 spe=16", "plain_mlp", {"depth": 20, "width": 256}, 1, 16, True),
     Case("mlp20x256 full every=16 spe=16", "plain_mlp", {"depth": 20, "width": 256}, 16, 16, True),
     # resnet_cnn counts residual blocks: ResNet-20 (6n+2 layers, n = 3 per stage) is depth 9.
-    Case("resnet20 full every=1 spe=1", "resnet_cnn", {"depth": 9}, 1, 1, True),
+    Case("resnet20 full every=1 spe=1", "resnet_cnn", {"depth": 9}, 1, 1, True, target=1.10),
     Case("resnet20 full every=16 spe=16", "resnet_cnn", {"depth": 9}, 16, 16, True),
     # Opt-in instruments at their default cadence (capture.every), on the full set.
     Case("mlp20x256 full+per_example every=1 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, True,
@@ -141,12 +147,15 @@ def _models(case: Case, seed: int = 0):
 
     loss = keras.losses.MeanSquaredError() if regression else \
         keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    def opt():
+        return keras.optimizers.Adam(1e-3) if case.optimizer == "adam" else keras.optimizers.SGD(0.01, momentum=0.9)
+
     plain = net()
-    plain.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss=loss, steps_per_execution=case.spe)
+    plain.compile(optimizer=opt(), loss=loss, steps_per_execution=case.spe)
     probed = ProbedModel(net(), capture={"instruments": case.instruments}, every=case.every,
                          activations=case.activations, updates=case.updates, histograms=case.histograms,
                          capacity=ring_capacity(case.every, 256, 10_000, case.spe))
-    probed.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss=loss, steps_per_execution=case.spe)
+    probed.compile(optimizer=opt(), loss=loss, steps_per_execution=case.spe)
 
     def callbacks():
         drain = DrainCallback(256, 10_000)
@@ -220,7 +229,14 @@ def run_case(case: Case, pairs: int, steps: int, batch: int) -> dict[str, Any]:
             "ms_per_step_plain": 1e3 * statistics.median(t_plain),
             "ms_per_step_probed": 1e3 * statistics.median(t_probe), "memory_ratio": mem_ratio,
             "memory_kind": mem_kind,
-            "target": case.target if case.target is not None else TARGETS.get(case.target_key)}
+            "target": case.target if case.target is not None else TARGETS.get(case.target_key),
+            "memory_target": MEMORY_TARGET if case.target_key.startswith("full every") else None}
+
+
+def targets_met(r: dict[str, Any]) -> dict[str, bool | None]:
+    """Per target of a result: met (CPU-time ratio and memory ratio), or None where the case has none."""
+    return {"cpu": None if r["target"] is None else r["cpu_ratio_median"] <= r["target"],
+            "memory": None if r["memory_target"] is None else r["memory_ratio"] <= r["memory_target"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,18 +269,20 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run_case(case, args.pairs, args.steps, args.batch))
     t = Table(title=f"capture overhead: median step-time ratio probe / plain fit over {args.pairs} ABBA blocks")
     for col in ("case", "plain ms/step", "probe ms/step", "wall ratio (median)", "wall ratios", "CPU-time ratio",
-                "target", "memory ratio"):
+                "CPU target", "memory ratio"):
         t.add_column(col, justify="left" if col == "case" else "right")
     ok = True
     for r in results:
-        met = r["target"] is None or r["ratio_median"] <= r["target"]
-        ok &= met
+        r["met"] = met = targets_met(r)
+        ok &= all(v is not False for v in met.values())
+        color = {True: "green", False: "red", None: "default"}
         t.add_row(r["name"], f"{r['ms_per_step_plain']:.2f}", f"{r['ms_per_step_probed']:.2f}",
-                  f"[{'green' if met else 'red'}]{r['ratio_median']:.3f}x[/]",
-                  " ".join(f"{x:.2f}" for x in r["ratios"]),
-                  f"{r['cpu_ratio_median']:.3f}x ({' '.join(f'{x:.2f}' for x in r['cpu_ratios'])})",
+                  f"{r['ratio_median']:.3f}x", " ".join(f"{x:.2f}" for x in r["ratios"]),
+                  f"[{color[met['cpu']]}]{r['cpu_ratio_median']:.3f}x[/] "
+                  f"({' '.join(f'{x:.2f}' for x in r['cpu_ratios'])})",
                   f"<= {r['target']:.2f}x" if r["target"] else "-",
-                  f"{r['memory_ratio']:.3f}x ({r['memory_kind']})")
+                  f"[{color[met['memory']]}]{r['memory_ratio']:.3f}x[/] ({r['memory_kind']}"
+                  + (f", <= {r['memory_target']:.2f}x)" if r["memory_target"] else ")"))
     console.print(t)
     if args.json:
         text = json.dumps({"results": results, "all_targets_met": ok}, indent=2)
