@@ -154,15 +154,17 @@ def test_gate_mean_matches_the_gate_outputs() -> None:
     assert df["branch_ratio"].isna().all() and df["alpha"].isna().all()
 
 
-def _probe_run(jit: bool, spe: int, every: int):
+def _probe_run(jit: bool, spe: int, every: int, batches: int = 8, model_out: list | None = None):
     keras.utils.set_random_seed(7)
     net = zoo.build("resnet_mlp", input_shape=(8, 8, 1), num_outputs=10, depth=2, width=8, activation="tanh")
     model = ProbedModel(net, every=every, capacity=32)
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS, steps_per_execution=spe, jit_compile=jit)
-    x, y = _batch(64)
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)  # 8 steps per epoch
-    drain = DrainCallback(drain_every=4, steps_per_epoch=8)
+    x, y = _batch(8 * batches)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)  # `batches` steps per epoch
+    drain = DrainCallback(drain_every=4, steps_per_epoch=batches)
     model.fit(ds, epochs=2, callbacks=[drain], verbose=0, shuffle=False)
+    if model_out is not None:
+        model_out.append(model)
     return drain.tables(model), drain
 
 
@@ -179,6 +181,25 @@ def test_jit_and_steps_per_execution_match_plain_capture(jit: bool, spe: int, no
     for name in ("params", "blocks"):
         cols = [c for c in got[name].columns if got[name][c].dtype.kind == "f"]
         np.testing.assert_allclose(got[name][cols].to_numpy(), ref[name][cols].to_numpy(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("batches", [8, 9])
+def test_an_execution_that_starts_on_a_captured_step_runs_it_then_plain_steps(batches: int, no_op_determinism) -> None:
+    """every 4, steps_per_execution 4: one probed step, then 3 plain ones per execution (two calls). With 9
+    batches an epoch ends right after a probed step (the plain call has no data), and the second epoch starts
+    off the grid (step 9), so its due executions take the per-step tf.cond instead: all equal to spe 1."""
+    models: list = []
+    ref, _ = _probe_run(False, 1, 4, batches, models)
+    got, drain = _probe_run(False, 4, 4, batches, models)
+    plain_run, mixed_run = models
+    assert mixed_run.train_function.mixed is not None and mixed_run.train_function.mixed_calls >= 2
+    assert list(got["history"].step) == list(range(0, 2 * batches, 4)) and drain.lost == 0
+    for name in ("history", "params", "blocks"):
+        cols = [c for c in got[name].columns if got[name][c].dtype.kind == "f"]
+        np.testing.assert_allclose(got[name][cols].to_numpy(), ref[name][cols].to_numpy(), rtol=1e-5, atol=1e-7)
+    assert int(mixed_run.optimizer.iterations.numpy()) == 2 * batches
+    for a, b in zip(plain_run.trainable_variables, mixed_run.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)
 
 
 def test_ring_buffer_is_bounded_by_the_drain_interval() -> None:

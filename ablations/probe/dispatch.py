@@ -8,6 +8,10 @@ the dispatcher counts the steps it hands out (``steps_per_execution`` per call) 
 step counter only when Keras hands it a new iterator (once per epoch for finite datasets, once per fit
 otherwise), which also corrects the count after a short last execution.
 
+With ``steps_per_execution`` k > 1 and ``every`` a multiple of k, an execution that starts on a captured step
+is two calls: one probed step, then k - 1 plain steps (no ``tf.cond`` in the loop: measured, that made the
+plain steps of such executions cost what a capture-every-step cond costs them).
+
 It also measures, from the steps themselves, what capturing costs in this run: the host-observed time of
 plain and of probed executions (the first calls of each, which trace and compile, left out). On CPU a call
 returns when its steps are done; on a GPU the time between calls approaches the steps' time once the queue
@@ -32,8 +36,10 @@ class Dispatcher:
     """
 
     def __init__(self, plain: Callable[[Any], Any], probed: Callable[[Any], Any], every: int, steps: int,
-                 step_counter: Callable[[], int]):
+                 step_counter: Callable[[], int], mixed: tuple[Callable[[Any], Any], Callable[[Any], Any]] | None = None):
         self.plain, self.probed, self.every, self.k = plain, probed, int(every), int(steps)
+        self.mixed = mixed  # (one probed step, k - 1 plain steps): an execution that starts on a captured step
+        self.mixed_calls = 0
         self.step_counter = step_counter
         self.next_step: int | None = None
         self.iterator_id: int | None = None
@@ -51,7 +57,10 @@ class Dispatcher:
             self.iterator_id, self.next_step = id(iterator), int(self.step_counter())
         kind = "probed" if self.every == 1 or self.due(self.next_step) else "plain"
         t0 = time.perf_counter()
-        logs = (self.probed if kind == "probed" else self.plain)(iterator)
+        if kind == "probed" and self.mixed is not None and self.next_step % self.every == 0:
+            logs = self._mixed(iterator)
+        else:
+            logs = (self.probed if kind == "probed" else self.plain)(iterator)
         elapsed = time.perf_counter() - t0
         self.calls[kind] += 1
         if self.calls[kind] > WARMUP_CALLS:
@@ -59,6 +68,14 @@ class Dispatcher:
             self.timed[kind] += 1
         self.next_step += self.k
         return logs
+
+    def _mixed(self, iterator: Any) -> Any:
+        self.mixed_calls += 1
+        logs = self.mixed[0](iterator)
+        try:
+            return self.mixed[1](iterator)
+        except StopIteration:  # the data ended after the probed step: its step ran, its logs are the last
+            return logs
 
     def cost(self) -> dict[str, Any]:
         """``capture_cost`` of the arm's summary: ms per step of plain and probed executions, their ratio and

@@ -137,22 +137,53 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
         return self._worker_logs(self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
 
     def make_train_function(self, force: bool = False) -> Any:
-        """Compiles the probed and the plain step separately; the fit loop calls a :class:`Dispatcher`."""
+        """Compiles the probed and the plain step separately; the fit loop calls a :class:`Dispatcher`.
+
+        With ``steps_per_execution`` k > 1 and ``every`` a multiple of k, an execution that starts on a
+        captured step runs one probed step and then k - 1 plain ones (two compiled functions, no per-step
+        ``tf.cond``); other due executions run the probed function, whose step picks its branch by ``tf.cond``.
+        """
         if self.train_function is not None and not force:
             return self.train_function
-        super().make_train_function(force=True)
-        probed = self.train_function
-        plain = probed
+        k = int(self.steps_per_execution)
+        probed = self._compiled(self.train_step, k)
+        plain, mixed = probed, None
         if self.every > 1:
-            self.train_step = self.plain_train_step  # instance attribute: Keras compiles what it finds here
+            plain = self._compiled(self.plain_train_step, k)
+            if k > 1 and self.every % k == 0:
+                mixed = (self._compiled(self.train_step, 1), self._compiled(self.plain_train_step, k - 1))
+        counter = lambda: int(self.optimizer.iterations.numpy())  # noqa: E731 - once per new iterator
+        self.train_function = Dispatcher(plain, probed, self.every, k, counter, mixed=mixed)
+        return self.train_function
+
+    def _compiled(self, step_fn: Any, k: int) -> Any:
+        """Keras' compiled train function of ``step_fn`` running ``k`` steps per call.
+
+        Keras builds it from ``self.train_step`` and reads ``self.steps_per_execution`` when it traces (on a
+        call, lazily): both are set for the build, and ``steps_per_execution`` for every call.
+        """
+        own = k == int(self.steps_per_execution)
+        if step_fn == self.train_step:
+            super().make_train_function(force=True)
+        else:
+            self.train_step = step_fn  # instance attribute: Keras compiles what it finds here
             try:
                 super().make_train_function(force=True)
-                plain = self.train_function
             finally:
                 del self.train_step
-        counter = lambda: int(self.optimizer.iterations.numpy())  # noqa: E731 - once per new iterator
-        self.train_function = Dispatcher(plain, probed, self.every, self.steps_per_execution, counter)
-        return self.train_function
+        fn = self.train_function
+        if own:
+            return fn
+
+        def call(iterator: Any) -> Any:
+            saved = self.steps_per_execution
+            self.steps_per_execution = k
+            try:
+                return fn(iterator)
+            finally:
+                self.steps_per_execution = saved
+
+        return call
 
     def _plain(self, x: Any, y: Any, sample_weight: Any, step: Any) -> Any:
         with tf.GradientTape() as tape:
