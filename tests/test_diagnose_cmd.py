@@ -47,8 +47,10 @@ def first_batch(path):
 
 
 def test_sigmoid_mlp_at_init_is_vanishing_and_matches_a_tape(sigmoid8, tmp_path, capsys):
-    rc = main(["diagnose", str(sigmoid8), "--steps", "0", "--out", str(tmp_path / "d0"), "--no-report"])
+    rc = main(["diagnose", str(sigmoid8), "--steps", "0", "--out", str(tmp_path / "d0"),
+               "--report", str(tmp_path / "report")])
     assert rc == checkup.EXIT_VERDICTS == 3
+    assert "vanishing" in (tmp_path / "report" / "index.html").read_text()  # the report of the diagnosis
     s = summary(tmp_path / "d0")
     model, (x, y) = first_batch(sigmoid8)
     with tf.GradientTape() as tape:
@@ -66,22 +68,40 @@ def test_sigmoid_mlp_at_init_is_vanishing_and_matches_a_tape(sigmoid8, tmp_path,
     assert "8 blocks by graph structure" in out
 
 
-def test_try_fixes_relu_and_he_init_repair_the_gradient_flow(sigmoid8, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def fixed_run(sigmoid8, tmp_path_factory):
+    """``--try-fixes`` on the sigmoid net, once for the module: (exit code, run folder, stdout, file unchanged)."""
+    import contextlib
+    import io
+
     before = sigmoid8.read_bytes()
-    rc = main(["diagnose", str(sigmoid8), "--steps", "6", "--try-fixes", "--out", str(tmp_path / "d"),
-               "--report", str(tmp_path / "report")])
-    assert rc == 3 and sigmoid8.read_bytes() == before  # the user's file is never touched
-    base, fixed = summary(tmp_path / "d"), summary(tmp_path / "d", "fix=relu+he_normal")
+    root = tmp_path_factory.mktemp("fixes") / "d"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["diagnose", str(sigmoid8), "--steps", "6", "--try-fixes", "--out", str(root), "--no-report"])
+    return rc, root, out.getvalue(), sigmoid8.read_bytes() == before
+
+
+def test_try_fixes_relu_and_he_init_repair_the_gradient_flow(fixed_run):
+    rc, root, out, untouched = fixed_run
+    assert rc == 3 and untouched  # the user's file is never touched
+    base, fixed = summary(root), summary(root, "fix=relu+he_normal")
     assert base["steps"] == fixed["steps"] == 6
     assert fixed["ratio_init"] > 1e3 * base["ratio_init"] and fixed["ratio_final"] > 1e3 * base["ratio_final"]
     assert "vanishing" not in {v["kind"] for v in fixed["verdicts"]}
-    arms = {p.name for p in (tmp_path / "d" / "arms").iterdir()}  # clipping joins when the loss rose
+    arms = {p.name for p in (root / "arms").iterdir()}  # clipping joins when the loss rose
     assert arms >= {"fix=he_normal", "fix=lr=0.1", "fix=relu", "fix=relu+he_normal", "model"}
-    h = {a: pd.read_parquet(tmp_path / "d" / "arms" / a / "history.parquet") for a in ("model", "fix=lr=0.1")}
+    h = {a: pd.read_parquet(root / "arms" / a / "history.parquet") for a in ("model", "fix=lr=0.1")}
     assert h["model"].loc[0, "loss"] == h["fix=lr=0.1"].loc[0, "loss"]  # same weights, same first batch
-    out = capsys.readouterr().out
     assert "fixes tried" in out and "relu+he_normal" in out
-    assert "fix" in (tmp_path / "report" / "index.html").read_text()
+
+
+@pytest.mark.slow  # the report of six arms (~25 s); test_sigmoid_mlp_at_init_is_vanishing_and_matches_a_tape keeps `diagnose --report` in the default suite
+def test_the_report_of_a_try_fixes_run_shows_the_fix_arms(fixed_run, tmp_path):
+    _, root, _, _ = fixed_run
+    assert main(["report", str(root), "--out", str(tmp_path / "report")]) == 0
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert "fix=relu+he_normal" in html and "fix=lr=0.1" in html
 
 
 def test_healthy_model_exits_0(tmp_path, tfds_dir, capsys):
