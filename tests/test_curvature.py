@@ -334,6 +334,7 @@ def test_own_cadence_measures_before_the_update_on_the_steps_batch():
     np.testing.assert_allclose(t["edge_ratio"], t["sharpness"] / 4.0, rtol=1e-6)
 
 
+@pytest.mark.slow  # 25 s; the bound's rule and the SGD bound stay in the default suite (the test above)
 def test_bounds_of_momentum_adam_and_rmsprop():
     """Heavy ball: (2 + 2m)/lr on the sharpness; Adam: 38/lr on the preconditioned sharpness (NaN at step 0,
     before Adam has second moments); RMSprop: no preconditioner here, so no bound (NaN), said in the column."""

@@ -95,6 +95,7 @@ def test_probe_fits_like_keras_and_writes_a_run_folder_the_report_reads(tmp_path
     assert "vanishing" in index.read_text() and "Glorot &amp; Bengio 2010" in page and "Block discovery" in page
 
 
+@pytest.mark.slow  # 15 s; one probe's run folder and report: test_probe_fits_like_keras_and_writes_a_run_folder_the_report_reads
 def test_two_probes_in_one_folder_are_compared_and_fits_accumulate(tmp_path):
     x, y = digits(128)
     for act in ("sigmoid", "relu"):

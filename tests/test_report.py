@@ -312,6 +312,7 @@ def test_comparison_fills_an_axis_the_other_run_pinned() -> None:
     assert plan.col == "run" and plan.row == "model.depth" and plan.rows["B/a0"] == 8
 
 
+@pytest.mark.slow  # 32 s (four architectures trained); their block columns are checked against tapes in test_instruments
 def test_architecture_extras_are_plotted_from_the_stored_blocks(tfds_dir: str, tmp_path: Path) -> None:
     """Residual branch ratio, highway gate, ReZero alpha and stochastic-depth survival get their figures."""
     from ablations.config import parse_experiment

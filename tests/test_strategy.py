@@ -234,6 +234,7 @@ def test_op_determinism_is_set_per_arm_not_inherited() -> None:
         set_op_determinism(was)
 
 
+@pytest.mark.slow  # 11 s (a subprocess importing TensorFlow); the other strategy errors stay in the default suite
 def test_an_unreachable_tpu_address_fails_fast_with_exit_2(tmp_path: Path) -> None:
     """TensorFlow's connect_to_cluster waits forever on an address nobody serves (timeout 0): checked first."""
     cfg = tmp_path / "c.yaml"

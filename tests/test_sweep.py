@@ -179,6 +179,7 @@ def test_serve_oracle_fails_the_trial_of_a_local_worker_that_died(tmp_path: Path
 # ------------------------------------------------------------------------------------------ damaged and stale folders
 
 
+@pytest.mark.slow  # 13 s; damaged arms are named in the report by test_report's test_damaged_arms_are_named_and_the_healthy_ones_reported
 def test_damaged_arms_are_named_and_trained_again_and_old_files_set_aside(tfds_dir: str, tmp_path: Path,
                                                                           capsys) -> None:
     from ablations import store

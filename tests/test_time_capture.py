@@ -92,7 +92,9 @@ def _watch_time_grads(monkeypatch) -> list[bool]:
     return seen
 
 
-@pytest.mark.parametrize("arch,every,spe", [("lstm", 1, 1), ("gru", 2, 2), ("simple_rnn", 1, 1)])
+# GRU with every 2 / spe 2 is 15 s: slow; the LSTM and SimpleRNN cases keep the view's equality in the default suite.
+@pytest.mark.parametrize("arch,every,spe", [("lstm", 1, 1), pytest.param("gru", 2, 2, marks=pytest.mark.slow),
+                                            ("simple_rnn", 1, 1)])
 def test_captured_steps_train_through_the_view_exactly_like_keras(monkeypatch, arch: str, every: int,
                                                                  spe: int) -> None:
     seen = _watch_time_grads(monkeypatch)

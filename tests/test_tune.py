@@ -65,6 +65,7 @@ def test_pruning_stops_a_vanishing_trial_early(tfds_dir: str, tmp_path: Path) ->
     assert "first/last ratio" in summary["pruned_reason"]
 
 
+@pytest.mark.slow  # 29 s; the search, resume and best.yaml: test_random_search_completes_resumes_and_writes_best_yaml
 def test_per_arm_tuning_runs_every_grid_point_with_its_best_values(tfds_dir: str, tmp_path: Path) -> None:
     raw = _exp(max_trials=2, per_arm=True)
     raw["grid"] = {"model.activation": ["relu", "tanh"]}
