@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-models clean venv
+.PHONY: demo test test-slow bench bench-models bench-extras clean venv
 
 venv: $(STAMP)
 
@@ -27,6 +27,9 @@ test-slow: $(STAMP)  ## only the long tests
 
 bench: $(STAMP)  ## capture-overhead benchmark: median step-time ratio probe / plain fit (table + JSON)
 	$(BIN)/python benchmarks/capture_overhead.py --pairs 5 --json reports/capture_overhead.json
+
+bench-extras: $(STAMP)  ## opt-in instruments (histograms, per-example, curvature, ...) and spe-16 variants on the MLP
+	$(BIN)/python benchmarks/capture_overhead.py --pairs 5 --group extras --json reports/capture_overhead_extras.json
 
 bench-models: $(STAMP)  ## capture cost on an LSTM, a Pre-LN transformer and MobileNetV2 (~20 min on 2 cores)
 	$(BIN)/python benchmarks/capture_overhead.py --pairs 5 --group models --json reports/capture_overhead_models.json

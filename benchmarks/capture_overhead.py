@@ -48,7 +48,9 @@ class Case:
     data: str = "digits"  # digits (8x8x1) | rows (8 steps of 8) | adding100 (T=100, 2 features) | digits32 (32x32x3)
     steps: int | None = None  # at most this many steps per timed fit (the large models), else --steps
     target: float | None = None  # issue #15's target for this model, where it differs from TARGETS
-    group: str = "core"  # core: `make bench` (< 15 min); models: `make bench-models` (~20 min, larger models)
+    # core: the issue's targets on the MLP and ResNet-20 (`make bench`, < 15 min); models: `make bench-models`
+    # (~20 min, larger models); extras: opt-in instruments and other settings, no target (`make bench-extras`).
+    group: str = "core"
     optimizer: str = "sgd"  # sgd: SGD(0.01, momentum 0.9) | adam: Adam(1e-3) (both read the update from slots)
 
     @property
@@ -61,33 +63,33 @@ class Case:
 
 CASES = [
     Case("mlp20x256 grads every=1 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, False, False),
-    Case("mlp20x256 tensors every=1 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, False),
+    Case("mlp20x256 tensors every=1 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, False, group="extras"),
     Case("mlp20x256 full every=1 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, True),
     Case("mlp20x256 full every=16 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 16, 1, True),
     Case("mlp20x256 full every=1 spe=1 adam", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, True,
          optimizer="adam"),
     Case("mlp20x256 full+histograms every=1 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, True, True,
-         True),
+         True, group="extras"),
     # Jacobian spectra (opt-in, host-side snapshots between steps): the default is init and end only (no per-step
     # cost); every=64 on top of the full set every 16 shows what spectra during training cost.
     Case("mlp20x256 full every=16 + jacobian every=64 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 16, 1, True,
-         instruments={"jacobian": {"every": 64}}),
-    Case("mlp20x256 grads every=1 spe=16", "plain_mlp", {"depth": 20, "width": 256}, 1, 16, False, False),
-    Case("mlp20x256 full every=1 spe=16", "plain_mlp", {"depth": 20, "width": 256}, 1, 16, True),
+         instruments={"jacobian": {"every": 64}}, group="extras"),
+    Case("mlp20x256 grads every=1 spe=16", "plain_mlp", {"depth": 20, "width": 256}, 1, 16, False, False, group="extras"),
+    Case("mlp20x256 full every=1 spe=16", "plain_mlp", {"depth": 20, "width": 256}, 1, 16, True, group="extras"),
     Case("mlp20x256 full every=16 spe=16", "plain_mlp", {"depth": 20, "width": 256}, 16, 16, True),
     # resnet_cnn counts residual blocks: ResNet-20 (6n+2 layers, n = 3 per stage) is depth 9.
-    Case("resnet20 full every=1 spe=1", "resnet_cnn", {"depth": 9}, 1, 1, True, target=1.10),
-    Case("resnet20 full every=16 spe=16", "resnet_cnn", {"depth": 9}, 16, 16, True),
+    Case("resnet20 full every=1 spe=1", "resnet_cnn", {"depth": 9}, 1, 1, True, steps=32, target=1.10),
+    Case("resnet20 full every=16 spe=16", "resnet_cnn", {"depth": 9}, 16, 16, True, steps=32),
     # Opt-in instruments at their default cadence (capture.every), on the full set.
     Case("mlp20x256 full+per_example every=1 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, True,
-         instruments={"per_example": True}),
+         instruments={"per_example": True}, group="extras"),
     Case("mlp20x256 full+init_distance every=1 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, True,
-         instruments={"init_distance": True}),
+         instruments={"init_distance": True}, group="extras"),
     Case("mlp20x256 full+spectral_norm every=1 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, True,
-         instruments={"spectral_norm": True}),
+         instruments={"spectral_norm": True}, group="extras"),
     # Opt-in instruments at their default cadence, on top of the full set every 16 steps (compare that case).
     Case("mlp20x256 full every=16 + curvature (every=64) spe=1", "plain_mlp", {"depth": 20, "width": 256}, 16, 1,
-         True, instruments={"curvature": True}),
+         True, instruments={"curvature": True}, group="extras"),
     # The models people train (issue #15): a 2-layer LSTM on the adding problem with gradients through time, a
     # Pre-LN transformer on row-sequential digits, and keras.applications' MobileNetV2 probed through block
     # discovery (no zoo names), each every step and every 16 steps.
@@ -242,11 +244,12 @@ def targets_met(r: dict[str, Any]) -> dict[str, bool | None]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pairs", type=int, default=5, help="ABBA blocks (plain, probe, probe, plain) per case (>= 5)")
-    p.add_argument("--steps", type=int, default=160, help="optimizer steps per timed fit")
+    p.add_argument("--steps", type=int, default=128, help="optimizer steps per timed fit")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--cases", default="", help="a case name, or a substring of case names, e.g. mlp (any group)")
-    p.add_argument("--group", default="core", choices=("core", "models", "all"),
-                   help="cases run without --cases: core (default, `make bench`) or models (`make bench-models`)")
+    p.add_argument("--group", default="core", choices=("core", "models", "extras", "all"),
+                   help="cases run without --cases: core (default, `make bench`), models (`make bench-models`), "
+                        "extras (`make bench-extras`) or all")
     p.add_argument("--json", default=None, help="also write the results as JSON to this file ('-' = stdout)")
     args = p.parse_args(argv)
 
