@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from ablations.cli import main
 
 
@@ -79,6 +81,7 @@ def test_verbose_is_accepted_before_and_after_the_command(quickstart: Path) -> N
     assert main(["validate", str(quickstart), "--verbose"]) == 0
 
 
+@pytest.mark.slow  # 8 s (a subprocess importing TensorFlow); the CLI's own output is checked by the other tests here
 def test_tensorflow_is_imported_silently(capfd) -> None:
     import subprocess
     import sys

@@ -230,6 +230,7 @@ def test_instrument_switches_to_randomized_above_the_exact_size():
     np.testing.assert_allclose(got["jacobian"]["var_sq"], 0.0, atol=1e-3)
 
 
+@pytest.mark.slow  # 12 s (a subprocess); the exact path on the transformer: test_instruments' transformer case
 def test_the_exact_path_survives_multi_head_attention():
     """pfor's vectorised jacobian of Keras' MultiHeadAttention segfaults TF 2.21 (heap corruption, rc 139/134):
     the exact path must not use it. Run in a subprocess: a regression kills the process, not the suite."""

@@ -232,6 +232,7 @@ def test_tensorboard_gradient_histograms_are_the_stored_bins(tmp_path: Path) -> 
     np.testing.assert_array_equal(got[4], [[-3.0, -2.5, 1], [-2.5, -2.0, 9]])
 
 
+@pytest.mark.slow  # 25 s (two runs); the comparison's layout and colours: the plan test above
 def test_comparison_of_two_runs_side_by_side(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two runs in one report (also drawn by 2 worker processes), and a recurrent-style time-lag figure."""
     from ablations.cli import main

@@ -334,6 +334,7 @@ def test_sigkill_at_ten_random_moments_then_resume_gives_the_uninterrupted_table
     _assert_same_tables(tmp_path / "full" / "resume" / "arms" / "seed=0", arm)
 
 
+@pytest.mark.slow  # 15 s; resume from a checkpoint: the natural-epochs and SIGKILL tests here
 def test_the_sweep_keeps_an_interrupted_arms_checkpoint_and_resumes_it(tfds_dir: str, tmp_path: Path) -> None:
     """`ablate run` sets an interrupted arm's folder aside, unless it holds a checkpoint of the same config."""
     import keras

@@ -154,6 +154,7 @@ os._exit(3)  # dies mid-trial, without ending it
 """
 
 
+@pytest.mark.slow  # 9 s; the oracle's serve loop stays in test_tune's random search
 def test_serve_oracle_fails_the_trial_of_a_local_worker_that_died(tmp_path: Path) -> None:
     """The shared chief machinery (used by `ablate run` and `ablate tune`): a worker that exits mid-trial gets
     its trial failed, reported once, and the chief returns instead of waiting for it."""

@@ -49,6 +49,7 @@ def test_captured_time_grads_match_the_reference_before_the_update() -> None:
     assert not np.allclose(step1, want)  # after one SGD step at lr 0.5 the weights (and gradients) moved
 
 
+@pytest.mark.slow  # 20 s; time_grads against a tape and through the training view: the tests below and test_instruments
 def test_recurrent_arm_writes_time_grads(tfds_dir: str, tmp_path: Path) -> None:
     exp = parse_experiment({
         "name": "rnn", "data": {"name": "adding_problem/T50", "max_train_examples": 128, "batch_size": 32,

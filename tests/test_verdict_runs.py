@@ -73,6 +73,7 @@ def _rezero(tmp_path: Path, model: dict[str, Any], epochs: int) -> dict[str, Any
     return summary
 
 
+@pytest.mark.slow  # 10 s; ReZero's verdicts on a real run also: test_a_rezero_trial_that_really_vanishes_is_pruned_at_init
 def test_rezero_mlp_short(tfds_dir: str, tmp_path: Path) -> None:
     _rezero(tmp_path, {**REZERO, "depth": 16, "width": 64}, 2)
 
