@@ -231,7 +231,12 @@ def run_case(case: Case, pairs: int, steps: int, batch: int) -> dict[str, Any]:
             "ms_per_step_plain": 1e3 * statistics.median(t_plain),
             "ms_per_step_probed": 1e3 * statistics.median(t_probe), "memory_ratio": mem_ratio,
             "memory_kind": mem_kind,
-            "target": case.target if case.target is not None else TARGETS.get(case.target_key),
+            **case_targets(case)}
+
+
+def case_targets(case: Case) -> dict[str, float | None]:
+    """The issue's targets of a case: ``target`` (CPU-time ratio) and ``memory_target`` (None: no target)."""
+    return {"target": case.target if case.target is not None else TARGETS.get(case.target_key),
             "memory_target": MEMORY_TARGET if case.target_key.startswith("full every") else None}
 
 

@@ -31,9 +31,8 @@ def test_every_case_carries_the_issue_targets_a_script_can_check() -> None:
     import capture_overhead as co
 
     def target(name: str) -> tuple[float | None, float | None]:
-        case = next(c for c in co.CASES if c.name == name)
-        t = case.target if case.target is not None else co.TARGETS.get(case.target_key)
-        return t, co.MEMORY_TARGET if case.target_key.startswith("full every") else None
+        t = co.case_targets(next(c for c in co.CASES if c.name == name))
+        return t["target"], t["memory_target"]
 
     # Issue #15: CPU-time ratio targets per model and cadence, memory <= 1.15x for the full set.
     assert target("mlp20x256 grads every=1 spe=1") == (1.05, None)

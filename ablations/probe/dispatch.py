@@ -9,8 +9,8 @@ step counter only when Keras hands it a new iterator (once per epoch for finite 
 otherwise), which also corrects the count after a short last execution.
 
 With ``steps_per_execution`` k > 1 and ``every`` a multiple of k, an execution that starts on a captured step
-is two calls: one probed step, then k - 1 plain steps (no ``tf.cond`` in the loop: measured, that made the
-plain steps of such executions cost what a capture-every-step cond costs them).
+is two calls: one probed step, then k - 1 plain steps, so those plain steps run Keras' own step without the
+per-step ``tf.cond`` of the probed function (other due executions keep it).
 
 It also measures, from the steps themselves, what capturing costs in this run: the host-observed time of
 plain and of probed executions (the first calls of each, which trace and compile, left out). On CPU a call

@@ -159,8 +159,9 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
     def _compiled(self, step_fn: Any, k: int) -> Any:
         """Keras' compiled train function of ``step_fn`` running ``k`` steps per call.
 
-        Keras builds it from ``self.train_step`` and reads ``self.steps_per_execution`` when it traces (on a
-        call, lazily): both are set for the build, and ``steps_per_execution`` for every call.
+        Keras builds it from ``self.train_step`` (set to ``step_fn`` for the build) and reads
+        ``self.steps_per_execution`` when it traces, lazily on a call: a ``k`` other than the model's own is set
+        around every call of the returned function.
         """
         own = k == int(self.steps_per_execution)
         if step_fn == self.train_step:
