@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 from pydantic_core import PydanticCustomError
 
@@ -170,7 +170,9 @@ class CaptureConfig(Strict):
     # gradients with a log per entry, so off by default.
     histograms: bool = False
     activations: bool = True  # per-block dL/d(pre-activation) and activation statistics (blocks.parquet)
-    drain_every: int = Field(256, gt=0)  # steps between host reads of the on-device ring buffer
+    # Steps between host reads of the on-device ring buffer. auto: as many as keep the ring within 5% of the
+    # trainable weights' bytes, 16 to 256 (a small net's 256-step ring outweighed a quarter of its weights).
+    drain_every: Union[Literal["auto"], PositiveInt] = "auto"
     # Instruments by name (ablations/instruments; README "Capture"): true | false | {option: value}, e.g.
     # {grad_hist: {every: 16}}. The four switches above are aliases of the standard ones; an entry here wins.
     instruments: dict[str, Any] = {}

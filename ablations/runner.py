@@ -93,7 +93,8 @@ def setup(cfg: ArmConfig) -> Session:
     import zoo
     from ablations.data import builder, load
     from ablations.factories import make_loss, make_optimizer
-    from ablations.probe import DrainCallback, ProbedModel, ring_capacity
+    from ablations.probe import DrainCallback, ProbedModel
+    from ablations.probe.recorder import size_ring
     from ablations.strategy import (apply_precision, configure_devices, make_strategy, set_op_determinism,
                                     shard_data)
 
@@ -118,14 +119,13 @@ def setup(cfg: ArmConfig) -> Session:
             from zoo import lsuv
 
             lsuv.apply(net, next(iter(data.train))[0], **(cfg.model.options().get("initializer_options") or {}))
-        model = ProbedModel(net, capture=cfg.capture,
-                            capacity=ring_capacity(cfg.capture.every, cfg.capture.drain_every, steps,
-                                                   cfg.train.steps_per_execution))
+        model = ProbedModel(net, capture=cfg.capture, capacity=1)
+        drain_every = size_ring(model, cfg.capture.drain_every, steps, cfg.train.steps_per_execution)
         loss, metrics = make_loss(cfg.train.loss, data.info.task)
         optimizer = make_optimizer(cfg.train.optimizer, total_steps=steps * cfg.train.epochs)
         model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
                       steps_per_execution=cfg.train.steps_per_execution, jit_compile=cfg.train.jit_compile)
-    return Session(data=data, steps=steps, net=net, model=model, drain=DrainCallback(cfg.capture.drain_every, steps))
+    return Session(data=data, steps=steps, net=net, model=model, drain=DrainCallback(drain_every, steps))
 
 
 def build_net(cfg: ArmConfig, info: Any) -> Any:

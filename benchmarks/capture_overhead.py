@@ -134,8 +134,8 @@ def _models(case: Case, seed: int = 0):
     import keras
 
     import zoo
-    from ablations.probe import DrainCallback, ProbedModel, ring_capacity
-    from ablations.probe.recorder import SnapshotCallback
+    from ablations.probe import DrainCallback, ProbedModel
+    from ablations.probe.recorder import SnapshotCallback, size_ring
 
     regression = case.data == "adding100"
 
@@ -156,11 +156,12 @@ def _models(case: Case, seed: int = 0):
     plain.compile(optimizer=opt(), loss=loss, steps_per_execution=case.spe)
     probed = ProbedModel(net(), capture={"instruments": case.instruments}, every=case.every,
                          activations=case.activations, updates=case.updates, histograms=case.histograms,
-                         capacity=ring_capacity(case.every, 256, 10_000, case.spe))
+                         capacity=1)
+    drain_every = size_ring(probed, "auto", 10_000, case.spe)  # the runner's default, capture.drain_every: auto
     probed.compile(optimizer=opt(), loss=loss, steps_per_execution=case.spe)
 
     def callbacks():
-        drain = DrainCallback(256, 10_000)
+        drain = DrainCallback(drain_every, 10_000)
         snaps = [SnapshotCallback(drain, lambda: next(iter(_dataset(64, case.data)))[0])] \
             if SnapshotCallback.wanted(probed) else []
         return [drain, *snaps]

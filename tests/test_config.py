@@ -97,7 +97,7 @@ def test_quickstart_arm_configs_are_resolved():
     assert cfg.train.optimizer.momentum == raw["train"]["optimizer"]["momentum"]
     assert cfg.capture.every == raw["capture"]["every"]
     # Defaults fill what the file leaves out.
-    assert cfg.capture.drain_every == 256 and cfg.runtime.deterministic is True
+    assert cfg.capture.drain_every == "auto" and cfg.runtime.deterministic is True
 
 
 def test_arm_ids_are_stable_across_expansions():

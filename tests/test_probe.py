@@ -757,6 +757,26 @@ def test_ring_capacity_holds_a_drain_window():
     assert ring_capacity(every=4, drain_every=8, steps_per_epoch=100, steps_per_execution=1) == 2 * 3 + 4
 
 
+def test_an_auto_drain_interval_keeps_the_ring_within_its_share_of_the_weights():
+    from ablations.probe.recorder import AUTO_DRAIN, RING_SHARE, auto_drain_every, size_ring
+
+    assert auto_drain_every(1000, 10**9, every=1, steps_per_execution=1) == AUTO_DRAIN[1]  # a big net: the most
+    assert auto_drain_every(1000, 10**3, every=1, steps_per_execution=1) == AUTO_DRAIN[0]  # a tiny one: the fewest
+    for every, spe in ((1, 1), (4, 1), (2, 4)):
+        d = auto_drain_every(1200, 1_080_000, every, spe)  # ResNet-20's weights, about its bytes per capture
+        assert AUTO_DRAIN[0] < d < AUTO_DRAIN[1]
+        assert ring_capacity(every, d, 10**6, spe) * 1200 <= RING_SHARE * 1_080_000 < \
+            ring_capacity(every, d + every, 10**6, spe) * 1200  # the largest interval within the share
+    net = zoo.build("plain_mlp", input_shape=(8, 8, 1), num_outputs=10, depth=20, width=256)
+    model = ProbedModel(net, capacity=1)
+    d = size_ring(model, "auto", 10**6, 1)
+    weights = sum(int(np.prod(v.shape)) * 4 for v in net.trainable_weights)
+    ring = sum(int(np.prod(v.shape)) * 4 for v in model.ring.values.values()) + \
+        sum(int(v.shape[0]) * 8 for v in model.ring.steps.values())
+    assert model.ring.capacity == ring_capacity(1, d, 10**6, 1) and ring <= RING_SHARE * weights
+    assert size_ring(model, 7, 10**6, 1) == 7 and model.ring.capacity == ring_capacity(1, 7, 10**6, 1)
+
+
 def test_max_derivative_of_activation_layers():
     from zoo.activations import make_activation
 

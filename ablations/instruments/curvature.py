@@ -460,11 +460,13 @@ class Curvature(Instrument):
 
     def compute(self, ctx: StepContext, red: Reducer) -> Finish:
         if tf.executing_eagerly():  # measure(): an eager while_loop runs its Python body per iteration
-            values = tf.function(lambda: self.values(ctx))()
+            values = tf.function(lambda: self.values(ctx), autograph=False)()  # explicit while_loops: no
+            # autograph, whose conversion of the net and Keras code took most of the call
         else:
             values = self.values(ctx)
         return lambda r: values
 
+    @tf.autograph.experimental.do_not_convert  # explicit while_loops: converting it costs seconds per trace
     def values(self, ctx: StepContext) -> Any:
         """[len(CURVATURE_VALUES)] float32 of this step (in graph)."""
         o = self.options

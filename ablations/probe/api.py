@@ -22,9 +22,8 @@ import keras
 import tensorflow as tf
 
 from ablations import compat, store
-from ablations.probe.model import ProbedModel, capture_dict, ring_slots
+from ablations.probe.model import ProbedModel, capture_dict
 from ablations.probe.recorder import DrainCallback, SnapshotCallback, ring_capacity
-from ablations.probe.ring import Ring
 
 AXIS = "model"  # the grid axis of a probe run folder: one arm per saved probe
 PROBE_SOURCE = "ablations.Probe"  # = ablations.report.data.PROBE_SOURCE (the report imports no TensorFlow)
@@ -127,8 +126,7 @@ class Probe(ProbedModel):
         if need > self.ring.capacity:
             if self.recorder.model is not None:
                 self.recorder.drain()  # keep what the old buffer holds
-            object.__setattr__(self, "ring", Ring(need, ring_slots(self.spec, self.instruments, self.layout,
-                                                                   self.every)))
+            self.resize_ring(need)
             self.recorder.forget_counts()
         super().compile(*args, steps_per_execution=steps_per_execution, **kwargs)
 

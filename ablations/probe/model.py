@@ -98,6 +98,12 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
         # Tracked (a list attribute of the model): checkpoints save and resumes restore the instruments' state.
         self.instrument_state = [v for inst in insts for v in inst.state()]
 
+    def resize_ring(self, capacity: int) -> None:
+        """A new, empty ring of ``capacity`` captures (before training, or after its drain: the old one is
+        dropped)."""
+        object.__setattr__(self, "ring", Ring(capacity, ring_slots(self.spec, self.instruments, self.layout,
+                                                                   self.every)))
+
     @property
     def in_graph(self) -> list[Instrument]:
         return [i for i in self.instruments if not i.snapshot_only]

@@ -62,6 +62,11 @@ class Ring:
                 "values": {k: v.numpy() for k, v in self.values.items()},
                 "first_nonfinite": int(self.first_nonfinite.numpy())}
 
+    def bytes_per_capture(self) -> int:
+        """Device bytes one capture of every slot takes (values and its step), the unit the ring is sized in."""
+        values = sum(int(np.prod(v.shape[1:])) * v.dtype.size for v in self.values.values())
+        return values + 8 * len(self.steps)
+
     def slots_of(self, group: int) -> list[str]:
         return [k for k, g in self.group_of.items() if g == group]
 
