@@ -163,8 +163,9 @@ class CaptureConfig(Strict):
 
     every: int = Field(1, gt=0)  # capture every N optimizer steps (step 0, N, 2N, ...)
     params: bool = True  # per-tensor gradient norms (params.parquet)
-    # Per-tensor weight and applied-update norms (update_ratio): two more passes over the weights and a
-    # pre-update copy on captured steps; off leaves those columns NaN. Needs params.
+    # Per-tensor weight and applied-update norms (update_ratio): two more passes over the weights on captured
+    # steps, and a pre-update copy only where the update cannot be read from the optimizer's slots
+    # (param_norms.update_source); off leaves those columns NaN. Needs params.
     updates: bool = True
     # Per-block histograms of log10|dL/dW| over the block's kernels (grad_hist.parquet): one more pass over the
     # gradients with a log per entry, so off by default.
