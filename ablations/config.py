@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 from pydantic_core import PydanticCustomError
 
@@ -173,10 +173,19 @@ class CaptureConfig(Strict):
     activations: bool = True  # per-block dL/d(pre-activation) and activation statistics (blocks.parquet)
     # Steps between host reads of the on-device ring buffer. auto: as many as keep the ring within 5% of the
     # trainable weights' bytes, 16 to 256 (a small net's 256-step ring outweighed a quarter of its weights).
-    drain_every: Union[Literal["auto"], PositiveInt] = "auto"
+    drain_every: Union[Literal["auto"], int] = "auto"
     # Instruments by name (ablations/instruments; README "Capture"): true | false | {option: value}, e.g.
     # {grad_hist: {every: 16}}. The four switches above are aliases of the standard ones; an entry here wins.
     instruments: dict[str, Any] = {}
+
+    @field_validator("drain_every", mode="before")
+    @classmethod
+    def _drain_every(cls, value: Any) -> Any:
+        # One message for both forms (pydantic's union would report a failed branch of each).
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            return value
+        raise PydanticCustomError("drain_every", "{message}", {
+            "message": "not a drain interval: give a number of steps > 0, or auto"})
 
     @model_validator(mode="after")
     def _instruments(self) -> "CaptureConfig":

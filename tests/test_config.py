@@ -304,11 +304,19 @@ def test_unknown_nested_key(tmp_path):
     ("name: a\ndata:\n  batch_size: 0\n", "data.batch_size", "0", 3),
     ("name: a\ntrain:\n  optimizer:\n    momentum: 1.0\n", "train.optimizer.momentum", "1.0", 4),
     ("name: a\ntrain:\n  epochs: many\n", "train.epochs", "'many'", 3),
+    ("name: a\ncapture:\n  drain_every: 0\n", "capture.drain_every", "0", 3),
+    ("name: a\ncapture:\n  drain_every: sometimes\n", "capture.drain_every", "'sometimes'", 3),
 ])
 def test_wrong_value_names_field_and_value(tmp_path, text, field, value, line):
     msg = config_error(tmp_path, text)
     assert msg.startswith(f"{tmp_path / 'exp.yaml'}:{line}: '{field}': ")
     assert msg.endswith(f"(got {value})")
+
+
+def test_drain_every_says_both_forms_once(tmp_path):
+    msg = config_error(tmp_path, "name: a\ncapture:\n  drain_every: 2.5\n")
+    assert msg.count("not a drain interval: give a number of steps > 0, or auto") == 1 and "literal" not in msg
+    assert parse_experiment({"name": "a", "capture": {"drain_every": 32}}).arms()[0].config.capture.drain_every == 32
 
 
 def test_unknown_optimizer_lists_allowed(tmp_path):

@@ -460,13 +460,14 @@ class Curvature(Instrument):
 
     def compute(self, ctx: StepContext, red: Reducer) -> Finish:
         if tf.executing_eagerly():  # measure(): an eager while_loop runs its Python body per iteration
-            values = tf.function(lambda: self.values(ctx), autograph=False)()  # explicit while_loops: no
-            # autograph, whose conversion of the net and Keras code took most of the call
+            values = tf.function(lambda: self.values(ctx))()
         else:
             values = self.values(ctx)
         return lambda r: values
 
-    @tf.autograph.experimental.do_not_convert  # explicit while_loops: converting it costs seconds per trace
+    # Explicit while_loops: autograph has nothing to convert here, but converting the net and Keras code it
+    # calls took seconds per trace (measure()'s tf.function and the train step's).
+    @tf.autograph.experimental.do_not_convert
     def values(self, ctx: StepContext) -> Any:
         """[len(CURVATURE_VALUES)] float32 of this step (in graph)."""
         o = self.options
