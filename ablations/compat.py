@@ -50,12 +50,16 @@ def unscale_loss(loss: Any) -> Any:
 
 
 class StrategyIndependentBuild:
-    """Mixin for a ``keras.Model`` subclass: builds from the dataset's element spec, not from a batch.
+    """Mixin for a ``keras.Model`` subclass: builds from the dataset's element spec, not from a batch, and
+    before the first step is traced under every strategy.
 
     Why: under a tf.distribute strategy Keras (``Trainer._maybe_symbolic_build``, private) pulls one batch from
     a fresh iterator to build the model, which advances a reshuffling dataset's seed, so an arm would see
-    other batches than under the default strategy. Overriding the private hook is the only way to build from
-    the element spec instead. Checked on Keras 3.15.
+    other batches than under the default strategy. Without a strategy it defers building to the first trace
+    of the train function, where the optimizer's slots and the metrics' variables are created; a
+    ``tf.function`` that creates variables is traced twice (with and without creating them), which for a
+    probed step is about a second per fit. Overriding the private hook is the only way to build from the
+    element spec, ahead of the trace. Checked on Keras 3.15.
     """
 
     def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None) -> None:
@@ -66,6 +70,13 @@ class StrategyIndependentBuild:
             spec = adapter.get_tf_dataset().element_spec
             data_batch = tf.nest.map_structure(lambda s: tf.TensorSpec([None, *s.shape[1:]], s.dtype), spec)
             iterator = None
+        if self._distribute_strategy is None and data_batch is not None:  # type: ignore[attr-defined]
+            try:
+                with self.distribute_strategy.scope():  # type: ignore[attr-defined]
+                    self._symbolic_build(data_batch=data_batch)  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001 - a model that only builds on real tensors: Keras' deferred build
+                pass
+            return
         super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)  # type: ignore[misc]
 
 

@@ -55,6 +55,26 @@ def test_keras_trainer_internals() -> None:
     assert tuple(compat.sgd_momentum(sgd, v).shape) == tuple(v.shape)
 
 
+
+@pytest.mark.parametrize("data", ["dataset", "arrays"])
+def test_a_probed_fit_builds_before_tracing_and_traces_its_step_once(monkeypatch, data: str) -> None:
+    # StrategyIndependentBuild builds the optimizer's slots and the metrics' variables ahead of the trace:
+    # created inside it, they make TensorFlow trace the step twice (Keras defers the build without a strategy).
+    from ablations.probe import ProbedModel
+
+    traces = []
+    step = ProbedModel.train_step
+    monkeypatch.setattr(ProbedModel, "train_step", lambda self, batch: traces.append(1) or step(self, batch))
+    x, y = np.ones((8, 3), "float32"), np.zeros((8,), "int64")
+    net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="block_000_linear"),
+                            keras.layers.Dense(2, name="head_linear")])
+    m = ProbedModel(net, capacity=4)
+    m.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), metrics=["accuracy"],
+              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    args = (tf.data.Dataset.from_tensor_slices((x, y)).batch(4),) if data == "dataset" else (x, y)
+    m.fit(*args, epochs=2, verbose=0, **({} if data == "dataset" else {"batch_size": 4}))
+    assert m.optimizer.built and len(traces) == 1, len(traces)
+
 def test_functional_graph_internals() -> None:
     m = _model()
     fn = compat.functional_graph(m)
