@@ -14,7 +14,10 @@ from ablations.cli import main
 from ablations.config import parse_experiment
 from ablations.sweep import run_sweep
 
-SHRINK = ["--set", "model.depth=2", "--set", "train.epochs=1", "--set", "seeds=[0]"]
+# Two of the quickstart's arms (plain and residual, ReLU), depth 2, one epoch of 512 digits (8 steps): the CLI,
+# the run folder and the report end to end; the report's figures themselves are test_report.py's.
+SHRINK = ["--set", "model.depth=2", "--set", "train.epochs=1", "--set", "seeds=[0]",
+          "--set", "grid.model.activation=[relu]", "--set", "data.max_train_examples=512"]
 
 PARAM_COLS = ["step", "epoch", "depth", "block", "layer", "param", "role", "size", "grad_norm", "weight_norm",
               "update_norm", "update_ratio"]
@@ -35,7 +38,7 @@ def test_run_folder_contents(shrunk_run) -> None:
     assert code == 0
     assert (root / "experiment.yaml").exists()
     arms = sorted((root / "arms").iterdir())
-    assert len(arms) == 4  # 2 model bundles x 2 activations, depth and seeds pinned
+    assert len(arms) == 2  # 2 model bundles, activation, depth and seeds pinned
     for arm in arms:
         names = {p.name for p in arm.iterdir()}
         assert {"arm.yaml", "summary.json", "history.parquet", "epochs.parquet", "params.parquet",
@@ -49,7 +52,7 @@ def test_run_folder_contents(shrunk_run) -> None:
         assert list(params.columns) == PARAM_COLS
         assert list(blocks.columns) == BLOCK_COLS
         steps = summary["steps"]
-        assert steps == 1437 // 64  # one epoch, capture every step
+        assert steps == 512 // 64  # one epoch, capture every step
         assert sorted(blocks["depth"].unique()) == [0, 1]
         assert len(blocks) == steps * 2
         kernels = params[(params.param == "kernel") & (params.role == "block")]
@@ -87,6 +90,7 @@ def test_report_references_existing_pngs(shrunk_run) -> None:
         assert (rep / png.replace(".png", ".csv")).exists()
 
 
+@pytest.mark.slow  # 9 s; the same statuses, kept steps and error files on test_report.py's tiny run
 def test_diverged_and_failed_arms_are_recorded(tfds_dir: str, tmp_path: Path) -> None:
     exp = parse_experiment({
         "name": "bad",

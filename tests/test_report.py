@@ -72,6 +72,21 @@ def test_the_run_has_a_diverged_and_a_failed_arm(tiny) -> None:
     assert sorted(status.values()) == ["completed"] * 4 + ["diverged"] * 2 + ["failed"] * 2, status
 
 
+def test_a_diverged_arm_keeps_its_steps_up_to_the_blow_up_and_a_failed_one_says_why(tiny) -> None:
+    root, _ = tiny
+    for s in _summaries(root):
+        arm = root / "arms" / s["arm_id"]
+        if s["status"] == "diverged":
+            history = pd.read_parquet(arm / "history.parquet")
+            assert s["diverged_at_step"] is not None
+            assert list(history.step) == list(range(s["diverged_at_step"] + 1))  # nothing after the blow-up
+        elif s["status"] == "failed":
+            assert "LSUV did not converge" in s["error"] and (arm / "error.txt").exists()
+            assert not (arm / "history.parquet").exists()
+        else:
+            assert s["diverged_at_step"] is None
+
+
 def test_every_figure_has_png_and_csv(tiny) -> None:
     _, rep = tiny
     html = (rep / "index.html").read_text()

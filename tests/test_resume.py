@@ -91,6 +91,7 @@ def test_sigkill_mid_arm_then_rerun_completes_without_redoing(tfds_dir: str, tmp
                                       pd.read_parquet(tmp_path / "fresh" / f"{t}.parquet"))
 
 
+@pytest.mark.slow  # 14 s; two fresh runs of one arm compared bitwise: the resume tests below do it too
 def test_same_config_and_seed_give_identical_tables(tfds_dir: str, tmp_path: Path) -> None:
     from ablations.runner import run_arm
 
