@@ -107,11 +107,26 @@ class OneHotMeanSquaredError(keras.losses.Loss):
         return tf.reduce_mean(tf.square(tf.reshape(y_pred, tf.shape(target)) - target), axis=-1)
 
 
+def loss_problem(name: str, task: str, dataset: str = "the dataset") -> str | None:
+    """Why ``train.loss`` ``name`` cannot train on a dataset of this task, or None."""
+    if name == "sparse_categorical_crossentropy" and task != "classification":
+        return (f"train.loss sparse_categorical_crossentropy needs class labels, but {dataset} has {task} "
+                "targets: use mse, or auto (which picks it)")
+    return None
+
+
 def make_loss(name: str, task: str) -> tuple[keras.losses.Loss, list[Any]]:
     """The loss (models output logits) and metrics for a task; ``auto`` picks from the dataset's task.
 
     ``mse`` on a classification dataset is the square loss against one-hot targets (accuracy still reported).
+
+    Raises:
+        ValueError: cross-entropy on a regression dataset (Keras would cast the targets to class ids and
+            train to a meaningless loss; :func:`ablations.preflight.check_data` refuses it before any arm).
     """
+    problem = loss_problem(name, task)
+    if problem:
+        raise ValueError(problem)
     if name == "auto":
         name = "sparse_categorical_crossentropy" if task == "classification" else "mse"
     if name == "sparse_categorical_crossentropy":

@@ -21,15 +21,25 @@ def _distinct(sections: Iterable[tuple[str, Any]]) -> dict[str, tuple[str, Any]]
     return out
 
 
-def check_data(datas: Iterable[tuple[str, Any]]) -> None:
-    """Opens each distinct ``(arm id, DataConfig)`` once; raises DataError naming the first arm that uses it."""
+def check_data(datas: Iterable[tuple[str, Any, str]]) -> None:
+    """Opens each distinct ``(arm id, DataConfig, train.loss)``'s dataset once; raises DataError naming the
+    first arm that uses it, also for a loss that cannot read its targets (cross-entropy on regression)."""
     from ablations.data import DataError, check
+    from ablations.factories import loss_problem
 
-    for arm_id, data in _distinct(datas).values():
+    infos: dict[str, Any] = {}
+    by_loss: dict[tuple[str, str], tuple[str, Any]] = {}
+    for arm_id, data, loss in datas:
+        by_loss.setdefault((json.dumps(data.model_dump(mode="json"), sort_keys=True), loss), (arm_id, data))
+    for (key, loss), (arm_id, data) in by_loss.items():
         try:
-            check(data)
+            if key not in infos:
+                infos[key] = check(data)
         except DataError as err:
             raise DataError(f"{err} (data of arm {arm_id}; nothing was trained)") from None
+        problem = loss_problem(loss, infos[key].task, f"dataset '{data.name}'")
+        if problem:
+            raise DataError(f"{problem} (arm {arm_id}; nothing was trained)")
 
 
 def check_devices(runtimes: Iterable[tuple[str, Any]]) -> None:
@@ -50,6 +60,6 @@ def check_devices(runtimes: Iterable[tuple[str, Any]]) -> None:
 
 def check_inputs(arms: list[Any], *, trains_here: bool) -> None:
     """:func:`check_data` for every arm, and :func:`check_devices` when this process trains them."""
-    check_data((a.id, a.config.data) for a in arms)
+    check_data((a.id, a.config.data, a.config.train.loss) for a in arms)
     if trains_here:
         check_devices((a.id, a.config.runtime) for a in arms)

@@ -334,7 +334,7 @@ def run_search(exp: Experiment, out: Path, *, ui: Any = None, console: Any = Non
         raise SweepError("--point is for the local workers a chief starts; leave it out")
     store.check_writable(root)
     with store.RunLock(root):
-        check_data((label, DataConfig(**base["data"])) for label, _, base in points)
+        check_data((label, DataConfig(**base["data"]), base["train"]["loss"]) for label, _, base in points)
         if role == "local":  # a chief only serves: its workers claim the devices
             check_devices((label, RuntimeConfig(**base["runtime"])) for label, _, base in points)
         store.write_text(root / "experiment.yaml", dump_yaml(exp.model_dump(mode="json")))

@@ -229,6 +229,10 @@ def test_a_changed_base_value_says_which_arms_and_keys_before_training_them(tfds
     ("data.val_split=nope", "has no split 'nope'"),
     ("data.max_train_examples=10", "data.batch_size 64 is larger than the 10 training examples"),
     ("data.name=no_such_dataset", "dataset 'no_such_dataset' is not a TFDS dataset"),
+    # Keras would cast the float targets to class ids: a meaningless loss in an arm marked completed
+    ("data.name=adding_problem/T50 train.loss=sparse_categorical_crossentropy",
+     "train.loss sparse_categorical_crossentropy needs class labels, but dataset 'adding_problem/T50' has "
+     "regression targets: use mse"),
 ])
 def test_bad_data_stops_the_run_before_any_arm(tfds_dir: str, tmp_path: Path, capsys, override: str,
                                                needle: str) -> None:
@@ -236,7 +240,8 @@ def test_bad_data_stops_the_run_before_any_arm(tfds_dir: str, tmp_path: Path, ca
 
     cfg = tmp_path / "b.yaml"
     cfg.write_text(json.dumps(small("bad")))
-    assert main(["run", str(cfg), "--out", str(tmp_path / "runs"), "--no-report", "--set", override]) == 2
+    sets = [a for o in override.split() for a in ("--set", o)]
+    assert main(["run", str(cfg), "--out", str(tmp_path / "runs"), "--no-report", *sets]) == 2
     text = capsys.readouterr().out
     assert needle in text and "nothing was trained" in text
     assert not (tmp_path / "runs" / "bad" / "arms").exists()
@@ -253,3 +258,11 @@ def test_an_unreachable_tpu_stops_the_run_before_any_arm(tmp_path: Path, capsys)
     text = capsys.readouterr().out
     assert "no TPU could be started" in text and "nothing was trained" in text
     assert not (tmp_path / "runs" / "tpu" / "arms").exists()
+
+
+def test_cross_entropy_on_regression_targets_is_refused_where_the_loss_is_made() -> None:
+    from ablations.factories import make_loss
+
+    with pytest.raises(ValueError, match="needs class labels, but the dataset has regression targets"):
+        make_loss("sparse_categorical_crossentropy", "regression")
+    assert make_loss("auto", "regression")[1] == [] and make_loss("mse", "regression")[1] == []
