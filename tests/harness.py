@@ -64,12 +64,12 @@ MODELS: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {
 }
 # Opt-in instruments the harness switches on, and on which models (None: all of them). per_example's
 # reference is a tape per example, so it runs on one model per family it covers (MLP, residual MLP, CNN,
-# transformer, SimpleRNN and LSTM (from the through-time dL/dh_t)).
+# transformer, SimpleRNN, LSTM and GRU (from the through-time dL/dh_t)).
 CAPTURE = {"histograms": True}
 OPT_IN: dict[str, tuple[str, ...] | None] = {
     "init_distance": None,
     "spectral_norm": None,
-    "per_example": ("plain_mlp", "resnet_mlp", "resnet_cnn/no_norm", "transformer", "simple_rnn", "lstm"),
+    "per_example": ("plain_mlp", "resnet_mlp", "resnet_cnn/no_norm", "transformer", "simple_rnn", "lstm", "gru"),
 }
 
 

@@ -166,15 +166,24 @@ def test_rnn_dense_layers_match_per_example_tapes(arch, output):
     _check_model(model, x, y, methods=(None, pe.GRAM, pe.EXPLICIT))
 
 
-@pytest.mark.parametrize("arch", ["simple_rnn", "lstm"])
+def _gru_reset_before() -> keras.Model:
+    """Two GRUs in Keras' other form (reset gate applied before the recurrent product, one bias row)."""
+    x = keras.Input((5, 3))
+    h = keras.layers.GRU(6, reset_after=False, return_sequences=True, name="block_000_rnn")(x)
+    h = keras.layers.GRU(6, reset_after=False, name="block_001_rnn")(h)
+    return keras.Model(x, keras.layers.Dense(4, name="head_linear")(h))
+
+
+@pytest.mark.parametrize("arch", ["simple_rnn", "lstm", "gru", "gru/reset_before"])
 def test_recurrent_kernels_from_through_time_gradients(arch):
-    """SimpleRNN / LSTM kernel, recurrent kernel and bias of a 2-layer stack, from the through-time probe's
-    total dL/dh_t (zero eps added to h_t inside the cell) and each layer's input sequence (LSTM: its dL/dc_t by
-    a backward scan), against a tape per example."""
+    """SimpleRNN / LSTM / GRU kernel, recurrent kernel and bias of a 2-layer stack, from the through-time
+    probe's total dL/dh_t (zero eps added to h_t inside the cell) and each layer's input sequence (LSTM: its
+    dL/dc_t by a backward scan; GRU: its gates from h_t alone), against a tape per example."""
     from ablations.instruments._rnn_views import time_grads, time_probe_view
 
     keras.utils.set_random_seed(10)
-    model = zoo.build(arch, input_shape=(5, 3), num_outputs=4, units=6, depth=2)
+    model = (_gru_reset_before() if arch == "gru/reset_before" else
+             zoo.build(arch, input_shape=(5, 3), num_outputs=4, units=6, depth=2))
     x, y = _data((5, 3), 4, batch=6)
     rnns = [model.get_layer("block_000_rnn"), model.get_layer("block_001_rnn")]
     variables = [w for l in rnns for w in l.cell.trainable_weights]
@@ -239,7 +248,7 @@ def test_unsupported_layers_say_why():
     assert "fused activation" in pe.unsupported_reason(keras.layers.Dense(3, activation="relu"))
     assert pe.unsupported_reason(keras.layers.Dense(3)) is None
     assert "every time step" in pe.unsupported_reason(keras.layers.LSTM(3))
-    assert "GRU" in pe.unsupported_reason(keras.layers.GRU(3))
+    assert "every time step" in pe.unsupported_reason(keras.layers.GRU(3))
 
 
 # ------------------------------------------------------------------------------------------ statistics

@@ -124,7 +124,7 @@ def test_captured_steps_train_through_the_view_exactly_like_keras(monkeypatch, a
     np.testing.assert_allclose(step0, np.stack([np.sqrt((r ** 2).sum(axis=(0, 2))) for r in ref]), rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["simple_rnn", "lstm"])
+@pytest.mark.parametrize("arch", ["simple_rnn", "lstm", "gru"])
 def test_per_example_rnn_norms_from_the_training_pass_equal_measure(arch: str) -> None:
     from ablations.probe import measure_tables
 

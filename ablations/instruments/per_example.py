@@ -28,10 +28,10 @@ Exact (to float rounding), whatever the layer's position in the net:
 Not supported (:func:`unsupported_reason` says why): layers with a fused non-linear activation (their
 pre-activation gradient is not in the graph: zoo layers keep the activation separate); Conv3D and transposed
 convolutions; SeparableConv (its intermediate tensor is not tapped); BatchNorm/GroupNorm and ReZero/gate
-scalars; GRU kernels, bidirectional layers and recurrent dropout. ``SimpleRNN`` and ``LSTM`` kernels are
-exact from the through-time probe's total dL/dh_t (:func:`simple_rnn_sq_norms`, :func:`lstm_sq_norms`: the
-LSTM's dL/dc_t by one backward scan), not from the layer's input and output alone: their weights act at
-every step inside one layer call.
+scalars; bidirectional layers and recurrent dropout. ``SimpleRNN``, ``LSTM`` and ``GRU`` kernels are exact
+from the through-time probe's total dL/dh_t (:func:`simple_rnn_sq_norms`, :func:`lstm_sq_norms`: the LSTM's
+dL/dc_t by one backward scan, :func:`gru_sq_norms`), not from the layer's input and output alone: their
+weights act at every step inside one layer call.
 
 BatchNorm in training mode couples the examples: the ``c_i`` are then the examples' terms of the batch
 gradient, not the gradients of the ``l_i`` alone (no per-example gradient exists without fixing the batch
@@ -329,8 +329,8 @@ def unsupported_reason(layer: Any) -> str | None:
     if kind == "LayerNormalization":
         return f"LayerNormalization {layer.name}: rms_scaling not supported" if layer.rms_scaling else None
     if kind in ("SimpleRNN", "LSTM", "GRU", "RNN", "Bidirectional"):
-        return (f"{kind}: its kernels act at every time step inside one layer call (SimpleRNN and forward LSTM "
-                "without dropout: from the through-time dL/dh_t; GRU, bidirectional, dropout: not implemented)")
+        return (f"{kind}: its kernels act at every time step inside one layer call (forward SimpleRNN, LSTM and "
+                "GRU without dropout: from the through-time dL/dh_t; bidirectional, dropout: not implemented)")
     if not layer.trainable_weights:
         return None
     return f"{kind}: no exact per-example rule implemented"
@@ -400,8 +400,8 @@ def simple_rnn_sq_norms(layer: Any, inputs: tf.Tensor, grad_h: tf.Tensor,
             ``eps_t`` added to h_t inside the cell).
 
     The states are recomputed from ``inputs`` (one scan of this layer; the same weights the step used).
-    LSTM and GRU need dL/dz of every gate, i.e. also the total dL/dc_t (LSTM: a backward scan
-    ``dc_t = dh_t o_t tanh'(c_t) + dc_{t+1} f_{t+1}``); not implemented.
+    LSTM and GRU need dL/dz of every gate: :func:`lstm_sq_norms` (also the total dL/dc_t, by a backward scan)
+    and :func:`gru_sq_norms`.
     """
     cell = getattr(layer, "cell", None)
     if type(cell).__name__ != "SimpleRNNCell" or layer.go_backwards or cell.dropout or cell.recurrent_dropout:
@@ -485,7 +485,81 @@ def lstm_sq_norms(layer: Any, inputs: tf.Tensor, grad_h: tf.Tensor,
     return _cell_sq_norms(cell, x, h_prev, delta, method)
 
 
-RECURRENT_RULES = {"SimpleRNNCell": simple_rnn_sq_norms, "LSTMCell": lstm_sq_norms}
+def gru_sq_norms(layer: Any, inputs: tf.Tensor, grad_h: tf.Tensor,
+                 method: str | None = None) -> list[tuple[Any, tf.Tensor]]:
+    """Per-example squared norms of a ``GRU``'s kernel, recurrent kernel and bias contributions.
+
+    Cho et al. 2014 (Keras' gate order z, r, h; ``reset_after`` either way). The states are recomputed from
+    ``inputs``; ``h_t = z_t h_{t-1} + (1 - z_t) hh_t`` with ``hh_t = act(x_h + r_t (h_{t-1} U_h + b_rh))``
+    (``reset_after``) or ``act(x_h + (r_t h_{t-1}) U_h)``. The gates act on h_t alone, so the total dL/dh_t
+    ``grad_h`` gives every gate's pre-activation gradient at step t without a backward scan:
+    ``da_z = dh (h_{t-1} - hh) z'``, ``da_h = dh (1 - z) act'``, and ``da_r`` from the gradient of the reset
+    product. Example i's gradients are then sums over t of outer products, as for SimpleRNN.
+
+    Args:
+        layer: a unidirectional ``keras.layers.GRU`` (no dropout, zero initial state, forward order).
+        inputs: its input sequence ``[B, T, in]`` in this step.
+        grad_h: the total dL/dh_t ``[B, T, units]`` (the through-time view's eps gradients).
+    """
+    cell = getattr(layer, "cell", None)
+    if type(cell).__name__ != "GRUCell" or layer.go_backwards or cell.dropout or cell.recurrent_dropout:
+        raise ValueError(f"{layer.name}: needs a forward GRU without dropout")
+    n, act, gate, after = cell.units, cell.activation, cell.recurrent_activation, cell.reset_after
+    x = tf.stop_gradient(tf.convert_to_tensor(inputs))
+    zx = tf.einsum("bti,iu->btu", x, cell.kernel) + _gru_biases(cell)[0]
+
+    def step(h: Any, zx_t: Any) -> Any:
+        g = _gru_gates(cell, h, zx_t)
+        return g["z"] * h + (1 - g["z"]) * g["hh"]
+
+    zeros = tf.zeros_like(zx[:, 0, :n])
+    hs = tf.transpose(tf.scan(step, tf.transpose(zx, [1, 0, 2]), initializer=zeros), [1, 0, 2])
+    h_prev = tf.concat([zeros[:, None], hs[:, :-1]], axis=1)  # h_0 .. h_{T-1}
+    g = _gru_gates(cell, h_prev, zx)
+    dh = tf.cast(grad_h, zx.dtype)
+    da_z = dh * (h_prev - g["hh"]) * _derivative(gate, g["a_z"])
+    da_h = dh * (1 - g["z"]) * _derivative(act, g["a_h"])
+    # dL/d(r * reset) = da_h (reset_after) or da_h U_h^T (the product r h_{t-1} enters through U_h)
+    d_product = da_h if after else tf.einsum("btv,uv->btu", da_h, cell.recurrent_kernel[:, 2 * n:])
+    da_r = d_product * g["reset"] * _derivative(gate, g["a_r"])
+    eq = dense_equation(3)
+    delta_x = tf.concat([da_z, da_r, da_h], -1)
+    kernel = einsum_sq_norms(eq, x, delta_x, None, method)[0]
+    if after:  # one product h_{t-1} U for all three gates, r applied after it
+        delta_h = tf.concat([da_z, da_r, g["r"] * da_h], -1)
+        recurrent = einsum_sq_norms(eq, h_prev, delta_h, None, method)[0]
+    else:  # U_zr reads h_{t-1}, U_h reads r h_{t-1}: disjoint column blocks, their squared norms add
+        recurrent = (einsum_sq_norms(eq, h_prev, tf.concat([da_z, da_r], -1), None, method)[0]
+                     + einsum_sq_norms(eq, g["r"] * h_prev, da_h, None, method)[0])
+    out = [(cell.kernel, kernel), (cell.recurrent_kernel, recurrent)]
+    if cell.use_bias:  # reset_after: rows (input bias, recurrent bias) of one [2, 3 units] variable
+        bias = _sq_rows(tf.reduce_sum(delta_x, 1))
+        out.append((cell.bias, bias + _sq_rows(tf.reduce_sum(delta_h, 1)) if after else bias))
+    return [(w, v) for w, v in out if w.trainable]
+
+
+def _gru_biases(cell: Any) -> tuple[Any, Any]:
+    """(input bias, recurrent bias) of a GRUCell: rows of one [2, 3 units] variable with ``reset_after``."""
+    if not cell.use_bias:
+        return 0.0, 0.0
+    return (cell.bias[0], cell.bias[1]) if cell.reset_after else (cell.bias, 0.0)
+
+
+def _gru_gates(cell: Any, h: Any, zx: Any) -> dict[str, Any]:
+    """Pre-activations ``a_*``, gates, candidate ``hh`` and what the reset gate multiplies, of one GRU step
+    (``h`` [B, units], ``zx`` [B, 3 units]) or of all steps at once ([B, T, ...]), as Keras' GRUCell."""
+    n, gate, after = cell.units, cell.recurrent_activation, cell.reset_after
+    u = cell.recurrent_kernel
+    inner = tf.matmul(h, u) + _gru_biases(cell)[1] if after else tf.matmul(h, u[:, :2 * n])
+    g = {"a_z": zx[..., :n] + inner[..., :n], "a_r": zx[..., n:2 * n] + inner[..., n:2 * n]}
+    g["z"], g["r"] = gate(g["a_z"]), gate(g["a_r"])
+    g["reset"] = inner[..., 2 * n:] if after else h
+    g["a_h"] = zx[..., 2 * n:] + (g["r"] * g["reset"] if after else tf.matmul(g["r"] * h, u[:, 2 * n:]))
+    g["hh"] = cell.activation(g["a_h"])
+    return g
+
+
+RECURRENT_RULES = {"SimpleRNNCell": simple_rnn_sq_norms, "LSTMCell": lstm_sq_norms, "GRUCell": gru_sq_norms}
 
 
 # ------------------------------------------------------------------------------------- sub-layer taps
@@ -532,7 +606,7 @@ def plan(model: keras.Model) -> dict[str, Any]:
     """What :func:`layer_sq_norms` covers in ``model``, found statically (build once, outside the step).
 
     Returns ``layers`` (functional layers to tap: input and dL/d output), ``sublayers`` (MultiHeadAttention
-    projections, to record with :func:`record_io` around the forward pass), ``rnn`` (SimpleRNN layers, from
+    projections, to record with :func:`record_io` around the forward pass), ``rnn`` (recurrent layers, from
     the through-time dL/dh_t), ``variables`` (every covered variable, in that order) and ``unsupported``
     (``{layer name: reason}`` for layers with trainable weights that are not covered).
     """
@@ -543,7 +617,7 @@ def plan(model: keras.Model) -> dict[str, Any]:
         if isinstance(layer, keras.layers.MultiHeadAttention):
             subs.extend(attention_projections(layer))
             continue
-        if isinstance(layer, (keras.layers.SimpleRNN, keras.layers.LSTM)) and not (
+        if isinstance(layer, (keras.layers.SimpleRNN, keras.layers.LSTM, keras.layers.GRU)) and not (
                 layer.go_backwards or layer.cell.dropout or layer.cell.recurrent_dropout):
             rnn.append(layer)
             continue
@@ -653,7 +727,7 @@ class Coverage:
         layers: layers of the model's graph tapped at their input and output (:func:`layer_sq_norms`).
         attention: ``(MultiHeadAttention, its graph node)``: projections read from a recomputation of the
             layer (:func:`attention_sq_norms`).
-        rnn: SimpleRNN layers, from their tapped input and the through-time dL/dh_t (:func:`simple_rnn_sq_norms`).
+        rnn: recurrent layers, from their tapped input and the through-time dL/dh_t (:data:`RECURRENT_RULES`).
         variables: every covered variable, in the order of ``rows``; ``rows``: their rows in the spec's params.
         groups: ``(block, depth, [positions in variables], coverage)``: a row per block with a covered kernel,
             then :data:`ALL`.
@@ -737,9 +811,9 @@ def coverage(spec: Any) -> Coverage | str:
 
 
 def rnn_sq_norms(view: Any, layers: Sequence[Any], inputs: Sequence[Any], ctx: StepContext) -> list[tuple[Any, Any]]:
-    """Per-example squared norms of SimpleRNN kernels: the total dL/dh_t of every layer from the weight-sharing
+    """Per-example squared norms of recurrent kernels: the total dL/dh_t of every layer from the weight-sharing
     through-time view (:mod:`ablations.instruments._rnn_views`; the training backward pass when the probe
-    trained the step through it, else one more pass), then :func:`simple_rnn_sq_norms`."""
+    trained the step through it, else one more pass), then the cell's rule in :data:`RECURRENT_RULES`."""
     from ablations.instruments._rnn_views import step_time_grads
 
     dh = dict(zip(view.names, step_time_grads(view, ctx)))
@@ -770,10 +844,10 @@ class PerExample(Instrument):
     """Per block, from exact per-example gradient norms: their spread, the gradient noise scale and the SNR.
 
     Rows: one per block with a covered kernel (its kernels: Dense, EinsumDense, Conv1D/2D, depthwise convs,
-    MultiHeadAttention's query/key/value/output projections, SimpleRNN kernel and recurrent kernel), and one,
+    MultiHeadAttention's query/key/value/output projections, recurrent kernels and biases), and one,
     block ``all`` (depth -1), over every covered tensor of the model (kernels, biases, LayerNorm, Embedding;
     stem and head included): McCandlish's critical batch size of the whole net. Not covered (their rows or
-    entries are absent, ``coverage`` says how much is): layers with a fused activation (a highway gate), LSTM/GRU kernels, BatchNorm and
+    entries are absent, ``coverage`` says how much is): layers with a fused activation (a highway gate), bidirectional RNNs, BatchNorm and
     other layers without an exact rule (:func:`unsupported_reason`); models with BatchNormalization (it
     couples the examples) or nested models get no table, with a note. ``g_i`` is the gradient of example
     i's own loss term, from the step's global batch (all replicas; B is the global batch size).
