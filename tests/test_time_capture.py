@@ -124,6 +124,48 @@ def test_captured_steps_train_through_the_view_exactly_like_keras(monkeypatch, a
     np.testing.assert_allclose(step0, np.stack([np.sqrt((r ** 2).sum(axis=(0, 2))) for r in ref]), rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["jit_compile", "mixed_float16"])
+def test_the_view_trains_like_keras_under_xla_and_mixed_float16(monkeypatch, mode: str) -> None:
+    """Captured steps train through the view (its cell loop) also when XLA compiles them or under a float16
+    policy with loss scaling: the weights equal Keras' twin under the same setting, and step 0's dL/dh_t
+    the float32 unrolled reference (loss scale removed; float16 activations: within 1e-3)."""
+    from ablations.strategy import apply_precision
+
+    seen = _watch_time_grads(monkeypatch)
+    rng = np.random.RandomState(1)
+    x, y = rng.normal(size=(48, 12, 3)).astype(np.float32), rng.randint(0, 4, size=48)
+    keras.utils.set_random_seed(0)
+    net = zoo.build("lstm", input_shape=(12, 3), num_outputs=4, depth=2, units=8)
+    ref_net = keras.models.clone_model(net)
+    ref_net.set_weights(net.get_weights())
+    _, ref = unrolled_reference(ref_net, x[:16], y[:16], LOSS, False)
+    policy = keras.mixed_precision.global_policy()
+    try:
+        if mode == "mixed_float16":
+            keras.mixed_precision.set_global_policy("mixed_float16")
+            net = apply_precision(net, "mixed_float16")
+        twin = keras.models.clone_model(net)
+        twin.set_weights(net.get_weights())
+        model = ProbedModel(net, capacity=16)
+        assert model.train_view is not None and model.train_view.key == "time"
+        drain = DrainCallback(drain_every=256, steps_per_epoch=3)
+        for m, cbs in ((model, [drain]), (twin, [])):
+            m.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9), loss=LOSS, jit_compile=mode == "jit_compile")
+            m.fit(x, y, batch_size=16, epochs=2, callbacks=cbs, verbose=0, shuffle=False)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+    assert bool(model.jit_compile) == (mode == "jit_compile")
+    if mode == "mixed_float16":
+        assert type(model.optimizer).__name__ == "LossScaleOptimizer"
+    for a, b in zip(net.get_weights(), twin.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+    assert seen and all(seen)
+    t = drain.tables(model)["time_grads"]
+    step0 = t[t.step == 0].sort_values(["depth", "t"])["act_grad_norm"].to_numpy().reshape(2, 12)
+    want = np.stack([np.sqrt((r ** 2).sum(axis=(0, 2))) for r in ref])
+    np.testing.assert_allclose(step0, want, rtol=1e-5 if mode == "jit_compile" else 1e-3)
+
+
 @pytest.mark.parametrize("arch", ["simple_rnn", "lstm", "gru"])
 def test_per_example_rnn_norms_from_the_training_pass_equal_measure(arch: str) -> None:
     from ablations.probe import measure_tables
