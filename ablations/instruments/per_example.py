@@ -384,6 +384,14 @@ def layer_sq_norms(layer: Any, inputs: tf.Tensor, grad_out: tf.Tensor,
 # ---------------------------------------------------------------------------------------- recurrent
 
 
+def _forward_cell(layer: Any, kind: str) -> Any:
+    """The cell of a forward ``kind`` layer without dropout (what the recurrent rules recompute)."""
+    cell = getattr(layer, "cell", None)
+    if type(cell).__name__ != f"{kind}Cell" or layer.go_backwards or cell.dropout or cell.recurrent_dropout:
+        raise ValueError(f"{layer.name}: needs a forward {kind} without dropout")
+    return cell
+
+
 def simple_rnn_sq_norms(layer: Any, inputs: tf.Tensor, grad_h: tf.Tensor,
                         method: str | None = None) -> list[tuple[Any, tf.Tensor]]:
     """Per-example squared norms of a ``SimpleRNN``'s kernel, recurrent kernel and bias contributions.
@@ -403,9 +411,7 @@ def simple_rnn_sq_norms(layer: Any, inputs: tf.Tensor, grad_h: tf.Tensor,
     LSTM and GRU need dL/dz of every gate: :func:`lstm_sq_norms` (also the total dL/dc_t, by a backward scan)
     and :func:`gru_sq_norms`.
     """
-    cell = getattr(layer, "cell", None)
-    if type(cell).__name__ != "SimpleRNNCell" or layer.go_backwards or cell.dropout or cell.recurrent_dropout:
-        raise ValueError(f"{layer.name}: needs a forward SimpleRNN without dropout")
+    cell = _forward_cell(layer, "SimpleRNN")
     x = tf.stop_gradient(tf.convert_to_tensor(inputs))
     zx = tf.einsum("bti,iu->btu", x, cell.kernel) + (cell.bias if cell.use_bias else 0.0)
     h0 = tf.zeros_like(zx[:, 0])
@@ -453,9 +459,7 @@ def lstm_sq_norms(layer: Any, inputs: tf.Tensor, grad_h: tf.Tensor,
         inputs: its input sequence ``[B, T, in]`` in this step.
         grad_h: the total dL/dh_t ``[B, T, units]`` (the through-time view's eps gradients).
     """
-    cell = getattr(layer, "cell", None)
-    if type(cell).__name__ != "LSTMCell" or layer.go_backwards or cell.dropout or cell.recurrent_dropout:
-        raise ValueError(f"{layer.name}: needs a forward LSTM without dropout")
+    cell = _forward_cell(layer, "LSTM")
     n, act, gate = cell.units, cell.activation, cell.recurrent_activation
     x = tf.stop_gradient(tf.convert_to_tensor(inputs))
     zx = tf.einsum("bti,iu->btu", x, cell.kernel) + (cell.bias if cell.use_bias else 0.0)
@@ -501,9 +505,7 @@ def gru_sq_norms(layer: Any, inputs: tf.Tensor, grad_h: tf.Tensor,
         inputs: its input sequence ``[B, T, in]`` in this step.
         grad_h: the total dL/dh_t ``[B, T, units]`` (the through-time view's eps gradients).
     """
-    cell = getattr(layer, "cell", None)
-    if type(cell).__name__ != "GRUCell" or layer.go_backwards or cell.dropout or cell.recurrent_dropout:
-        raise ValueError(f"{layer.name}: needs a forward GRU without dropout")
+    cell = _forward_cell(layer, "GRU")
     n, act, gate, after = cell.units, cell.activation, cell.recurrent_activation, cell.reset_after
     x = tf.stop_gradient(tf.convert_to_tensor(inputs))
     zx = tf.einsum("bti,iu->btu", x, cell.kernel) + _gru_biases(cell)[0]
