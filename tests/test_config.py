@@ -483,12 +483,12 @@ def test_the_number_of_arms_is_capped_before_expanding(tmp_path):
 
 
 def test_arms_are_expanded_once(monkeypatch):
-    import ablations.config as config
+    import ablations.config.experiment as experiment
     from ablations.cli import main
 
     calls = []
-    real = config._expand
-    monkeypatch.setattr(config, "_expand", lambda *a: calls.append(1) or real(*a))
+    real = experiment._expand
+    monkeypatch.setattr(experiment, "_expand", lambda *a: calls.append(1) or real(*a))
     assert main(["validate", str(QUICKSTART)]) == 0
     assert len(calls) == 1
 
