@@ -703,11 +703,11 @@ class _Eval:
             return math.nan
 
     def compare(self, node: ast.Compare) -> Any:
-        left = self.run(node.left)
+        left, left_node = self.run(node.left), node.left
         result: Any = True
         for op, right_node in zip(node.ops, node.comparators):
             right = self.run(right_node)
-            for side, n in ((left, node.left), (right, right_node)):
+            for side, n in ((left, left_node), (right, right_node)):
                 if has_nan(side):
                     raise NotMeasurable(f"`{self.segment(n)}` is NaN ({format_value(side)})")
             try:
@@ -715,7 +715,7 @@ class _Eval:
             except ValueError as err:
                 raise ExpressionError(f"`{self.segment(node)}`: {err}") from None
             result = np.logical_and(result, r)
-            left, node_left = right, right_node
+            left, left_node = right, right_node
         return bool(result) if np.ndim(result) == 0 else np.asarray(result)
 
     def call(self, node: ast.Call) -> Any:

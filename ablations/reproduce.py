@@ -15,7 +15,6 @@ arm, a NaN measurement); 2 for bad input (an unknown claim name, a config error)
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
