@@ -720,6 +720,23 @@ def test_divergence_from_huge_learning_rate_is_caught_at_the_first_non_finite_lo
     assert h["step"].tolist() == list(range(drain.diverged_at + 1))
 
 
+@pytest.mark.parametrize("spe", [1, 4])
+def test_the_first_non_finite_step_is_exact_on_steps_that_capture_nothing(spe):
+    # every=8: steps 1-7 and 9-11 run the plain step; the inf enters at step 5, and every step after it is bad
+    # too (NaN weights), so the first bad step must survive the later ones (the flag keeps the minimum).
+    net = build("plain_mlp", "linear", depth=2, dtype="float32")
+    x, y = _inf_batches(12, bad_batch=5)
+    model = ProbedModel(net, every=8, capacity=16)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1), loss=loss_fn(), steps_per_execution=spe)
+    assert model.ring.read()["first_nonfinite"] == -1
+    drain = DrainCallback(drain_every=256, steps_per_epoch=12)
+    model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), epochs=1, verbose=0, shuffle=False,
+              callbacks=[drain])
+    assert int(model.optimizer.iterations.numpy()) == 12  # drained only at the end: all 12 steps ran
+    assert drain.diverged_at == 5 and model.stop_training is True
+    assert drain.tables(model)["history"]["step"].tolist() == [0]  # step 8 came after the blow-up
+
+
 def test_rows_after_divergence_are_dropped():
     depth = 2
     net = build("plain_mlp", "linear", depth=depth, dtype="float32")

@@ -202,9 +202,7 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
             scaled_loss = self.optimizer.scale_loss(loss)
         variables = self.trainable_variables
         self.optimizer.apply_gradients(zip(tape.gradient(scaled_loss, variables), variables))
-        bad = tf.logical_not(tf.math.is_finite(tf.cast(local_loss, tf.float32)))
-        first = self.ring.first_nonfinite  # one write per step, captured or not
-        first.assign(tf.where(tf.logical_and(first < 0, bad), step, first))
+        self.ring.mark_nonfinite(tf.logical_not(tf.math.is_finite(tf.cast(local_loss, tf.float32))), step)
         return y_pred
 
     def test_step(self, data: Any) -> dict[str, Any]:
@@ -265,8 +263,7 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
             # so a ReLU net can keep a finite loss while its gradients and weights are already NaN.
             gnorm = rows["history"][list(self.layout["history"]).index("global_grad_norm"), 0]
             bad = tf.logical_or(bad, tf.logical_not(tf.math.is_finite(gnorm)))
-        first = self.ring.first_nonfinite  # one write per step, captured or not
-        first.assign(tf.where(tf.logical_and(first < 0, bad), step, first))
+        self.ring.mark_nonfinite(bad, step)  # every step, captured or not
         return y_pred
 
     def _context(self, x: Any, y: Any, sample_weight: Any, step: Any, local_loss: Any, variables: list[Any],
