@@ -294,6 +294,16 @@ def sgd_momentum(optimizer: Any, variable: Any) -> Any:
     return optimizer.momentums[optimizer._get_variable_index(variable)]  # noqa: SLF001
 
 
+def uses_weight_decay(optimizer: Any, variable: Any) -> bool:
+    """Whether Keras' decoupled weight decay applies to ``variable`` (``Optimizer._use_weight_decay``: its
+    ``exclude_from_weight_decay`` names and patterns).
+
+    Why: the update read from an optimizer's slots must include the decay Keras applied to exactly the
+    variables it decays; the check is private. Checked on Keras 3.15.
+    """
+    return bool(optimizer._use_weight_decay(variable))  # noqa: SLF001
+
+
 # ----------------------------------------------------------------------------------- TensorFlow Datasets
 
 

@@ -51,7 +51,9 @@ class Case:
     # core: the targets on the MLP and ResNet-20 (`make bench`, < 15 min); models: `make bench-models`
     # (~20 min, larger models); extras: opt-in instruments and other settings, no target (`make bench-extras`).
     group: str = "core"
-    optimizer: str = "sgd"  # sgd: SGD(0.01, momentum 0.9) | adam: Adam(1e-3) (both read the update from slots)
+    # sgd: SGD(0.01, momentum 0.9) | adam: Adam(1e-3) | adamw: AdamW(1e-3), weight decay 0.004 | rmsprop:
+    # RMSprop(1e-3); all read the update from the optimizer's slots (no pre-update copy)
+    optimizer: str = "sgd"
 
     @property
     def target_key(self) -> str:
@@ -68,6 +70,8 @@ CASES = [
     Case("mlp20x256 full every=16 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 16, 1, True),
     Case("mlp20x256 full every=1 spe=1 adam", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, True,
          optimizer="adam"),
+    *[Case(f"mlp20x256 full every=1 spe=1 {o}", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, True, optimizer=o,
+           group="extras") for o in ("adamw", "rmsprop")],
     Case("mlp20x256 full+histograms every=1 spe=1", "plain_mlp", {"depth": 20, "width": 256}, 1, 1, True, True,
          True, group="extras"),
     # Jacobian spectra (opt-in, host-side snapshots between steps): the default is init and end only (no per-step
@@ -150,7 +154,9 @@ def _models(case: Case, seed: int = 0):
     loss = keras.losses.MeanSquaredError() if regression else \
         keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     def opt():
-        return keras.optimizers.Adam(1e-3) if case.optimizer == "adam" else keras.optimizers.SGD(0.01, momentum=0.9)
+        return {"adam": lambda: keras.optimizers.Adam(1e-3), "adamw": lambda: keras.optimizers.AdamW(1e-3),
+                "rmsprop": lambda: keras.optimizers.RMSprop(1e-3),
+                "sgd": lambda: keras.optimizers.SGD(0.01, momentum=0.9)}[case.optimizer]()
 
     plain = net()
     plain.compile(optimizer=opt(), loss=loss, steps_per_execution=case.spe)

@@ -237,12 +237,34 @@ def test_stored_decay_rate_is_the_least_squares_slope_of_the_stored_norms() -> N
         assert rate == pytest.approx(slope, rel=1e-9) and rate > 0.3  # sigmoid: a factor ~4 per block
 
 
+def _adamw_biases_excluded():
+    import keras
+
+    opt = keras.optimizers.AdamW(0.01, weight_decay=0.1)
+    opt.exclude_from_weight_decay(var_names=["bias"])
+    return opt
+
+
+def _opt(name: str, *args, **kwargs):
+    return lambda: getattr(__import__("keras").optimizers, name)(*args, **kwargs)
+
+
 OPTIMIZERS = {
-    "sgd": lambda: __import__("keras").optimizers.SGD(0.05),
-    "sgd+global_clipnorm": lambda: __import__("keras").optimizers.SGD(0.05, global_clipnorm=0.5),
-    "sgd+clipnorm": lambda: __import__("keras").optimizers.SGD(0.05, clipnorm=0.05),
-    "momentum": lambda: __import__("keras").optimizers.SGD(0.05, momentum=0.9),
-    "adam": lambda: __import__("keras").optimizers.Adam(0.01),
+    "sgd": _opt("SGD", 0.05),
+    "sgd+global_clipnorm": _opt("SGD", 0.05, global_clipnorm=0.5),
+    "sgd+clipnorm": _opt("SGD", 0.05, clipnorm=0.05),
+    "sgd+weight_decay": _opt("SGD", 0.05, weight_decay=0.1),
+    "momentum": _opt("SGD", 0.05, momentum=0.9),
+    "momentum+weight_decay+clipnorm": _opt("SGD", 0.05, momentum=0.9, weight_decay=0.1, clipnorm=0.05),
+    "adam": _opt("Adam", 0.01),
+    "adam+weight_decay": _opt("Adam", 0.01, weight_decay=0.05),
+    "adamw": _opt("AdamW", 0.01, weight_decay=0.1),
+    "adamw+biases_excluded": _adamw_biases_excluded,
+    "rmsprop": _opt("RMSprop", 0.01),
+    "rmsprop+weight_decay": _opt("RMSprop", 0.01, weight_decay=0.1),
+    "rmsprop+centered+clipnorm": _opt("RMSprop", 0.01, centered=True, clipnorm=0.05),
+    "rmsprop+global_clipnorm": _opt("RMSprop", 0.01, global_clipnorm=0.5),
+    "rmsprop+momentum+weight_decay": _opt("RMSprop", 0.01, momentum=0.9, weight_decay=0.1),
 }
 
 
@@ -272,9 +294,13 @@ def test_optimizers_whose_update_cannot_be_read_exactly_keep_the_copy() -> None:
 
     from ablations.instruments.param_norms import update_source
 
-    for opt in (keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True), keras.optimizers.AdamW(0.01),
-                keras.optimizers.SGD(0.1, clipvalue=0.1), keras.optimizers.RMSprop(0.01),
-                keras.optimizers.Adam(0.01, amsgrad=True)):
+    for opt in (keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True), keras.optimizers.Adagrad(0.01),
+                keras.optimizers.SGD(0.1, clipvalue=0.1), keras.optimizers.RMSprop(0.01, clipvalue=0.1),
+                keras.optimizers.Adam(0.01, amsgrad=True), keras.optimizers.AdamW(0.01, amsgrad=True),
+                # the decay mixes into each entry before the norm that per-tensor clipping scales
+                keras.optimizers.SGD(0.1, weight_decay=0.1, clipnorm=1.0),
+                keras.optimizers.RMSprop(0.01, weight_decay=0.1, global_clipnorm=1.0),
+                keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))):
         assert update_source(opt, "auto") == "copy", type(opt).__name__
         with pytest.raises(ValueError, match="slots cannot give the exact update"):
             update_source(opt, "slots")

@@ -129,7 +129,7 @@ class CaptureConfig(Strict):
     params: bool = True  # per-tensor gradient norms (params.parquet)
     # Per-tensor weight and applied-update norms (update_ratio): two more passes over the weights on captured
     # steps, and a pre-update copy only where the update cannot be read from the optimizer's slots
-    # (param_norms.update_source); off leaves those columns NaN. Needs params.
+    # (instruments/update_rules.py); off leaves those columns NaN. Needs params.
     updates: bool = True
     # Per-block histograms of log10|dL/dW| over the block's kernels (grad_hist.parquet): one more pass over the
     # gradients with a log per entry, so off by default.

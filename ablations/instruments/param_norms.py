@@ -15,9 +15,10 @@ from typing import Any, Literal
 import numpy as np
 from ablations.lazy import pd
 
-from ablations import compat
 from ablations.instruments.base import Column, Finish, Instrument, Options, Reducer, StepContext, tf
-from ablations.instruments.kernels import global_norm, num_replicas, sq_sums
+from ablations.instruments.kernels import num_replicas, sq_sums
+from ablations.instruments.update_rules import (CLIPPED_AFTER_NORM, clip_factors, decay_factors, optimizer_steps,
+                                                update_source, with_decay)
 from ablations.instruments.block_scalars import drop_inactive
 
 
@@ -27,9 +28,9 @@ class ParamOptions(Options):
     # Where the update comes from. `copy`: the weights after the step minus a copy taken before it (what the
     # stored float32 weights really changed by; a model's worth of memory on captured steps). `slots`: the
     # step Keras computed, read from the optimizer (plain SGD: lr times the clipped gradient; SGD with
-    # momentum: its velocity; Adam: its moments), no copy; it equals `copy` up to float32 rounding of the
-    # weights (they differ only where an update is below the weights' resolution). `auto`: `slots` where the
-    # optimizer allows it exactly, else `copy`.
+    # momentum: its velocity; Adam/AdamW and RMSprop: their moments; weight decay included), no copy; it equals
+    # `copy` up to float32 rounding of the weights (they differ only where an update is below the weights'
+    # resolution). `auto`: `slots` where the optimizer allows it exactly (update_rules.py), else `copy`.
     update_source: Literal["auto", "copy", "slots"] = "auto"
 
 
@@ -65,7 +66,7 @@ class ParamNorms(Instrument):
 
     def compute(self, ctx: StepContext, red: Reducer) -> Finish:
         grads = ctx.grad_norms(red)
-        self._update = None  # set by after_update (measure() has no update: its update_norm stays NaN)
+        self._update, self._scale = None, None  # set by after_update (measure(): no update, update_norm NaN)
         self._source = update_source(ctx.model.optimizer, self.options.update_source) if self.options.updates \
             else None
         weights = None
@@ -77,6 +78,8 @@ class ParamNorms(Instrument):
             ctx.before_update.append(sq)
             weights = red.sums(sq)  # identical on every replica: divided back below
             self._lr = tf.cast(ctx.model.optimizer.learning_rate, tf.float32)  # the rate this step applies
+        # Plain SGD without weight decay: the update norm is lr times the clipped gradient norm, no tensor pass.
+        self._sgd_norms = self._source == "sgd" and not getattr(ctx.model.optimizer, "weight_decay", None)
         n_rep = num_replicas()
         source = self._source
 
@@ -84,46 +87,40 @@ class ParamNorms(Instrument):
             out = {"grad_norm": (None, r(grads))}
             if weights is not None:
                 out["weight_norm"] = (None, r(weights) if source == "copy" else tf.sqrt(r(weights) / n_rep))
-            if source is not None and (self._update is not None or source == "sgd"):
+            if source is not None and (self._update is not None or self._sgd_norms):
                 out["update_norm"] = (None, self._update_norms(r, r(grads), ctx.model.optimizer))
             return out
 
         return finish
 
     def after_update(self, ctx: StepContext, red: Reducer) -> None:
-        self._update = None
+        self._update, self._scale = None, None
         if self._source == "copy" and ctx.old_weights is not None:
             # Subtract in the variable's dtype, then cast: casting first would round float64 weights to float32
             # and swamp a small update with the rounding error of the weights.
             deltas = [tf.cast(v, o.dtype) - o for v, o in zip(ctx.variables, ctx.old_weights)]
             self._update = red.norms(deltas, skip=ctx.param_skip())
-        elif self._source == "momentum":
-            vel = [compat.sgd_momentum(ctx.model.optimizer, v) for v in ctx.variables]
-            self._update = red.norms(vel, skip=ctx.param_skip())
-        elif self._source == "adam":
+        elif self._source is not None:
+            if self._sgd_norms:
+                return None  # lr times the clipped gradient norm: no pass over the tensors (_update_norms)
             opt = ctx.model.optimizer
-            steps = [tf.cast(compat.optimizer_slot(opt, v, "momentums"), tf.float32)
-                     / (tf.sqrt(tf.cast(compat.optimizer_slot(opt, v, "velocities"), tf.float32)) + opt.epsilon)
-                     for v in ctx.variables]
-            self._update = red.norms(steps, skip=ctx.param_skip())
+            decay = decay_factors(opt, ctx.variables, self._lr)
+            steps, scale = optimizer_steps(self._source, opt, ctx.variables, ctx.global_grads, self._lr)
+            if any(c is not None for c in decay):  # the decay mixes into each entry: scale folded in
+                steps, scale = with_decay(steps, scale, decay, ctx.variables), None
+            self._update, self._scale = red.norms(steps, skip=ctx.param_skip()), scale
         return None
 
     def _update_norms(self, r: Any, grad_norms: Any, optimizer: Any) -> Any:
-        """The applied update's norm per tensor, from the optimizer's own step (see ``update_source``)."""
-        if self._source == "copy" or self._source == "momentum":
-            return r(self._update)
-        if self._source == "adam":  # alpha_t = lr sqrt(1 - b2^t) / (1 - b1^t), t the step just taken
-            t = tf.cast(optimizer.iterations, tf.float32)
-            alpha = self._lr * tf.sqrt(1.0 - optimizer.beta_2 ** t) / (1.0 - optimizer.beta_1 ** t)
-            return alpha * r(self._update)
-        # Plain SGD: lr times the clipped gradient's norm, clipped as Keras clips (per tensor or globally).
-        if optimizer.clipnorm:
-            return self._lr * tf.minimum(grad_norms, float(optimizer.clipnorm))
-        if optimizer.global_clipnorm:
-            total = global_norm(grad_norms)
-            return self._lr * grad_norms * optimizer.global_clipnorm * tf.minimum(1.0 / total,
-                                                                                   1.0 / optimizer.global_clipnorm)
-        return self._lr * grad_norms
+        """The applied update's norm per tensor, from the copy or the optimizer's own step (update_rules.py)."""
+        if self._sgd_norms:  # plain SGD: lr times the gradient's norm, clipped as Keras clips
+            return self._lr * grad_norms * clip_factors(optimizer, grad_norms)
+        norms = r(self._update)
+        if self._scale is not None:
+            norms = self._scale * norms
+        if self._source in CLIPPED_AFTER_NORM and self._scale is not None:
+            norms = norms * clip_factors(optimizer, grad_norms)
+        return norms
 
     @classmethod
     def derive(cls, tables: dict[str, pd.DataFrame]) -> None:
@@ -151,30 +148,6 @@ class ParamNorms(Instrument):
             v = v[np.isfinite(v) & (v > 0)]
             if len(v):
                 events.add(step, histogram_pb("block_kernels/log10_grad_norm", np.log10(v)))
-
-
-def update_source(optimizer: Any, wanted: str = "auto") -> str:
-    """``copy``, or the optimizer rule the update can be read from exactly: ``sgd``, ``momentum``, ``adam``.
-
-    Exact means as Keras 3.15 computes the step (``SGD.update_step``, ``Adam.update_step``): no weight decay,
-    no gradient accumulation, EMA or loss scaling (a skipped mixed-precision step changes nothing), no
-    Nesterov, AMSGrad or element-wise clipping. Anything else uses the copy.
-    """
-    if wanted == "copy" or optimizer is None:
-        return "copy"
-    import keras
-
-    plain = not (getattr(optimizer, "weight_decay", None) or getattr(optimizer, "gradient_accumulation_steps", None)
-                 or getattr(optimizer, "use_ema", False) or getattr(optimizer, "clipvalue", None))
-    rule = "copy"
-    if plain and type(optimizer) is keras.optimizers.SGD and not optimizer.nesterov:
-        rule = "momentum" if optimizer.momentum else "sgd"
-    elif plain and type(optimizer) is keras.optimizers.Adam and not optimizer.amsgrad:
-        rule = "adam"
-    if wanted == "slots" and rule == "copy":
-        raise ValueError(f"capture.instruments.param_norms.update_source: slots cannot give the exact update of "
-                         f"{type(optimizer).__name__} with this configuration; use auto or copy")
-    return rule
 
 
 # ------------------------------------------------------------------------------ the per-block series
