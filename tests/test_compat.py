@@ -53,6 +53,12 @@ def test_keras_trainer_internals() -> None:
     sgd = keras.optimizers.SGD(0.1, momentum=0.9)
     sgd.build(m.trainable_variables)
     assert tuple(compat.sgd_momentum(sgd, v).shape) == tuple(v.shape)
+    adamw = keras.optimizers.AdamW(0.01, weight_decay=0.1)
+    adamw.exclude_from_weight_decay(var_names=["bias"])
+    adamw.build(m.trainable_variables)
+    decayed = {w.path: compat.uses_weight_decay(adamw, w) for w in m.trainable_variables}
+    assert any("bias" in p for p in decayed) and any(decayed.values()), decayed
+    assert not any(d for p, d in decayed.items() if "bias" in p), decayed
 
 
 

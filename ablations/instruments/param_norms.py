@@ -31,6 +31,8 @@ class ParamOptions(Options):
     # momentum: its velocity; Adam/AdamW and RMSprop: their moments; weight decay included), no copy; it equals
     # `copy` up to float32 rounding of the weights (they differ only where an update is below the weights'
     # resolution). `auto`: `slots` where the optimizer allows it exactly (update_rules.py), else `copy`.
+    # The trade: `slots` saves a model's worth of memory but takes a few more element-wise passes over the
+    # optimizer's state (Adam/AdamW/RMSprop), so on a CPU-bound run `copy` can be cheaper in time (README).
     update_source: Literal["auto", "copy", "slots"] = "auto"
 
 
@@ -105,10 +107,11 @@ class ParamNorms(Instrument):
                 return None  # lr times the clipped gradient norm: no pass over the tensors (_update_norms)
             opt = ctx.model.optimizer
             decay = decay_factors(opt, ctx.variables, self._lr)
-            steps, scale = optimizer_steps(self._source, opt, ctx.variables, ctx.global_grads, self._lr)
-            if any(c is not None for c in decay):  # the decay mixes into each entry: scale folded in
-                steps, scale = with_decay(steps, scale, decay, ctx.variables), None
-            self._update, self._scale = red.norms(steps, skip=ctx.param_skip()), scale
+            steps = optimizer_steps(self._source, opt, ctx.variables, ctx.global_grads, self._lr)
+            tensors, self._scale = steps.q, steps.scale  # |sign| = 1: the norms need no sign
+            if any(c is not None for c in decay):  # the decay mixes into each entry (update_rules.with_decay)
+                tensors, self._scale = with_decay(steps, decay, ctx.variables)
+            self._update = red.norms(tensors, skip=ctx.param_skip())
         return None
 
     def _update_norms(self, r: Any, grad_norms: Any, optimizer: Any) -> Any:
@@ -116,9 +119,9 @@ class ParamNorms(Instrument):
         if self._sgd_norms:  # plain SGD: lr times the gradient's norm, clipped as Keras clips
             return self._lr * grad_norms * clip_factors(optimizer, grad_norms)
         norms = r(self._update)
-        if self._scale is not None:
+        if self._scale is not None:  # a scalar, or per tensor (weight decay)
             norms = self._scale * norms
-        if self._source in CLIPPED_AFTER_NORM and self._scale is not None:
+        if self._source in CLIPPED_AFTER_NORM:  # 1 without norm clipping (always so with weight decay)
             norms = norms * clip_factors(optimizer, grad_norms)
         return norms
 

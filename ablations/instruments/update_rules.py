@@ -11,7 +11,7 @@ float32 rounding of the stored weights. Anything else keeps the copy.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from ablations import compat
 from ablations.instruments.base import tf
@@ -61,11 +61,20 @@ def decay_factors(optimizer: Any, variables: list[Any], lr: Any) -> list[Any]:
     return [c if compat.uses_weight_decay(optimizer, v) else None for v in variables]
 
 
-def optimizer_steps(rule: str, optimizer: Any, variables: list[Any], grads: list[Any],
-                    lr: Any) -> tuple[list[Any], Any]:
-    """``(q, scale)``: the step the optimizer added to each variable this step is ``scale * q_i`` (signed,
-    float32), read after the update; for the rules in :data:`CLIPPED_AFTER_NORM` it is ``lr * clip_i * q_i``
-    with a per-tensor clip factor the caller applies (``scale`` is ``lr``).
+class Steps(NamedTuple):
+    """The step the optimizer added to each variable: ``sign * scale * q_i`` (``scale`` None: 1).
+
+    Kept apart so the norms take the fewest element-wise ops (the sign and the scale apply to the norms);
+    for the rules in :data:`CLIPPED_AFTER_NORM` the step is also scaled by a per-tensor clip factor.
+    """
+
+    q: list[Any]
+    scale: Any
+    sign: float
+
+
+def optimizer_steps(rule: str, optimizer: Any, variables: list[Any], grads: list[Any], lr: Any) -> Steps:
+    """The optimizer's own step of each variable this step (float32), read after the update.
 
     Args:
         rule: from :func:`update_source`, not ``copy``.
@@ -75,23 +84,23 @@ def optimizer_steps(rule: str, optimizer: Any, variables: list[Any], grads: list
     def slot(v: Any, name: str) -> Any:
         return tf.cast(compat.optimizer_slot(optimizer, v, name), tf.float32)
 
-    if rule == "sgd":
-        return [-g for g in grads], lr
-    if rule == "momentum":  # Keras: m <- momentum m - lr g; w <- w + m
-        return [tf.cast(compat.sgd_momentum(optimizer, v), tf.float32) for v in variables], None
+    if rule == "sgd":  # w <- w - lr clip(g)
+        return Steps(list(grads), lr, -1.0)
+    if rule == "momentum":  # Keras: m <- momentum m - lr clip(g); w <- w + m
+        return Steps([tf.cast(compat.sgd_momentum(optimizer, v), tf.float32) for v in variables], None, 1.0)
     if rule == "adam":  # w <- w - alpha m / (sqrt(v) + eps), alpha = lr sqrt(1 - b2^t) / (1 - b1^t)
         t = tf.cast(optimizer.iterations, tf.float32)
         alpha = lr * tf.sqrt(1.0 - optimizer.beta_2 ** t) / (1.0 - optimizer.beta_1 ** t)
-        return [-slot(v, "momentums") / (tf.sqrt(slot(v, "velocities")) + optimizer.epsilon)
-                for v in variables], alpha
-    if rule == "rms_momentum":  # m <- momentum m + lr g / sqrt(den); w <- w - m
-        return [-slot(v, "momentums") for v in variables], None
-    if rule == "rmsprop":  # w <- w - lr g / sqrt(den), den = v (- mean^2 if centred) + eps
+        return Steps([slot(v, "momentums") / (tf.sqrt(slot(v, "velocities")) + optimizer.epsilon)
+                      for v in variables], alpha, -1.0)
+    if rule == "rms_momentum":  # m <- momentum m + lr clip(g) / sqrt(den); w <- w - m
+        return Steps([slot(v, "momentums") for v in variables], None, -1.0)
+    if rule == "rmsprop":  # w <- w - lr clip(g) / sqrt(den), den = v (- mean^2 if centred) + eps
         def den(v: Any) -> Any:
             d = slot(v, "velocities")
             return (d - tf.square(slot(v, "average_gradients")) if optimizer.centered else d) + optimizer.epsilon
 
-        return [-g / tf.sqrt(den(v)) for g, v in zip(grads, variables)], lr
+        return Steps([g * tf.math.rsqrt(den(v)) for g, v in zip(grads, variables)], lr, -1.0)
     raise ValueError(f"no update rule {rule!r}")
 
 
@@ -106,12 +115,20 @@ def clip_factors(optimizer: Any, grad_norms: Any) -> Any:
     return tf.ones_like(grad_norms)
 
 
-def with_decay(steps: list[Any], scale: Any, decay: list[Any], variables: list[Any]) -> list[Any]:
-    """The applied updates ``u_i = (d_i - c_i w_i) / (1 - c_i)`` from the optimizer's steps ``d = scale * q``,
-    the decay factors ``c`` and the weights after the update (Keras decays first: ``w_mid = w_old (1 - c)``,
-    then ``w = w_mid + d``)."""
-    out = []
-    for q, c, v in zip(steps, decay, variables):
-        d = q if scale is None else scale * q
-        out.append(d if c is None else (d - c * tf.cast(v, tf.float32)) / (1.0 - c))
-    return out
+def with_decay(steps: Steps, decay: list[Any], variables: list[Any]) -> tuple[list[Any], Any]:
+    """The tensors whose norms, times the returned per-tensor factors, are the applied updates' norms.
+
+    Keras decays first (``w_mid = w_old (1 - c)``), then steps (``w = w_mid + d``), so the update is
+    ``u = (d - c w) / (1 - c)`` with ``w`` the weights after the update. With ``d = sign * scale * q``:
+    ``|u| = |scale| |q + k w| / (1 - c)``, ``k = -sign c / scale``: two element-wise ops per decayed tensor.
+    """
+    scale = 1.0 if steps.scale is None else steps.scale
+    tensors, factors = [], []
+    for q, c, v in zip(steps.q, decay, variables):
+        if c is None:
+            tensors.append(q)
+            factors.append(tf.abs(scale) * tf.ones([]))
+        else:
+            tensors.append(q + (-steps.sign * c / scale) * tf.cast(v, tf.float32))
+            factors.append(tf.abs(scale) / (1.0 - c))
+    return tensors, tf.stack(factors)
