@@ -26,6 +26,25 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Measure this checkout's code: run from a second checkout (a worktree of an older commit), the installed
+# editable package would otherwise be the first one's. An explicit PYTHONPATH (old code, this script) wins.
+if "PYTHONPATH" not in os.environ:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def code_measured() -> dict[str, str]:
+    """Which checkout's ``ablations`` this process imported, and its commit (printed and in the JSON)."""
+    import subprocess
+
+    import ablations
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ablations.__file__)))
+    try:
+        commit = subprocess.run(["git", "-C", root, "describe", "--always", "--dirty"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"path": root, "commit": commit or "unknown"}
 
 # Issue #15's targets, on the CPU-time ratio: weight-gradient norms every step, the full statistic set every step
 # (the MLP; other models carry their own in Case.target) and every 16 steps. Cases without one are opt-in extras.
@@ -270,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     console = Console(width=160)
+    code = code_measured()
+    console.print(f"measuring {code['path']} at {code['commit']}", highlight=False)
     results = []
     exact = any(c.name == args.cases for c in CASES)  # a full case name picks that case alone
     for case in CASES:
@@ -300,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                   + (f", <= {r['memory_target']:.2f}x)" if r["memory_target"] else ")"))
     console.print(t)
     if args.json:
-        text = json.dumps({"results": results, "all_targets_met": ok}, indent=2)
+        text = json.dumps({"code": code, "results": results, "all_targets_met": ok}, indent=2)
         if args.json == "-":
             print(text)
         else:
