@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 from ablations import compat
 from ablations.instruments.base import tf
+from ablations.instruments.kernels import global_norm
 
 # Rules: sgd (no momentum), momentum (SGD with momentum), adam (Adam, AdamW), rmsprop (no momentum),
 # rms_momentum (RMSprop with momentum). Per-tensor clipping enters sgd and rmsprop after the norm (a factor per
@@ -106,8 +107,6 @@ def optimizer_steps(rule: str, optimizer: Any, variables: list[Any], grads: list
 
 def clip_factors(optimizer: Any, grad_norms: Any) -> Any:
     """The factor Keras' norm clipping scales each gradient by (1 where it does not clip), per tensor."""
-    from ablations.instruments.kernels import global_norm
-
     if optimizer.clipnorm:
         return tf.minimum(1.0, float(optimizer.clipnorm) / grad_norms)
     if optimizer.global_clipnorm:
