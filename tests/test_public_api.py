@@ -188,6 +188,36 @@ def test_subclassed_model_gets_per_tensor_statistics_and_a_note(tmp_path):
     assert arm_notes(s) == s["notes"]  # printed per arm by `ablate run`
 
 
+def test_a_misspelt_or_bad_capture_key_is_an_error_naming_it():
+    model = sigmoid_mlp(depth=2, width=8)
+    with pytest.raises(ValueError, match=r"unknown key 'capture.evry'. Did you mean 'every'\?.*drain_every"):
+        ablations.Probe(model, capture={"evry": 2})
+    with pytest.raises(ValueError, match=r"'capture.every': Input should be greater than 0"):
+        ablations.Probe(model, capture={"every": 0})
+    with pytest.raises(ValueError, match=r"capture.drain_every': not a drain interval"):
+        ablations.Probe(model, drain_every=0)
+    with pytest.raises(ValueError, match=r"takes a dict .* not list"):
+        ablations.Probe(model, capture=[1])
+
+
+def test_the_buffer_is_sized_as_ablate_run_sizes_it_unless_told():
+    from ablations.probe.recorder import AUTO_DRAIN, RING_SHARE, auto_drain_every, ring_capacity, weight_bytes
+
+    wide = ablations.Probe(sigmoid_mlp(depth=4, width=128), capture={"every": 2})
+    weights, per = weight_bytes(wide.net), wide.ring.bytes_per_capture()
+    steps = wide.recorder.drain_every
+    assert AUTO_DRAIN[0] < steps < AUTO_DRAIN[1]  # neither bound: the share decided it
+    assert wide.ring.capacity == ring_capacity(2, steps, steps, 1)
+    assert wide.ring.capacity * per <= RING_SHARE * weights < ring_capacity(2, steps + 2, steps + 2, 1) * per
+    wide.compile(optimizer="sgd", loss=XENT, steps_per_execution=8)  # the interval leaves room for the execution
+    assert wide.recorder.drain_every == auto_drain_every(per, weights, 2, 8) == steps - 7
+    small = ablations.Probe(sigmoid_mlp(depth=2, width=8))
+    assert small.recorder.drain_every == AUTO_DRAIN[0]  # a tiny net: the floor, not a share of nothing
+    told = ablations.Probe(sigmoid_mlp(depth=2, width=8), capture={"drain_every": 40}, drain_every=24)
+    assert told.recorder.drain_every == 24 and told.ring.capacity == ring_capacity(1, 24, 24, 1)
+    assert ablations.Probe(sigmoid_mlp(depth=2, width=8), capture={"drain_every": 40}).recorder.drain_every == 40
+
+
 def test_a_model_without_blocks_is_never_silent():
     x, y = digits(32)
     inp = keras.Input((64,))

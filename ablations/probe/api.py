@@ -23,7 +23,12 @@ import tensorflow as tf
 
 from ablations import compat, store
 from ablations.probe.model import ProbedModel, capture_dict
-from ablations.probe.recorder import DrainCallback, SnapshotCallback, ring_capacity
+from pydantic import ValidationError
+
+from ablations.config import CaptureConfig, Strict
+from ablations.config.errors import Where, format_errors
+from ablations.probe.recorder import (AUTO_DRAIN, DrainCallback, SnapshotCallback, auto_drain_every, ring_capacity,
+                                      weight_bytes)
 
 AXIS = "model"  # the grid axis of a probe run folder: one arm per saved probe
 PROBE_SOURCE = "ablations.Probe"  # = ablations.report.data.PROBE_SOURCE (the report imports no TensorFlow)
@@ -51,6 +56,28 @@ def select_output(model: keras.Model, output: str | None) -> keras.Model:
     return keras.Model(model.input, tensor, name=model.name)
 
 
+def checked_capture(capture: Any, drain_every: int | str | None = None) -> CaptureConfig:
+    """``capture`` (a dict, a CaptureConfig or None) validated as ``ablate run`` validates the YAML section, with
+    ``drain_every`` (when given) over the section's own; a misspelt key or a bad value is a ValueError naming it."""
+    cap = capture.model_dump() if isinstance(capture, CaptureConfig) else capture
+    if cap is not None and not isinstance(cap, dict):
+        raise ValueError(f"Probe(capture=...) takes a dict of the capture section's keys (README \"Capture\"), "
+                         f"not {type(cap).__name__}")
+    cap = dict(cap or {})
+    if drain_every is not None:
+        cap["drain_every"] = drain_every
+    try:
+        return _ProbeArgs.model_validate({"capture": cap}).capture
+    except ValidationError as err:
+        raise ValueError(format_errors(err, Where("Probe(capture=...)"), _ProbeArgs)) from None
+
+
+class _ProbeArgs(Strict):
+    """The capture section under its YAML name, so errors read ``capture.every`` as in a config file."""
+
+    capture: CaptureConfig = CaptureConfig()
+
+
 class _Recorder(DrainCallback):
     """The drain, with the epoch length taken from ``fit`` (unknown when the probe is built)."""
 
@@ -69,6 +96,7 @@ class _State:
     output: str | None
     values: dict[str, Any]
     seed: int = 0
+    drain_every: int | str = "auto"  # as given: "auto" is resolved again when compile sets steps_per_execution
     epochs: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     init_tables: dict[str, Any] | None = None  # measure_at_init(): the tables of one batch, no update
     snap_x: Any = None  # a batch of inputs for the snapshot instruments (LSTM/GRU gates)
@@ -88,29 +116,39 @@ class Probe(ProbedModel):
         name: the arm id in the run folder (default: the model's name).
         output: train and measure one named output of a multi-output model (a dict key or output name);
             None: every output, with the compiled loss over all of them (give ``loss`` a dict/list).
-        drain_every: steps between host reads of the on-device buffer.
+        drain_every: steps between host reads of the on-device buffer; None: the capture section's
+            ``drain_every``, whose default ``"auto"`` keeps the buffer within 5% of the trainable weights' bytes
+            (16 to 256 steps, as ``ablate run`` does).
         thresholds: verdict thresholds (``diagnose:`` keys, e.g. ``{"vanishing_ratio": 1e-4}``).
         values: extra grid values for this arm in the report (default ``{"model": name}``).
         seed: the seed the arm is listed under in the report (the probe itself seeds nothing).
     """
 
     def __init__(self, model: keras.Model, capture: Any = None, out: str | Path | None = None, *,
-                 name: str | None = None, output: str | None = None, drain_every: int = 64,
+                 name: str | None = None, output: str | None = None, drain_every: int | str | None = None,
                  thresholds: dict[str, float] | None = None, values: dict[str, Any] | None = None, seed: int = 0,
                  **kwargs: Any):
         net = select_output(model, output)
-        every = int((capture or {}).get("every", 1)) if isinstance(capture, dict) else 1
-        super().__init__(net, capture=capture, capacity=ring_capacity(every, drain_every, drain_every, 1), **kwargs)
+        cap = checked_capture(capture, drain_every)
+        super().__init__(net, capture=capture, capacity=ring_capacity(cap.every, AUTO_DRAIN[0], AUTO_DRAIN[0], 1),
+                         **kwargs)
+        steps = self._drain_steps(cap.drain_every, 1)
+        self.resize_ring(ring_capacity(self.every, steps, steps, 1))
         # Plain attributes (object.__setattr__): Keras would track dicts and lists assigned to a model.
-        state = _State(recorder=_Recorder(int(drain_every), int(drain_every)), arm_id=name or model.name,
+        state = _State(recorder=_Recorder(steps, steps), arm_id=name or model.name,
                        out=Path(out) if out is not None else None, thresholds=dict(thresholds or {}),
                        output=output, values=dict(values) if values is not None else {AXIS: name or model.name},
-                       seed=int(seed))
+                       seed=int(seed), drain_every=cap.drain_every)
         object.__setattr__(self, "state", state)
         object.__setattr__(self, "user_model", model)  # saved as final.keras (the whole model, every output)
         object.__setattr__(self, "capture", capture_dict(capture))
         if not self.spec.n_blocks:  # never silent: the summary and the report say it too
             warnings.warn(" ".join(self.spec.notes), UserWarning, stacklevel=2)
+
+    def _drain_steps(self, drain_every: int | str, steps_per_execution: int) -> int:
+        if drain_every != "auto":
+            return int(drain_every)
+        return auto_drain_every(self.ring.bytes_per_capture(), weight_bytes(self.net), self.every, steps_per_execution)
 
     @property
     def recorder(self) -> DrainCallback:
@@ -121,8 +159,9 @@ class Probe(ProbedModel):
 
     def compile(self, *args: Any, steps_per_execution: int = 1, **kwargs: Any) -> None:
         """``keras.Model.compile``; the device buffer grows to hold ``steps_per_execution`` steps per call."""
-        need = ring_capacity(self.every, self.state.recorder.drain_every, self.state.recorder.drain_every,
-                             int(steps_per_execution))
+        steps = self._drain_steps(self.state.drain_every, int(steps_per_execution))
+        self.recorder.drain_every = steps
+        need = ring_capacity(self.every, steps, steps, int(steps_per_execution))
         if need > self.ring.capacity:
             if self.recorder.model is not None:
                 self.recorder.drain()  # keep what the old buffer holds

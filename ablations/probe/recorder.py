@@ -36,12 +36,17 @@ def auto_drain_every(bytes_per_capture: int, weight_bytes: int, every: int, step
     return int(min(max(steps, AUTO_DRAIN[0]), AUTO_DRAIN[1]))
 
 
+def weight_bytes(net: Any) -> int:
+    """Bytes of ``net``'s trainable weights as float32 (or their float32 master copy under mixed precision)."""
+    return sum(int(np.prod(v.shape)) * 4 for v in net.trainable_weights)
+
+
 def size_ring(model: Any, drain_every: int | str, steps_per_epoch: int, steps_per_execution: int) -> int:
     """Sizes ``model``'s ring (a :class:`~ablations.probe.model.ProbedModel` not yet trained) for
     ``drain_every`` steps between drains (``"auto"``: :func:`auto_drain_every`); returns that interval."""
     if drain_every == "auto":
-        weights = sum(int(np.prod(v.shape)) * 4 for v in model.net.trainable_weights)  # float32 or its master copy
-        drain_every = auto_drain_every(model.ring.bytes_per_capture(), weights, model.every, steps_per_execution)
+        drain_every = auto_drain_every(model.ring.bytes_per_capture(), weight_bytes(model.net), model.every,
+                                       steps_per_execution)
     model.resize_ring(ring_capacity(model.every, int(drain_every), steps_per_epoch, steps_per_execution))
     return int(drain_every)
 
