@@ -31,7 +31,6 @@ import weakref
 from typing import Any, Callable
 
 import keras
-import numpy as np
 from ablations.lazy import pd
 import tensorflow as tf
 

@@ -57,8 +57,10 @@ class ActivationStats(Instrument):
     Blocks whose activations share a shape and function are stacked and reduced together (on CPU the op
     count, not the arithmetic, dominates); the activation is recomputed on its tapped input for its
     derivative, before the update, so an activation with weights (PReLU) uses the forward pass's slopes. A
-    plain ReLU's derivative is read from its output's sign (1 where positive, else 0, as TensorFlow's
-    ReluGrad), which halves the passes over the stacked activations.
+    plain ReLU is read from its output, tapped from the forward pass, and its derivative from the output's
+    sign (1 where positive, else 0, as TensorFlow's ReluGrad): no recomputation, and the block's
+    pre-activation is not kept alive as a tap, so oneDNN still fuses MatMul+BiasAdd+ReLU (README: Capture
+    overhead).
     """
 
     name = "activation"
@@ -77,16 +79,23 @@ class ActivationStats(Instrument):
         self.rows = [row for row, v in enumerate(self.spec.views) if v.act is not None and v.act_input is not None]
         self.layers = [self.spec.views[r].act for r in self.rows]
         self.thresholds = [SATURATION_FRACTION * max_derivative(layer) for layer in self.layers]
+        # Read from the tapped output (no input tap, no recomputation) where the output fixes the statistics.
+        self.from_output = [is_plain_relu(layer) and self.spec.views[r].act_output is not None
+                            for r, layer in zip(self.rows, self.layers)]
 
     def applies(self) -> bool:
         return bool(self.rows)
 
     def taps(self) -> dict[str, list[Any]]:
-        return {"act_in": [self.spec.views[r].act_input for r in self.rows]}
+        views = [self.spec.views[r] for r in self.rows]
+        return {"act_in": [v.act_input for v, out in zip(views, self.from_output) if not out],
+                "act_out": [v.act_output for v, out in zip(views, self.from_output) if out]}
 
     def compute(self, ctx: StepContext, red: Reducer) -> Finish:
-        act_in = ctx.taps["act_in"]
-        parts = [self._group(act_in, idx, red) for idx in _groups(act_in, key=lambda i: _signature(self.layers[i]))]
+        ins, outs = iter(ctx.taps.get("act_in", [])), iter(ctx.taps.get("act_out", []))
+        tapped = [next(outs) if out else next(ins) for out in self.from_output]  # per row, in row order
+        key = lambda i: (_signature(self.layers[i]), self.from_output[i])  # noqa: E731
+        parts = [self._group(tapped, idx, red) for idx in _groups(tapped, key=key)]
 
         def finish(r: Any) -> dict[str, Any]:
             cols: dict[str, tuple[list[int], list[Any]]] = {c.name: ([], []) for c in self.columns}
@@ -98,12 +107,15 @@ class ActivationStats(Instrument):
 
         return finish
 
-    def _group(self, act_in: list[Any], idx: list[int], red: Reducer) -> tuple[list[int], Any]:
+    def _group(self, tapped: list[Any], idx: list[int], red: Reducer) -> tuple[list[int], Any]:
         layer, thr = self.layers[idx[0]], self.thresholds[idx[0]]
         # One layer call on the stacked inputs; a layer alone in its group (PReLU: own weights and an input
         # spec that rejects a leading stack axis) is called on its own input.
-        z = tf.stack([act_in[i] for i in idx]) if len(idx) > 1 else act_in[idx[0]]
-        a, d = _output_and_slope(layer, tf.stop_gradient(z))
+        z = tf.stop_gradient(tf.stack([tapped[i] for i in idx]) if len(idx) > 1 else tapped[idx[0]])
+        if self.from_output[idx[0]]:  # the ReLU's output itself
+            a, d = tf.cast(z, tf.float32), None
+        else:
+            a, d = _output_and_slope(layer, z)
         if len(idx) == 1:
             a, d = a[None], (d[None] if d is not None else None)
         ax = list(range(1, len(a.shape)))

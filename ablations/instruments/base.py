@@ -71,7 +71,7 @@ class BlockView:
         layers: the block's layers by part name (zoo: ``linear``, ``act``, ``add``, ``gate``, ``rnn``, ...).
         pre: the tensor whose gradient is the block's dL/dz: the output of its first linear layer.
         pre_fused: ``pre`` is the output of a layer with a fused activation (then it is post-activation).
-        act: the block's first element-wise activation layer, ``act_input`` its input.
+        act: the block's first element-wise activation layer, ``act_input`` its input, ``act_output`` its output.
         skip, branch: the two inputs of the block's residual sum.
         gate: a highway transform gate's output.
         scalars: scalar weights read as block statistics, by name, all of the block's (ReZero ``alpha``: two in
@@ -93,6 +93,7 @@ class BlockView:
     pre_layer: str = ""
     act: Any = None
     act_input: Any = None
+    act_output: Any = None
     skip: Any = None
     branch: Any = None
     gate: Any = None

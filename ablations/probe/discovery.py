@@ -183,7 +183,7 @@ def _view(index: int, g: rules.Group, anc: dict[int, int], counted: set[int]) ->
             "fused" if rules.fused(lin.op) else "pre_activation"
         b.pre_fused = b.pre_kind != "pre_activation"
     if act is not None:
-        b.act, b.act_input = act.op, act.inputs[0]
+        b.act, b.act_input, b.act_output = act.op, act.inputs[0], act.outputs[0]
     if res is not None:
         b.skip, b.branch = add.inputs[res[0]], add.inputs[res[1]]
     if gate is not None:
