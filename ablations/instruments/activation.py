@@ -57,10 +57,10 @@ class ActivationStats(Instrument):
     Blocks whose activations share a shape and function are stacked and reduced together (on CPU the op
     count, not the arithmetic, dominates); the activation is recomputed on its tapped input for its
     derivative, before the update, so an activation with weights (PReLU) uses the forward pass's slopes. A
-    plain ReLU is read from its output, tapped from the forward pass, and its derivative from the output's
-    sign (1 where positive, else 0, as TensorFlow's ReluGrad): no recomputation, and the block's
-    pre-activation is not kept alive as a tap, so oneDNN still fuses MatMul+BiasAdd+ReLU (README: Capture
-    overhead).
+    plain ReLU, a sigmoid and a tanh are read from their output, tapped from the forward pass, with the
+    derivative TensorFlow's own gradient takes from it (ReluGrad: 1 where positive, else 0; SigmoidGrad:
+    a (1 - a); TanhGrad: 1 - a^2): no recomputation, and the block's pre-activation is not kept alive as a
+    tap, so oneDNN still fuses MatMul+BiasAdd+activation (README: Capture overhead).
     """
 
     name = "activation"
@@ -80,7 +80,7 @@ class ActivationStats(Instrument):
         self.layers = [self.spec.views[r].act for r in self.rows]
         self.thresholds = [SATURATION_FRACTION * max_derivative(layer) for layer in self.layers]
         # Read from the tapped output (no input tap, no recomputation) where the output fixes the statistics.
-        self.from_output = [is_plain_relu(layer) and self.spec.views[r].act_output is not None
+        self.from_output = [output_slope(layer) is not None and self.spec.views[r].act_output is not None
                             for r, layer in zip(self.rows, self.layers)]
 
     def applies(self) -> bool:
@@ -112,8 +112,9 @@ class ActivationStats(Instrument):
         # One layer call on the stacked inputs; a layer alone in its group (PReLU: own weights and an input
         # spec that rejects a leading stack axis) is called on its own input.
         z = tf.stop_gradient(tf.stack([tapped[i] for i in idx]) if len(idx) > 1 else tapped[idx[0]])
-        if self.from_output[idx[0]]:  # the ReLU's output itself
-            a, d = tf.cast(z, tf.float32), None
+        if self.from_output[idx[0]]:  # the activation's output itself
+            a = tf.cast(z, tf.float32)
+            d = output_slope(layer)(a)
         else:
             a, d = _output_and_slope(layer, z)
         if len(idx) == 1:
@@ -148,6 +149,25 @@ def is_plain_relu(layer: Any) -> bool:
         cfg = layer.get_config()
         return cfg.get("max_value") is None and not cfg.get("negative_slope") and not cfg.get("threshold")
     return isinstance(layer, keras.layers.Activation) and layer.activation is keras.activations.relu
+
+
+def _sigmoid_slope(a: Any) -> Any:
+    return a * (1.0 - a)  # SigmoidGrad's form: >= 0 for every float32 sigmoid output
+
+
+def _tanh_slope(a: Any) -> Any:
+    return 1.0 - tf.square(a)  # TanhGrad's form: >= 0, |tanh| <= 1 in float32
+
+
+def output_slope(layer: Any) -> Any:
+    """``a -> |derivative|`` from the activation's output for the activations whose output fixes it (``a ->
+    None`` for a plain ReLU: its statistics read the output's sign), else None (recomputed from the input)."""
+    import keras
+
+    if is_plain_relu(layer):
+        return lambda a: None
+    fn = getattr(layer, "activation", None) if isinstance(layer, keras.layers.Activation) else None
+    return {keras.activations.sigmoid: _sigmoid_slope, keras.activations.tanh: _tanh_slope}.get(fn)
 
 
 def _output_and_slope(layer: Any, z: Any) -> tuple[Any, Any]:
