@@ -458,6 +458,47 @@ def test_capture_groups_that_are_off_stay_nan(params, updates, activations):
         assert b.drop(columns=["step", "epoch", "block"]).isna().all().all()
 
 
+CAPPED = {  # name -> (layer, cap, TensorFlow's derivative of the layer at z)
+    "relu6 layer": (lambda n: keras.layers.ReLU(max_value=6.0, name=n), 6.0, lambda z: (z > 0) & (z < 6)),
+    "relu6 function": (lambda n: keras.layers.Activation("relu6", name=n), 6.0, lambda z: (z > 0) & (z < 6)),
+    # Another cap clips after the ReLU; the clip's gradient passes at the cap itself.
+    "cap 5": (lambda n: keras.layers.ReLU(max_value=5.0, name=n), 5.0, lambda z: (z > 0) & (z <= 5)),
+}
+
+
+@pytest.mark.parametrize("kind", list(CAPPED))
+def test_capped_relu_statistics_follow_tensorflows_derivative_at_the_cap(kind):
+    make, cap, deriv = CAPPED[kind]
+    keras.utils.set_random_seed(3)
+    parts = [keras.Input((64,))]
+    for i in range(2):
+        parts += [keras.layers.Dense(16, name=f"block_{i:03d}_linear"), make(f"block_{i:03d}_act")]
+    model = keras.Sequential(parts + [keras.layers.Dense(N_OUT, name="head_linear")])
+    lin = model.get_layer("block_000_linear")
+    k, b = lin.get_weights()
+    k, b = 12.0 * k, b.copy()  # entries below 0 and above the cap
+    k[:, 0], b[0] = 0.0, cap  # unit 0 sits on the cap for every example: z == cap exactly
+    lin.set_weights([k, b])
+    rng = np.random.RandomState(0)
+    x, y = rng.uniform(size=(32, 64)).astype(np.float32), rng.randint(0, N_OUT, size=32)
+    df = ablations.measure(model, (x, y), loss_fn())
+    blocks = df.drop_duplicates("depth").set_index("depth")
+    h = x.astype(np.float64)
+    for i in range(2):
+        kk, bb = (np.asarray(w, np.float64) for w in model.get_layer(f"block_{i:03d}_linear").get_weights())
+        z = h @ kk + bb
+        a, d = np.clip(z, 0.0, cap), deriv(z)
+        one = 1.0 / z.size  # one entry within float32 rounding of a kink
+        assert abs(blocks.loc[i, "act_saturation"] - np.mean(~d)) <= one, (kind, i)
+        assert abs(blocks.loc[i, "act_dead"] - np.mean(np.all(~d, axis=0))) <= 1.0 / z.shape[1], (kind, i)
+        assert_close(blocks.loc[i, "act_mean"], a.mean(), rtol=1e-5)
+        assert_close(blocks.loc[i, "act_std"], a.std(), rtol=1e-4)
+        if i == 0:  # the unit on the cap tells the two rules apart by 32 entries, so the check above does
+            assert np.all(z[:, 0] == cap) and np.sum(z[:, 1:] == cap) == 0
+            assert np.sum((z > 0) & (z <= cap)) - np.sum((z > 0) & (z < cap)) == len(z)
+        h = a
+
+
 def test_prelu_statistics_are_those_of_the_forward_pass_not_the_updated_slopes():
     # PReLU's slope is a weight: its derivative is recomputed from the block input, which must use the slope
     # the forward pass used, not the one the optimizer has just changed (a large learning rate moves it).

@@ -159,6 +159,22 @@ def _tanh_slope(a: Any) -> Any:
     return 1.0 - tf.square(a)  # TanhGrad's form: >= 0, |tanh| <= 1 in float32
 
 
+def _relu6_slope(a: Any) -> Any:
+    # Relu6Grad's rule (0 < z < 6), read from the output: 0 < a < 6 exactly where 0 < z < 6.
+    return tf.cast(tf.logical_and(a > 0.0, a < 6.0), tf.float32)
+
+
+def _is_relu6(layer: Any) -> bool:
+    """``min(max(z, 0), 6)`` as TensorFlow's Relu6 (MobileNet): ``ReLU(max_value=6)`` or ``Activation('relu6')``.
+    Other caps clip after the ReLU, whose gradient also passes at the cap itself: recomputed from the input."""
+    import keras
+
+    if isinstance(layer, keras.layers.ReLU):
+        cfg = layer.get_config()
+        return cfg.get("max_value") == 6 and not cfg.get("negative_slope") and not cfg.get("threshold")
+    return isinstance(layer, keras.layers.Activation) and layer.activation is keras.activations.relu6
+
+
 def output_slope(layer: Any) -> Any:
     """``a -> |derivative|`` from the activation's output for the activations whose output fixes it (``a ->
     None`` for a plain ReLU: its statistics read the output's sign), else None (recomputed from the input)."""
@@ -166,6 +182,8 @@ def output_slope(layer: Any) -> Any:
 
     if is_plain_relu(layer):
         return lambda a: None
+    if _is_relu6(layer):
+        return _relu6_slope
     fn = getattr(layer, "activation", None) if isinstance(layer, keras.layers.Activation) else None
     return {keras.activations.sigmoid: _sigmoid_slope, keras.activations.tanh: _tanh_slope}.get(fn)
 
