@@ -499,6 +499,24 @@ def test_capped_relu_statistics_follow_tensorflows_derivative_at_the_cap(kind):
         h = a
 
 
+@pytest.mark.parametrize("arch, act", [("plain_mlp", "relu"), ("plain_mlp", "sigmoid"), ("resnet_cnn", "relu"),
+                                       ("highway_cnn", "tanh")])
+def test_activation_statistics_are_the_same_block_by_block_or_stacked(arch, act, monkeypatch):
+    # A CPU host reads them block by block, an accelerator on the stacked outputs: both must give one answer.
+    from ablations.instruments import activation
+
+    net = build(arch, act, depth=3, dtype="float32", bias_init_std=0.2)
+    x, y = batch(16, seed=4)
+    cols = ["act_mean", "act_std", "act_saturation", "act_dead"]
+    got = {}
+    for per_block in (True, False):
+        monkeypatch.setattr(activation, "per_block_on_this_host", lambda: per_block)
+        df = ablations.measure(net, (x, y), loss_fn()).drop_duplicates("depth")
+        got[per_block] = df[df["depth"] >= 0][cols].to_numpy()
+    assert np.isfinite(got[True]).all() and got[True].shape[0] >= 3
+    np.testing.assert_allclose(got[True], got[False], rtol=1e-6, atol=1e-7)
+
+
 def test_prelu_statistics_are_those_of_the_forward_pass_not_the_updated_slopes():
     # PReLU's slope is a weight: its derivative is recomputed from the block input, which must use the slope
     # the forward pass used, not the one the optimizer has just changed (a large learning rate moves it).
