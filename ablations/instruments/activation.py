@@ -54,13 +54,13 @@ def _groups(tensors: list[Any], key: Any) -> list[list[int]]:
 class ActivationStats(Instrument):
     """Mean, std, saturated share and dead-unit share of each block's activation output, global batch.
 
-    Blocks whose activations share a shape and function are stacked and reduced together (on CPU the op
-    count, not the arithmetic, dominates); the activation is recomputed on its tapped input for its
-    derivative, before the update, so an activation with weights (PReLU) uses the forward pass's slopes. A
-    plain ReLU, a sigmoid and a tanh are read from their output, tapped from the forward pass, with the
-    derivative TensorFlow's own gradient takes from it (ReluGrad: 1 where positive, else 0; SigmoidGrad:
-    a (1 - a); TanhGrad: 1 - a^2): no recomputation, and the block's pre-activation is not kept alive as a
-    tap, so oneDNN still fuses MatMul+BiasAdd+activation (README: Capture overhead).
+    A plain ReLU, a sigmoid, a tanh and a Relu6 are read from their output, tapped from the forward pass,
+    with the derivative TensorFlow's own gradient takes from it (ReluGrad: 1 where positive, else 0;
+    SigmoidGrad: a (1 - a); TanhGrad: 1 - a^2; Relu6Grad: 0 < a < 6): no recomputation, and the block's
+    pre-activation is not kept alive as a tap, so oneDNN still fuses MatMul+BiasAdd+activation; on a CPU host
+    block by block, on an accelerator stacked (:func:`per_block_on_this_host`). Other activations are
+    recomputed on their tapped input, stacked per shape and function (one layer call), before the update, so
+    an activation with weights (PReLU) uses the forward pass's slopes. README: Capture overhead.
     """
 
     name = "activation"
