@@ -20,13 +20,12 @@ from typing import Any
 
 import keras
 import tensorflow as tf
-
-from ablations import compat, store
-from ablations.probe.model import ProbedModel, capture_dict
 from pydantic import ValidationError
 
+from ablations import compat, store
 from ablations.config import CaptureConfig, Strict
 from ablations.config.errors import Where, format_errors
+from ablations.probe.model import ProbedModel, capture_dict
 from ablations.probe.recorder import (AUTO_DRAIN, DrainCallback, SnapshotCallback, auto_drain_every, ring_capacity,
                                       weight_bytes)
 
