@@ -57,8 +57,8 @@ class ActivationStats(Instrument):
     A plain ReLU, a sigmoid, a tanh and a Relu6 are read from their output, tapped from the forward pass,
     with the derivative TensorFlow's own gradient takes from it (ReluGrad: 1 where positive, else 0;
     SigmoidGrad: a (1 - a); TanhGrad: 1 - a^2; Relu6Grad: 0 < a < 6): no recomputation, and the block's
-    pre-activation is not kept alive as a tap, so oneDNN still fuses MatMul+BiasAdd+activation; on a CPU host
-    block by block, on an accelerator stacked (:func:`per_block_on_this_host`). Other activations are
+    pre-activation is not kept alive as a tap, so oneDNN still fuses MatMul+BiasAdd+activation; block by block
+    for wide blocks on a CPU host, else stacked (:func:`per_block_on_this_host`, ``PER_BLOCK_MIN_ENTRIES``). Other activations are
     recomputed on their tapped input, stacked per shape and function (one layer call), before the update, so
     an activation with weights (PReLU) uses the forward pass's slopes. README: Capture overhead.
     """
@@ -109,7 +109,9 @@ class ActivationStats(Instrument):
 
     def _group(self, tapped: list[Any], idx: list[int], red: Reducer) -> tuple[list[int], Any]:
         out = self.from_output[idx[0]]
-        sums = self._per_block(tapped, idx) if out and per_block_on_this_host() else self._stacked(tapped, idx, out)
+        wide = _entries_per_example(tapped[idx[0]]) >= PER_BLOCK_MIN_ENTRIES
+        sums = self._per_block(tapped, idx) if out and wide and per_block_on_this_host() else \
+            self._stacked(tapped, idx, out)
         h = [red.sums(t) for t in sums]
         k = len(idx)
 
@@ -166,6 +168,18 @@ class ActivationStats(Instrument):
             alive = tf.reduce_max(d, axis=1)
             sat = tf.reduce_sum(tf.cast(d < thr, tf.float32), ax)
         return tf.reduce_sum(a, ax), tf.reduce_sum(tf.square(a), ax), n, sat, alive
+
+
+# Block by block only where a block's tensor is big enough for TensorFlow to split its reductions (at batch 64:
+# 16K entries for 256 units); narrow deep nets keep the stacked form, whose op count does not grow with depth
+# (a width-16 ReZero MLP of 1000 blocks would otherwise run 7000 more ops a captured step).
+PER_BLOCK_MIN_ENTRIES = 256
+
+
+def _entries_per_example(t: Any) -> int:
+    """Entries of one example of ``t`` (its static non-batch shape; 0 when unknown: stacked)."""
+    dims = tuple(t.shape[1:])
+    return 0 if None in dims else int(np.prod(dims, dtype=np.int64))
 
 
 def per_block_on_this_host() -> bool:
