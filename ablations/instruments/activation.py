@@ -58,9 +58,10 @@ class ActivationStats(Instrument):
     with the derivative TensorFlow's own gradient takes from it (ReluGrad: 1 where positive, else 0;
     SigmoidGrad: a (1 - a); TanhGrad: 1 - a^2; Relu6Grad: 0 < a < 6): no recomputation, and the block's
     pre-activation is not kept alive as a tap, so oneDNN still fuses MatMul+BiasAdd+activation; block by block
-    for wide blocks on a CPU host, else stacked (:func:`per_block_on_this_host`, ``PER_BLOCK_MIN_ENTRIES``). Other activations are
-    recomputed on their tapped input, stacked per shape and function (one layer call), before the update, so
-    an activation with weights (PReLU) uses the forward pass's slopes. README: Capture overhead.
+    for wide blocks on a CPU host, else stacked (:func:`per_block_on_this_host`, ``PER_BLOCK_MIN_ENTRIES``).
+    Other activations are recomputed on their tapped input, stacked per shape and function (one layer call),
+    before the update, so an activation with weights (PReLU) uses the forward pass's slopes. README: Capture
+    overhead.
     """
 
     name = "activation"
