@@ -130,20 +130,23 @@ class ActivationStats(Instrument):
         replicas: > 0 on any replica means alive), from each block's own output tensor, block by block (on a
         CPU: :func:`per_block_on_this_host`)."""
         slope, thr = output_slope(self.layers[idx[0]]), self.thresholds[idx[0]]
-        s, ss, sat, alive = [], [], [], []
+        relu = is_plain_relu(self.layers[idx[0]])  # its slope is read from the output's sign
+        s, half_ss, counted, alive = [], [], [], []  # counted: positive entries (ReLU), else saturated ones
         for i in idx:
             a = tf.cast(tf.stop_gradient(tapped[i]), tf.float32)
             s.append(tf.reduce_sum(a))
-            ss.append(2.0 * tf.nn.l2_loss(a))
-            d = slope(a)
-            if d is None:  # ReLU: slope 1 where the output is positive, else 0 (below any threshold); a >= 0
-                sat.append(tf.cast(tf.size(a), tf.float32) - tf.reduce_sum(tf.sign(a)))
+            half_ss.append(tf.nn.l2_loss(a))
+            if relu:  # slope 1 where the output is positive, else 0 (below any threshold); a >= 0
+                counted.append(tf.reduce_sum(tf.sign(a)))
                 alive.append(tf.reduce_max(a, axis=0))
             else:
-                sat.append(tf.reduce_sum(tf.cast(d < thr, tf.float32)))
+                d = slope(a)
+                counted.append(tf.reduce_sum(tf.cast(d < thr, tf.float32)))
                 alive.append(tf.reduce_max(d, axis=0))  # alive if any example has a nonzero slope
         n = tf.fill([len(idx)], tf.cast(tf.size(tapped[idx[0]]), tf.float32))
-        return tf.stack(s), tf.stack(ss), n, tf.stack(sat), tf.stack(alive)
+        # The scalar arithmetic once per group, not per block (the captured step runs every op it traces).
+        sat = n - tf.stack(counted) if relu else tf.stack(counted)
+        return tf.stack(s), 2.0 * tf.stack(half_ss), n, sat, tf.stack(alive)
 
     def _stacked(self, tapped: list[Any], idx: list[int], outputs: bool) -> tuple[Any, ...]:
         """As :meth:`_per_block`, on the group's tensors stacked: the outputs, or the inputs with the activation
