@@ -49,6 +49,19 @@ def unscale_loss(loss: Any) -> Any:
     return loss_module.unscale_loss_for_distribution(loss)
 
 
+def reduce_step_logs(logs: Any, strategy: Any) -> Any:
+    """A step's logs from ``strategy.run`` reduced over replicas as ``fit`` reduces them
+    (``reduce_per_replica(..., reduction="auto")``).
+
+    Why: :mod:`ablations.probe.execution` compiles its own multi-step execution (a captured step, then plain
+    ones, in one call) and must hand ``fit`` the logs Keras' own train function would; the reduction lives in
+    keras/src/backend/tensorflow/trainer.py with no public twin. Checked on Keras 3.15.
+    """
+    from keras.src.backend.tensorflow.trainer import reduce_per_replica
+
+    return reduce_per_replica(logs, strategy, reduction="auto")
+
+
 class StrategyIndependentBuild:
     """Mixin for a ``keras.Model`` subclass: builds from the dataset's element spec, not from a batch, and
     before the first step is traced under every strategy.

@@ -5,14 +5,25 @@ misses its targets".
 (activations, weight/update norms, both), each against plain Keras, in alternating order; run it under
 ``TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1`` and without, to see what the second thread costs.
 
-``--calls``: the every-16 ``steps_per_execution: 16`` case, where a captured step is a one-step compiled call of
-its own and the other 15 steps one call of Keras' own step: both kinds timed apart, beside Keras' own 16-step
-and one-step calls.
+``--calls``: the every-16 ``steps_per_execution: 16`` case, where every execution is a captured step and 15
+plain ones in one call: that call timed, beside Keras' own 16-step and one-step calls.
+
+``--switch``: the compiled plain and probed one-step functions of the every-16 case called directly, each
+timed after a call of the same kind, after the other kind, after a 10 ms sleep and after a 64 MB array is
+written (which evicts the caches): what a step costs depends on what ran before it, and a captured step among
+plain ones pays that on top of its statistics.
+
+``--merge``: the every-16 ``steps_per_execution: 16`` case with an execution that starts on a captured step run
+as one call (:mod:`ablations.probe.execution`, the default), as two calls (a one-step probed call, then Keras'
+own 15-step call: the code before 2026-12-05) and as one call of the probed function, whose every step picks
+its branch by ``tf.cond``; side by side against plain Keras, in alternating order.
 
 Usage::
 
     python benchmarks/step_breakdown.py --groups [--rounds 4]
     python benchmarks/step_breakdown.py --calls [--rounds 6]
+    python benchmarks/step_breakdown.py --switch [--rounds 8]
+    python benchmarks/step_breakdown.py --merge [--rounds 6]
 """
 
 from __future__ import annotations
@@ -70,7 +81,8 @@ def calls(rounds: int, steps: int = 256) -> None:
     plain1, _, _ = co._models(_case("mlp20x256 full every=16 spe=1"))
     for model, cb in ((plain, []), (probed, cbs()), (plain1, [])):
         co._timed_fit(model, ds, 64, cb)
-    timed = {"captured one-step call": [0.0, 0], "15 plain steps in one call": [0.0, 0]}
+    # every == k: every execution holds a captured step, so the probe's plain function never runs here
+    timed = {"captured execution (1 probed + 15 plain steps)": [0.0, 0]}
     fn = probed.train_function
 
     def wrap(f, key):
@@ -82,7 +94,7 @@ def calls(rounds: int, steps: int = 256) -> None:
             return out
         return call
 
-    fn.mixed = (wrap(fn.mixed[0], "captured one-step call"), wrap(fn.mixed[1], "15 plain steps in one call"))
+    fn.mixed = wrap(fn.mixed, "captured execution (1 probed + 15 plain steps)")
     cpu: dict[str, list[float]] = {"Keras, 16 steps per call": [], "probe": [], "Keras, 1 step per call": []}
     for _ in range(rounds):
         for model, key, cb in ((plain, "Keras, 16 steps per call", []), (probed, "probe", cbs()),
@@ -90,23 +102,107 @@ def calls(rounds: int, steps: int = 256) -> None:
                                (plain1, "Keras, 1 step per call", [])):
             cpu[key].append(co._timed_fit(model, ds, steps, cb)[1] * 1e3)
     for key, v in cpu.items():
-        print(f"{key:28s} {statistics.median(v):6.2f} ms CPU/step")
+        print(f"{key:48s} {statistics.median(v):6.2f} ms CPU/step")
     for key, (seconds, n) in timed.items():
-        print(f"{key:28s} {seconds / n * 1e3:6.2f} ms CPU/call ({n} calls)")
+        print(f"{key:48s} {seconds / n * 1e3:6.2f} ms CPU/call ({n} calls; {seconds / n / 16 * 1e3:.2f} per step)")
+
+
+def _call_ms(fn, iterator, step) -> float:
+    step.assign(0)  # a step the probed function captures (its tf.cond picks the capture branch on multiples of 16)
+    c0 = time.process_time()
+    fn(iterator)
+    return (time.process_time() - c0) * 1e3
+
+
+def switch(rounds: int) -> None:
+    """CPU ms of one plain and one probed compiled step, by what ran just before."""
+    import numpy as np
+
+    _, probed, cbs = co._models(_case("mlp20x256 full every=16 spe=1"))
+    co._timed_fit(probed, co._dataset(64), 64, cbs())  # trace and compile both functions
+    fn, it = probed.train_function, iter(co._dataset(64))
+    step = probed.optimizer.iterations
+
+    def captured(iterator):
+        step.assign(0)
+        return fn.probed(iterator)
+
+    kinds = {"plain": fn.plain, "probed": captured}
+    flush = np.zeros(64 << 20, np.uint8)
+    before = {"the same kind": lambda own, other: [own(it) for _ in range(4)],
+              "the other kind (probed after 15 plain, plain after 1 probed)":
+                  lambda own, other: [other(it) for _ in range(15 if own is captured else 1)],
+              "a 10 ms sleep": lambda own, other: [own(it), time.sleep(0.01)],
+              "64 MB written": lambda own, other: [own(it), flush.fill(1)]}
+    ms = {(b, k): [] for b in before for k in kinds}
+    for r in range(rounds):
+        for b, prepare in (before.items() if r % 2 == 0 else list(before.items())[::-1]):
+            for k, own in kinds.items():
+                prepare(own, kinds["probed" if k == "plain" else "plain"])
+                ms[b, k].append(_call_ms(fn.plain if k == "plain" else fn.probed, it, step))
+    for b in before:
+        p, q = (statistics.median(ms[b, k]) for k in kinds)
+        print(f"after {b:62s} plain {p:6.2f}  probed {q:6.2f} ms CPU  (+{q - p:4.2f})")
+
+
+def _two_calls(probed, k: int):
+    """The captured execution as it was before 2026-12-05: a one-step probed call, then Keras' (k-1)-step one."""
+    fn = probed.train_function
+    first, rest = probed._compiled(probed.train_step, 1), probed._compiled(probed.plain_train_step, k - 1)
+    probed.train_function = fn  # _compiled builds through Keras' make_train_function, which replaces it
+
+    def call(iterator):
+        first(iterator)
+        return rest(iterator)  # the benchmark's data never ends
+
+    return call
+
+
+def merge(rounds: int, steps: int = 256) -> None:
+    """CPU ms per step of the every-16 spe-16 case with the captured execution as one call (the default), as
+    two calls, and as the probed function whose every step picks its branch by ``tf.cond``."""
+    case = _case("mlp20x256 full every=16 spe=16")
+    ds = co._dataset(64)
+    plain, probed, cbs = co._models(case)
+    co._timed_fit(plain, ds, 64, [])
+    co._timed_fit(probed, ds, 64, cbs())
+    fn = probed.train_function
+    variants = {"plain Keras": None, "one call (default)": fn.mixed, "two calls": _two_calls(probed, case.spe),
+                "per-step tf.cond": None}
+    for key, mixed in list(variants.items())[1:]:
+        fn.mixed = mixed
+        co._timed_fit(probed, ds, 64, cbs())  # trace each variant outside the timing
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(rounds):
+        for key in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+            fn.mixed = variants[key]
+            model, cb = (plain, []) if key == "plain Keras" else (probed, cbs())
+            cpu[key].append(co._timed_fit(model, ds, steps, cb)[1] * 1e3)
+    fn.mixed = variants["one call (default)"]
+    base = statistics.median(cpu["plain Keras"])
+    for key, v in cpu.items():
+        ms = statistics.median(v)
+        print(f"{key:20s} {ms:6.2f} ms CPU/step  {ms / base:5.3f}x  ({' '.join(f'{x:.2f}' for x in v)})")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--groups", action="store_true", help="statistic groups switched off one at a time")
     p.add_argument("--calls", action="store_true", help="the every-16 spe-16 case's compiled calls timed apart")
+    p.add_argument("--switch", action="store_true", help="one step's cost by what ran before it")
+    p.add_argument("--merge", action="store_true", help="the captured execution as two calls and as one")
     p.add_argument("--rounds", type=int, default=4)
     args = p.parse_args(argv)
-    if not (args.groups or args.calls):
-        p.error("give --groups and/or --calls")
+    if not (args.groups or args.calls or args.switch or args.merge):
+        p.error("give one or more of --groups, --calls, --switch, --merge")
     if args.groups:
         groups(args.rounds)
     if args.calls:
         calls(args.rounds)
+    if args.switch:
+        switch(args.rounds)
+    if args.merge:
+        merge(args.rounds)
     return 0
 
 

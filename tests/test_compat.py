@@ -41,6 +41,9 @@ def test_keras_trainer_internals() -> None:
     assert float(loss) >= 0
     assert float(compat.unscale_loss(loss)) == pytest.approx(float(loss))  # one replica: unchanged
     compat.track_loss(m, loss, 5)
+    strategy = tf.distribute.get_strategy()
+    logs = compat.reduce_step_logs(strategy.run(lambda: {"loss": tf.constant(2.0)}), strategy)
+    assert float(logs["loss"]) == 2.0
     assert hasattr(keras.Model, "_maybe_symbolic_build")  # compat.StrategyIndependentBuild overrides it
     assert issubclass(compat.StrategyIndependentBuild, object)
     rnn = compat.wrapped_rnn_base()

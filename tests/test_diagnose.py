@@ -183,14 +183,15 @@ def test_jit_and_steps_per_execution_match_plain_capture(jit: bool, spe: int, no
         np.testing.assert_allclose(got[name][cols].to_numpy(), ref[name][cols].to_numpy(), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("batches", [8, 9])
-def test_an_execution_that_starts_on_a_captured_step_runs_it_then_plain_steps(batches: int, no_op_determinism) -> None:
-    """every 4, steps_per_execution 4: one probed step, then 3 plain ones per execution (two calls). With 9
-    batches an epoch ends right after a probed step (the plain call has no data), and the second epoch starts
+@pytest.mark.parametrize("batches,jit", [(8, False), (9, False), (9, True)])
+def test_an_execution_that_starts_on_a_captured_step_runs_it_then_plain_steps(batches: int, jit: bool,
+                                                                              no_op_determinism) -> None:
+    """every 4, steps_per_execution 4: one probed step, then 3 plain ones per execution (one call). With 9
+    batches an epoch ends right after a probed step (the plain steps have no data), and the second epoch starts
     off the grid (step 9), so its due executions take the per-step tf.cond instead: all equal to spe 1."""
     models: list = []
     ref, _ = _probe_run(False, 1, 4, batches, models)
-    got, drain = _probe_run(False, 4, 4, batches, models)
+    got, drain = _probe_run(jit, 4, 4, batches, models)  # jit: each step XLA-compiled, as Keras compiles its own
     plain_run, mixed_run = models
     assert mixed_run.train_function.mixed is not None and mixed_run.train_function.mixed_calls >= 2
     assert list(got["history"].step) == list(range(0, 2 * batches, 4)) and drain.lost == 0

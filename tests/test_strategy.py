@@ -40,28 +40,47 @@ def run_py(code: str, timeout: float, env: dict | None = None) -> subprocess.Com
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
+_TWO_ARMS = """
+    import json, sys
+    from pathlib import Path
+    from ablations.config import parse_experiment
+    from ablations.strategy import configure_devices, make_strategy
+    cfgs = {s: parse_experiment(c) for s, c in json.loads(sys.argv[1]).items()}
+    configure_devices(cfgs["mirrored"].runtime)  # before any TensorFlow op
+    from ablations.runner import run_arm
+    assert make_strategy(cfgs["mirrored"].runtime).num_replicas_in_sync == 2
+    for name, exp in cfgs.items():
+        s = run_arm(exp.arms()[0], Path(sys.argv[2]) / name)
+        assert s["status"] == "completed", s
+"""
+
+
+def test_mirrored_executions_of_a_captured_and_plain_steps_match_default(tfds_dir: str, tmp_path: Path) -> None:
+    """2 replicas, steps_per_execution 2, every 2: each execution is one call of a captured step and a plain one
+    (ablations.probe.execution) under the strategy; the same tables as one step per call without a strategy."""
+    mirrored = {"strategy": "mirrored", "logical_cpus": 2, "devices": ["/cpu:0", "/cpu:1"]}
+    cfgs = {"default": tiny({"strategy": "default", "logical_cpus": 2}, steps_per_epoch=4),
+            "mirrored": tiny(mirrored, steps_per_epoch=4, steps_per_execution=2)}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_TWO_ARMS), json.dumps(cfgs), str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for table, cols in NUMERIC.items():
+        a = pd.read_parquet(tmp_path / "default" / f"{table}.parquet")
+        b = pd.read_parquet(tmp_path / "mirrored" / f"{table}.parquet")
+        assert list(a["step"]) == list(b["step"]) and set(a["step"]) == {0, 2, 4, 6}, table
+        np.testing.assert_allclose(b[cols].to_numpy(float), a[cols].to_numpy(float), rtol=1e-5, atol=1e-7,
+                                   err_msg=table)
+
+
 def test_mirrored_on_two_logical_cpus_matches_default(tfds_dir: str, tmp_path: Path) -> None:
     """Same losses and statistics (rel. error < 1e-5) with 2 replicas as with the default strategy."""
-    code = f"""
-        import json, sys
-        from pathlib import Path
-        from ablations.config import parse_experiment
-        from ablations.strategy import configure_devices, make_strategy
-        cfgs = {{s: parse_experiment(c) for s, c in json.loads(sys.argv[1]).items()}}
-        configure_devices(cfgs["mirrored"].runtime)  # before any TensorFlow op
-        from ablations.runner import run_arm
-        assert make_strategy(cfgs["mirrored"].runtime).num_replicas_in_sync == 2
-        for name, exp in cfgs.items():
-            s = run_arm(exp.arms()[0], Path({str(tmp_path)!r}) / name)
-            assert s["status"] == "completed", s
-    """
     cfgs = {"default": tiny({"strategy": "default", "logical_cpus": 2}),
             "mirrored": tiny({"strategy": "mirrored", "logical_cpus": 2, "devices": ["/cpu:0", "/cpu:1"]})}
     for c in cfgs.values():  # the opt-in instruments too: per-example sums all-reduced, own cadences (an own
         # table, and columns of the shared params table: computed every step under replicas, recorded when due)
         c["capture"]["instruments"] = {"per_example": {"every": 4}, "init_distance": {"every": 4}}
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), json.dumps(cfgs)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_TWO_ARMS), json.dumps(cfgs), str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for table, cols in {**NUMERIC, "params": [*NUMERIC["params"], "init_distance"]}.items():
         a = pd.read_parquet(tmp_path / "default" / f"{table}.parquet")

@@ -9,8 +9,9 @@ step counter only when Keras hands it a new iterator (once per epoch for finite 
 otherwise), which also corrects the count after a short last execution.
 
 With ``steps_per_execution`` k > 1 and ``every`` a multiple of k, an execution that starts on a captured step
-is two calls: one probed step, then k - 1 plain steps, so those plain steps run Keras' own step without the
-per-step ``tf.cond`` of the probed function (other due executions keep it).
+is one call of a third function (:mod:`ablations.probe.execution`): one probed step, then k - 1 plain steps,
+so those plain steps run the plain step without the per-step ``tf.cond`` of the probed function (other due
+executions keep it).
 
 It also measures, from the steps themselves, what capturing costs in this run: the host-observed time of
 plain and of probed executions (the first calls of each, which trace and compile, left out). On CPU a call
@@ -33,12 +34,13 @@ class Dispatcher:
         plain, probed: Keras' compiled multi-step train functions (``steps_per_execution`` steps per call).
         every: the probe's capture interval; ``steps``: steps per execution.
         step_counter: reads the optimizer's step (a host read of the device variable).
+        mixed: one call of one probed step then k - 1 plain ones (``every`` a multiple of k), or None.
     """
 
     def __init__(self, plain: Callable[[Any], Any], probed: Callable[[Any], Any], every: int, steps: int,
-                 step_counter: Callable[[], int], mixed: tuple[Callable[[Any], Any], Callable[[Any], Any]] | None = None):
+                 step_counter: Callable[[], int], mixed: Callable[[Any], Any] | None = None):
         self.plain, self.probed, self.every, self.k = plain, probed, int(every), int(steps)
-        self.mixed = mixed  # (one probed step, k - 1 plain steps): an execution that starts on a captured step
+        self.mixed = mixed  # one probed step, then k - 1 plain steps: an execution that starts on a captured step
         self.mixed_calls = 0
         self.step_counter = step_counter
         self.next_step: int | None = None
@@ -58,7 +60,8 @@ class Dispatcher:
         kind = "probed" if self.every == 1 or self.due(self.next_step) else "plain"
         t0 = time.perf_counter()
         if kind == "probed" and self.mixed is not None and self.next_step % self.every == 0:
-            logs = self._mixed(iterator)
+            self.mixed_calls += 1
+            logs = self.mixed(iterator)
         else:
             logs = (self.probed if kind == "probed" else self.plain)(iterator)
         elapsed = time.perf_counter() - t0
@@ -68,14 +71,6 @@ class Dispatcher:
             self.timed[kind] += 1
         self.next_step += self.k
         return logs
-
-    def _mixed(self, iterator: Any) -> Any:
-        self.mixed_calls += 1
-        logs = self.mixed[0](iterator)
-        try:
-            return self.mixed[1](iterator)
-        except StopIteration:  # the data ended after the probed step: its step ran, its logs are the last
-            return logs
 
     def cost(self) -> dict[str, Any]:
         """``capture_cost`` of the arm's summary: ms per step of plain and probed executions, their ratio and

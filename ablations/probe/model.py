@@ -22,6 +22,7 @@ from ablations.instruments.base import SHARED_TABLES, ForwardView, Instrument, R
 from ablations.instruments.block_scalars import off_mask
 from ablations.instruments.kernels import num_replicas, unlowered_cond
 from ablations.probe.dispatch import Dispatcher
+from ablations.probe.execution import captured_execution
 from ablations.probe.ring import Ring
 from ablations.probe.spec import make_spec
 
@@ -146,8 +147,9 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
         """Compiles the probed and the plain step separately; the fit loop calls a :class:`Dispatcher`.
 
         With ``steps_per_execution`` k > 1 and ``every`` a multiple of k, an execution that starts on a
-        captured step runs one probed step and then k - 1 plain ones (two compiled functions, no per-step
-        ``tf.cond``); other due executions run the probed function, whose step picks its branch by ``tf.cond``.
+        captured step runs one probed step and then k - 1 plain ones in one compiled call
+        (:mod:`ablations.probe.execution`, no per-step ``tf.cond``); other due executions run the probed
+        function, whose step picks its branch by ``tf.cond``.
         """
         if self.train_function is not None and not force:
             return self.train_function
@@ -157,7 +159,7 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
         if self.every > 1:
             plain = self._compiled(self.plain_train_step, k)
             if k > 1 and self.every % k == 0:
-                mixed = (self._compiled(self.train_step, 1), self._compiled(self.plain_train_step, k - 1))
+                mixed = captured_execution(self, k)
         counter = lambda: int(self.optimizer.iterations.numpy())  # noqa: E731 - once per new iterator
         self.train_function = Dispatcher(plain, probed, self.every, k, counter, mixed=mixed)
         return self.train_function

@@ -1,0 +1,67 @@
+"""One compiled execution of ``steps_per_execution`` k steps whose first step captures and whose other k - 1 run
+the plain step: what the dispatcher calls for an execution that starts on a captured step.
+
+As two calls (a one-step probed function, then Keras' k - 1-step function) the execution paid a call's fixed
+cost and a host synchronisation in between, and the captured step's statistic reductions could not overlap
+the next step's forward pass on another core. In one graph they can: on the benchmark MLP (every 16,
+``steps_per_execution: 16``, 2 CPU threads) the case went from 1.064x to 1.038x plain Keras, measured side by
+side in one process (``benchmarks/step_breakdown.py --merge``). A per-step ``tf.cond`` choosing the branch, the
+other way to make it one call, measured slower than both (1.097x against 1.050x): lowered, the cond feeds
+every tensor its branches read through a Switch node on every step.
+
+The loop over the plain steps is Keras' own (``TensorFlowTrainer._make_function``): it stops early when the
+data ends, so an epoch may end right after the captured step; the logs are then that step's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import tensorflow as tf
+
+from ablations import compat
+
+
+def _one_step(model: Any, step_fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``step_fn`` on one batch under the model's strategy, its logs reduced over replicas, as Keras runs it."""
+    strategy = model.distribute_strategy
+
+    def run(data: Any) -> Any:
+        return compat.reduce_step_logs(strategy.run(step_fn, args=(data,)), strategy)
+
+    if not model.run_eagerly:
+        run = tf.function(run, reduce_retracing=True, jit_compile=model.jit_compile)
+
+    def step(data: Any) -> Any:
+        # A dataset's optional elements (e.g. a missing sample weight) reach the step as None, as in Keras.
+        return run(tf.nest.map_structure(lambda t: None if isinstance(t, tf.experimental.Optional) else t, data))
+
+    return step
+
+
+def captured_execution(model: Any, k: int) -> Callable[[Any], Any]:
+    """``function(iterator)`` running ``model.train_step`` on the next batch, then up to ``k - 1`` batches
+    through ``model.plain_train_step``, in one compiled call; returns the last step's logs.
+
+    Args:
+        model: a compiled :class:`~ablations.probe.model.ProbedModel`.
+        k: steps per execution (>= 2).
+    """
+    captured, plain = _one_step(model, model.train_step), _one_step(model, model.plain_train_step)
+
+    def execution(iterator: Any) -> Any:
+        logs = captured(iterator.get_next())  # end of data here: OutOfRangeError, which fit's loop catches
+
+        def more(i: Any, logs: Any, nxt: Any) -> Any:
+            return tf.logical_and(tf.less(i, k - 1), nxt.has_value())
+
+        def body(i: Any, logs: Any, nxt: Any) -> tuple[Any, Any, Any]:
+            logs = tf.cond(nxt.has_value(), lambda: plain(nxt.get_value()), lambda: logs)
+            # No read past the execution's last batch: the next execution starts there.
+            nxt = tf.cond(tf.less(i + 1, k - 1), iterator.get_next_as_optional, lambda: nxt)
+            return i + 1, logs, nxt
+
+        _, logs, _ = tf.while_loop(more, body, [tf.constant(0), logs, iterator.get_next_as_optional()])
+        return logs
+
+    return execution if model.run_eagerly else tf.function(execution, reduce_retracing=True)
