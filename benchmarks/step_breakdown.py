@@ -23,7 +23,7 @@ Usage::
     python benchmarks/step_breakdown.py --groups [--rounds 4]
     python benchmarks/step_breakdown.py --calls [--rounds 6]
     python benchmarks/step_breakdown.py --switch [--rounds 8]
-    python benchmarks/step_breakdown.py --merge [--rounds 6]
+    python benchmarks/step_breakdown.py --merge [--every 16] [--rounds 6]
 """
 
 from __future__ import annotations
@@ -158,10 +158,11 @@ def _two_calls(probed, k: int):
     return call
 
 
-def merge(rounds: int, steps: int = 256) -> None:
-    """CPU ms per step of the every-16 spe-16 case with the captured execution as one call (the default), as
-    two calls, and as the probed function whose every step picks its branch by ``tf.cond``."""
-    case = _case("mlp20x256 full every=16 spe=16")
+def merge(rounds: int, every: int = 16, steps: int = 256) -> None:
+    """CPU ms per step of the every-16 spe-16 case (or another ``every``) with the captured execution as one
+    call (the default), as two calls (every 16 only), and as the probed function whose every step picks its
+    branch by ``tf.cond``."""
+    case = dataclasses.replace(_case("mlp20x256 full every=16 spe=16"), every=every)
     ds = co._dataset(64)
     plain, probed, cbs = co._models(case)
     co._timed_fit(plain, ds, 64, [])
@@ -169,6 +170,8 @@ def merge(rounds: int, steps: int = 256) -> None:
     fn = probed.train_function
     variants = {"plain Keras": None, "one call (default)": fn.mixed, "two calls": _two_calls(probed, case.spe),
                 "per-step tf.cond": None}
+    if every % case.spe:
+        del variants["two calls"]
     for key, mixed in list(variants.items())[1:]:
         fn.mixed = mixed
         co._timed_fit(probed, ds, 64, cbs())  # trace each variant outside the timing
@@ -191,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", action="store_true", help="the every-16 spe-16 case's compiled calls timed apart")
     p.add_argument("--switch", action="store_true", help="one step's cost by what ran before it")
     p.add_argument("--merge", action="store_true", help="the captured execution as two calls and as one")
+    p.add_argument("--every", type=int, default=16, help="--merge: the capture interval (16, or a divisor)")
     p.add_argument("--rounds", type=int, default=4)
     args = p.parse_args(argv)
     if not (args.groups or args.calls or args.switch or args.merge):
@@ -202,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.switch:
         switch(args.rounds)
     if args.merge:
-        merge(args.rounds)
+        merge(args.rounds, args.every)
     return 0
 
 

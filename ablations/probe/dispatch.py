@@ -8,10 +8,10 @@ the dispatcher counts the steps it hands out (``steps_per_execution`` per call) 
 step counter only when Keras hands it a new iterator (once per epoch for finite datasets, once per fit
 otherwise), which also corrects the count after a short last execution.
 
-With ``steps_per_execution`` k > 1 and ``every`` a multiple of k, an execution that starts on a captured step
-is one call of a third function (:mod:`ablations.probe.execution`): one probed step, then k - 1 plain steps,
-so those plain steps run the plain step without the per-step ``tf.cond`` of the probed function (other due
-executions keep it).
+With ``steps_per_execution`` k > 1 and ``every`` a multiple or a divisor of k, an execution that starts on a
+captured step is one call of a third function (:mod:`ablations.probe.execution`): each captured step followed
+by its plain ones, which run the plain step without the per-step ``tf.cond`` of the probed function (due
+executions off that grid keep it).
 
 It also measures, from the steps themselves, what capturing costs in this run: the host-observed time of
 plain and of probed executions (the first calls of each, which trace and compile, left out). On CPU a call
@@ -34,7 +34,7 @@ class Dispatcher:
         plain, probed: Keras' compiled multi-step train functions (``steps_per_execution`` steps per call).
         every: the probe's capture interval; ``steps``: steps per execution.
         step_counter: reads the optimizer's step (a host read of the device variable).
-        mixed: one call of one probed step then k - 1 plain ones (``every`` a multiple of k), or None.
+        mixed: one call of k steps from a captured one (``every`` a multiple or divisor of k), or None.
     """
 
     def __init__(self, plain: Callable[[Any], Any], probed: Callable[[Any], Any], every: int, steps: int,

@@ -9,8 +9,11 @@ side in one process (``benchmarks/step_breakdown.py --merge``). A per-step ``tf.
 other way to make it one call, measured slower than both (1.097x against 1.050x): lowered, the cond feeds
 every tensor its branches read through a Switch node on every step.
 
-The loop over the plain steps is Keras' own (``TensorFlowTrainer._make_function``): it stops early when the
-data ends, so an epoch may end right after the captured step; the logs are then that step's.
+With ``every`` a divisor of k, the execution is k / ``every`` groups of one captured step and ``every`` - 1 plain
+ones. The loops read the data as Keras' own (``TensorFlowTrainer._make_function``) does, one optional batch
+ahead and never past the execution's last step, and stop early when the data ends (an epoch may end right
+after a captured step: the logs are then that step's); unlike Keras' they do not wrap each step in a
+``tf.cond`` on the batch being there, which the loop's condition has already checked.
 """
 
 from __future__ import annotations
@@ -39,29 +42,37 @@ def _one_step(model: Any, step_fn: Callable[[Any], Any]) -> Callable[[Any], Any]
     return step
 
 
-def captured_execution(model: Any, k: int) -> Callable[[Any], Any]:
-    """``function(iterator)`` running ``model.train_step`` on the next batch, then up to ``k - 1`` batches
-    through ``model.plain_train_step``, in one compiled call; returns the last step's logs.
+def captured_execution(model: Any, k: int, every: int) -> Callable[[Any], Any]:
+    """``function(iterator)`` running up to ``k`` steps in one compiled call, from a captured step on: each
+    ``every``-th step through ``model.train_step``, the others through ``model.plain_train_step``; returns the
+    last step's logs.
 
     Args:
         model: a compiled :class:`~ablations.probe.model.ProbedModel`.
         k: steps per execution (>= 2).
+        every: the capture interval (> 1), a multiple or a divisor of ``k``.
     """
     captured, plain = _one_step(model, model.train_step), _one_step(model, model.plain_train_step)
+    size = min(every, k)  # a group: one captured step and size - 1 plain ones
 
     def execution(iterator: Any) -> Any:
-        logs = captured(iterator.get_next())  # end of data here: OutOfRangeError, which fit's loop catches
-
-        def more(i: Any, logs: Any, nxt: Any) -> Any:
-            return tf.logical_and(tf.less(i, k - 1), nxt.has_value())
-
-        def body(i: Any, logs: Any, nxt: Any) -> tuple[Any, Any, Any]:
-            logs = tf.cond(nxt.has_value(), lambda: plain(nxt.get_value()), lambda: logs)
+        def run(step: Callable[[Any], Any], i: Any, logs: Any, nxt: Any) -> tuple[Any, Any, Any]:
+            logs = step(nxt.get_value())  # the loops run only while a batch is there
             # No read past the execution's last batch: the next execution starts there.
-            nxt = tf.cond(tf.less(i + 1, k - 1), iterator.get_next_as_optional, lambda: nxt)
-            return i + 1, logs, nxt
+            return i + 1, logs, tf.cond(tf.less(i + 1, k), iterator.get_next_as_optional, lambda: nxt)
 
-        _, logs, _ = tf.while_loop(more, body, [tf.constant(0), logs, iterator.get_next_as_optional()])
-        return logs
+        def in_group(i: Any, logs: Any, nxt: Any) -> Any:
+            return tf.logical_and(tf.not_equal(i % size, 0), nxt.has_value())
+
+        def rest_of_group(i: Any, logs: Any, nxt: Any) -> Any:
+            return tf.while_loop(in_group, lambda *v: run(plain, *v), list(run(captured, i, logs, nxt)))
+
+        logs = captured(iterator.get_next())  # end of data here: OutOfRangeError, which fit's loop catches
+        state = tf.while_loop(in_group, lambda *v: run(plain, *v), [tf.constant(1), logs,
+                                                                     iterator.get_next_as_optional()])
+        if k > size:
+            state = tf.while_loop(lambda i, logs, nxt: tf.logical_and(tf.less(i, k), nxt.has_value()),
+                                  rest_of_group, list(state))
+        return state[1]
 
     return execution if model.run_eagerly else tf.function(execution, reduce_retracing=True)

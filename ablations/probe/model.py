@@ -146,8 +146,8 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
     def make_train_function(self, force: bool = False) -> Any:
         """Compiles the probed and the plain step separately; the fit loop calls a :class:`Dispatcher`.
 
-        With ``steps_per_execution`` k > 1 and ``every`` a multiple of k, an execution that starts on a
-        captured step runs one probed step and then k - 1 plain ones in one compiled call
+        With ``steps_per_execution`` k > 1 and ``every`` a multiple or a divisor of k, an execution that starts
+        on a captured step runs its captured and plain steps in one compiled call
         (:mod:`ablations.probe.execution`, no per-step ``tf.cond``); other due executions run the probed
         function, whose step picks its branch by ``tf.cond``.
         """
@@ -158,8 +158,8 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
         plain, mixed = probed, None
         if self.every > 1:
             plain = self._compiled(self.plain_train_step, k)
-            if k > 1 and self.every % k == 0:
-                mixed = captured_execution(self, k)
+            if k > 1 and (self.every % k == 0 or k % self.every == 0):
+                mixed = captured_execution(self, k, self.every)
         counter = lambda: int(self.optimizer.iterations.numpy())  # noqa: E731 - once per new iterator
         self.train_function = Dispatcher(plain, probed, self.every, k, counter, mixed=mixed)
         return self.train_function
