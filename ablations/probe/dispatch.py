@@ -86,4 +86,9 @@ class Dispatcher:
             out["run_over_plain"] = (self.time["plain"] + self.time["probed"]) * 1e3 / (n * self.k * ms["plain"])
         elif ms["probed"] and self.every == 1:
             out["note"] = "every step is captured: no plain steps to compare with (capture.every > 1 measures it)"
+        elif ms["probed"] and self.every <= self.k:
+            # Any k consecutive steps hold a multiple of `every`: every execution captures.
+            out["note"] = (f"every execution holds a captured step (capture.every {self.every} <= "
+                           f"steps_per_execution {self.k}): no plain executions to compare with "
+                           f"(capture.every > steps_per_execution measures it)")
         return out
