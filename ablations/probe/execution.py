@@ -4,10 +4,10 @@ the plain step: what the dispatcher calls for an execution that starts on a capt
 As two calls (a one-step probed function, then Keras' k - 1-step function) the execution paid a call's fixed
 cost and a host synchronisation in between, and the captured step's statistic reductions could not overlap
 the next step's forward pass on another core. In one graph they can: on the benchmark MLP (every 16,
-``steps_per_execution: 16``, 2 CPU threads) the case went from 1.064x to 1.038x plain Keras, measured side by
-side in one process (``benchmarks/step_breakdown.py --merge``). A per-step ``tf.cond`` choosing the branch, the
-other way to make it one call, measured slower than both (1.097x against 1.050x): lowered, the cond feeds
-every tensor its branches read through a Switch node on every step.
+``steps_per_execution: 16``, 2 CPU threads) the case went from 1.062x to 1.016x plain Keras, measured side by
+side in one process (``benchmarks/step_breakdown.py --merge``, 6 rounds). A per-step ``tf.cond`` choosing the
+branch, the other way to make it one call, measured slower than both (1.123x): lowered, the cond feeds every
+tensor its branches read through a Switch node on every step.
 
 With ``every`` a divisor of k, the execution is k / ``every`` groups of one captured step and ``every`` - 1 plain
 ones. The loops read the data as Keras' own (``TensorFlowTrainer._make_function``) does, one optional batch
