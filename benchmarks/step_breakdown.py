@@ -18,18 +18,24 @@ as one call (:mod:`ablations.probe.execution`, the default), as two calls (a one
 own 15-step call: the code before 2026-12-05) and as one call of the probed function, whose every step picks
 its branch by ``tf.cond``; side by side against plain Keras, in alternating order.
 
+``--rule ACT``: the benchmark MLP with activation ACT (relu, sigmoid or tanh: those read from their output),
+full set every step, with the activation statistics read from the tapped output (the default) and recomputed
+from the tapped input (as for every other activation), against plain Keras.
+
 Usage::
 
     python benchmarks/step_breakdown.py --groups [--rounds 4]
     python benchmarks/step_breakdown.py --calls [--rounds 6]
     python benchmarks/step_breakdown.py --switch [--rounds 8]
     python benchmarks/step_breakdown.py --merge [--every 16] [--rounds 6]
+    python benchmarks/step_breakdown.py --rule relu [--rounds 6]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import statistics
 import sys
@@ -59,18 +65,7 @@ def groups(rounds: int, steps: int = 160) -> None:
         plain, probed, cbs = co._models(case)
         models.setdefault("plain Keras", (plain, lambda: []))
         models[name] = (probed, cbs)
-    for model, cbs in models.values():
-        co._timed_fit(model, ds, 32, cbs())  # trace and compile outside the timing
-    cpu: dict[str, list[float]] = {k: [] for k in models}
-    for r in range(rounds):
-        for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
-            model, cbs = models[name]
-            cpu[name].append(co._timed_fit(model, ds, steps, cbs())[1] * 1e3)
-    plain_ms = statistics.median(cpu["plain Keras"])
-    for name, v in cpu.items():
-        ms = statistics.median(v)
-        print(f"{name:26s} {ms:6.2f} ms CPU/step  +{ms - plain_ms:5.2f}  {ms / plain_ms:5.3f}x  "
-              f"({' '.join(f'{x:.2f}' for x in v)})")
+    _alternate(models, ds, rounds, steps)
 
 
 def calls(rounds: int, steps: int = 256) -> None:
@@ -188,6 +183,45 @@ def merge(rounds: int, every: int = 16, steps: int = 256) -> None:
         print(f"{key:20s} {ms:6.2f} ms CPU/step  {ms / base:5.3f}x  ({' '.join(f'{x:.2f}' for x in v)})")
 
 
+def rule(rounds: int, act: str, steps: int = 160) -> None:
+    """CPU ms per step of the benchmark MLP with activation ``act``, full set every step: plain Keras, the probe
+    reading activation statistics from the tapped output, and the probe recomputing them from the input."""
+    from unittest import mock
+
+    from ablations.instruments import activation
+
+    base = _case("mlp20x256 full every=1 spe=1")
+    case = dataclasses.replace(base, model={**base.model, "activation": act})
+    ds = co._dataset(64)
+    plain, probed, cbs = co._models(case)
+    if activation.output_slope(probed.net.get_layer("block_000_act")) is None:
+        raise SystemExit(f"--rule: {act} is not read from its output; nothing to compare")
+    with mock.patch.object(activation, "output_slope", lambda layer: None):  # the instrument as before
+        _, recomputed, cbs_old = co._models(case)
+    models = {"plain Keras": (plain, lambda: []), "from the output": (probed, cbs),
+              "recomputed from the input": (recomputed, cbs_old)}
+    _alternate(models, ds, rounds, steps)
+    loss = float(plain.evaluate(ds, steps=1, verbose=0))
+    if not math.isfinite(loss):  # e.g. SELU with this MLP's Glorot init and SGD: NaN within 40 steps
+        print(f"warning: plain Keras' loss is {loss}: these are timings of non-finite arithmetic, not a measure")
+
+
+def _alternate(models: dict[str, tuple], ds, rounds: int, steps: int) -> None:
+    """Each model fitted ``steps`` steps per round, the order reversed every other round; medians printed."""
+    for model, cbs in models.values():
+        co._timed_fit(model, ds, 32, cbs())  # trace and compile outside the timing
+    cpu: dict[str, list[float]] = {k: [] for k in models}
+    for r in range(rounds):
+        for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
+            model, cbs = models[name]
+            cpu[name].append(co._timed_fit(model, ds, steps, cbs())[1] * 1e3)
+    plain_ms = statistics.median(cpu["plain Keras"])
+    for name, v in cpu.items():
+        ms = statistics.median(v)
+        print(f"{name:26s} {ms:6.2f} ms CPU/step  +{ms - plain_ms:5.2f}  {ms / plain_ms:5.3f}x  "
+              f"({' '.join(f'{x:.2f}' for x in v)})")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--groups", action="store_true", help="statistic groups switched off one at a time")
@@ -195,10 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--switch", action="store_true", help="one step's cost by what ran before it")
     p.add_argument("--merge", action="store_true", help="the captured execution as two calls and as one")
     p.add_argument("--every", type=int, default=16, help="--merge: the capture interval (16, or a divisor)")
+    p.add_argument("--rule", metavar="ACT", help="activation statistics from the output vs recomputed: relu, sigmoid, tanh")
     p.add_argument("--rounds", type=int, default=4)
     args = p.parse_args(argv)
-    if not (args.groups or args.calls or args.switch or args.merge):
-        p.error("give one or more of --groups, --calls, --switch, --merge")
+    if not (args.groups or args.calls or args.switch or args.merge or args.rule):
+        p.error("give one or more of --groups, --calls, --switch, --merge, --rule ACT")
     if args.groups:
         groups(args.rounds)
     if args.calls:
@@ -207,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         switch(args.rounds)
     if args.merge:
         merge(args.rounds, args.every)
+    if args.rule:
+        rule(args.rounds, args.rule)
     return 0
 
 

@@ -21,6 +21,7 @@ from ablations import instruments
 from ablations.instruments.activation import SATURATION_FRACTION, max_derivative
 from ablations.instruments.kernels import norms
 from ablations.probe import DrainCallback, ProbedModel, ring_capacity
+from zoo.activations import make_activation
 
 INPUT_SHAPE = (8, 8, 1)
 N_OUT = 10
@@ -466,14 +467,19 @@ CAPPED = {  # name -> (layer, cap, TensorFlow's derivative of the layer at z)
 }
 
 
-@pytest.mark.parametrize("kind", list(CAPPED))
-def test_capped_relu_statistics_follow_tensorflows_derivative_at_the_cap(kind):
-    make, cap, deriv = CAPPED[kind]
-    keras.utils.set_random_seed(3)
+def _two_blocks(make, seed: int) -> keras.Model:
+    """Two blocks of Dense(16) and the activation ``make(name)`` on 64 inputs, then the head."""
+    keras.utils.set_random_seed(seed)
     parts = [keras.Input((64,))]
     for i in range(2):
         parts += [keras.layers.Dense(16, name=f"block_{i:03d}_linear"), make(f"block_{i:03d}_act")]
-    model = keras.Sequential(parts + [keras.layers.Dense(N_OUT, name="head_linear")])
+    return keras.Sequential(parts + [keras.layers.Dense(N_OUT, name="head_linear")])
+
+
+@pytest.mark.parametrize("kind", list(CAPPED))
+def test_capped_relu_statistics_follow_tensorflows_derivative_at_the_cap(kind):
+    make, cap, deriv = CAPPED[kind]
+    model = _two_blocks(make, seed=3)
     lin = model.get_layer("block_000_linear")
     k, b = lin.get_weights()
     k, b = 12.0 * k, b.copy()  # entries below 0 and above the cap
@@ -496,6 +502,64 @@ def test_capped_relu_statistics_follow_tensorflows_derivative_at_the_cap(kind):
         if i == 0:  # the unit on the cap tells the two rules apart by 32 entries, so the check above does
             assert np.all(z[:, 0] == cap) and np.sum(z[:, 1:] == cap) == 0
             assert np.sum((z > 0) & (z <= cap)) - np.sum((z > 0) & (z < cap)) == len(z)
+        h = a
+
+
+_SELU = (1.0507009873554804934193349852946, 1.6732632423543772848170429916717)  # scale, alpha (Klambauer 2017)
+ELU_SELU_LEAKY = {  # name -> (layer, TensorFlow's derivative at z in NumPy)
+    "elu": (lambda n: keras.layers.Activation("elu", name=n), lambda z: np.where(z > 0, 1.0, np.exp(z))),
+    "ELU layer": (lambda n: keras.layers.ELU(name=n), lambda z: np.where(z > 0, 1.0, np.exp(z))),
+    "selu": (lambda n: keras.layers.Activation("selu", name=n),
+             lambda z: np.where(z > 0, _SELU[0], _SELU[0] * _SELU[1] * np.exp(z))),
+    "leaky 0.01 (zoo)": (lambda n: make_activation("leaky_relu", n, negative_slope=0.01),
+                         lambda z: np.where(z > 0, 1.0, 0.01)),
+    "leaky function (0.2)": (lambda n: keras.layers.Activation("leaky_relu", name=n),
+                             lambda z: np.where(z > 0, 1.0, 0.2)),
+    "leaky 0 (a ReLU)": (lambda n: keras.layers.LeakyReLU(negative_slope=0.0, name=n),
+                         lambda z: (z > 0).astype(np.float64)),
+}
+
+
+@pytest.mark.parametrize("kind", list(ELU_SELU_LEAKY))
+def test_elu_selu_and_leaky_statistics_match_numpy(kind, monkeypatch):
+    """Activation statistics of ELU, SELU and LeakyReLU (recomputed from the tapped input with the layer's own
+    gradient; a rule from the output measured no faster, README: Capture overhead) equal NumPy on z, with
+    TensorFlow's derivative at the kinks, whichever path the instrument takes."""
+    from ablations.instruments import activation
+
+    make, deriv = ELU_SELU_LEAKY[kind]
+    model = _two_blocks(make, seed=5)
+    lin = model.get_layer("block_000_linear")
+    k, b = lin.get_weights()
+    lin.set_weights([12.0 * k, b - 1.0])  # pre-activations from about -8 to 6: saturated ELU/SELU entries
+    rng = np.random.RandomState(1)
+    x, y = rng.uniform(size=(32, 64)).astype(np.float32), rng.randint(0, N_OUT, size=32)
+    cols = ["act_mean", "act_std", "act_saturation", "act_dead"]
+    got = {}
+    for path, per_block, rule in [("per block", True, True), ("stacked", False, True), ("recomputed", False, False)]:
+        # (per block and stacked apply where an output rule exists; "recomputed" forces the input path)
+        monkeypatch.setattr(activation, "per_block_on_this_host", lambda: per_block)
+        monkeypatch.setattr(activation, "PER_BLOCK_MIN_ENTRIES", 0)
+        if not rule:
+            monkeypatch.setattr(activation, "output_slope", lambda layer: None)
+        got[path] = ablations.measure(model, (x, y), loss_fn()).drop_duplicates("depth").set_index("depth")
+    h = x.astype(np.float64)
+    for i in range(2):
+        layer = model.get_layer(f"block_{i:03d}_act")
+        kk, bb = (np.asarray(w, np.float64) for w in model.get_layer(f"block_{i:03d}_linear").get_weights())
+        z = h @ kk + bb
+        a, d = np.asarray(layer(z.astype(np.float32)), np.float64), deriv(z)
+        sat = d < SATURATION_FRACTION * max_derivative(layer)
+        for path, blocks in got.items():
+            what = f"{kind}, block {i}, {path}"
+            assert abs(blocks.loc[i, "act_saturation"] - np.mean(sat)) <= 1.0 / z.size, what  # a kink's rounding
+            assert blocks.loc[i, "act_dead"] == pytest.approx(np.mean(np.all(d == 0, axis=0)), abs=1e-9), what
+            assert_close(blocks.loc[i, "act_mean"], a.mean(), rtol=1e-5, what=what)
+            assert_close(blocks.loc[i, "act_std"], a.std(), rtol=1e-4, what=what)
+        if i == 0 and kind in ("elu", "selu"):
+            assert 0.1 < np.mean(sat) < 0.9  # both sides of the threshold occur: the check above can fail
+        if i == 0 and kind == "leaky 0 (a ReLU)":
+            assert np.mean(np.all(d == 0, axis=0)) > 0  # dead units occur
         h = a
 
 
