@@ -57,11 +57,12 @@ def test_the_tracked_norm_follows_the_svd_of_the_weights_through_training(every:
 def test_a_cadence_of_its_own_fills_its_steps_and_leaves_the_other_captures_nan(spe: int) -> None:
     """spectral_norm every 4 and init_distance every 8 steps on a probe capturing every 2: the params table has
     every captured step; their columns hold the SVD's / the distance of the weights each of their steps saw,
-    NaN on the probe's other captures (with steps_per_execution 4 too: the captured step inside a cond)."""
+    NaN on the probe's other captures (with steps_per_execution 4 too: two captured steps an execution, one call)."""
     keras.utils.set_random_seed(0)
     net = zoo.build("plain_mlp", input_shape=(12,), num_outputs=3, depth=3, width=16)
     capture = {"every": 2, "instruments": {"spectral_norm": {"every": 4}, "init_distance": {"every": 8}}}
-    p, seen, _ = _fit(net, capture, 12, 0.5, (12,), spe=spe)
+    p, seen, probe = _fit(net, capture, 12, 0.5, (12,), spe=spe)
+    assert probe.train_function.mixed_calls == (3 if spe == 4 else 0)  # spe 4: every execution is one call
     seen = seen[::1] if spe == 1 else [w for w in seen for _ in range(spe)]  # the callback runs per execution
     assert sorted(p["step"].unique()) == list(range(0, 12, 2))
     assert p["grad_norm"].notna().all() and len(p) == 6 * len(net.trainable_variables)
