@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--switch", action="store_true", help="one step's cost by what ran before it")
     p.add_argument("--merge", action="store_true", help="the captured execution as two calls and as one")
     p.add_argument("--every", type=int, default=16, help="--merge: the capture interval (16, or a divisor)")
-    p.add_argument("--rule", metavar="ACT", help="activation statistics from the output vs recomputed: relu, sigmoid, tanh")
+    p.add_argument("--rule", metavar="ACT",
+                   help="activation statistics from the output vs recomputed: relu, sigmoid, tanh")
     p.add_argument("--rounds", type=int, default=4)
     args = p.parse_args(argv)
     if not (args.groups or args.calls or args.switch or args.merge or args.rule):
