@@ -256,8 +256,15 @@ def run_case(case: Case, pairs: int, steps: int, batch: int) -> dict[str, Any]:
             "ratios": ratios, "cpu_ratio_median": statistics.median(cpu_ratios), "cpu_ratios": cpu_ratios,
             "ms_per_step_plain": 1e3 * statistics.median(t_plain),
             "ms_per_step_probed": 1e3 * statistics.median(t_probe), "memory_ratio": mem_ratio,
-            "memory_kind": mem_kind,
+            "memory_kind": mem_kind, "self_measured": _self_measured(probed),
             **case_targets(case)}
+
+
+def _self_measured(probed) -> dict[str, Any] | None:
+    """The probe's own ``capture_cost`` over all its fits here (what an arm's summary records), to set beside
+    the benchmark's ratio: wall time, from the training's own steps."""
+    cost = getattr(probed.train_function, "cost", None)
+    return cost() if cost else None
 
 
 def case_targets(case: Case) -> dict[str, float | None]:
@@ -270,6 +277,13 @@ def targets_met(r: dict[str, Any]) -> dict[str, bool | None]:
     """Per target of a result: met (CPU-time ratio and memory ratio), or None where the case has none."""
     return {"cpu": None if r["target"] is None else r["cpu_ratio_median"] <= r["target"],
             "memory": None if r["memory_target"] is None else r["memory_ratio"] <= r["memory_target"]}
+
+
+def _self_cell(cost: dict[str, Any] | None) -> str:
+    """The run's self-measured slowdown and how it was timed, or '-' (every step captured: nothing to compare)."""
+    if not cost or cost.get("run_over_plain") is None:
+        return "-"
+    return f"{cost['run_over_plain']:.3f}x ({cost.get('timed', 'host')})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run_case(case, args.pairs, args.steps, args.batch))
     t = Table(title=f"capture overhead: median step-time ratio probe / plain fit over {args.pairs} ABBA blocks")
     for col in ("case", "plain ms/step", "probe ms/step", "wall ratio (median)", "wall ratios", "CPU-time ratio",
-                "CPU target", "memory ratio"):
+                "CPU target", "memory ratio", "self-measured"):
         t.add_column(col, justify="left" if col == "case" else "right")
     ok = True
     for r in results:
@@ -318,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"({' '.join(f'{x:.2f}' for x in r['cpu_ratios'])})",
                   f"<= {r['target']:.2f}x" if r["target"] else "-",
                   f"[{color[met['memory']]}]{r['memory_ratio']:.3f}x[/] ({r['memory_kind']}"
-                  + (f", <= {r['memory_target']:.2f}x)" if r["memory_target"] else ")"))
+                  + (f", <= {r['memory_target']:.2f}x)" if r["memory_target"] else ")"),
+                  _self_cell(r["self_measured"]))
     console.print(t)
     if args.json:
         text = json.dumps({"code": code, "results": results, "all_targets_met": ok}, indent=2)

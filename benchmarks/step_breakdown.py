@@ -14,9 +14,10 @@ written (which evicts the caches): what a step costs depends on what ran before 
 plain ones pays that on top of its statistics.
 
 ``--merge``: the every-16 ``steps_per_execution: 16`` case with an execution that starts on a captured step run
-as one call (:mod:`ablations.probe.execution`, the default), as two calls (a one-step probed call, then Keras'
-own 15-step call: the code before 2026-12-05) and as one call of the probed function, whose every step picks
-its branch by ``tf.cond``; side by side against plain Keras, in alternating order.
+as one call (:mod:`ablations.probe.execution`, the default; also without its in-graph clock reads), as two
+calls (a one-step probed call, then Keras' own 15-step call: the code before 2026-12-05) and as one call of the
+probed function, whose every step picks its branch by ``tf.cond``; side by side against plain Keras, in
+alternating order.
 
 ``--rule ACT``: the benchmark MLP with activation ACT (relu, sigmoid or tanh: those read from their output),
 full set every step, with the activation statistics read from the tapped output (the default) and recomputed
@@ -148,7 +149,7 @@ def _two_calls(probed, k: int):
 
     def call(iterator):
         first(iterator)
-        return rest(iterator)  # the benchmark's data never ends
+        return rest(iterator), None  # the benchmark's data never ends; no in-graph timing
 
     return call
 
@@ -163,8 +164,11 @@ def merge(rounds: int, every: int = 16, steps: int = 256) -> None:
     co._timed_fit(plain, ds, 64, [])
     co._timed_fit(probed, ds, 64, cbs())
     fn = probed.train_function
-    variants = {"plain Keras": None, "one call (default)": fn.mixed, "two calls": _two_calls(probed, case.spe),
-                "per-step tf.cond": None}
+    from ablations.probe.execution import captured_execution
+
+    untimed = captured_execution(probed, case.spe, every, timed=False)  # without the in-graph clock reads
+    variants = {"plain Keras": None, "one call (default)": fn.mixed, "one call, untimed": untimed,
+                "two calls": _two_calls(probed, case.spe), "per-step tf.cond": None}
     if every % case.spe:
         del variants["two calls"]
     for key, mixed in list(variants.items())[1:]:

@@ -6,6 +6,7 @@ The compiled functions are stand-ins that advance a fake clock by a known, varyi
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from ablations.probe import dispatch
@@ -20,22 +21,35 @@ class _Clock:
         return self.now
 
 
-def _fake(clock: _Clock, kind: str, log: list, seconds):
+def _fake(clock: _Clock, kind: str, log: list, seconds, timing=None):
+    """A compiled function taking ``seconds(call)``; a one-call execution also returns its in-graph ``timing``."""
     def run(iterator):
         duration = seconds(len(log))
         log.append((kind, duration))
         clock.now += duration
-        return {"kind": kind}
+        if kind != "mixed":
+            return {"kind": kind}
+        return {"kind": kind}, None if timing is None else _Tensor(timing(sum(k == "mixed" for k, _ in log) - 1))
     return run
 
 
-def _dispatcher(monkeypatch, every: int, k: int, mixed: bool = False, start: int = 0):
+class _Tensor:
+    """What the execution returns for its timing: a tensor the dispatcher reads with ``numpy()``."""
+
+    def __init__(self, values):
+        self.values = np.asarray(values, np.float64)
+
+    def numpy(self):
+        return self.values
+
+
+def _dispatcher(monkeypatch, every: int, k: int, mixed: bool = False, start: int = 0, timing=None):
     clock = _Clock()
     monkeypatch.setattr(dispatch.time, "perf_counter", clock)
     log: list = []
     plain = _fake(clock, "plain", log, lambda i: 0.010 + 0.001 * (i % 3))
     probed = _fake(clock, "probed", log, lambda i: 0.030 + 0.002 * (i % 5))
-    both = _fake(clock, "mixed", log, lambda i: 0.050 + 0.003 * (i % 2)) if mixed else None
+    both = _fake(clock, "mixed", log, lambda i: 0.050 + 0.003 * (i % 2), timing) if mixed else None
     step = {"value": start}
     return Dispatcher(plain, probed, every, k, lambda: step["value"], mixed=both), log, step
 
@@ -109,3 +123,192 @@ def test_without_plain_executions_cost_says_why_instead_of_a_ratio(monkeypatch, 
 def _expected_probed(log, k: int) -> float:
     timed = [duration for _, duration in log][WARMUP_CALLS:]  # one kind only: its first calls left out
     return 1e3 * sum(timed) / (len(timed) * k)
+
+
+def _timing(k: int, size: int):
+    """Call c's in-graph timing: [captured seconds, plain seconds, captured steps, plain steps], varying by call."""
+    groups = k // size
+    return lambda c: [groups * (0.020 + 0.001 * (c % 4)), groups * (size - 1) * (0.008 + 0.0005 * (c % 3)),
+                      groups, groups * (size - 1)]
+
+
+@pytest.mark.parametrize("every,k", [(16, 16), (4, 8), (2, 8)])
+def test_without_plain_executions_in_graph_timing_gives_the_ratio(monkeypatch, every, k):
+    """every <= k: the one-call executions' own clock reads stand in for plain executions (first calls left out)."""
+    timing = _timing(k, every)
+    d, log, _ = _dispatcher(monkeypatch, every, k, mixed=True, timing=timing)
+    iterator = object()
+    calls = 12
+    for _ in range(calls):
+        d(iterator)
+    assert {kind for kind, _ in log} == {"mixed"}
+    rows = np.array([timing(c) for c in range(WARMUP_CALLS, calls)])
+    captured_s, plain_s, n_captured, n_plain = rows.sum(axis=0)
+    plain, captured = 1e3 * plain_s / n_plain, 1e3 * captured_s / n_captured
+    per_step = 1e3 * (captured_s + plain_s) / (n_captured + n_plain)
+    cost = d.cost()
+    assert cost["timed"] == "in-graph" and "note" not in cost
+    assert cost["plain_ms_per_step"] == pytest.approx(plain)
+    assert cost["probed_ms_per_step"] == pytest.approx(per_step)
+    assert cost["probed_over_plain"] == pytest.approx(per_step / plain)
+    assert cost["run_over_plain"] == pytest.approx(per_step / plain)
+    graph = cost["in_graph"]
+    assert graph["captured_ms_per_step"] == pytest.approx(captured)
+    assert graph["captured_over_plain"] == pytest.approx(captured / plain)
+    assert (graph["captured_steps"], graph["plain_steps"]) == (n_captured, n_plain)
+    assert (graph["captured_steps"], graph["plain_steps"]) == ((calls - WARMUP_CALLS) * k // every,
+                                                               (calls - WARMUP_CALLS) * (k - k // every))
+
+
+def test_host_timing_wins_where_plain_executions_ran(monkeypatch):
+    """every a multiple of k: plain executions exist, so the ratio is the host's; the in-graph one is extra."""
+    d, log, _ = _dispatcher(monkeypatch, 32, 4, mixed=True, timing=_timing(4, 4))
+    iterator = object()
+    for _ in range(48):
+        d(iterator)
+    cost, want = d.cost(), _expected_cost(log, 4)
+    assert cost["timed"] == "host" and cost["probed_over_plain"] == pytest.approx(want["ratio"])
+    assert cost["in_graph"]["captured_steps"] == d.mixed_calls - WARMUP_CALLS
+
+
+class _Steps:
+    """The model interface :func:`captured_execution` reads: one step does ~1 GFLOP of matmuls, the other one
+    add, both updating a variable as a training step does (the clock reads must wait for those updates)."""
+
+    distribute_strategy = None
+    run_eagerly = False
+    jit_compile = False
+
+    def __init__(self, heavy_captured: bool):
+        import tensorflow as tf
+
+        self.distribute_strategy = tf.distribute.get_strategy()
+        self.done = tf.Variable(0.0, dtype=tf.float64)
+        self.total = tf.Variable(0.0)  # the matmuls feed it: a result nothing stateful reads would be pruned
+        self.w = tf.constant(np.random.default_rng(0).normal(0, 0.06, (256, 256)), tf.float32)
+        heavy, light = self._heavy, self._light
+        self.train_step, self.plain_train_step = (heavy, light) if heavy_captured else (light, heavy)
+
+    def _heavy(self, x):
+        import tensorflow as tf
+
+        h = tf.tile(tf.reshape(x, [1, 1]), [256, 256])
+        for _ in range(30):
+            h = tf.tanh(h @ self.w)
+        self.total.assign_add(tf.reduce_sum(h))
+        self.done.assign_add(1.0)
+        return {"loss": tf.reduce_sum(h)}
+
+    def _light(self, x):
+        self.done.assign_add(1.0)
+        return {"loss": x}
+
+
+@pytest.mark.parametrize("heavy_captured", [True, False])
+@pytest.mark.parametrize("batches,every,want", [(8, 4, (2, 6)), (5, 4, (2, 3)), (8, 8, (1, 7)), (3, 8, (1, 2))])
+def test_a_one_call_execution_times_its_captured_and_plain_steps_in_the_graph(heavy_captured, batches, every, want,
+                                                                              no_op_determinism):
+    """k = 8: the clock reads sit between the steps (the heavy kind reads > 5x the light one per step, whichever
+    it is), the counts follow the groups and a short last execution, and the total fits in the call's time."""
+    import time
+
+    import tensorflow as tf
+
+    from ablations.probe.execution import captured_execution
+
+    steps = _Steps(heavy_captured)
+    run = captured_execution(steps, 8, every, timed=True)
+    data = tf.data.Dataset.range(batches).map(lambda i: tf.cast(i, tf.float32))
+    run(iter(data))  # trace and warm up
+    per_step, counts = [], set()
+    for _ in range(3):  # the least of three per kind: a preemption on a busy machine lands in one run, not all
+        t0 = time.perf_counter()
+        _, timing = run(iter(data))
+        wall = time.perf_counter() - t0
+        captured_s, plain_s, n_captured, n_plain = timing.numpy()
+        assert 0 < captured_s + plain_s <= wall  # inside the call
+        per_step.append((captured_s / n_captured, plain_s / n_plain))
+        counts.add((n_captured, n_plain))
+    assert counts == {want} and steps.done.numpy() == 4 * batches
+    heavy, light = np.min(per_step, axis=0)[::1 if heavy_captured else -1]
+    assert heavy > 5 * light > 0
+    assert captured_execution(steps, 8, every)(iter(data))[1] is None  # untimed: no clock in the graph
+
+
+def _arm_page(cost: dict) -> str:
+    from ablations.report import environment
+
+    row = {"arm": "a", "status": "completed", "seed": 0, "time": 1.0, "note": ""}
+    html = environment().get_template("arm.html").render(
+        name="r", row=row, summary={"capture_cost": cost}, figures=[], error=None, problems=[], config="",
+        prev=None, next=None, home="", up="")
+    return " ".join(html.split())
+
+
+def test_the_arm_page_says_how_the_capture_cost_was_timed(monkeypatch):
+    """The figures of cost() reach the arm page, with the captured step's own time when timed in the graph."""
+    d, _, _ = _dispatcher(monkeypatch, 16, 16, mixed=True, timing=_timing(16, 16))
+    iterator = object()
+    for _ in range(6):
+        d(iterator)
+    cost = d.cost()
+    page = _arm_page(cost)
+    assert "timed in the graph" in page
+    assert f"{cost['in_graph']['captured_ms_per_step']:.3g} ms per captured step" in page
+    assert f"{cost['plain_ms_per_step']:.3g} ms per plain step" in page
+    assert f"took {cost['run_over_plain']:.3f}x" in page
+    d, _, _ = _dispatcher(monkeypatch, 8, 2)  # host-timed: plain executions ran
+    for _ in range(24):
+        d(iterator)
+    page = _arm_page(d.cost())
+    assert "measured from its own steps" in page and "per captured step" not in page
+    d, _, _ = _dispatcher(monkeypatch, 16, 16, mixed=True)  # untimed (an accelerator): the note instead
+    for _ in range(6):
+        d(iterator)
+    assert "every execution holds a captured step" in _arm_page(d.cost())
+
+
+@pytest.fixture
+def determinism():
+    """Op determinism on for the test (as `runtime.deterministic: true` sets it), restored after."""
+    from ablations.compat import op_determinism_enabled
+    from ablations.strategy import set_op_determinism
+
+    was = op_determinism_enabled()
+    set_op_determinism(True)
+    yield
+    set_op_determinism(was)
+
+
+def _fit_every_4_spe_4():
+    import keras
+    import tensorflow as tf
+
+    import zoo
+    from ablations.probe import ProbedModel
+
+    keras.utils.set_random_seed(3)
+    net = zoo.build("plain_mlp", input_shape=(8, 8, 1), num_outputs=10, depth=2, width=16)
+    model = ProbedModel(net, every=4, capacity=32)
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy", steps_per_execution=4)
+    rng = np.random.default_rng(0)
+    ds = tf.data.Dataset.from_tensor_slices((rng.random((128, 8, 8, 1), np.float32), rng.integers(0, 10, 128)))
+    # 16 steps an epoch: 8 executions, each 1 captured + 3 plain
+    model.fit(ds.batch(8), epochs=2, verbose=0, shuffle=False)
+    return model.train_function.cost()
+
+
+def test_a_fit_with_every_equal_to_spe_records_its_cost_timed_in_the_graph(no_op_determinism):
+    cost = _fit_every_4_spe_4()
+    assert cost["timed"] == "in-graph" and cost["plain_executions"] == 0 and cost["probed_executions"] == 8
+    graph = cost["in_graph"]
+    assert (graph["captured_steps"], graph["plain_steps"]) == (8 - WARMUP_CALLS, 3 * (8 - WARMUP_CALLS))
+    assert 0 < graph["ms_per_step"] <= graph["host_ms_per_step"]  # inside the calls the host timed
+    assert cost["run_over_plain"] > 0 and "note" not in cost
+
+
+def test_with_op_determinism_the_fit_runs_untimed_and_says_why(determinism):
+    """tf.timestamp fails under op determinism (FailedPrecondition): the executions run without the clock."""
+    cost = _fit_every_4_spe_4()
+    assert "in_graph" not in cost and cost["run_over_plain"] is None
+    assert "without op determinism" in cost["note"]

@@ -16,7 +16,10 @@ executions off that grid keep it).
 It also measures, from the steps themselves, what capturing costs in this run: the host-observed time of
 plain and of probed executions (the first calls of each, which trace and compile, left out). On CPU a call
 returns when its steps are done; on a GPU the time between calls approaches the steps' time once the queue
-is full. :meth:`Dispatcher.cost` summarises it for the arm's summary.
+is full. Where every execution holds a captured step (``every`` <= k) there are no plain executions to time;
+on a CPU (without op determinism, which forbids ``tf.timestamp``) the one-call executions then read the
+clock in the graph between their captured and plain steps, which gives both figures without extra steps.
+:meth:`Dispatcher.cost` summarises it for the arm's summary.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ class Dispatcher:
         plain, probed: Keras' compiled multi-step train functions (``steps_per_execution`` steps per call).
         every: the probe's capture interval; ``steps``: steps per execution.
         step_counter: reads the optimizer's step (a host read of the device variable).
-        mixed: one call of k steps from a captured one (``every`` a multiple or divisor of k), or None.
+        mixed: one call of k steps from a captured one (``every`` a multiple or divisor of k), or None;
+            returns ``(logs, timing)``, ``timing`` as :func:`~ablations.probe.execution.captured_execution`'s.
     """
 
     def __init__(self, plain: Callable[[Any], Any], probed: Callable[[Any], Any], every: int, steps: int,
@@ -48,6 +52,8 @@ class Dispatcher:
         self.calls = {"plain": 0, "probed": 0}
         self.time = {"plain": 0.0, "probed": 0.0}
         self.timed = {"plain": 0, "probed": 0}
+        # Seconds in captured steps, in plain steps, and their counts, read in the graph (WARMUP_CALLS left out).
+        self.in_graph = [0.0, 0.0, 0, 0]
 
     def due(self, start: int) -> bool:
         """Whether an execution of steps ``[start, start + k)`` holds a captured step."""
@@ -61,7 +67,10 @@ class Dispatcher:
         t0 = time.perf_counter()
         if kind == "probed" and self.mixed is not None and self.next_step % self.every == 0:
             self.mixed_calls += 1
-            logs = self.mixed(iterator)
+            logs, timing = self.mixed(iterator)
+            if timing is not None and self.mixed_calls > WARMUP_CALLS:
+                # A host read of four numbers the call has already computed (on a CPU it has returned).
+                self.in_graph = [a + b for a, b in zip(self.in_graph, timing.numpy().tolist())]
         else:
             logs = (self.probed if kind == "probed" else self.plain)(iterator)
         elapsed = time.perf_counter() - t0
@@ -74,21 +83,51 @@ class Dispatcher:
 
     def cost(self) -> dict[str, Any]:
         """``capture_cost`` of the arm's summary: ms per step of plain and probed executions, their ratio and
-        the estimated slowdown of the whole run against never capturing (None where a kind never ran)."""
+        the estimated slowdown of the whole run against never capturing (None where a kind never ran).
+
+        Where no plain execution ran but the one-call executions timed their own steps (``every`` <= k, on a
+        CPU), the figures come from those in-graph times (``"timed": "in-graph"``), with ms per captured step.
+        """
         ms = {kind: 1e3 * self.time[kind] / (self.timed[kind] * self.k) if self.timed[kind] else None
               for kind in self.time}
         out: dict[str, Any] = {"plain_ms_per_step": ms["plain"], "probed_ms_per_step": ms["probed"],
                                "probed_executions": self.calls["probed"], "plain_executions": self.calls["plain"],
                                "probed_over_plain": None, "run_over_plain": None}
+        graph = self._in_graph()
+        if graph and ms["probed"]:
+            graph["host_ms_per_step"] = ms["probed"]  # the same executions timed around their calls
+        if graph:
+            out["in_graph"] = graph
         if ms["plain"] and ms["probed"]:
+            out["timed"] = "host"
             out["probed_over_plain"] = ms["probed"] / ms["plain"]
             n = self.timed["plain"] + self.timed["probed"]
             out["run_over_plain"] = (self.time["plain"] + self.time["probed"]) * 1e3 / (n * self.k * ms["plain"])
+        elif graph and "plain_ms_per_step" in graph and not self.timed["plain"]:
+            # Every execution captures, so the run is all such executions: its slowdown is theirs.
+            out.update(timed="in-graph", plain_ms_per_step=graph["plain_ms_per_step"],
+                       probed_ms_per_step=graph["ms_per_step"], probed_over_plain=graph["over_plain"],
+                       run_over_plain=graph["over_plain"])
         elif ms["probed"] and self.every == 1:
             out["note"] = "every step is captured: no plain steps to compare with (capture.every > 1 measures it)"
         elif ms["probed"] and self.every <= self.k:
             # Any k consecutive steps hold a multiple of `every`: every execution captures.
             out["note"] = (f"every execution holds a captured step (capture.every {self.every} <= "
-                           f"steps_per_execution {self.k}): no plain executions to compare with "
-                           f"(capture.every > steps_per_execution measures it)")
+                           f"steps_per_execution {self.k}): no plain executions to compare with; "
+                           f"capture.every > steps_per_execution measures it, and on a CPU without op "
+                           f"determinism so does a capture.every that divides steps_per_execution")
+        return out
+
+    def _in_graph(self) -> dict[str, Any]:
+        """The one-call executions' own timing: ms per captured and per plain step, per step of both together."""
+        captured_s, plain_s, n_captured, n_plain = self.in_graph
+        if not n_captured:
+            return {}
+        out = {"captured_steps": int(n_captured), "plain_steps": int(n_plain),
+               "captured_ms_per_step": 1e3 * captured_s / n_captured,
+               "ms_per_step": 1e3 * (captured_s + plain_s) / (n_captured + n_plain)}
+        if n_plain and plain_s > 0:
+            plain = 1e3 * plain_s / n_plain
+            out.update(plain_ms_per_step=plain, captured_over_plain=out["captured_ms_per_step"] / plain,
+                       over_plain=out["ms_per_step"] / plain)
         return out

@@ -159,7 +159,7 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
         if self.every > 1:
             plain = self._compiled(self.plain_train_step, k)
             if k > 1 and (self.every % k == 0 or k % self.every == 0):
-                mixed = captured_execution(self, k, self.every)
+                mixed = captured_execution(self, k, self.every, timed=_can_time_in_graph())
         counter = lambda: int(self.optimizer.iterations.numpy())  # noqa: E731 - once per new iterator
         self.train_function = Dispatcher(plain, probed, self.every, k, counter, mixed=mixed)
         return self.train_function
@@ -437,3 +437,10 @@ def assemble(layout: dict[str, dict[str, int]], spec: Any, results: list[tuple[I
         out[table] = tf.tensor_scatter_nd_update(base, tf.constant(np.array(indices, np.int32).reshape(-1, 2)),
                                                  tf.concat(values, axis=0)) if values else base
     return out
+
+
+def _can_time_in_graph() -> bool:
+    """No accelerator visible (in-graph clock reads then time the steps, not when their kernels were queued) and
+    op determinism off (with it on, TensorFlow refuses to run ``tf.timestamp``: FailedPrecondition)."""
+    return not compat.op_determinism_enabled() and not any(
+        tf.config.list_logical_devices(kind) for kind in ("GPU", "TPU"))
