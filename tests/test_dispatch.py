@@ -43,7 +43,8 @@ class _Tensor:
         return self.values
 
 
-def _dispatcher(monkeypatch, every: int, k: int, mixed: bool = False, start: int = 0, timing=None):
+def _dispatcher(monkeypatch, every: int, k: int, mixed: bool = False, start: int = 0, timing=None,
+                untimed: str | None = None):
     clock = _Clock()
     monkeypatch.setattr(dispatch.time, "perf_counter", clock)
     log: list = []
@@ -51,7 +52,7 @@ def _dispatcher(monkeypatch, every: int, k: int, mixed: bool = False, start: int
     probed = _fake(clock, "probed", log, lambda i: 0.030 + 0.002 * (i % 5))
     both = _fake(clock, "mixed", log, lambda i: 0.050 + 0.003 * (i % 2), timing) if mixed else None
     step = {"value": start}
-    return Dispatcher(plain, probed, every, k, lambda: step["value"], mixed=both), log, step
+    return Dispatcher(plain, probed, every, k, lambda: step["value"], mixed=both, untimed=untimed), log, step
 
 
 def _expected_cost(log, k: int) -> dict:
@@ -104,11 +105,14 @@ def test_a_new_iterator_resumes_the_count_from_the_optimizers_step(monkeypatch):
     assert [kind for kind, _ in log] == ["probed", "plain", "plain", "plain", "plain", "probed"]
 
 
-@pytest.mark.parametrize("every,k,phrase", [(1, 1, "every step is captured"),
-                                            (16, 16, "every execution holds a captured step"),
-                                            (4, 8, "every execution holds a captured step")])
-def test_without_plain_executions_cost_says_why_instead_of_a_ratio(monkeypatch, every, k, phrase):
-    d, log, _ = _dispatcher(monkeypatch, every, k, mixed=every != 1)
+@pytest.mark.parametrize("every,k,mixed,phrase", [
+    (1, 1, False, "every step is captured"),
+    (16, 16, True, "every execution holds a captured step (capture.every 16 <= steps_per_execution 16): no plain "
+                   "executions to compare with, and its steps are not timed in the graph: on a GPU"),
+    (4, 8, True, "not timed in the graph: on a GPU"),
+    (3, 8, False, "capture.every does not divide it")])
+def test_without_plain_executions_cost_says_why_instead_of_a_ratio(monkeypatch, every, k, mixed, phrase):
+    d, log, _ = _dispatcher(monkeypatch, every, k, mixed=mixed, untimed="on a GPU" if mixed else None)
     iterator = object()
     for _ in range(12):
         d(iterator)
@@ -262,7 +266,7 @@ def test_the_arm_page_says_how_the_capture_cost_was_timed(monkeypatch):
         d(iterator)
     page = _arm_page(d.cost())
     assert "measured from its own steps" in page and "per captured step" not in page
-    d, _, _ = _dispatcher(monkeypatch, 16, 16, mixed=True)  # untimed (an accelerator): the note instead
+    d, _, _ = _dispatcher(monkeypatch, 16, 16, mixed=True, untimed="on a GPU")  # untimed: the note instead
     for _ in range(6):
         d(iterator)
     assert "every execution holds a captured step" in _arm_page(d.cost())
@@ -311,4 +315,15 @@ def test_with_op_determinism_the_fit_runs_untimed_and_says_why(determinism):
     """tf.timestamp fails under op determinism (FailedPrecondition): the executions run without the clock."""
     cost = _fit_every_4_spe_4()
     assert "in_graph" not in cost and cost["run_over_plain"] is None
-    assert "without op determinism" in cost["note"]
+    assert "not timed in the graph: TF op determinism is on (runtime.deterministic: true)" in cost["note"]
+
+
+def test_executions_off_the_capture_grid_are_not_timed_and_it_says_so(monkeypatch):
+    """Resumed at step 8 with every 16, k 16: each execution captures mid-way (the probed function's tf.cond)."""
+    d, log, _ = _dispatcher(monkeypatch, 16, 16, mixed=True, timing=_timing(16, 16), start=8)
+    iterator = object()
+    for _ in range(6):
+        d(iterator)
+    assert {kind for kind, _ in log} == {"probed"}
+    cost = d.cost()
+    assert "in_graph" not in cost and "a run resumed off that grid has none" in cost["note"]

@@ -39,13 +39,16 @@ class Dispatcher:
         step_counter: reads the optimizer's step (a host read of the device variable).
         mixed: one call of k steps from a captured one (``every`` a multiple or divisor of k), or None;
             returns ``(logs, timing)``, ``timing`` as :func:`~ablations.probe.execution.captured_execution`'s.
+        untimed: why ``mixed`` does not time its steps (None: it does, or there is no ``mixed``).
     """
 
     def __init__(self, plain: Callable[[Any], Any], probed: Callable[[Any], Any], every: int, steps: int,
-                 step_counter: Callable[[], int], mixed: Callable[[Any], Any] | None = None):
+                 step_counter: Callable[[], int], mixed: Callable[[Any], Any] | None = None,
+                 untimed: str | None = None):
         self.plain, self.probed, self.every, self.k = plain, probed, int(every), int(steps)
         self.mixed = mixed  # one probed step, then k - 1 plain steps: an execution that starts on a captured step
         self.mixed_calls = 0
+        self.untimed = untimed
         self.step_counter = step_counter
         self.next_step: int | None = None
         self.iterator_id: int | None = None
@@ -112,10 +115,16 @@ class Dispatcher:
             out["note"] = "every step is captured: no plain steps to compare with (capture.every > 1 measures it)"
         elif ms["probed"] and self.every <= self.k:
             # Any k consecutive steps hold a multiple of `every`: every execution captures.
+            if self.untimed:
+                why = f"its steps are not timed in the graph: {self.untimed}"
+            elif self.mixed is None:
+                why = "capture.every does not divide it, so the steps are not timed in the graph either"
+            else:
+                why = (f"none was timed in the graph (it times those that start on a captured step, after the "
+                       f"first {WARMUP_CALLS}: a run resumed off that grid has none)")
             out["note"] = (f"every execution holds a captured step (capture.every {self.every} <= "
-                           f"steps_per_execution {self.k}): no plain executions to compare with; "
-                           f"capture.every > steps_per_execution measures it, and on a CPU without op "
-                           f"determinism so does a capture.every that divides steps_per_execution")
+                           f"steps_per_execution {self.k}): no plain executions to compare with, and {why}; "
+                           f"capture.every > steps_per_execution measures it")
         return out
 
     def _in_graph(self) -> dict[str, Any]:

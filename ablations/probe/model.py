@@ -155,13 +155,14 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
             return self.train_function
         k = int(self.steps_per_execution)
         probed = self._compiled(self.train_step, k)
-        plain, mixed = probed, None
+        plain, mixed, untimed = probed, None, None
         if self.every > 1:
             plain = self._compiled(self.plain_train_step, k)
             if k > 1 and (self.every % k == 0 or k % self.every == 0):
-                mixed = captured_execution(self, k, self.every, timed=_can_time_in_graph())
+                untimed = _why_not_timed_in_graph()
+                mixed = captured_execution(self, k, self.every, timed=untimed is None)
         counter = lambda: int(self.optimizer.iterations.numpy())  # noqa: E731 - once per new iterator
-        self.train_function = Dispatcher(plain, probed, self.every, k, counter, mixed=mixed)
+        self.train_function = Dispatcher(plain, probed, self.every, k, counter, mixed=mixed, untimed=untimed)
         return self.train_function
 
     def _compiled(self, step_fn: Any, k: int) -> Any:
@@ -439,8 +440,10 @@ def assemble(layout: dict[str, dict[str, int]], spec: Any, results: list[tuple[I
     return out
 
 
-def _can_time_in_graph() -> bool:
-    """No accelerator visible (in-graph clock reads then time the steps, not when their kernels were queued) and
-    op determinism off (with it on, TensorFlow refuses to run ``tf.timestamp``: FailedPrecondition)."""
-    return not compat.op_determinism_enabled() and not any(
-        tf.config.list_logical_devices(kind) for kind in ("GPU", "TPU"))
+def _why_not_timed_in_graph() -> str | None:
+    """Why the one-call executions cannot read the clock in the graph here, or None where they can."""
+    if compat.op_determinism_enabled():  # TensorFlow then refuses to run tf.timestamp (FailedPrecondition)
+        return "TF op determinism is on (runtime.deterministic: true), under which TensorFlow refuses tf.timestamp"
+    if any(tf.config.list_logical_devices(kind) for kind in ("GPU", "TPU")):
+        return "an accelerator is visible, where an in-graph clock would read when kernels were queued, not run"
+    return None
