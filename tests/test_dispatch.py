@@ -56,14 +56,14 @@ def _dispatcher(monkeypatch, every: int, k: int, mixed: bool = False, start: int
 
 
 def _expected_cost(log, k: int) -> dict:
-    """ms per step of each kind, leaving out each kind's first WARMUP_CALLS calls, computed from the log."""
+    """ms per step of each kind, leaving out each compiled function's first WARMUP_CALLS calls (the one-call
+    execution and the probed function are both of the probed kind), computed from the log."""
     timed = {"plain": [], "probed": []}
-    seen = {"plain": 0, "probed": 0}
-    for kind, duration in log:
-        kind = "probed" if kind == "mixed" else kind
-        seen[kind] += 1
-        if seen[kind] > WARMUP_CALLS:
-            timed[kind].append(duration)
+    seen = {"plain": 0, "probed": 0, "mixed": 0}
+    for fn, duration in log:
+        seen[fn] += 1
+        if seen[fn] > WARMUP_CALLS:
+            timed["probed" if fn == "mixed" else fn].append(duration)
     plain = 1e3 * sum(timed["plain"]) / (len(timed["plain"]) * k)
     probed = 1e3 * sum(timed["probed"]) / (len(timed["probed"]) * k)
     total = 1e3 * (sum(timed["plain"]) + sum(timed["probed"]))
@@ -257,7 +257,7 @@ def test_the_arm_page_says_how_the_capture_cost_was_timed(monkeypatch):
         d(iterator)
     cost = d.cost()
     page = _arm_page(cost)
-    assert "timed in the graph" in page
+    assert "the steps of 4 of its 6 executions were timed in the graph" in page  # the first 2 left out
     assert f"{cost['in_graph']['captured_ms_per_step']:.3g} ms per captured step" in page
     assert f"{cost['plain_ms_per_step']:.3g} ms per plain step" in page
     assert f"took {cost['run_over_plain']:.3f}x" in page
@@ -327,3 +327,20 @@ def test_executions_off_the_capture_grid_are_not_timed_and_it_says_so(monkeypatc
     assert {kind for kind, _ in log} == {"probed"}
     cost = d.cost()
     assert "in_graph" not in cost and "a run resumed off that grid has none" in cost["note"]
+
+
+def test_each_compiled_function_leaves_out_its_own_first_calls(monkeypatch):
+    """Off the capture grid first (resumed at step 2: the probed function), then on it (the one-call execution):
+    both trace on their first calls, so each one's first WARMUP_CALLS are left out, not the kind's."""
+    d, log, step = _dispatcher(monkeypatch, 16, 4, mixed=True, start=2)
+    first = object()
+    for _ in range(16):  # steps 2..65: executions holding 16, 32, 48 (and 64) run the probed function
+        d(first)
+    step["value"] = 64
+    second = object()
+    for _ in range(16):  # steps 64..127 on the grid: the one-call execution
+        d(second)
+    assert {"probed", "mixed", "plain"} == {fn for fn, _ in log}
+    cost, want = d.cost(), _expected_cost(log, 4)
+    assert cost["probed_ms_per_step"] == pytest.approx(want["probed"])
+    assert cost["run_over_plain"] == pytest.approx(want["run"])

@@ -55,6 +55,8 @@ class Dispatcher:
         self.calls = {"plain": 0, "probed": 0}
         self.time = {"plain": 0.0, "probed": 0.0}
         self.timed = {"plain": 0, "probed": 0}
+        self.fn_calls = {"plain": 0, "probed": 0, "mixed": 0}  # calls of each compiled function
+        self.graph_timed = 0  # executions whose in-graph timing is in self.in_graph
         # Seconds in captured steps, in plain steps, and their counts, read in the graph (WARMUP_CALLS left out).
         self.in_graph = [0.0, 0.0, 0, 0]
 
@@ -67,18 +69,22 @@ class Dispatcher:
         if self.next_step is None or id(iterator) != self.iterator_id:
             self.iterator_id, self.next_step = id(iterator), int(self.step_counter())
         kind = "probed" if self.every == 1 or self.due(self.next_step) else "plain"
+        fn = "mixed" if kind == "probed" and self.mixed is not None and self.next_step % self.every == 0 else kind
+        self.fn_calls[fn] += 1
+        warm = self.fn_calls[fn] > WARMUP_CALLS  # each compiled function traces on its first call: left out
         t0 = time.perf_counter()
-        if kind == "probed" and self.mixed is not None and self.next_step % self.every == 0:
+        if fn == "mixed":
             self.mixed_calls += 1
             logs, timing = self.mixed(iterator)
-            if timing is not None and self.mixed_calls > WARMUP_CALLS:
+            if timing is not None and warm:
                 # A host read of four numbers the call has already computed (on a CPU it has returned).
                 self.in_graph = [a + b for a, b in zip(self.in_graph, timing.numpy().tolist())]
+                self.graph_timed += 1
         else:
             logs = (self.probed if kind == "probed" else self.plain)(iterator)
         elapsed = time.perf_counter() - t0
         self.calls[kind] += 1
-        if self.calls[kind] > WARMUP_CALLS:
+        if warm:
             self.time[kind] += elapsed
             self.timed[kind] += 1
         self.next_step += self.k
@@ -132,7 +138,7 @@ class Dispatcher:
         captured_s, plain_s, n_captured, n_plain = self.in_graph
         if not n_captured:
             return {}
-        out = {"captured_steps": int(n_captured), "plain_steps": int(n_plain),
+        out = {"executions": self.graph_timed, "captured_steps": int(n_captured), "plain_steps": int(n_plain),
                "captured_ms_per_step": 1e3 * captured_s / n_captured,
                "ms_per_step": 1e3 * (captured_s + plain_s) / (n_captured + n_plain)}
         if n_plain and plain_s > 0:
