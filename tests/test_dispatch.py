@@ -160,6 +160,8 @@ def test_without_plain_executions_in_graph_timing_gives_the_ratio(monkeypatch, e
     assert graph["captured_ms_per_step"] == pytest.approx(captured)
     assert graph["captured_over_plain"] == pytest.approx(captured / plain)
     assert (graph["captured_steps"], graph["plain_steps"]) == (n_captured, n_plain)
+    host_s = sum(duration for _, duration in log[WARMUP_CALLS:])  # the same calls on the fake clock
+    assert graph["host_ms_per_step"] == pytest.approx(1e3 * host_s / (n_captured + n_plain))
     assert (graph["captured_steps"], graph["plain_steps"]) == ((calls - WARMUP_CALLS) * k // every,
                                                                (calls - WARMUP_CALLS) * (k - k // every))
 

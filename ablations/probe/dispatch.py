@@ -14,7 +14,8 @@ by its plain ones, which run the plain step without the per-step ``tf.cond`` of 
 executions off that grid keep it).
 
 It also measures, from the steps themselves, what capturing costs in this run: the host-observed time of
-plain and of probed executions (the first calls of each, which trace and compile, left out). On CPU a call
+plain and of probed executions (the first calls of each compiled function, which trace and compile, left
+out). On CPU a call
 returns when its steps are done; on a GPU the time between calls approaches the steps' time once the queue
 is full. Where every execution holds a captured step (``every`` <= k) there are no plain executions to time;
 on a CPU (without op determinism, which forbids ``tf.timestamp``) the one-call executions then read the
@@ -57,6 +58,7 @@ class Dispatcher:
         self.timed = {"plain": 0, "probed": 0}
         self.fn_calls = {"plain": 0, "probed": 0, "mixed": 0}  # calls of each compiled function
         self.graph_timed = 0  # executions whose in-graph timing is in self.in_graph
+        self.graph_host_s = 0.0  # the same executions timed from the host
         # Seconds in captured steps, in plain steps, and their counts, read in the graph (WARMUP_CALLS left out).
         self.in_graph = [0.0, 0.0, 0, 0]
 
@@ -79,10 +81,12 @@ class Dispatcher:
             if timing is not None and warm:
                 # A host read of four numbers the call has already computed (on a CPU it has returned).
                 self.in_graph = [a + b for a, b in zip(self.in_graph, timing.numpy().tolist())]
-                self.graph_timed += 1
         else:
             logs = (self.probed if kind == "probed" else self.plain)(iterator)
         elapsed = time.perf_counter() - t0
+        if fn == "mixed" and timing is not None and warm:
+            self.graph_timed += 1
+            self.graph_host_s += elapsed
         self.calls[kind] += 1
         if warm:
             self.time[kind] += elapsed
@@ -103,8 +107,6 @@ class Dispatcher:
                                "probed_executions": self.calls["probed"], "plain_executions": self.calls["plain"],
                                "probed_over_plain": None, "run_over_plain": None}
         graph = self._in_graph()
-        if graph and ms["probed"]:
-            graph["host_ms_per_step"] = ms["probed"]  # the same executions timed around their calls
         if graph:
             out["in_graph"] = graph
         if ms["plain"] and ms["probed"]:
@@ -141,6 +143,8 @@ class Dispatcher:
         out = {"executions": self.graph_timed, "captured_steps": int(n_captured), "plain_steps": int(n_plain),
                "captured_ms_per_step": 1e3 * captured_s / n_captured,
                "ms_per_step": 1e3 * (captured_s + plain_s) / (n_captured + n_plain)}
+        # The same executions timed around their calls: what each call's fixed cost adds.
+        out["host_ms_per_step"] = 1e3 * self.graph_host_s / (n_captured + n_plain)
         if n_plain and plain_s > 0:
             plain = 1e3 * plain_s / n_plain
             out.update(plain_ms_per_step=plain, captured_over_plain=out["captured_ms_per_step"] / plain,
