@@ -55,10 +55,14 @@ _TWO_ARMS = """
 """
 
 
-def test_mirrored_executions_of_a_captured_and_plain_steps_match_default(tfds_dir: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_mirrored_executions_of_a_captured_and_plain_steps_match_default(tfds_dir: str, tmp_path: Path,
+                                                                         deterministic: bool) -> None:
     """2 replicas, steps_per_execution 2, every 2: each execution is one call of a captured step and a plain one
-    (ablations.probe.execution) under the strategy; the same tables as one step per call without a strategy."""
-    mirrored = {"strategy": "mirrored", "logical_cpus": 2, "devices": ["/cpu:0", "/cpu:1"]}
+    (ablations.probe.execution) under the strategy; the same tables as one step per call without a strategy.
+    Without op determinism the executions also read the clock in the graph (capture_cost timed in-graph)."""
+    mirrored = {"strategy": "mirrored", "logical_cpus": 2, "devices": ["/cpu:0", "/cpu:1"],
+                "deterministic": deterministic}
     cfgs = {"default": tiny({"strategy": "default", "logical_cpus": 2}, steps_per_epoch=4),
             "mirrored": tiny(mirrored, steps_per_epoch=4, steps_per_execution=2)}
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_TWO_ARMS), json.dumps(cfgs), str(tmp_path)],
@@ -70,6 +74,10 @@ def test_mirrored_executions_of_a_captured_and_plain_steps_match_default(tfds_di
         assert list(a["step"]) == list(b["step"]) and set(a["step"]) == {0, 2, 4, 6}, table
         np.testing.assert_allclose(b[cols].to_numpy(float), a[cols].to_numpy(float), rtol=1e-5, atol=1e-7,
                                    err_msg=table)
+    cost = json.loads((tmp_path / "mirrored" / "summary.json").read_text())["capture_cost"]
+    assert cost.get("timed") == (None if deterministic else "in-graph"), cost
+    if not deterministic:  # 4 executions, the first 2 left out: 2 captured and 2 plain steps timed
+        assert (cost["in_graph"]["captured_steps"], cost["in_graph"]["plain_steps"]) == (2, 2)
 
 
 def test_mirrored_on_two_logical_cpus_matches_default(tfds_dir: str, tmp_path: Path) -> None:
