@@ -66,6 +66,9 @@ class Case:
     instruments: dict[str, Any] = field(default_factory=dict)  # opt-in instruments (capture.instruments)
     data: str = "digits"  # digits (8x8x1) | rows (8 steps of 8) | adding100 (T=100, 2 features) | digits32 (32x32x3)
     steps: int | None = None  # at most this many steps per timed fit (the large models), else --steps
+    # Batches per epoch of a finite dataset (each timed fit: whole epochs), else one endless epoch per fit. An
+    # epoch length that is not a multiple of spe starts each later epoch off the capture grid, as real data does.
+    epoch: int | None = None
     target: float | None = None  # issue #15's target for this model, where it differs from TARGETS
     # core: the issue's targets on the MLP and ResNet-20 (`make bench`, < 15 min); models: `make bench-models`
     # (~20 min, larger models); extras: opt-in instruments and other settings, no target (`make bench-extras`).
@@ -100,6 +103,8 @@ CASES = [
     Case("mlp20x256 grads every=1 spe=16", "plain_mlp", {"depth": 20, "width": 256}, 1, 16, False, False, group="extras"),
     Case("mlp20x256 full every=1 spe=16", "plain_mlp", {"depth": 20, "width": 256}, 1, 16, True, group="extras"),
     Case("mlp20x256 full every=16 spe=16", "plain_mlp", {"depth": 20, "width": 256}, 16, 16, True),
+    Case("mlp20x256 full every=16 spe=16 epochs of 23", "plain_mlp", {"depth": 20, "width": 256}, 16, 16, True,
+         epoch=23),
     # resnet_cnn counts residual blocks: ResNet-20 (6n+2 layers, n = 3 per stage) is depth 9.
     Case("resnet20 full every=1 spe=1", "resnet_cnn", {"depth": 9}, 1, 1, True, steps=32, target=1.10),
     Case("resnet20 full every=16 spe=16", "resnet_cnn", {"depth": 9}, 16, 16, True, steps=32),
@@ -194,10 +199,14 @@ def _models(case: Case, seed: int = 0):
     return plain, probed, callbacks
 
 
-def _timed_fit(model, ds, steps: int, callbacks) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process, all threads) per step."""
+def _timed_fit(model, ds, steps: int, callbacks, epoch: int | None = None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) per step: one epoch of ``steps`` steps, or
+    ``steps / epoch`` epochs of a finite ``ds`` of ``epoch`` batches."""
     t0, c0 = time.perf_counter(), time.process_time()
-    model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=callbacks, shuffle=False)
+    if epoch:
+        model.fit(ds, epochs=steps // epoch, verbose=0, callbacks=callbacks, shuffle=False)
+    else:
+        model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=callbacks, shuffle=False)
     return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
 
 
@@ -226,8 +235,10 @@ def run_case(case: Case, pairs: int, steps: int, batch: int) -> dict[str, Any]:
     plain, probed, cbs = _models(case)
     steps = min(steps, case.steps) if case.steps else steps
     steps = max(case.spe, steps // case.spe * case.spe)
-    _timed_fit(plain, ds, steps, [])  # warm-up: tracing and compilation
-    _timed_fit(probed, ds, steps, cbs())
+    if case.epoch:
+        ds, steps = ds.take(case.epoch).cache(), max(case.epoch, steps // case.epoch * case.epoch)
+    _timed_fit(plain, ds, steps, [], case.epoch)  # warm-up: tracing and compilation
+    _timed_fit(probed, ds, steps, cbs(), case.epoch)
     gpu = bool(tf.config.list_logical_devices("GPU"))
     ratios, cpu_ratios, t_plain, t_probe, mem = [], [], [], [], []
     for _ in range(pairs):
@@ -238,7 +249,7 @@ def run_case(case: Case, pairs: int, steps: int, batch: int) -> dict[str, Any]:
             if gpu:
                 tf.config.experimental.reset_memory_stats("GPU:0")
             gc.collect()  # not inside a timed fit
-            wall, cpu_s = _timed_fit(model, ds, steps, cb)
+            wall, cpu_s = _timed_fit(model, ds, steps, cb, case.epoch)
             times[model is probed] += wall / 2
             cpu[model is probed] += cpu_s / 2
             if gpu:

@@ -22,14 +22,17 @@ class _Clock:
 
 
 def _fake(clock: _Clock, kind: str, log: list, seconds, timing=None):
-    """A compiled function taking ``seconds(call)``; a one-call execution also returns its in-graph ``timing``."""
-    def run(iterator):
+    """A compiled function taking ``seconds(call)``; a one-call execution also returns its in-graph ``timing``
+    and logs itself as "mixed" or, given a lead (its first captured step mid-way), as "mixed off grid"."""
+    def run(iterator, lead=None):
         duration = seconds(len(log))
-        log.append((kind, duration))
+        log.append((kind if not lead else "mixed off grid", duration))
         clock.now += duration
         if kind != "mixed":
             return {"kind": kind}
-        return {"kind": kind}, None if timing is None else _Tensor(timing(sum(k == "mixed" for k, _ in log) - 1))
+        run.leads.append(lead)
+        return {"kind": kind}, None if timing is None else _Tensor(timing(len(run.leads) - 1))
+    run.leads = []
     return run
 
 
@@ -59,11 +62,11 @@ def _expected_cost(log, k: int) -> dict:
     """ms per step of each kind, leaving out each compiled function's first WARMUP_CALLS calls (the one-call
     execution and the probed function are both of the probed kind), computed from the log."""
     timed = {"plain": [], "probed": []}
-    seen = {"plain": 0, "probed": 0, "mixed": 0}
+    seen = {"plain": 0, "probed": 0, "mixed": 0, "mixed off grid": 0}
     for fn, duration in log:
         seen[fn] += 1
         if seen[fn] > WARMUP_CALLS:
-            timed["probed" if fn == "mixed" else fn].append(duration)
+            timed["plain" if fn == "plain" else "probed"].append(duration)
     plain = 1e3 * sum(timed["plain"]) / (len(timed["plain"]) * k)
     probed = 1e3 * sum(timed["probed"]) / (len(timed["probed"]) * k)
     total = 1e3 * (sum(timed["plain"]) + sum(timed["probed"]))
@@ -71,18 +74,25 @@ def _expected_cost(log, k: int) -> dict:
     return {"plain": plain, "probed": probed, "ratio": probed / plain, "run": total / (steps * plain)}
 
 
-@pytest.mark.parametrize("every,k,mixed", [(4, 1, False), (3, 1, False), (8, 2, False), (32, 4, True)])
+@pytest.mark.parametrize("every,k,mixed", [(4, 1, False), (3, 1, False), (8, 2, False), (32, 4, True),
+                                           (12, 8, True), (5, 3, True)])
 def test_each_execution_runs_the_function_its_steps_need_and_cost_matches_the_calls(monkeypatch, every, k, mixed):
+    """Executions that capture mid-way (12 and 8, 5 and 3) run the one-call execution told where."""
     d, log, _ = _dispatcher(monkeypatch, every, k, mixed)
     iterator = object()
     calls = 48
     for _ in range(calls):
         d(iterator)
+    leads = []
     for i, (kind, _) in enumerate(log):
         start = i * k
-        captures = any(s % every == 0 for s in range(start, start + k))
-        want = ("mixed" if mixed and start % every == 0 else "probed") if captures else "plain"
+        captured = [s - start for s in range(start, start + k) if s % every == 0]
+        want = "plain"
+        if captured:
+            want = ("mixed" if captured[0] == 0 else "mixed off grid") if mixed else "probed"
+            leads.append(captured[0])
         assert kind == want, (i, kind, want)
+    assert not mixed or leads == d.mixed.leads
     cost, want = d.cost(), _expected_cost(log, k)
     assert cost["plain_ms_per_step"] == pytest.approx(want["plain"])
     assert cost["probed_ms_per_step"] == pytest.approx(want["probed"])
@@ -90,7 +100,7 @@ def test_each_execution_runs_the_function_its_steps_need_and_cost_matches_the_ca
     assert cost["run_over_plain"] == pytest.approx(want["run"])
     probed_calls = sum(kind != "plain" for kind, _ in log)
     assert (cost["probed_executions"], cost["plain_executions"]) == (probed_calls, calls - probed_calls)
-    assert d.mixed_calls == sum(kind == "mixed" for kind, _ in log)
+    assert d.mixed_calls == sum(kind.startswith("mixed") for kind, _ in log)
 
 
 def test_a_new_iterator_resumes_the_count_from_the_optimizers_step(monkeypatch):
@@ -110,13 +120,13 @@ def test_a_new_iterator_resumes_the_count_from_the_optimizers_step(monkeypatch):
     (16, 16, True, "every execution holds a captured step (capture.every 16 <= steps_per_execution 16): no plain "
                    "executions to compare with, and its steps are not timed in the graph: on a GPU"),
     (4, 8, True, "not timed in the graph: on a GPU"),
-    (3, 8, False, "capture.every does not divide it")])
+    (3, 8, True, "not timed in the graph: on a GPU")])
 def test_without_plain_executions_cost_says_why_instead_of_a_ratio(monkeypatch, every, k, mixed, phrase):
     d, log, _ = _dispatcher(monkeypatch, every, k, mixed=mixed, untimed="on a GPU" if mixed else None)
     iterator = object()
     for _ in range(12):
         d(iterator)
-    assert {kind for kind, _ in log} <= {"probed", "mixed"}
+    assert {kind for kind, _ in log} <= {"probed", "mixed", "mixed off grid"}
     cost = d.cost()
     assert cost["plain_ms_per_step"] is None and cost["probed_over_plain"] is None
     assert cost["run_over_plain"] is None
@@ -125,7 +135,9 @@ def test_without_plain_executions_cost_says_why_instead_of_a_ratio(monkeypatch, 
 
 
 def _expected_probed(log, k: int) -> float:
-    timed = [duration for _, duration in log][WARMUP_CALLS:]  # one kind only: its first calls left out
+    """Only probed executions ran: each compiled function's (each trace's) first calls left out."""
+    seen: dict = {}
+    timed = [d for fn, d in log if seen.setdefault(fn, []).append(d) or len(seen[fn]) > WARMUP_CALLS]
     return 1e3 * sum(timed) / (len(timed) * k)
 
 
@@ -179,7 +191,8 @@ def test_host_timing_wins_where_plain_executions_ran(monkeypatch):
 
 class _Steps:
     """The model interface :func:`captured_execution` reads: one step does ~1 GFLOP of matmuls, the other one
-    add, both updating a variable as a training step does (the clock reads must wait for those updates)."""
+    add, both updating a variable as a training step does (the clock reads must wait for those updates); each
+    step also appends its kind to ``pattern`` (a bit: 1 captured, 0 plain), so the order of steps can be read."""
 
     distribute_strategy = None
     run_eagerly = False
@@ -190,10 +203,23 @@ class _Steps:
 
         self.distribute_strategy = tf.distribute.get_strategy()
         self.done = tf.Variable(0.0, dtype=tf.float64)
+        self.pattern = tf.Variable(1, dtype=tf.int64)  # a leading 1, then one bit per step
         self.total = tf.Variable(0.0)  # the matmuls feed it: a result nothing stateful reads would be pruned
         self.w = tf.constant(np.random.default_rng(0).normal(0, 0.06, (256, 256)), tf.float32)
         heavy, light = self._heavy, self._light
-        self.train_step, self.plain_train_step = (heavy, light) if heavy_captured else (light, heavy)
+        captured, plain = (heavy, light) if heavy_captured else (light, heavy)
+        self.train_step = lambda x: self._mark(1, captured, x)
+        self.plain_train_step = lambda x: self._mark(0, plain, x)
+
+    def steps(self) -> str:
+        """The kinds of the steps since the last call, in order: "1" captured, "0" plain."""
+        bits = bin(int(self.pattern.numpy()))[3:]
+        self.pattern.assign(1)
+        return bits
+
+    def _mark(self, bit: int, step, x):
+        self.pattern.assign(self.pattern * 2 + bit)
+        return step(x)
 
     def _heavy(self, x):
         import tensorflow as tf
@@ -211,11 +237,15 @@ class _Steps:
 
 
 @pytest.mark.parametrize("heavy_captured", [True, False])
-@pytest.mark.parametrize("batches,every,want", [(8, 4, (2, 6)), (5, 4, (2, 3)), (8, 8, (1, 7)), (3, 8, (1, 2))])
-def test_a_one_call_execution_times_its_captured_and_plain_steps_in_the_graph(heavy_captured, batches, every, want,
-                                                                              no_op_determinism):
-    """k = 8: the clock reads sit between the steps (the heavy kind reads > 5x the light one per step, whichever
-    it is), the counts follow the groups and a short last execution, and the total fits in the call's time."""
+@pytest.mark.parametrize("batches,every,lead,want", [
+    (8, 4, 0, "10001000"), (5, 4, 0, "10001"), (8, 8, 0, "10000000"), (3, 8, 0, "100"),
+    (8, 4, 3, "00010001"), (8, 8, 5, "00000100"), (6, 8, 5, "000001"), (3, 8, 5, "000"), (8, 3, 2, "00100100")])
+def test_a_one_call_execution_times_its_captured_and_plain_steps_in_the_graph(heavy_captured, batches, every, lead,
+                                                                              want, no_op_determinism):
+    """k = 8: the steps run in the order the capture grid says, from the first captured step at ``lead`` (an
+    execution off the grid, as after an epoch of 23 steps at k 16); the clock reads sit between the steps (the
+    heavy kind reads > 5x the light one per step, whichever it is); the counts follow the steps and a short last
+    execution, and the total fits in the call's time."""
     import time
 
     import tensorflow as tf
@@ -225,20 +255,25 @@ def test_a_one_call_execution_times_its_captured_and_plain_steps_in_the_graph(he
     steps = _Steps(heavy_captured)
     run = captured_execution(steps, 8, every, timed=True)
     data = tf.data.Dataset.range(batches).map(lambda i: tf.cast(i, tf.float32))
-    run(iter(data))  # trace and warm up
+    run(iter(data), lead)  # trace and warm up
+    assert steps.steps() == want
     per_step, counts = [], set()
     for _ in range(3):  # the least of three per kind: a preemption on a busy machine lands in one run, not all
         t0 = time.perf_counter()
-        _, timing = run(iter(data))
+        _, timing = run(iter(data), lead)
         wall = time.perf_counter() - t0
         captured_s, plain_s, n_captured, n_plain = timing.numpy()
         assert 0 < captured_s + plain_s <= wall  # inside the call
-        per_step.append((captured_s / n_captured, plain_s / n_plain))
+        assert captured_s >= 0 and (n_captured or captured_s == 0)  # a light step can read 0 (1 us resolution)
+        per_step.append((captured_s / max(n_captured, 1), plain_s / n_plain))
         counts.add((n_captured, n_plain))
-    assert counts == {want} and steps.done.numpy() == 4 * batches
-    heavy, light = np.min(per_step, axis=0)[::1 if heavy_captured else -1]
-    assert heavy > 5 * light > 0
-    assert captured_execution(steps, 8, every)(iter(data))[1] is None  # untimed: no clock in the graph
+    assert counts == {(want.count("1"), want.count("0"))} and steps.done.numpy() == 4 * batches
+    if "1" in want:
+        heavy, light = np.min(per_step, axis=0)[::1 if heavy_captured else -1]
+        # One light step can read 0: it takes about the clock's resolution (1 us).
+        assert heavy > 5 * light and heavy > 1e-4
+    assert captured_execution(steps, 8, every)(iter(data), lead)[1] is None  # untimed: no clock in the graph
+    assert steps.steps() == want * 4
 
 
 def _arm_page(cost: dict) -> str:
@@ -320,29 +355,29 @@ def test_with_op_determinism_the_fit_runs_untimed_and_says_why(determinism):
     assert "not timed in the graph: TF op determinism is on (runtime.deterministic: true)" in cost["note"]
 
 
-def test_executions_off_the_capture_grid_are_not_timed_and_it_says_so(monkeypatch):
-    """Resumed at step 8 with every 16, k 16: each execution captures mid-way (the probed function's tf.cond)."""
+def test_executions_off_the_capture_grid_are_timed_too(monkeypatch):
+    """Resumed at step 8 with every 16, k 16: each execution captures mid-way, one call told so, timed."""
     d, log, _ = _dispatcher(monkeypatch, 16, 16, mixed=True, timing=_timing(16, 16), start=8)
     iterator = object()
     for _ in range(6):
         d(iterator)
-    assert {kind for kind, _ in log} == {"probed"}
+    assert {kind for kind, _ in log} == {"mixed off grid"} and d.mixed.leads == [8] * 6
     cost = d.cost()
-    assert "in_graph" not in cost and "a run resumed off that grid has none" in cost["note"]
+    assert cost["timed"] == "in-graph" and cost["in_graph"]["executions"] == 6 - WARMUP_CALLS
 
 
 def test_each_compiled_function_leaves_out_its_own_first_calls(monkeypatch):
-    """Off the capture grid first (resumed at step 2: the probed function), then on it (the one-call execution):
-    both trace on their first calls, so each one's first WARMUP_CALLS are left out, not the kind's."""
+    """Off the capture grid first (resumed at step 2: the one-call execution's trace with a lead), then on it
+    (its trace without): both trace on their first calls, so each one's first WARMUP_CALLS are left out."""
     d, log, step = _dispatcher(monkeypatch, 16, 4, mixed=True, start=2)
     first = object()
-    for _ in range(16):  # steps 2..65: executions holding 16, 32, 48 (and 64) run the probed function
+    for _ in range(16):  # steps 2..65: executions holding 16, 32, 48 (and 64) capture mid-way
         d(first)
     step["value"] = 64
     second = object()
     for _ in range(16):  # steps 64..127 on the grid: the one-call execution
         d(second)
-    assert {"probed", "mixed", "plain"} == {fn for fn, _ in log}
+    assert {"mixed off grid", "mixed", "plain"} == {fn for fn, _ in log}
     cost, want = d.cost(), _expected_cost(log, 4)
     assert cost["probed_ms_per_step"] == pytest.approx(want["probed"])
     assert cost["run_over_plain"] == pytest.approx(want["run"])

@@ -1,5 +1,6 @@
-"""One compiled execution of ``steps_per_execution`` k steps whose first step captures and whose other k - 1 run
-the plain step: what the dispatcher calls for an execution that starts on a captured step.
+"""One compiled execution of ``steps_per_execution`` k steps holding a captured step: its captured steps run
+the probed step, the others Keras' plain step, in one call. The dispatcher calls it for every execution that
+holds a captured step, wherever in the execution that falls.
 
 As two calls (a one-step probed function, then Keras' k - 1-step function) the execution paid a call's fixed
 cost and a host synchronisation in between, and the captured step's statistic reductions could not overlap
@@ -9,14 +10,15 @@ side in one process (``benchmarks/step_breakdown.py --merge``, 6 rounds). A per-
 branch, the other way to make it one call, measured slower than both (1.123x): lowered, the cond feeds every
 tensor its branches read through a Switch node on every step.
 
-With ``every`` a divisor of k, the execution is k / ``every`` groups of one captured step and ``every`` - 1 plain
-ones. The loops read the data as Keras' own (``TensorFlowTrainer._make_function``) does, one optional batch
-ahead and never past the execution's last step, and stop early when the data ends (an epoch may end right
-after a captured step: the logs are then that step's); unlike Keras' they do not wrap each step in a
+The execution is ``lead`` plain steps (0 on the capture grid; an epoch whose length is not a multiple of k, or
+a resumed run, starts off it), then groups of one captured step and up to ``every`` - 1 plain ones, never
+more than k steps. The loops read the data as Keras' own (``TensorFlowTrainer._make_function``) does, one
+optional batch ahead and never past the execution's last step, and stop early when the data ends (an epoch may
+end right after a captured step: the logs are then that step's); unlike Keras' they do not wrap each step in a
 ``tf.cond`` on the batch being there, which the loop's condition has already checked.
 
-Timed (on a CPU), the execution also reads the clock between each group's captured step and its plain ones:
-with ``every`` <= k there are no plain executions, and this is how the run still measures what capturing cost.
+Timed (on a CPU), the execution also reads the clock between each captured step and its plain steps: with
+``every`` <= k there are no plain executions, and this is how the run still measures what capturing cost.
 """
 
 from __future__ import annotations
@@ -45,39 +47,43 @@ def _one_step(model: Any, step_fn: Callable[[Any], Any]) -> Callable[[Any], Any]
     return step
 
 
-def captured_execution(model: Any, k: int, every: int, timed: bool = False) -> Callable[[Any], Any]:
-    """``function(iterator)`` running up to ``k`` steps in one compiled call, from a captured step on: each
-    ``every``-th step through ``model.train_step``, the others through ``model.plain_train_step``; returns the
+def captured_execution(model: Any, k: int, every: int, timed: bool = False) -> Callable[..., Any]:
+    """``function(iterator, lead=0)`` running up to ``k`` steps in one compiled call: the captured steps
+    (every ``every``-th) through ``model.train_step``, the others through ``model.plain_train_step``; returns the
     last step's logs and the execution's own timing.
 
     Args:
         model: a compiled :class:`~ablations.probe.model.ProbedModel`.
         k: steps per execution (>= 2).
-        every: the capture interval (> 1), a multiple or a divisor of ``k``.
-        timed: read the clock in the graph around each group's captured step and its plain steps.
+        every: the capture interval (>= 2).
+        timed: read the clock in the graph around each captured step and its plain steps.
 
     Returns:
-        ``(logs, timing)``: ``timing`` is None when not ``timed``, else a float64 vector ``[seconds in captured
-        steps, seconds in plain steps, captured steps, plain steps]`` of this execution.
+        ``function(iterator, lead=0)``: ``lead`` is the number of plain steps before the execution's first
+        captured step (0 <= lead < k; a resumed run or an epoch whose length is not a multiple of k starts off
+        the capture grid). It returns ``(logs, timing)``: ``timing`` is None when not ``timed``, else a float64
+        vector ``[seconds in captured steps, seconds in plain steps, captured steps, plain steps]``.
     """
     captured, plain = _one_step(model, model.train_step), _one_step(model, model.plain_train_step)
-    size = min(every, k)  # a group: one captured step and size - 1 plain ones
     clock = _clock if timed else (lambda after: tf.constant(0.0, tf.float64))
     ordered = _after if timed else (lambda first, fn: fn())
 
-    def execution(iterator: Any) -> Any:
+    def execution(iterator: Any, lead: Any = None) -> Any:
+        offset = 0 if lead is None else lead  # the first captured step's index in the execution
+
         def run(step: Callable[[Any], Any], i: Any, logs: Any, nxt: Any) -> tuple[Any, Any, Any]:
             logs = step(nxt.get_value())  # the loops run only while a batch is there
             # No read past the execution's last batch: the next execution starts there.
             return i + 1, logs, tf.cond(tf.less(i + 1, k), iterator.get_next_as_optional, lambda: nxt)
 
-        def in_group(i: Any, logs: Any, nxt: Any) -> Any:
-            return tf.logical_and(tf.not_equal(i % size, 0), nxt.has_value())
+        def until_captured(i: Any, logs: Any, nxt: Any) -> Any:
+            due = tf.equal((i - offset) % every, 0)
+            return tf.logical_and(tf.logical_and(tf.less(i, k), tf.logical_not(due)), nxt.has_value())
 
         def plain_steps(state: Any) -> Any:
-            return tf.while_loop(in_group, lambda *v: run(plain, *v), list(state))
+            return tf.while_loop(until_captured, lambda *v: run(plain, *v), list(state))
 
-        def rest_of_group(i: Any, logs: Any, nxt: Any, spent_captured: Any, spent_plain: Any) -> Any:
+        def group(i: Any, logs: Any, nxt: Any, spent_captured: Any, spent_plain: Any) -> Any:
             t0 = clock([i, logs])
             state = ordered(t0, lambda: run(captured, i, logs, nxt))
             t1 = clock(state[:2])
@@ -85,21 +91,31 @@ def captured_execution(model: Any, k: int, every: int, timed: bool = False) -> C
             return (*state, spent_captured + (t1 - t0), spent_plain + (clock(state[:2]) - t1))
 
         t0 = clock([])
-        logs = ordered(t0, lambda: captured(iterator.get_next()))  # end of data: OutOfRangeError, fit catches it
+        first = captured if lead is None else plain
+        logs = ordered(t0, lambda: first(iterator.get_next()))  # end of data: OutOfRangeError, fit catches it
         t1 = clock(logs)
         state = ordered(t1, lambda: plain_steps([tf.constant(1), logs, iterator.get_next_as_optional()]))
-        state = [*state, t1 - t0, clock(state[:2]) - t1]
-        if k > size:
+        head, tail = t1 - t0, clock(state[:2]) - t1
+        state = [*state, head, tail] if lead is None else [*state, tf.zeros_like(head), head + tail]
+        if lead is not None or k > every:
             state = tf.while_loop(lambda i, logs, nxt, *_: tf.logical_and(tf.less(i, k), nxt.has_value()),
-                                  rest_of_group, state)
+                                  group, state)
         steps, logs = state[0], state[1]
         if not timed:
             return logs, None
-        n_captured = (steps + size - 1) // size  # each group starts with its captured step
-        counts = tf.cast(tf.stack([n_captured, steps - n_captured]), tf.float64)
-        return logs, tf.concat([tf.stack(state[3:5]), counts], 0)
+        n_captured = tf.maximum(steps - offset + every - 1, 0) // every  # steps offset, offset + every, ...
+        return logs, tf.concat([tf.stack(state[3:5]), tf.cast([n_captured, steps - n_captured], tf.float64)], 0)
 
-    return execution if model.run_eagerly else tf.function(execution, reduce_retracing=True)
+    return _by_lead(execution if model.run_eagerly else tf.function(execution, reduce_retracing=True))
+
+
+def _by_lead(compiled: Callable[..., Any]) -> Callable[..., Any]:
+    """``compiled(iterator)`` for an execution on the capture grid, else with its lead as a tensor: two traces
+    in all, one for every offset."""
+    def call(iterator: Any, lead: int = 0) -> Any:
+        return compiled(iterator) if lead == 0 else compiled(iterator, tf.constant(lead, tf.int32))
+
+    return call
 
 
 # Explicit control dependencies place each clock read: automatic ones do not order tf.timestamp among the steps

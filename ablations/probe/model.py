@@ -146,10 +146,9 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
     def make_train_function(self, force: bool = False) -> Any:
         """Compiles the probed and the plain step separately; the fit loop calls a :class:`Dispatcher`.
 
-        With ``steps_per_execution`` k > 1 and ``every`` a multiple or a divisor of k, an execution that starts
-        on a captured step runs its captured and plain steps in one compiled call
-        (:mod:`ablations.probe.execution`, no per-step ``tf.cond``); other due executions run the probed
-        function, whose step picks its branch by ``tf.cond``.
+        With ``steps_per_execution`` k > 1, an execution that holds a captured step runs its captured and plain
+        steps in one compiled call (:mod:`ablations.probe.execution`, no per-step ``tf.cond``), wherever its
+        first captured step falls; with k 1 a captured step is a call of the probed function.
         """
         if self.train_function is not None and not force:
             return self.train_function
@@ -158,7 +157,7 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
         plain, mixed, untimed = probed, None, None
         if self.every > 1:
             plain = self._compiled(self.plain_train_step, k)
-            if k > 1 and (self.every % k == 0 or k % self.every == 0):
+            if k > 1:
                 untimed = _why_not_timed_in_graph()
                 mixed = captured_execution(self, k, self.every, timed=untimed is None)
         counter = lambda: int(self.optimizer.iterations.numpy())  # noqa: E731 - once per new iterator
