@@ -13,7 +13,8 @@ With ``steps_per_execution`` k > 1, an execution that holds a captured step is o
 without the per-step ``tf.cond`` of the probed function. The dispatcher tells it where the first captured step
 falls (``lead``): executions start off the capture grid after an epoch whose length is not a multiple of k
 (23 batches at k 16: every execution from the second epoch on), or in a resumed run. Until 2026-12-07 those
-ran the probed function, 1.09x plain Keras instead of 0.95x on the benchmark MLP (every 16, k 16).
+ran the probed function: 1.098x plain Keras against 1.039x as one call on the benchmark MLP (every 16, k 16,
+epochs of 23 batches; ``benchmarks/off_grid.py``, medians of 10 rounds in one process).
 
 It also measures, from the steps themselves, what capturing costs in this run: the host-observed time of
 plain and of probed executions (the first calls of each compiled function, which trace and compile, left
@@ -47,7 +48,7 @@ class Dispatcher:
     """
 
     def __init__(self, plain: Callable[[Any], Any], probed: Callable[[Any], Any], every: int, steps: int,
-                 step_counter: Callable[[], int], mixed: Callable[[Any], Any] | None = None,
+                 step_counter: Callable[[], int], mixed: Callable[..., Any] | None = None,
                  untimed: str | None = None):
         self.plain, self.probed, self.every, self.k = plain, probed, int(every), int(steps)
         self.mixed = mixed  # an execution's captured and plain steps in one call
