@@ -321,7 +321,8 @@ def determinism():
     set_op_determinism(was)
 
 
-def _fit_every_4_spe_4():
+def _small_fit(every: int, examples: int, epochs: int):
+    """A 2-block MLP probed every ``every`` steps at k 4, fitted on batches of 8 of ``examples`` examples."""
     import keras
     import tensorflow as tf
 
@@ -330,13 +331,17 @@ def _fit_every_4_spe_4():
 
     keras.utils.set_random_seed(3)
     net = zoo.build("plain_mlp", input_shape=(8, 8, 1), num_outputs=10, depth=2, width=16)
-    model = ProbedModel(net, every=4, capacity=32)
+    model = ProbedModel(net, every=every, capacity=32)
     model.compile(optimizer=keras.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy", steps_per_execution=4)
     rng = np.random.default_rng(0)
-    ds = tf.data.Dataset.from_tensor_slices((rng.random((128, 8, 8, 1), np.float32), rng.integers(0, 10, 128)))
+    x, y = rng.random((examples, 8, 8, 1), np.float32), rng.integers(0, 10, examples)
+    model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(8), epochs=epochs, verbose=0, shuffle=False)
+    return model
+
+
+def _fit_every_4_spe_4():
     # 16 steps an epoch: 8 executions, each 1 captured + 3 plain
-    model.fit(ds.batch(8), epochs=2, verbose=0, shuffle=False)
-    return model.train_function.cost()
+    return _small_fit(4, 128, 2).train_function.cost()
 
 
 def test_a_fit_with_every_equal_to_spe_records_its_cost_timed_in_the_graph(no_op_determinism):
@@ -371,9 +376,9 @@ def test_each_compiled_function_leaves_out_its_own_first_calls(monkeypatch):
     (its trace without): both trace on their first calls, so each one's first WARMUP_CALLS are left out."""
     d, log, step = _dispatcher(monkeypatch, 16, 4, mixed=True, start=2)
     first = object()
-    for _ in range(16):  # steps 2..65: executions holding 16, 32, 48 (and 64) capture mid-way
+    for _ in range(15):  # steps 2..61: executions holding 16, 32 and 48 capture mid-way
         d(first)
-    step["value"] = 64
+    step["value"] = 64  # not 62: a count behind the optimizer's step is a resumed fit, not a short execution
     second = object()
     for _ in range(16):  # steps 64..127 on the grid: the one-call execution
         d(second)
@@ -381,3 +386,52 @@ def test_each_compiled_function_leaves_out_its_own_first_calls(monkeypatch):
     cost, want = d.cost(), _expected_cost(log, 4)
     assert cost["probed_ms_per_step"] == pytest.approx(want["probed"])
     assert cost["run_over_plain"] == pytest.approx(want["run"])
+
+
+@pytest.mark.parametrize("every,k,batches", [(32, 16, 23), (48, 16, 40), (8, 4, 6)])
+def test_an_execution_the_data_ends_mid_way_is_timed_by_the_steps_it_ran(monkeypatch, every, k, batches):
+    """Finite epochs of ``batches`` batches: each epoch's last execution runs fewer than k steps. The fakes take
+    a fixed time per step of their kind, so the ms per step recorded must be exactly that, whatever the mix."""
+    clock = _Clock()
+    monkeypatch.setattr(dispatch.time, "perf_counter", clock)
+    step, left, kinds = {"value": 0}, {"n": 0}, []
+    per_step = {"plain": 0.004, "probed": 0.011}
+
+    def fake(kind):
+        def run(iterator):
+            ran = min(k, left["n"])  # Keras' loop stops where the epoch's data ends
+            left["n"] -= ran
+            step["value"] += ran
+            clock.now += ran * per_step[kind]
+            kinds.append((kind, ran))
+            return {}
+        return run
+
+    d = Dispatcher(fake("plain"), fake("probed"), every, k, lambda: step["value"])
+    for _ in range(6):  # epochs: a new iterator each, as Keras makes for a finite dataset
+        iterator, left["n"] = object(), batches
+        while left["n"]:
+            d(iterator)
+    assert any(ran < k for _, ran in kinds) and {kind for kind, _ in kinds} == {"plain", "probed"}
+    cost = d.cost()
+    assert cost["plain_ms_per_step"] == pytest.approx(1e3 * per_step["plain"])
+    assert cost["probed_ms_per_step"] == pytest.approx(1e3 * per_step["probed"])
+    seen, spent, steps = {"plain": 0, "probed": 0}, 0.0, 0  # each kind's first WARMUP_CALLS left out
+    for kind, ran in kinds:
+        seen[kind] += 1
+        if seen[kind] > WARMUP_CALLS:
+            spent, steps = spent + ran * per_step[kind], steps + ran
+    assert cost["run_over_plain"] == pytest.approx(spent / (steps * per_step["plain"]))
+
+
+def test_a_real_fit_counts_the_steps_of_the_executions_its_epochs_end(determinism):
+    """Keras ends an execution where a finite epoch's data ends (7 batches, k 4: 4 steps then 3). Executions:
+    [0,4) one call on the grid, [4,7) plain, then from epoch 2 one call off the grid ([7,11) captures step 8),
+    3 plain steps, and so on; each compiled function's first WARMUP_CALLS calls are not timed."""
+    model = _small_fit(8, 56, 4)
+    d = model.train_function
+    assert d.fn_calls == {"plain": 4, "probed": 0, "mixed": 1, "mixed off grid": 3}
+    cost = d.cost()
+    assert d.next_step == int(model.optimizer.iterations.numpy()) == 28
+    assert d.timed_steps == {"plain": 3 + 3, "probed": 4}  # the 3rd and 4th plain calls; the 3rd off-grid call
+    assert cost["plain_ms_per_step"] == pytest.approx(1e3 * d.time["plain"] / 6)

@@ -6,7 +6,8 @@ the fusion) and carries no ``tf.cond`` around the probed branch, so ``capture.ev
 on the other 15 steps. The choice needs the step number on the host, without reading the device every call:
 the dispatcher counts the steps it hands out (``steps_per_execution`` per call) and reads the optimizer's
 step counter only when Keras hands it a new iterator (once per epoch for finite datasets, once per fit
-otherwise), which also corrects the count after a short last execution.
+otherwise), which also corrects the count after a short last execution (the data ended mid-way: 7 steps of an
+epoch of 23 batches at k 16).
 
 With ``steps_per_execution`` k > 1, an execution that holds a captured step is one call of a third function
 (:mod:`ablations.probe.execution`): its plain steps run the plain step, its captured ones the probed step,
@@ -60,6 +61,8 @@ class Dispatcher:
         self.calls = {"plain": 0, "probed": 0}
         self.time = {"plain": 0.0, "probed": 0.0}
         self.timed = {"plain": 0, "probed": 0}
+        self.timed_steps = {"plain": 0, "probed": 0}  # the steps those timed executions ran
+        self.last_timed: str | None = None  # the kind of the last execution, if it was timed
         self.fn_calls = {"plain": 0, "probed": 0, "mixed": 0, "mixed off grid": 0}  # calls of each compiled function
         self.graph_timed = 0  # executions whose in-graph timing is in self.in_graph
         self.graph_host_s = 0.0  # the same executions timed from the host
@@ -73,7 +76,8 @@ class Dispatcher:
 
     def __call__(self, iterator: Any) -> Any:
         if self.next_step is None or id(iterator) != self.iterator_id:
-            self.iterator_id, self.next_step = id(iterator), int(self.step_counter())
+            self.iterator_id = id(iterator)
+            self._resync()
         kind = "probed" if self.every == 1 or self.due(self.next_step) else "plain"
         lead = -self.next_step % self.every  # plain steps before the execution's first captured step
         fn = kind
@@ -95,11 +99,24 @@ class Dispatcher:
             self.graph_timed += 1
             self.graph_host_s += elapsed
         self.calls[kind] += 1
+        self.last_timed = kind if warm else None
         if warm:
             self.time[kind] += elapsed
             self.timed[kind] += 1
+            self.timed_steps[kind] += self.k  # until _resync finds the execution ran fewer
         self.next_step += self.k
         return logs
+
+    def _resync(self) -> None:
+        """Sets the step count from the optimizer's step. A count ahead of it by fewer than k steps is an
+        execution the data ended mid-way, the last one: its timed steps are corrected, so that its time is not
+        spread over k steps it never ran (which made e.g. every 7-step execution of 23-batch epochs at k 16 look
+        16/7 times as fast)."""
+        actual = int(self.step_counter())
+        short = (self.next_step if self.next_step is not None else actual) - actual
+        if self.last_timed is not None and 0 < short < self.k:
+            self.timed_steps[self.last_timed] -= short
+        self.last_timed, self.next_step = None, actual
 
     def cost(self) -> dict[str, Any]:
         """``capture_cost`` of the arm's summary: ms per step of plain and probed executions, their ratio and
@@ -108,7 +125,9 @@ class Dispatcher:
         Where no plain execution ran but the one-call executions timed their own steps (``every`` <= k, on a
         CPU), the figures come from those in-graph times (``"timed": "in-graph"``), with ms per captured step.
         """
-        ms = {kind: 1e3 * self.time[kind] / (self.timed[kind] * self.k) if self.timed[kind] else None
+        if self.next_step is not None:
+            self._resync()  # the last execution may have been short (one host read, after training)
+        ms = {kind: 1e3 * self.time[kind] / self.timed_steps[kind] if self.timed_steps[kind] else None
               for kind in self.time}
         out: dict[str, Any] = {"plain_ms_per_step": ms["plain"], "probed_ms_per_step": ms["probed"],
                                "probed_executions": self.calls["probed"], "plain_executions": self.calls["plain"],
@@ -119,8 +138,8 @@ class Dispatcher:
         if ms["plain"] and ms["probed"]:
             out["timed"] = "host"
             out["probed_over_plain"] = ms["probed"] / ms["plain"]
-            n = self.timed["plain"] + self.timed["probed"]
-            out["run_over_plain"] = (self.time["plain"] + self.time["probed"]) * 1e3 / (n * self.k * ms["plain"])
+            n = self.timed_steps["plain"] + self.timed_steps["probed"]
+            out["run_over_plain"] = (self.time["plain"] + self.time["probed"]) * 1e3 / (n * ms["plain"])
         elif graph and "plain_ms_per_step" in graph and not self.timed["plain"]:
             # Every execution captures, so the run is all such executions: its slowdown is theirs.
             out.update(timed="in-graph", plain_ms_per_step=graph["plain_ms_per_step"],
