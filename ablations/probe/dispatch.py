@@ -46,15 +46,18 @@ class Dispatcher:
             the execution, or None; returns ``(logs, timing)``, ``timing`` as
             :func:`~ablations.probe.execution.captured_execution`'s.
         untimed: why ``mixed`` does not time its steps (None: it does, or there is no ``mixed``).
+        uncounted: why the host cannot count the optimizer's steps (None: it can). Then every execution runs
+            ``probed``, whose every step decides on the device whether it captures.
     """
 
     def __init__(self, plain: Callable[[Any], Any], probed: Callable[[Any], Any], every: int, steps: int,
                  step_counter: Callable[[], int], mixed: Callable[..., Any] | None = None,
-                 untimed: str | None = None):
+                 untimed: str | None = None, uncounted: str | None = None):
         self.plain, self.probed, self.every, self.k = plain, probed, int(every), int(steps)
         self.mixed = mixed  # an execution's captured and plain steps in one call
         self.mixed_calls = 0
         self.untimed = untimed
+        self.uncounted = uncounted
         self.step_counter = step_counter
         self.next_step: int | None = None
         self.iterator_id: int | None = None
@@ -78,7 +81,7 @@ class Dispatcher:
         if self.next_step is None or id(iterator) != self.iterator_id:
             self.iterator_id = id(iterator)
             self._resync()
-        kind = "probed" if self.every == 1 or self.due(self.next_step) else "plain"
+        kind = "probed" if self.every == 1 or self.uncounted or self.due(self.next_step) else "plain"
         lead = -self.next_step % self.every  # plain steps before the execution's first captured step
         fn = kind
         if kind == "probed" and self.mixed is not None:
@@ -125,6 +128,11 @@ class Dispatcher:
         Where no plain execution ran but the one-call executions timed their own steps (``every`` <= k, on a
         CPU), the figures come from those in-graph times (``"timed": "in-graph"``), with ms per captured step.
         """
+        if self.uncounted:
+            return {"plain_ms_per_step": None, "probed_ms_per_step": None, "probed_executions": self.calls["probed"],
+                    "plain_executions": 0, "probed_over_plain": None, "run_over_plain": None,
+                    "note": f"every execution ran the probed function ({self.uncounted}): no plain executions to "
+                            f"compare with"}
         if self.next_step is not None:
             self._resync()  # the last execution may have been short (one host read, after training)
         ms = {kind: 1e3 * self.time[kind] / self.timed_steps[kind] if self.timed_steps[kind] else None

@@ -20,7 +20,7 @@ import tensorflow as tf
 from ablations import compat, instruments
 from ablations.instruments.base import SHARED_TABLES, ForwardView, Instrument, Reducer, StepContext
 from ablations.instruments.block_scalars import off_mask
-from ablations.instruments.kernels import num_replicas, unlowered_cond
+from ablations.instruments.kernels import all_reduce_sum, num_replicas, unlowered_cond
 from ablations.probe.dispatch import Dispatcher
 from ablations.probe.execution import captured_execution
 from ablations.probe.ring import Ring
@@ -155,13 +155,19 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
         k = int(self.steps_per_execution)
         probed = self._compiled(self.train_step, k)
         plain, mixed, untimed = probed, None, None
-        if self.every > 1:
+        uncounted = None
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer) and self.every > 1:
+            # A skipped step (its loss-scaled gradients overflowed) leaves the optimizer's step behind the batches
+            # the host handed out, so the host would pick the wrong steps to capture.
+            uncounted = "dynamic loss scaling: a skipped step does not advance the optimizer's step"
+        elif self.every > 1:
             plain = self._compiled(self.plain_train_step, k)
             if k > 1:
                 untimed = _why_not_timed_in_graph()
                 mixed = captured_execution(self, k, self.every, timed=untimed is None)
         counter = lambda: int(self.optimizer.iterations.numpy())  # noqa: E731 - once per new iterator
-        self.train_function = Dispatcher(plain, probed, self.every, k, counter, mixed=mixed, untimed=untimed)
+        self.train_function = Dispatcher(plain, probed, self.every, k, counter, mixed=mixed, untimed=untimed,
+                                         uncounted=uncounted)
         return self.train_function
 
     def _compiled(self, step_fn: Any, k: int) -> Any:
@@ -240,6 +246,9 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
         grads = tape.gradient(scaled_loss, variables + tap_list + extra)
         n_vt = len(variables) + len(tap_list)
         grads, tap_grads, extra_grads = grads[: len(variables)], grads[len(variables):n_vt], grads[n_vt:]
+        applied = self._applied(grads) if capture else None
+        if applied is not None:  # a skipped step is not recorded: the next one has its step number and trains
+            due = applied if due is None else tf.logical_and(due, applied)
         ctx = None
         if capture:
             ctx = self._context(x, y, sample_weight, step, local_loss, variables, grads, taps, grad_taps, tap_grads)
@@ -261,12 +270,29 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
             rows = assemble(self.layout, self.spec, [r for r in results if r[0].table in SHARED_TABLES])
             own = {i.table: v for i, v in results if i.table not in SHARED_TABLES}
             self.ring.write(self.every, step, {**rows, **own}, due=due)
-            # A non-finite gradient also means divergence: on CPU, fused MatMul+BiasAdd+Relu kernels map NaN to 0,
-            # so a ReLU net can keep a finite loss while its gradients and weights are already NaN.
+            # A non-finite gradient also means divergence (unless Keras skipped the step for it): on CPU, fused
+            # MatMul+BiasAdd+Relu kernels map NaN to 0, so a ReLU net can keep a finite loss while its gradients
+            # and weights are already NaN.
             gnorm = rows["history"][list(self.layout["history"]).index("global_grad_norm"), 0]
-            bad = tf.logical_or(bad, tf.logical_not(tf.math.is_finite(gnorm)))
+            gnorm_bad = tf.logical_not(tf.math.is_finite(gnorm))
+            bad = tf.logical_or(bad, gnorm_bad if applied is None else tf.logical_and(gnorm_bad, applied))
         self.ring.mark_nonfinite(bad, step)  # every step, captured or not
         return y_pred
+
+    def _applied(self, grads: list[Any]) -> Any:
+        """Whether the optimizer applies this step's update: None without dynamic loss scaling, else Keras' own
+        test (``LossScaleOptimizer.check_finite``). Keras skips a step whose loss-scaled gradients overflow,
+        halves the scale and leaves the optimizer's step where it was: that is the scale's search (the first
+        steps at the default 2**15 often overflow in float16), not divergence."""
+        if not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            return None
+        finite = self.optimizer.check_finite(grads)
+        if num_replicas() > 1:
+            # Keras 3.15 under MirroredStrategy decides by the first replica's own gradients (its comment takes
+            # them for all-reduced; they are not yet): so does this, on every replica.
+            first = tf.equal(tf.distribute.get_replica_context().replica_id_in_sync_group, 0)
+            return tf.greater(all_reduce_sum(tf.cast(tf.logical_and(first, finite), tf.float32)), 0.5)
+        return finite
 
     def _context(self, x: Any, y: Any, sample_weight: Any, step: Any, local_loss: Any, variables: list[Any],
                  grads: list[Any], taps: dict[str, list[Any]], grad_taps: list[str], tap_grads: list[Any]) -> StepContext:

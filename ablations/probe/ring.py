@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ablations.instruments.base import tf
-from ablations.instruments.kernels import num_replicas
+from ablations.instruments.kernels import num_replicas, unlowered_cond
 
 
 NO_STEP = 2**62  # "no non-finite step yet": above every step, so the first bad step is the minimum
@@ -53,14 +53,21 @@ class Ring:
         count = self.counts[group]
         idx = tf.reshape(count % self.capacity, [1, 1])
         pairs = [(self.steps[group], tf.reshape(step, [1]))] + [(self.values[k], v[None]) for k, v in values.items()]
-        for var, value in pairs:
-            if 0 in var.shape:  # e.g. a table with no rows: nothing to store
-                continue
-            if num_replicas() > 1:  # mirrored variables have no scatter_nd_update (NotImplementedError)
+        pairs = [(var, value) for var, value in pairs if 0 not in var.shape]  # e.g. a table with no rows
+
+        def scatter() -> Any:
+            for var, value in pairs:
+                var.scatter_nd_update(idx, value)
+            return tf.constant(True)
+
+        if num_replicas() > 1:  # mirrored variables have no scatter_nd_update (NotImplementedError)
+            for var, value in pairs:
                 new = tf.tensor_scatter_nd_update(var, idx, value)
                 var.assign(new if due is None else tf.where(due, new, var))
-            else:
-                var.scatter_nd_update(idx, value)
+        elif due is None:
+            scatter()
+        else:  # not a write into the slot of the oldest capture, which a full ring still holds for the drain
+            unlowered_cond(due, scatter, lambda: tf.constant(False))
         count.assign_add(1 if due is None else tf.cast(due, tf.int64))
 
     def mark_nonfinite(self, bad: Any, step: Any) -> None:

@@ -1,0 +1,117 @@
+"""Dynamic loss scaling (``mixed_float16``): Keras skips a step whose loss-scaled gradients overflow, halves
+the scale and leaves the optimizer's step where it was (the first steps at the default scale 2**15 often do).
+
+A skipped step is neither a capture nor a divergence: the step that next trains has its step number. The
+reference is plain Keras on the same net, data and optimizer, whose batches that applied an update are read
+one by one from the optimizer's step.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ablations.probe import DrainCallback, ProbedModel
+
+BATCHES, BATCH = 32, 8
+
+
+@pytest.fixture
+def float16_policy():
+    was = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    yield
+    keras.mixed_precision.set_global_policy(was)
+
+
+def _net() -> keras.Model:
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((8, 8, 1), name="input")
+    h = keras.layers.Flatten(name="stem_flatten")(inp)
+    for i in range(2):
+        h = keras.layers.Dense(16, name=f"block_{i:03d}_linear")(h)
+        h = keras.layers.Activation("relu", name=f"block_{i:03d}_act")(h)
+    return keras.Model(inp, keras.layers.Dense(10, dtype="float32", name="head")(h))
+
+
+def _data() -> tf.data.Dataset:
+    rng = np.random.default_rng(0)
+    x = rng.random((BATCHES * BATCH, 8, 8, 1)).astype(np.float32)
+    x *= np.repeat(1 + 0.25 * np.arange(BATCHES, dtype=np.float32), BATCH)[:, None, None, None]  # batches differ
+    return tf.data.Dataset.from_tensor_slices((x, rng.integers(0, 10, len(x)))).batch(BATCH)
+
+
+def _optimizer() -> keras.optimizers.Optimizer:
+    # 2**20: on this net and data Keras skips batches 0, 1, 2, then 4, 6 and 7 (at its default 2**15: 11, 14, 16
+    # and 17, all mid-way); both kinds of skip are here.
+    return keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.05), initial_scale=2.0**20)
+
+
+LOSS = "sparse_categorical_crossentropy"
+
+
+def _keras_reference() -> tuple[list[int], list[np.ndarray]]:
+    """Plain Keras, a step per call: the batches whose update was applied, and the trained weights."""
+    net = _net()
+    net.compile(optimizer=_optimizer(), loss=LOSS)
+    seen: list[int] = []
+    read = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda b, logs: seen.append(int(net.optimizer.iterations.numpy())))
+    net.fit(_data(), epochs=1, verbose=0, shuffle=False, callbacks=[read])
+    return [b for b, (before, after) in enumerate(zip([0, *seen], seen)) if after > before], net.get_weights()
+
+
+def _grad_norm(batch: int) -> float:
+    """The gradient norm of the untrained net on one batch, by hand (no loss scale)."""
+    net = _net()
+    x, y = next(iter(_data().skip(batch)))
+    with tf.GradientTape() as tape:
+        loss = keras.losses.get(LOSS)(y, net(x, training=True))
+        loss = tf.reduce_mean(loss)
+    grads = tape.gradient(loss, net.trainable_variables)
+    return float(tf.linalg.global_norm([tf.cast(g, tf.float32) for g in grads]))
+
+
+@pytest.mark.parametrize("every,k", [(1, 1), (4, 1), (4, 4), (8, 4), (3, 2)])
+def test_skipped_steps_are_neither_captured_nor_divergence(float16_policy, every, k):
+    applied, weights = _keras_reference()
+    skipped = sorted(set(range(BATCHES)) - set(applied))
+    assert skipped[0] == 0 and any(b > applied[0] for b in skipped), skipped  # at the start and mid-way
+    model = ProbedModel(_net(), every=every, capacity=64)
+    model.compile(optimizer=_optimizer(), loss=LOSS, steps_per_execution=k)
+    drain = DrainCallback(drain_every=256, steps_per_epoch=BATCHES)
+    model.fit(_data(), epochs=1, verbose=0, shuffle=False, callbacks=[drain])
+    assert drain.diverged_at is None
+    history = drain.tables(model)["history"]
+    assert list(history["step"]) == list(range(0, len(applied), every))  # each trained step's number once
+    assert np.isfinite(history["global_grad_norm"]).all()
+    for a, b in zip(model.net.get_weights(), weights):  # trained exactly like Keras, skips included
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # Step 0's statistics are of the first batch that trained, on the untrained weights (skips change none).
+    first, batch_0 = _grad_norm(applied[0]), _grad_norm(0)
+    assert abs(batch_0 - first) > 0.1 * first  # the two batches' gradients tell apart
+    np.testing.assert_allclose(history["global_grad_norm"].iloc[0], first, rtol=2e-2)
+    cost = model.train_function.cost()
+    assert ("dynamic loss scaling" if every > 1 else "every step is captured") in cost["note"]
+    assert cost["probed_over_plain"] is None
+
+
+def test_a_write_not_due_leaves_a_full_ring_as_it_was():
+    """A skipped step's write is not due; in a full ring its slot holds the oldest capture the drain has yet to
+    read, which it must not overwrite."""
+    from ablations.probe.ring import Ring
+
+    ring = Ring(2, {"x": ((3,), 4)})
+
+    @tf.function
+    def write(step, value, due):
+        ring.write(4, step, {"x": value}, due=due)
+
+    write(tf.constant(0, tf.int64), tf.fill([3], 1.0), tf.constant(True))
+    write(tf.constant(4, tf.int64), tf.fill([3], 2.0), tf.constant(True))
+    write(tf.constant(8, tf.int64), tf.fill([3], np.inf), tf.constant(False))
+    buf = ring.read()
+    assert buf["counts"] == {4: 2} and list(buf["steps"][4]) == [0, 4]
+    np.testing.assert_array_equal(buf["values"]["x"], [[1.0] * 3, [2.0] * 3])
