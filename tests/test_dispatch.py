@@ -208,7 +208,7 @@ class _Steps:
         self.w = tf.constant(np.random.default_rng(0).normal(0, 0.06, (256, 256)), tf.float32)
         heavy, light = self._heavy, self._light
         captured, plain = (heavy, light) if heavy_captured else (light, heavy)
-        self.train_step = lambda x: self._mark(1, captured, x)
+        self.captured_train_step = lambda x: self._mark(1, captured, x)
         self.plain_train_step = lambda x: self._mark(0, plain, x)
 
     def steps(self) -> str:
@@ -435,3 +435,24 @@ def test_a_real_fit_counts_the_steps_of_the_executions_its_epochs_end(determinis
     assert d.next_step == int(model.optimizer.iterations.numpy()) == 28
     assert d.timed_steps == {"plain": 3 + 3, "probed": 4}  # the 3rd and 4th plain calls; the 3rd off-grid call
     assert cost["plain_ms_per_step"] == pytest.approx(1e3 * d.time["plain"] / 6)
+
+
+def test_a_captured_step_off_the_capture_grid_records_nothing():
+    """The one-call execution's captured step has no tf.cond on the step around it; its ring write still checks
+    the step is due, so a host count gone wrong can lose a capture but never record one off the grid."""
+    import keras
+    import tensorflow as tf
+
+    import zoo
+    from ablations.probe import ProbedModel
+
+    net = zoo.build("plain_mlp", input_shape=(8, 8, 1), num_outputs=10, depth=2, width=16)
+    model = ProbedModel(net, every=4, capacity=8)
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy")
+    x, y = np.random.default_rng(0).random((8, 8, 8, 1), np.float32), np.arange(8) % 10
+    step = tf.function(model.captured_train_step)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)  # builds; captures step 0
+    for _ in range(6):  # optimizer steps 1..6: only 4 is due
+        step((tf.constant(x), tf.constant(y)))
+    buf = model.ring.read()
+    assert buf["counts"] == {4: 2} and list(buf["steps"][4][:2]) == [0, 4]

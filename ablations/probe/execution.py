@@ -49,8 +49,8 @@ def _one_step(model: Any, step_fn: Callable[[Any], Any]) -> Callable[[Any], Any]
 
 def captured_execution(model: Any, k: int, every: int, timed: bool = False) -> Callable[..., Any]:
     """``function(iterator, lead=0)`` running up to ``k`` steps in one compiled call: the captured steps
-    (every ``every``-th) through ``model.train_step``, the others through ``model.plain_train_step``; returns the
-    last step's logs and the execution's own timing.
+    (every ``every``-th) through ``model.captured_train_step``, the others through ``model.plain_train_step``;
+    returns the last step's logs and the execution's own timing.
 
     Args:
         model: a compiled :class:`~ablations.probe.model.ProbedModel`.
@@ -64,7 +64,7 @@ def captured_execution(model: Any, k: int, every: int, timed: bool = False) -> C
         the capture grid). It returns ``(logs, timing)``: ``timing`` is None when not ``timed``, else a float64
         vector ``[seconds in captured steps, seconds in plain steps, captured steps, plain steps]``.
     """
-    captured, plain = _one_step(model, model.train_step), _one_step(model, model.plain_train_step)
+    captured, plain = _one_step(model, model.captured_train_step), _one_step(model, model.plain_train_step)
     clock = _clock if timed else (lambda after: tf.constant(0.0, tf.float64))
     ordered = _after if timed else (lambda first, fn: fn())
 

