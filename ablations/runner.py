@@ -213,14 +213,27 @@ def write_tables(arm_dir: Path, tables: dict[str, Any], epochs: Any, net: Any, *
 def results(cfg: ArmConfig, s: Session, tables: dict[str, Any], epochs: dict[str, list[float]],
             callbacks: Sequence[Any]) -> dict[str, Any]:
     """Status, final metrics, the instruments' summary values and the verdicts of a trained arm."""
+    import keras
+
     from ablations.probe.facts import facts_of
 
     stop_reason = next((cb.stop_reason for cb in callbacks if getattr(cb, "stop_reason", None)), None)
     facts = facts_of(s.net, s.model.spec, s.model.optimizer, cfg.model.model_dump())
-    return arm_results(tables, epochs, s.model, diverged_at=s.drain.diverged_at, lost=s.drain.lost,
-                       dataset=s.data.info.name, thresholds=cfg.diagnose.model_dump(), stop_reason=stop_reason,
-                       baseline_loss=s.data.info.metadata.get("baseline_loss"), facts=facts,
-                       resumed_from=s.resumed_from)
+    out = arm_results(tables, epochs, s.model, diverged_at=s.drain.diverged_at, lost=s.drain.lost,
+                      dataset=s.data.info.name, thresholds=cfg.diagnose.model_dump(), stop_reason=stop_reason,
+                      baseline_loss=s.data.info.metadata.get("baseline_loss"), facts=facts,
+                      resumed_from=s.resumed_from)
+    if isinstance(s.model.optimizer, keras.optimizers.LossScaleOptimizer):
+        out["loss_scale_skipped_steps"] = _skipped(out, s.model.optimizer, s.steps * cfg.train.epochs)
+    return out
+
+
+def _skipped(summary: dict[str, Any], optimizer: Any, batches: int) -> int | None:
+    """Batches whose update dynamic loss scaling skipped (overflowed float16 gradients): the batches of every
+    epoch less the optimizer's steps, which a skipped batch does not advance; known once all ran (None else)."""
+    if summary["status"] != "completed":
+        return None
+    return batches - int(optimizer.iterations.numpy())
 
 
 def arm_results(tables: dict[str, Any], epochs: dict[str, list[float]], model: Any, *,

@@ -115,3 +115,27 @@ def test_a_write_not_due_leaves_a_full_ring_as_it_was():
     buf = ring.read()
     assert buf["counts"] == {4: 2} and list(buf["steps"][4]) == [0, 4]
     np.testing.assert_array_equal(buf["values"]["x"], [[1.0] * 3, [2.0] * 3])
+
+
+def test_an_arm_records_how_many_steps_loss_scaling_skipped(tfds_dir, tmp_path):
+    """Through ``ablate run``'s arm: 8 batches at Keras' default initial scale (2**15) on digits, weights drawn
+    16x too large so that float16 gradients overflow (5 batches skipped); the summary says how many Keras
+    skipped, the tables hold one row per step that trained, and none is a divergence."""
+    import pandas as pd
+
+    from ablations.config import parse_experiment
+    from ablations.runner import run_arm
+
+    cfg = {"name": "ls", "model": {"arch": "plain_mlp", "depth": 3, "width": 64, "activation": "relu",
+                                   "initializer": "variance_scaling", "initializer_options": {"scale": 16.0}},
+           "data": {"batch_size": 64},
+           "train": {"epochs": 1, "steps_per_epoch": 8, "optimizer": {"name": "sgd", "learning_rate": 0.001}},
+           "capture": {"every": 1}, "runtime": {"precision": "mixed_float16"}}
+    summary = run_arm(parse_experiment(cfg).arms()[0], tmp_path / "arm")
+    history = pd.read_parquet(tmp_path / "arm" / "history.parquet")
+    skipped = summary["loss_scale_skipped_steps"]
+    assert summary["status"] == "completed" and 0 < skipped < 8, summary
+    assert list(history["step"]) == list(range(8 - skipped))  # the optimizer's steps, each once
+    assert np.isfinite(history["global_grad_norm"]).all()
+    cfg["runtime"]["precision"] = "float32"
+    assert "loss_scale_skipped_steps" not in run_arm(parse_experiment(cfg).arms()[0], tmp_path / "f32")
