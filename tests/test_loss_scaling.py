@@ -139,3 +139,15 @@ def test_an_arm_records_how_many_steps_loss_scaling_skipped(tfds_dir, tmp_path):
     assert np.isfinite(history["global_grad_norm"]).all()
     cfg["runtime"]["precision"] = "float32"
     assert "loss_scale_skipped_steps" not in run_arm(parse_experiment(cfg).arms()[0], tmp_path / "f32")
+
+
+def test_the_arm_page_says_how_many_batches_loss_scaling_skipped():
+    from ablations.report import environment
+
+    row = {"arm": "a", "status": "completed", "seed": 0, "time": 1.0, "note": ""}
+    for skipped, want in [(5, "3 steps · 5 batches skipped by loss scaling"), (0, None), (None, None)]:
+        html = environment().get_template("arm.html").render(
+            name="r", row=row, summary={"steps": 3, "loss_scale_skipped_steps": skipped}, figures=[], error=None,
+            problems=[], config="", prev=None, next=None, home="", up="")
+        page = " ".join(html.split())
+        assert (want in page) if want else ("skipped by loss scaling" not in page)
