@@ -30,9 +30,18 @@ clock in the graph between their captured and plain steps, which gives both figu
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Any, Callable
 
 WARMUP_CALLS = 2  # calls of each kind left out of the timing (tracing, compilation, first data)
+
+
+def _weak(obj: Any) -> Callable[[], Any]:
+    """A weak reference to ``obj`` (a strong one where it takes none): the dispatcher keeps no dead iterator."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
 
 
 class Dispatcher:
@@ -60,7 +69,7 @@ class Dispatcher:
         self.uncounted = uncounted
         self.step_counter = step_counter
         self.next_step: int | None = None
-        self.iterator_id: int | None = None
+        self.iterator: Callable[[], Any] = lambda: None  # the current iterator, held weakly
         self.calls = {"plain": 0, "probed": 0}
         self.time = {"plain": 0.0, "probed": 0.0}
         self.timed = {"plain": 0, "probed": 0}
@@ -78,8 +87,9 @@ class Dispatcher:
         return first < start + self.k
 
     def __call__(self, iterator: Any) -> Any:
-        if self.next_step is None or id(iterator) != self.iterator_id:
-            self.iterator_id = id(iterator)
+        if self.next_step is None or self.iterator() is not iterator:
+            # Not by id(): a freed iterator's id can come back with the next fit's (seen in fits of an epoch each).
+            self.iterator = _weak(iterator)
             self._resync()
         kind = "probed" if self.every == 1 or self.uncounted or self.due(self.next_step) else "plain"
         lead = -self.next_step % self.every  # plain steps before the execution's first captured step
@@ -117,7 +127,7 @@ class Dispatcher:
         16/7 times as fast)."""
         actual = int(self.step_counter())
         short = (self.next_step if self.next_step is not None else actual) - actual
-        if self.last_timed is not None and 0 < short < self.k:
+        if self.last_timed is not None and 0 < short < self.k and not self.uncounted:
             self.timed_steps[self.last_timed] -= short
         self.last_timed, self.next_step = None, actual
 

@@ -166,12 +166,8 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
         k = int(self.steps_per_execution)
         probed = self._compiled(self.train_step, k)
         plain, mixed, untimed = probed, None, None
-        uncounted = None
-        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer) and self.every > 1:
-            # A skipped step (its loss-scaled gradients overflowed) leaves the optimizer's step behind the batches
-            # the host handed out, so the host would pick the wrong steps to capture.
-            uncounted = "dynamic loss scaling: a skipped step does not advance the optimizer's step"
-        elif self.every > 1:
+        uncounted = _why_steps_uncounted(self.optimizer)
+        if uncounted is None and self.every > 1:
             plain = self._compiled(self.plain_train_step, k)
             if k > 1:
                 untimed = _why_not_timed_in_graph()
@@ -220,8 +216,11 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
             compat.track_loss(self, local_loss, batch)
             scaled_loss = self.optimizer.scale_loss(loss)
         variables = self.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(scaled_loss, variables), variables))
-        self.ring.mark_nonfinite(tf.logical_not(tf.math.is_finite(tf.cast(local_loss, tf.float32))), step)
+        grads = tape.gradient(scaled_loss, variables)
+        stuck = self._stuck(self._applied(grads))
+        self.optimizer.apply_gradients(zip(grads, variables))
+        bad = tf.logical_not(tf.math.is_finite(tf.cast(local_loss, tf.float32)))
+        self.ring.mark_nonfinite(bad if stuck is None else tf.logical_or(bad, stuck), step)
         return y_pred
 
     def test_step(self, data: Any) -> dict[str, Any]:
@@ -258,6 +257,7 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
         n_vt = len(variables) + len(tap_list)
         grads, tap_grads, extra_grads = grads[: len(variables)], grads[len(variables):n_vt], grads[n_vt:]
         applied = self._applied(grads) if capture else None
+        stuck = self._stuck(applied)
         if applied is not None:  # a skipped step is not recorded: the next one has its step number and trains
             due = applied if due is None else tf.logical_and(due, applied)
         ctx = None
@@ -287,6 +287,8 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
             gnorm = rows["history"][list(self.layout["history"]).index("global_grad_norm"), 0]
             gnorm_bad = tf.logical_not(tf.math.is_finite(gnorm))
             bad = tf.logical_or(bad, gnorm_bad if applied is None else tf.logical_and(gnorm_bad, applied))
+        if stuck is not None:
+            bad = tf.logical_or(bad, stuck)
         self.ring.mark_nonfinite(bad, step)  # every step, captured or not
         return y_pred
 
@@ -304,6 +306,15 @@ class ProbedModel(compat.StrategyIndependentBuild, keras.Model):
             first = tf.equal(tf.distribute.get_replica_context().replica_id_in_sync_group, 0)
             return tf.greater(all_reduce_sum(tf.cast(tf.logical_and(first, finite), tf.float32)), 0.5)
         return finite
+
+    def _stuck(self, applied: Any) -> Any:
+        """A skipped step at a loss scale already below 1 (None without loss scaling): its gradients overflow
+        float16 unscaled, so no scale represents them; that is divergence (e.g. weights past float16's range make
+        every forward pass non-finite while a fused ReLU kernel keeps the loss finite, and Keras would skip every
+        step for ever, halving the scale). Read before the update, which halves the scale of a skipped step."""
+        if applied is None:
+            return None
+        return tf.logical_and(tf.logical_not(applied), tf.less(self.optimizer.dynamic_scale, 1.0))
 
     def _context(self, x: Any, y: Any, sample_weight: Any, step: Any, local_loss: Any, variables: list[Any],
                  grads: list[Any], taps: dict[str, list[Any]], grad_taps: list[str], tap_grads: list[Any]) -> StepContext:
@@ -474,6 +485,18 @@ def assemble(layout: dict[str, dict[str, int]], spec: Any, results: list[tuple[I
         out[table] = tf.tensor_scatter_nd_update(base, tf.constant(np.array(indices, np.int32).reshape(-1, 2)),
                                                  tf.concat(values, axis=0)) if values else base
     return out
+
+
+def _why_steps_uncounted(optimizer: Any) -> str | None:
+    """Why the host cannot count the optimizer's steps by the batches it hands out (None: it can). Then every
+    step decides on the device whether it captures, and no execution's steps are counted from the host."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        # A skipped step (its loss-scaled gradients overflowed) leaves the optimizer's step behind the batches.
+        return "dynamic loss scaling: a skipped step does not advance the optimizer's step"
+    if getattr(optimizer, "gradient_accumulation_steps", None):
+        return (f"gradient_accumulation_steps {optimizer.gradient_accumulation_steps}: the optimizer's step "
+                f"advances once per that many batches")
+    return None
 
 
 def _why_not_timed_in_graph() -> str | None:
