@@ -23,6 +23,11 @@ alternating order.
 full set every step, with the activation statistics read from the tapped output (the default) and recomputed
 from the tapped input (as for every other activation), against plain Keras.
 
+``--loss-scale``: what the loss-scaling fallback costs (under a LossScaleOptimizer the host cannot count the
+optimizer's steps, so every step runs the probed function with its per-step ``tf.cond``): the every-16
+``steps_per_execution: 16`` case against plain Keras, without and then with a LossScaleOptimizer around the
+same SGD, each pair in alternating order. Float32 policy, so that the CPU arithmetic is the ordinary one.
+
 Usage::
 
     python benchmarks/step_breakdown.py --groups [--rounds 4]
@@ -30,6 +35,7 @@ Usage::
     python benchmarks/step_breakdown.py --switch [--rounds 8]
     python benchmarks/step_breakdown.py --merge [--every 16] [--rounds 6]
     python benchmarks/step_breakdown.py --rule relu [--rounds 6]
+    python benchmarks/step_breakdown.py --loss-scale [--rounds 8]
 """
 
 from __future__ import annotations
@@ -211,6 +217,25 @@ def rule(rounds: int, act: str, steps: int = 160) -> None:
         print(f"warning: plain Keras' loss is {loss}: these are timings of non-finite arithmetic, not a measure")
 
 
+def loss_scale(rounds: int, steps: int = 256) -> None:
+    """CPU ms per step of the every-16 spe-16 case against plain Keras, with plain SGD (the dispatcher) and with
+    a LossScaleOptimizer around it (every step through the probed function)."""
+    import keras
+
+    case = _case("mlp20x256 full every=16 spe=16")
+    ds = co._dataset(64, case.data)
+    for label in ("SGD", "LossScaleOptimizer(SGD)"):
+        plain, probed, cbs = co._models(case)
+        if label != "SGD":
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            for m in (plain, probed):
+                opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.01, momentum=0.9))
+                m.compile(optimizer=opt, loss=loss, steps_per_execution=case.spe)
+        print(f"{label}:")
+        _alternate({"plain Keras": (plain, lambda: []), "probe": (probed, cbs)}, ds, rounds, steps)
+        print(f"  probe: {probed.train_function.uncounted or 'steps counted from the host (the dispatcher)'}")
+
+
 def _alternate(models: dict[str, tuple], ds, rounds: int, steps: int) -> None:
     """Each model fitted ``steps`` steps per round, the order reversed every other round; medians printed."""
     for model, cbs in models.values():
@@ -236,10 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=16, help="--merge: the capture interval (16, or a divisor)")
     p.add_argument("--rule", metavar="ACT",
                    help="activation statistics from the output vs recomputed: relu, sigmoid, tanh")
+    p.add_argument("--loss-scale", action="store_true", help="the loss-scaling fallback's cost")
     p.add_argument("--rounds", type=int, default=4)
     args = p.parse_args(argv)
-    if not (args.groups or args.calls or args.switch or args.merge or args.rule):
-        p.error("give one or more of --groups, --calls, --switch, --merge, --rule ACT")
+    if not (args.groups or args.calls or args.switch or args.merge or args.rule or args.loss_scale):
+        p.error("give one or more of --groups, --calls, --switch, --merge, --rule ACT, --loss-scale")
     if args.groups:
         groups(args.rounds)
     if args.calls:
@@ -250,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         merge(args.rounds, args.every)
     if args.rule:
         rule(args.rounds, args.rule)
+    if args.loss_scale:
+        loss_scale(args.rounds)
     return 0
 
 
