@@ -28,6 +28,11 @@ optimizer's steps, so every step runs the probed function with its per-step ``tf
 ``steps_per_execution: 16`` case against plain Keras, without and then with a LossScaleOptimizer around the
 same SGD, each pair in alternating order. Float32 policy, so that the CPU arithmetic is the ordinary one.
 
+``--against REV``: the one-call execution of this checkout beside that of commit REV (its
+``ablations/probe/execution.py``, read with ``git show``, built on this checkout's model), against plain Keras,
+in alternating order, on the every-16 ``steps_per_execution: 16`` case (``--case`` another benchmark case):
+what ``make bench`` run twice cannot separate from the host's scatter.
+
 Usage::
 
     python benchmarks/step_breakdown.py --groups [--rounds 4]
@@ -36,6 +41,7 @@ Usage::
     python benchmarks/step_breakdown.py --merge [--every 16] [--rounds 6]
     python benchmarks/step_breakdown.py --rule relu [--rounds 6]
     python benchmarks/step_breakdown.py --loss-scale [--rounds 8]
+    python benchmarks/step_breakdown.py --against 34adf1e [--case "resnet20 full every=16 spe=16"] [--rounds 12]
 """
 
 from __future__ import annotations
@@ -178,6 +184,14 @@ def merge(rounds: int, every: int = 16, steps: int = 256) -> None:
                 "two calls": _two_calls(probed, case.spe), "per-step tf.cond": None}
     if every % case.spe:
         del variants["two calls"]
+    _alternate_executions(plain, probed, cbs, ds, variants, rounds, steps)
+
+
+def _alternate_executions(plain, probed, cbs, ds, variants: dict, rounds: int, steps: int) -> dict:
+    """Plain Keras (key "plain Keras", value None) and the probe with each one-call execution of ``variants``
+    (None: the probed function) in its dispatcher, in alternating order; prints and returns CPU ms per step.
+    The first variant after plain Keras is the dispatcher's own, restored after."""
+    fn = probed.train_function
     for key, mixed in list(variants.items())[1:]:
         fn.mixed = mixed
         co._timed_fit(probed, ds, 64, cbs())  # trace each variant outside the timing
@@ -187,11 +201,12 @@ def merge(rounds: int, every: int = 16, steps: int = 256) -> None:
             fn.mixed = variants[key]
             model, cb = (plain, []) if key == "plain Keras" else (probed, cbs())
             cpu[key].append(co._timed_fit(model, ds, steps, cb)[1] * 1e3)
-    fn.mixed = variants["one call (default)"]
+    fn.mixed = variants[list(variants)[1]]
     base = statistics.median(cpu["plain Keras"])
     for key, v in cpu.items():
         ms = statistics.median(v)
         print(f"{key:20s} {ms:6.2f} ms CPU/step  {ms / base:5.3f}x  ({' '.join(f'{x:.2f}' for x in v)})")
+    return cpu
 
 
 def rule(rounds: int, act: str, steps: int = 160) -> None:
@@ -236,6 +251,41 @@ def loss_scale(rounds: int, steps: int = 256) -> None:
         print(f"  probe: {probed.train_function.uncounted or 'steps counted from the host (the dispatcher)'}")
 
 
+def against(rounds: int, rev: str, name: str) -> None:
+    """CPU ms per step of ``name`` with this checkout's one-call execution and with commit ``rev``'s."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    from ablations.probe.model import _why_not_timed_in_graph
+
+    source = subprocess.run(["git", "show", f"{rev}:ablations/probe/execution.py"], check=True, text=True,
+                            capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location("execution_at_rev", f.name)
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    os.unlink(f.name)
+    case = _case(name)
+    steps = 64 if "resnet" in name else 256
+    ds = co._dataset(64, case.data)
+    plain, probed, cbs = co._models(case)
+    co._timed_fit(plain, ds, 32, [])
+    co._timed_fit(probed, ds, 32, cbs())
+    fn = probed.train_function
+    if fn.mixed is None:
+        raise SystemExit(f"--against: {name} runs no one-call execution (spe 1, or every 1)")
+    built = old.captured_execution(probed, fn.k, fn.every, timed=_why_not_timed_in_graph() is None)
+    variants = {"plain Keras": None, "this checkout": fn.mixed,
+                rev: lambda iterator, lead=0: built(iterator, *([lead] if lead else []))}  # older: no lead
+    cpu = _alternate_executions(plain, probed, cbs, ds, variants, rounds, steps)
+    pairs = list(zip(cpu["this checkout"], cpu[rev]))
+    diff = statistics.median(a - b for a, b in pairs)
+    print(f"this checkout lower in {sum(a < b for a, b in pairs)} of {rounds} rounds; median difference "
+          f"{diff:+.2f} ms per step")
+
+
 def _alternate(models: dict[str, tuple], ds, rounds: int, steps: int) -> None:
     """Each model fitted ``steps`` steps per round, the order reversed every other round; medians printed."""
     for model, cbs in models.values():
@@ -262,10 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rule", metavar="ACT",
                    help="activation statistics from the output vs recomputed: relu, sigmoid, tanh")
     p.add_argument("--loss-scale", action="store_true", help="the loss-scaling fallback's cost")
+    p.add_argument("--against", metavar="REV", help="this checkout's one-call execution beside commit REV's")
+    p.add_argument("--case", default="mlp20x256 full every=16 spe=16", help="--against: the benchmark case")
     p.add_argument("--rounds", type=int, default=4)
     args = p.parse_args(argv)
-    if not (args.groups or args.calls or args.switch or args.merge or args.rule or args.loss_scale):
-        p.error("give one or more of --groups, --calls, --switch, --merge, --rule ACT, --loss-scale")
+    if not (args.groups or args.calls or args.switch or args.merge or args.rule or args.loss_scale or args.against):
+        p.error("give one or more of --groups, --calls, --switch, --merge, --rule ACT, --loss-scale, --against REV")
     if args.groups:
         groups(args.rounds)
     if args.calls:
@@ -278,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         rule(args.rounds, args.rule)
     if args.loss_scale:
         loss_scale(args.rounds)
+    if args.against:
+        against(args.rounds, args.against, args.case)
     return 0
 
 
